@@ -1,0 +1,78 @@
+"""The `recsys` command line: one entry point, subcommands import their heavy code lazily.
+
+Each subcommand lives in a light module exposing `configure(parser)` and `run(args) -> int` (or, for
+"module:name", `configure_name` and `run_name`); the module must not import torch, onnxruntime or
+lightgbm at import time, so `--help` works anywhere.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+import textwrap
+from collections.abc import Sequence
+
+from recsys import __version__
+from recsys.errors import RecsysError
+
+# (command path, module with configure/run, one-line help)
+_COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
+    (("prepare",), "recsys.data.prepare_cli", "validate logs and items, split by time, write training pairs"),
+    (("generate",), "recsys.data.synthetic_cli", "write a synthetic behaviour log with planted preferences"),
+    (("train", "matcher"), "training.matcher.cli", "fine-tune the text matching model (needs torch)"),
+    (("demo",), "recsys.demo", "run the whole pipeline on generated data"),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="recsys",
+        description="Text-based recommender ranking engine.",
+    )
+    parser.add_argument("--version", action="version", version=f"recsys {__version__}")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    top = parser.add_subparsers(dest="command", metavar="COMMAND")
+    groups: dict[str, argparse._SubParsersAction] = {}
+    for path, module_name, help_text in _COMMANDS:
+        module_path, _, suffix = module_name.partition(":")
+        module = importlib.import_module(module_path)
+        configure = getattr(module, f"configure_{suffix}" if suffix else "configure")
+        run = getattr(module, f"run_{suffix}" if suffix else "run")
+        if len(path) == 1:
+            sub = top.add_parser(path[0], help=help_text, description=help_text)
+        else:
+            if path[0] not in groups:
+                group_parser = top.add_parser(path[0], help=f"{path[0]} subcommands")
+                groups[path[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
+        configure(sub)
+        sub.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    run = getattr(args, "_run", None)
+    if run is None:
+        parser.print_help()
+        return 2
+    try:
+        return int(run(args) or 0)
+    except RecsysError as exc:
+        message = "\n".join(textwrap.wrap(str(exc), width=100)) or type(exc).__name__
+        print(f"error: {message}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

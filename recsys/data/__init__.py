@@ -1,0 +1,1 @@
+"""Data stage: reading, importing public formats, validation, synthetic logs, preparation."""

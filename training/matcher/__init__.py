@@ -1,0 +1,1 @@
+"""Two-tower text matching model: item tower (transformer) + user tower (attention pooling)."""
