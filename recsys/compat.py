@@ -22,6 +22,9 @@ _EXTRA_FOR = {
     "grpc": "serve",
     "prometheus_client": "serve",
     "ray": "distributed",
+    "scipy": "train",
+    "implicit": "train",
+    "threadpoolctl": "train",
 }
 
 
