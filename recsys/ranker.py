@@ -1,0 +1,247 @@
+"""LightGBM LambdaMART ranker at scoring time: load a text model, score, explain. No torch, no pickle.
+
+A ranker directory (written by `recsys train ranker`, see training/ranker.py):
+    model.txt        LightGBM text model (best iteration only)
+    ranker.json      format, feature_names (column order), feature_config, params, label_gain,
+                     best_iteration, metrics, data/matcher provenance
+    importance.json  gain importance per feature
+    feature_state/   FeatureState as of the end of the training data (state.npz + state.json)
+
+Scoring checks the caller's feature names against the training ones, so a matrix built by other
+feature code (or a model trained on other features) is refused with the missing/extra names, never
+silently scored with shifted columns.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.compat import require
+from recsys.errors import InputError, ModelError
+from recsys.features import EmbeddingMatcher, FeatureConfig, Features, FeatureState
+
+RANKER_FORMAT = 1
+MODEL_FILE = "model.txt"
+META_FILE = "ranker.json"
+IMPORTANCE_FILE = "importance.json"
+STATE_DIR = "feature_state"
+
+FeatureInput = Features | np.ndarray | Mapping[str, Any]
+
+
+@dataclass(frozen=True)
+class Explanation:
+    """Per-candidate SHAP contributions: contributions [n, F] (feature order = names), bias [n];
+    contributions.sum(1) + bias == the raw score (additivity)."""
+
+    contributions: np.ndarray
+    bias: np.ndarray
+    names: tuple[str, ...]
+
+    def top(self, row: int, k: int = 5) -> list[tuple[str, float]]:
+        """The k features that moved candidate `row`'s score most, by |contribution|."""
+        order = np.argsort(-np.abs(self.contributions[row]), kind="stable")[:k]
+        return [(self.names[j], float(self.contributions[row, j])) for j in order]
+
+
+class Ranker:
+    """A trained LambdaMART blender: `score` and `explain` candidate feature matrices."""
+
+    def __init__(self, booster: Any, meta: dict[str, Any], path: Path | None = None) -> None:
+        self.booster = booster
+        self.meta = meta
+        self.path = path
+        self.feature_names: tuple[str, ...] = tuple(meta["feature_names"])
+        self.feature_config = FeatureConfig.from_dict(meta["feature_config"])
+        self._index = {name: j for j, name in enumerate(self.feature_names)}
+
+    @classmethod
+    def load(cls, directory: Path | str) -> Ranker:
+        directory = Path(directory)
+        meta_path, model_path = directory / META_FILE, directory / MODEL_FILE
+        for path in (meta_path, model_path):
+            if not path.exists():
+                raise ModelError(
+                    f"{directory} is not a ranker directory: {path.name} is missing. "
+                    f"Train one with: recsys train ranker --data PREPARED --out {directory}"
+                )
+        try:
+            meta = json.loads(meta_path.read_text())
+        except ValueError as exc:
+            raise ModelError(
+                f"{meta_path} is not valid JSON ({exc}): retrain with recsys train ranker"
+            ) from exc
+        if meta.get("format") != RANKER_FORMAT:
+            raise ModelError(f"{meta_path} has format {meta.get('format')}, this code reads {RANKER_FORMAT}")
+        lgb = require("lightgbm")
+        try:
+            booster = lgb.Booster(model_file=str(model_path))
+        except Exception as exc:  # LightGBM raises its own LightGBMError for corrupt files
+            raise ModelError(f"cannot load {model_path}: {exc}. Retrain with recsys train ranker") from exc
+        if tuple(booster.feature_name()) != tuple(meta["feature_names"]):
+            raise ModelError(
+                f"{model_path} and {meta_path} disagree on feature names: the directory is inconsistent"
+            )
+        return cls(booster, meta, directory)
+
+    def load_state(self) -> FeatureState:
+        """The feature state saved beside the model (end of the training data)."""
+        if self.path is None:
+            raise ModelError("this ranker was not loaded from a directory, so it has no saved feature state")
+        return FeatureState.load(self.path / STATE_DIR)
+
+    @property
+    def uses_match(self) -> bool:
+        return "match_score" in self._index
+
+    @property
+    def context_names(self) -> tuple[str, ...]:
+        return tuple(n[4:] for n in self.feature_names if n.startswith("ctx_"))
+
+    # ---------------------------------------------------------------- inputs
+
+    def matrix(self, features: FeatureInput, names: Sequence[str] | None = None) -> np.ndarray:
+        """Any feature input -> float64 [n, F] in the training column order, or a clear error.
+
+        Features / (ndarray, names): columns are matched by name (reordered if needed);
+        Mapping: name -> per-candidate values; ndarray without names: trusted to be in training order.
+        """
+        if isinstance(features, Features):
+            names = features.names
+            features = features.matrix
+        if isinstance(features, Mapping):
+            self._check_names(list(features))
+            columns = [_column(name, features[name]) for name in self.feature_names]
+            lengths = {len(c) for c in columns}
+            if len(lengths) > 1:
+                raise InputError(
+                    f"feature columns have different lengths {sorted(lengths)}: one value per candidate"
+                )
+            return np.column_stack(columns) if columns else np.zeros((0, 0))
+        array = np.asarray(features)
+        if array.ndim != 2:
+            raise InputError(
+                f"feature matrix must be 2-d [n_candidates, n_features], got shape {array.shape}"
+            )
+        if names is None:
+            if array.shape[1] != len(self.feature_names):
+                raise ModelError(
+                    f"feature matrix has {array.shape[1]} columns, the model was trained on "
+                    f"{len(self.feature_names)} ({', '.join(self.feature_names)}): pass feature names"
+                )
+            names = self.feature_names
+        names = list(names)
+        if len(names) != array.shape[1]:
+            raise InputError(f"{len(names)} feature names for a matrix with {array.shape[1]} columns")
+        self._check_names(names)
+        if array.dtype.kind not in "biuf":
+            return np.column_stack([_column(n, array[:, names.index(n)]) for n in self.feature_names])
+        order = [names.index(n) for n in self.feature_names]
+        return np.asarray(array[:, order], dtype=np.float64)
+
+    def _check_names(self, names: Sequence[str]) -> None:
+        given = list(names)
+        duplicates = sorted({n for n in given if given.count(n) > 1})
+        if duplicates:
+            raise InputError(f"feature {duplicates[0]!r} is given more than once")
+        missing = [n for n in self.feature_names if n not in set(given)]
+        extra = [n for n in given if n not in self._index]
+        if missing or extra:
+            parts = []
+            if missing:
+                parts.append(f"missing feature(s) {', '.join(repr(n) for n in missing)}")
+            if extra:
+                parts.append(f"unexpected feature(s) {', '.join(repr(n) for n in extra)}")
+            raise ModelError(
+                f"feature names differ from the ones this ranker was trained on: {'; '.join(parts)}. "
+                f"Compute features with the same FeatureState config (and match scores, context and extra "
+                f"features) the model was trained with, or retrain it."
+            )
+
+    # ---------------------------------------------------------------- scoring
+
+    def score(self, features: FeatureInput, names: Sequence[str] | None = None) -> np.ndarray:
+        """Raw LambdaMART scores [n] (higher = rank first; comparable within one request)."""
+        x = self.matrix(features, names)
+        if not len(x):
+            return np.zeros(0)
+        return np.asarray(self.booster.predict(x), dtype=np.float64)
+
+    def explain(self, features: FeatureInput, names: Sequence[str] | None = None) -> Explanation:
+        """SHAP (TreeSHAP, `pred_contrib=True`) contributions per candidate and feature."""
+        x = self.matrix(features, names)
+        contrib = np.asarray(self.booster.predict(x, pred_contrib=True), dtype=np.float64)
+        return Explanation(contrib[:, :-1], contrib[:, -1], self.feature_names)
+
+
+def score_request(
+    ranker: Ranker,
+    state: FeatureState,
+    user_idx: int,
+    candidates: np.ndarray | Sequence[int],
+    request_time: Any,
+    matcher: EmbeddingMatcher | None = None,
+    context: Mapping[str, Any] | None = None,
+    extra: Mapping[str, Any] | None = None,
+) -> tuple[np.ndarray, Features]:
+    """The one request path (service, batch scorer and evaluator): features -> scores [n].
+
+    Context is limited to the columns the model knows (a request may carry more)."""
+    match = None
+    if ranker.uses_match:
+        if matcher is None:
+            raise ModelError("this ranker was trained with match scores (match_score): pass a matcher")
+        match = matcher.scores(state.history(user_idx, request_time), np.asarray(candidates))
+    known = set(ranker.context_names)
+    ctx = {k: v for k, v in (context or {}).items() if k in known}
+    features = state.compute(user_idx, candidates, request_time, match, None, ctx, extra)
+    return ranker.score(features), features
+
+
+def grouped_ndcg(
+    scores: np.ndarray,
+    labels: np.ndarray,
+    group_sizes: np.ndarray,
+    k: int = 10,
+    label_gain: Sequence[float] | None = None,
+) -> np.ndarray:
+    """NDCG@k per group (LightGBM's definition: gain = label_gain[label], 1/log2(rank+2) discount).
+
+    scores/labels [R] in group order, group_sizes [G] -> [G]; groups without a positive get NaN.
+    Ties are broken by position within the group (callers sort candidates by item_idx first).
+    """
+    labels = np.asarray(labels, np.int64)
+    gain_table = np.asarray(
+        label_gain if label_gain is not None else 2.0 ** np.arange(labels.max(initial=0) + 1) - 1
+    )
+    sizes = np.asarray(group_sizes, np.int64)
+    g, width = len(sizes), int(sizes.max(initial=0))
+    group = np.repeat(np.arange(g), sizes)
+    col = np.arange(len(labels)) - np.repeat(np.cumsum(sizes) - sizes, sizes)
+    s = np.full((g, width), -np.inf)
+    gain = np.zeros((g, width))
+    s[group, col] = scores
+    gain[group, col] = gain_table[labels]
+    discount = np.zeros(width)
+    discount[: min(k, width)] = 1.0 / np.log2(np.arange(2, min(k, width) + 2))
+    ranked = np.take_along_axis(gain, np.argsort(-s, axis=1, kind="stable"), 1)
+    ideal = -np.sort(-gain, axis=1)
+    dcg, idcg = ranked @ discount, ideal @ discount
+    with np.errstate(invalid="ignore", divide="ignore"):
+        return np.where(idcg > 0, dcg / idcg, np.nan)
+
+
+def _column(name: str, values: Any) -> np.ndarray:
+    try:
+        array = np.asarray(values)
+        if array.dtype.kind in "USV":
+            raise TypeError(f"got {array.dtype} values such as {array.reshape(-1)[:1].tolist()}")
+        return np.asarray(array, dtype=np.float64).reshape(-1)  # objects holding numbers are fine
+    except (TypeError, ValueError) as exc:
+        raise InputError(f"feature {name!r} is not numeric ({exc}): pass numbers (NaN for missing)") from exc

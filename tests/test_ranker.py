@@ -1,0 +1,210 @@
+"""LambdaMART blender: beats its inputs on the test window, saves/loads without pickle, explains
+additively, refuses features it was not trained on."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from recsys.data.prepared import PreparedData
+from recsys.errors import InputError, ModelError
+from recsys.features import EmbeddingMatcher, mean_pool_encoder
+from recsys.ranker import Ranker, grouped_ndcg, score_request
+
+
+def topic_matcher(synthetic_log, data: PreparedData, noise: float = 0.6) -> EmbeddingMatcher:
+    """A deliberately imperfect, text-free matcher: one-hot planted topic + Gaussian noise, L2-normalised
+    ([n_items, 16]), pooled over the history. Like a real text matcher it knows topics, not popularity
+    or habits; the blender has to add those."""
+    rng = np.random.default_rng(0)
+    item_no = data.items["item_id"].str.slice(1).cast(int).to_numpy()  # item_idx -> generator item
+    emb = np.zeros((data.n_items, 16), np.float32)
+    emb[np.arange(data.n_items), synthetic_log.item_topic[item_no]] = 1.0
+    emb += rng.normal(0.0, noise, emb.shape).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    return EmbeddingMatcher(emb, mean_pool_encoder(emb))
+
+
+@pytest.fixture(scope="module")
+def trained(synthetic_log, prepared_dir, tmp_path_factory):
+    from training.ranker import RankerConfig, train_ranker
+
+    data = PreparedData.load(prepared_dir)
+    matcher = topic_matcher(synthetic_log, data)
+    out = tmp_path_factory.mktemp("ranker") / "model"
+    result = train_ranker(data, out, matcher, RankerConfig(threads=2))
+    return result, matcher, data
+
+
+def test_ranker_beats_match_score_and_popularity_on_the_test_window(trained) -> None:
+    result, _, _ = trained
+    test = result.metrics["test"]
+    ranker, match, pop = test["ndcg@10/ranker"], test["ndcg@10/match_score"], test["ndcg@10/popularity"]
+    print(
+        f"test NDCG@10 ranker {ranker:.4f} match {match:.4f} popularity {pop:.4f} ({test['groups']} groups)"
+    )
+    assert test["groups"] >= 100
+    assert ranker >= match + 0.015
+    assert ranker >= pop + 0.10
+    assert match >= pop + 0.05 and pop > test["ndcg@10/random"]  # sanity of the baselines themselves
+    assert result.importance and max(result.importance.values()) > 0
+
+
+def test_saved_model_reproduces_the_metrics_and_loads_without_pickle(trained, monkeypatch) -> None:
+    result, matcher, data = trained
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("pickle used")
+
+    monkeypatch.setattr(pickle, "load", refuse)
+    monkeypatch.setattr(pickle, "loads", refuse)
+    files = {p.relative_to(result.out_dir).as_posix() for p in result.out_dir.rglob("*") if p.is_file()}
+    assert files == {
+        "model.txt",
+        "ranker.json",
+        "importance.json",
+        "feature_state/state.npz",
+        "feature_state/state.json",
+    }
+    ranker = Ranker.load(result.out_dir)
+    meta = json.loads((result.out_dir / "ranker.json").read_text())
+    assert ranker.feature_names == result.feature_names and meta["params"]["objective"] == "lambdarank"
+    assert meta["label_gain"] == [0, 1, 3, 7, 15] and meta["best_iteration"] >= 1
+
+    table = result.table
+    test = table.select(np.flatnonzero(table.split == "test"))
+    scores = ranker.score(test.matrix, test.names)
+    ndcg = np.nanmean(grouped_ndcg(scores, test.labels, test.sizes, 10, meta["label_gain"]))
+    assert ndcg == pytest.approx(result.metrics["test"]["ndcg@10/ranker"], abs=1e-9)
+
+    # The saved end-of-data state serves a request through the one request path.
+    state = ranker.load_state()
+    assert state.as_of_us >= int(table.time_us.max())
+    cands = np.arange(0, data.n_items, 4)
+    served, features = score_request(
+        ranker, state, 3, cands, state.as_of_us + 1, matcher, {"device": "web", "country": "x"}
+    )
+    assert served.shape == (len(cands),) and np.isfinite(served).all()
+    np.testing.assert_allclose(served, ranker.score(features))
+
+
+def test_explanations_sum_to_the_score(trained) -> None:
+    result, _, _ = trained
+    ranker = Ranker.load(result.out_dir)
+    rows = result.table.matrix[:200]
+    explanation = ranker.explain(rows, result.table.names)
+    assert explanation.contributions.shape == rows.shape
+    np.testing.assert_allclose(
+        explanation.contributions.sum(1) + explanation.bias, ranker.score(rows, result.table.names), atol=1e-6
+    )
+    top = explanation.top(0, 3)
+    assert len(top) == 3 and all(name in ranker.feature_names for name, _ in top)
+
+
+def test_feature_name_mismatch_is_refused_with_the_feature_named(trained) -> None:
+    result, _, _ = trained
+    ranker = Ranker.load(result.out_dir)
+    names = list(result.table.names)
+    x = result.table.matrix[:20]
+    expected = ranker.score(x, names)
+
+    with pytest.raises(ModelError, match=r"missing feature.*'covis_sum'"):
+        keep = [j for j, n in enumerate(names) if n != "covis_sum"]
+        ranker.score(x[:, keep], [names[j] for j in keep])
+    with pytest.raises(ModelError, match=r"unexpected feature.*'retrieval_score'"):
+        ranker.score(np.column_stack([x, np.ones(len(x))]), [*names, "retrieval_score"])
+    with pytest.raises(ModelError, match="pass feature names"):
+        ranker.score(x[:, :-1])
+    # Same features in another order: matched by name.
+    order = np.random.default_rng(0).permutation(len(names))
+    np.testing.assert_allclose(ranker.score(x[:, order], [names[j] for j in order]), expected)
+    # Named columns; a text column is refused by name.
+    columns = {n: x[:, j] for j, n in enumerate(names)}
+    np.testing.assert_allclose(ranker.score(columns), expected)
+    columns["item_price"] = np.array(["cheap"] * len(x))
+    with pytest.raises(InputError, match="item_price"):
+        ranker.score(columns)
+    # A ranker trained with match scores needs a matcher at request time.
+    with pytest.raises(ModelError, match="match_score"):
+        score_request(ranker, ranker.load_state(), 0, np.arange(5), 0, None)
+
+
+def test_grouped_ndcg_known_answer() -> None:
+    # Group 1: labels [0, 2, 1] scored [3, 2, 1] -> ranks 0, 1, 2; group 2 has no positive (NaN).
+    gain = [0, 1, 3]
+    ndcg = grouped_ndcg(
+        np.array([3.0, 2.0, 1.0, 1.0, 0.0]), np.array([0, 2, 1, 0, 0]), np.array([3, 2]), 10, gain
+    )
+    dcg = 3 / np.log2(3) + 1 / np.log2(4)
+    idcg = 3 / np.log2(2) + 1 / np.log2(3)
+    assert ndcg[0] == pytest.approx(dcg / idcg) and np.isnan(ndcg[1])
+    assert grouped_ndcg(np.array([1.0, 0.0]), np.array([2, 0]), np.array([2]), 1, gain)[0] == 1.0
+
+
+def test_cli_trains_a_ranker_without_a_matcher(prepared_dir, tmp_path) -> None:
+    out = tmp_path / "ranker"
+    cmd = [
+        sys.executable,
+        "-m",
+        "recsys.cli",
+        "train",
+        "ranker",
+        "--data",
+        str(prepared_dir),
+        "--out",
+        str(out),
+        "--threads",
+        "2",
+        "--num-rounds",
+        "30",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "NDCG@10" in proc.stdout and "top features by gain" in proc.stdout
+    ranker = Ranker.load(out)
+    assert not ranker.uses_match and "item_pop_all" in ranker.feature_names
+
+    missing = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "recsys.cli",
+            "train",
+            "ranker",
+            "--data",
+            str(tmp_path / "nope"),
+            "--out",
+            str(out),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert (
+        missing.returncode == 2
+        and "not a prepared dataset" in missing.stderr
+        and "Traceback" not in missing.stderr
+    )
+
+
+def test_help_does_not_import_lightgbm() -> None:
+    code = (
+        "import sys; from recsys.cli import build_parser; build_parser(); "
+        "assert 'lightgbm' not in sys.modules and 'recsys.features' not in sys.modules, sorted(sys.modules)"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=60)
+
+
+def test_load_errors_name_the_file(tmp_path: Path) -> None:
+    with pytest.raises(ModelError, match=r"ranker\.json is missing"):
+        Ranker.load(tmp_path)
+    (tmp_path / "ranker.json").write_text("{}")
+    (tmp_path / "model.txt").write_text("not a model")
+    with pytest.raises(ModelError, match="format"):
+        Ranker.load(tmp_path)

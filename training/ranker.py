@@ -1,0 +1,476 @@
+"""`recsys train ranker`: LightGBM LambdaMART over the shared features (recsys/features.py).
+
+Windows (the prepared global split): the matcher learns from "train"; the ranker learns from request
+groups in the "valid" window (so the match score it sees is out-of-sample), early-stops on the last
+`holdout_frac` of that window (by time), and is evaluated on the "test" window.
+
+Groups: served requests (request_id with impressions) where the logs have them: candidates = items
+shown or acted on, label = integer grade of the strongest event (impression-only 0, view 1, click 2,
+add_to_cart/share 3, purchase 4); groups without any positive are skipped (no lambdarank gradient,
+undefined NDCG). Logs without impressions: one group per positive interaction, the positive plus
+`negatives` popularity-sampled items.
+
+Point in time, exactly: groups are processed in request-time order while the log is replayed into a
+FeatureState, applying only events with timestamp < the group's request time before computing its
+features (no window-start approximation). Replay is vectorised per batch of events between two
+consecutive groups; the cost is O(groups) small NumPy calls.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.compat import require
+from recsys.data.prepared import PreparedData
+from recsys.errors import ConfigError, InputError, ModelError
+from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, FeatureState, to_us
+from recsys.ranker import IMPORTANCE_FILE, META_FILE, MODEL_FILE, RANKER_FORMAT, STATE_DIR, grouped_ndcg
+
+log = logging.getLogger(__name__)
+
+MAX_GRADE = 4
+
+
+@dataclass(frozen=True)
+class RankerConfig:
+    num_rounds: int = 500
+    learning_rate: float = 0.05
+    num_leaves: int = 7  # small trees + large leaves: request windows are small and labels noisy
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 1.0  # < 1 adds seed-dependent variance that small windows cannot afford
+    lambda_l2: float = 1.0
+    early_stopping_rounds: int = 50
+    holdout_frac: float = 0.2  # last share (by time) of the valid window: early stopping
+    label_gain: tuple[float, ...] = (0.0, 1.0, 3.0, 7.0, 15.0)  # by grade 0..4: 2^g - 1
+    eval_at: int = 10
+    negatives: int = 20  # per positive, for logs without impressions
+    seed: int = 0
+    threads: int = 0  # 0 = LightGBM's default (all cores)
+    refresh_s: float = 0.0  # 0: exact point-in-time replay; > 0: refresh the state at most this often
+    features: FeatureConfig = field(default_factory=FeatureConfig)
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        if not 0.0 < self.holdout_frac < 1.0:
+            raise ConfigError(f"holdout_frac must be in (0, 1), got {self.holdout_frac}")
+        if len(self.label_gain) != MAX_GRADE + 1 or list(self.label_gain) != sorted(self.label_gain):
+            raise ConfigError(
+                f"label_gain needs {MAX_GRADE + 1} non-decreasing gains (grades 0..4), got {self.label_gain}"
+            )
+        if self.refresh_s < 0:
+            raise ConfigError(f"refresh_s must be >= 0, got {self.refresh_s}")
+        if self.negatives < 1:
+            raise ConfigError(f"negatives must be >= 1, got {self.negatives}")
+
+    def lgb_params(self) -> dict[str, Any]:
+        return {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [self.eval_at],
+            "label_gain": list(self.label_gain),
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "feature_fraction_seed": self.seed,
+            "lambda_l2": self.lambda_l2,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_col_wise": True,
+            "num_threads": self.threads,
+            "verbose": -1,
+        }
+
+
+def grade(strength: np.ndarray) -> np.ndarray:
+    """Event strength -> integer relevance grade 0..4 (ratings round to the nearest grade)."""
+    return np.clip(np.rint(np.asarray(strength, np.float64)), 0, MAX_GRADE).astype(np.int32)
+
+
+@dataclass
+class GroupTable:
+    """Feature rows of many request groups, in group order (groups sorted by request time).
+
+    matrix [R, F] f32, labels [R] i32 grades, item_idx [R]; per group [G]: sizes, time_us, user_idx,
+    group_id, split ("valid" | "test")."""
+
+    matrix: np.ndarray
+    names: tuple[str, ...]
+    labels: np.ndarray
+    item_idx: np.ndarray
+    sizes: np.ndarray
+    time_us: np.ndarray
+    user_idx: np.ndarray
+    group_id: list[str]
+    split: np.ndarray
+
+    def select(self, groups: np.ndarray) -> GroupTable:
+        """The given group indices (ascending), rows included."""
+        starts = np.concatenate([[0], np.cumsum(self.sizes)])
+        rows = (
+            np.concatenate([np.arange(starts[g], starts[g + 1]) for g in groups])
+            if len(groups)
+            else np.zeros(0, int)
+        )
+        return GroupTable(
+            self.matrix[rows],
+            self.names,
+            self.labels[rows],
+            self.item_idx[rows],
+            self.sizes[groups],
+            self.time_us[groups],
+            self.user_idx[groups],
+            [self.group_id[g] for g in groups],
+            self.split[groups],
+        )
+
+    def column(self, name: str) -> np.ndarray:
+        return self.matrix[:, self.names.index(name)]
+
+
+# --------------------------------------------------------------------------------------------------
+# Candidate groups
+# --------------------------------------------------------------------------------------------------
+
+
+def request_groups(events: pl.DataFrame, start_us: int, context: Sequence[str] = ()) -> pl.DataFrame:
+    """Served requests at or after start_us with at least one positive: one row per (request, item)
+    with user_idx, time_us (the request's first event), strength (max), context values; sorted by
+    (time_us, request_id, item_idx)."""
+    req = events.filter(pl.col("request_id").is_not_null()).with_columns(
+        pl.col("timestamp").dt.epoch("us").alias("_ts")
+    )
+    heads = (
+        req.sort("_ts", maintain_order=True)
+        .group_by("request_id", maintain_order=True)
+        .agg(
+            pl.col("_ts").min().alias("time_us"),
+            pl.col("user_idx").first(),
+            (pl.col("strength") <= 0).any().alias("_exposed"),
+            (pl.col("strength") > 0).any().alias("_positive"),
+            *(pl.col(c).first() for c in context),
+        )
+        .filter(pl.col("_exposed") & pl.col("_positive") & (pl.col("time_us") >= start_us))
+        .drop("_exposed", "_positive")
+    )
+    rows = req.group_by("request_id", "item_idx").agg(pl.col("strength").max())
+    return heads.join(rows, on="request_id").sort("time_us", "request_id", "item_idx")
+
+
+def sampled_groups(
+    data: PreparedData, events: pl.DataFrame, start_us: int, negatives: int, seed: int
+) -> pl.DataFrame:
+    """Logs without impressions: per positive interaction at or after start_us, the positive plus
+    `negatives` distinct items sampled by popularity before start_us (same layout as request_groups)."""
+    pairs = (
+        pl.scan_parquet(data.root / "pairs.parquet")
+        .with_columns(pl.col("timestamp").dt.epoch("us").alias("time_us"))
+        .filter(pl.col("time_us") >= start_us)
+        .select("user_idx", "item_idx", "time_us", "strength")
+        .collect()
+    )
+    if not pairs.height:
+        return pairs.with_columns(pl.lit("", pl.Utf8).alias("request_id"))
+    before = events.filter(pl.col("timestamp").dt.epoch("us") < start_us, pl.col("strength") > 0)
+    counts = np.bincount(before["item_idx"].to_numpy(), minlength=data.n_items).astype(np.float64) + 1.0
+    p = counts / counts.sum()
+    rng = np.random.default_rng(seed)
+    k = min(negatives, data.n_items - 1)
+    draws = rng.choice(data.n_items, size=(pairs.height, 3 * k + 3), p=p)
+    user, item, t = pairs["user_idx"].to_numpy(), pairs["item_idx"].to_numpy(), pairs["time_us"].to_numpy()
+    frames = []
+    for g in range(pairs.height):  # per group, not per candidate
+        negs = pd_unique(draws[g][draws[g] != item[g]])[:k]
+        frames.append((np.full(len(negs) + 1, g), np.concatenate([[item[g]], negs])))
+    group = np.concatenate([f[0] for f in frames])
+    items = np.concatenate([f[1] for f in frames])
+    first = np.concatenate([[True], group[1:] != group[:-1]])
+    return pl.DataFrame(
+        {
+            "request_id": [f"pair{g}" for g in group],
+            "time_us": t[group],
+            "user_idx": user[group].astype(np.int32),
+            "item_idx": items.astype(np.int32),
+            "strength": np.where(first, pairs["strength"].to_numpy()[group], 0.0).astype(np.float32),
+        }
+    ).sort("time_us", "request_id", "item_idx")
+
+
+def pd_unique(values: np.ndarray) -> np.ndarray:
+    """Unique values in first-seen order."""
+    _, first = np.unique(values, return_index=True)
+    return values[np.sort(first)]
+
+
+def build_group_features(
+    state: FeatureState,
+    events: EventBatch,
+    groups: pl.DataFrame,
+    matcher: EmbeddingMatcher | None = None,
+    split_at_us: int | None = None,
+    refresh_s: float = 0.0,
+) -> GroupTable:
+    """Replay `events` (sorted by time; those already in `state` are skipped by time) and compute each
+    group's features from exactly the events before its request time. Mutates `state`.
+
+    groups: rows (request_id, time_us, user_idx, item_idx, strength, <context>) sorted by time_us.
+    refresh_s > 0 trades exactness for speed on very large logs: the state is brought up to a
+    group's time only when `refresh_s` has passed since the last refresh, so features may be stale by
+    up to refresh_s but still never see an event at or after the request time."""
+    context = [c for c in state.config.context_columns or () if c in groups.columns]
+    heads = groups.group_by("request_id", maintain_order=True).agg(
+        pl.col("time_us").first(),
+        pl.col("user_idx").first(),
+        pl.len().alias("size"),
+        *(pl.col(c).first() for c in context),
+    )
+    sizes = heads["size"].to_numpy().astype(np.int64)
+    times = heads["time_us"].to_numpy().astype(np.int64)
+    users = heads["user_idx"].to_numpy().astype(np.int64)
+    items = groups["item_idx"].to_numpy().astype(np.int64)
+    labels = grade(groups["strength"].to_numpy())
+    ctx_values = {c: heads[c].to_list() for c in context}
+    starts = np.concatenate([[0], np.cumsum(sizes)])
+    ts = events.ts_us
+    done = (
+        int(np.searchsorted(ts, state.as_of_us, side="right"))
+        if state.as_of_us > np.iinfo(np.int64).min
+        else 0
+    )
+    blocks: list[np.ndarray] = []
+    names: tuple[str, ...] = ()
+    refresh_us, refreshed = int(refresh_s * 1e6), np.iinfo(np.int64).min
+    for g in range(len(sizes)):
+        t = int(times[g])
+        if t - refreshed >= refresh_us:
+            upto = int(np.searchsorted(ts, t, side="left"))  # events strictly before t
+            if upto > done:
+                state.apply(events.slice(done, upto))
+                done = upto
+            refreshed = t
+        cand = items[starts[g] : starts[g + 1]]
+        history = state.history(int(users[g]), t)
+        match = matcher.scores(history, cand) if matcher is not None else None
+        ctx = {c: ctx_values[c][g] for c in context}
+        features = state.compute(int(users[g]), cand, t, match, history, ctx)
+        blocks.append(features.matrix)
+        names = features.names
+    if not blocks:
+        names = state.feature_names(matcher is not None, context)
+    split = (
+        np.where(times >= split_at_us, "test", "valid")
+        if split_at_us is not None
+        else np.full(len(sizes), "valid")
+    )
+    return GroupTable(
+        matrix=np.concatenate(blocks) if blocks else np.zeros((0, len(names)), np.float32),
+        names=names,
+        labels=labels,
+        item_idx=items,
+        sizes=sizes,
+        time_us=times,
+        user_idx=users,
+        group_id=heads["request_id"].cast(pl.Utf8).to_list(),
+        split=split,
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# Training
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class TrainResult:
+    out_dir: Path
+    metrics: dict[str, Any]
+    best_iteration: int
+    feature_names: tuple[str, ...]
+    importance: dict[str, float]
+    table: GroupTable
+
+
+def _cutoff_us(data: PreparedData, name: str) -> int:
+    try:
+        return to_us(data.manifest["cutoffs"][name])
+    except (KeyError, InputError) as exc:
+        raise InputError(
+            f"{data.root}/manifest.json has no usable cutoffs.{name}: rerun recsys prepare"
+        ) from exc
+
+
+def evaluate_groups(
+    table: GroupTable, scores: dict[str, np.ndarray], k: int, label_gain: Sequence[float]
+) -> dict[str, Any]:
+    """Mean NDCG@k per scorer over the table's groups (all have a positive)."""
+    out: dict[str, Any] = {"groups": len(table.sizes), "rows": int(table.sizes.sum())}
+    for name, s in scores.items():
+        out[f"ndcg@{k}/{name}"] = float(np.nanmean(grouped_ndcg(s, table.labels, table.sizes, k, label_gain)))
+    return out
+
+
+def train_ranker(
+    data: PreparedData | Path | str,
+    out_dir: Path | str,
+    matcher: EmbeddingMatcher | None = None,
+    config: RankerConfig | None = None,
+    matcher_ref: str | None = None,
+) -> TrainResult:
+    """Build point-in-time groups, train LambdaMART with early stopping, evaluate, save (no pickle)."""
+    started = time.perf_counter()
+    config = config or RankerConfig()
+    data = data if isinstance(data, PreparedData) else PreparedData.load(data)
+    out_dir = Path(out_dir)
+    lgb = require("lightgbm")
+    valid_start, test_start = _cutoff_us(data, "valid_start"), _cutoff_us(data, "test_start")
+    events = data.events().sort("timestamp", maintain_order=True).collect()
+    if matcher is not None and len(matcher.item_embeddings) != data.n_items:
+        raise ModelError(
+            f"matcher has {len(matcher.item_embeddings)} item embeddings, the dataset {data.n_items} items: "
+            f"export the matcher for this catalogue"
+        )
+
+    state = FeatureState.build(
+        data.items, events, before=valid_start, config=config.features, n_users=data.users.height
+    )
+    context = list(state.config.context_columns or ())
+    has_impressions = bool(
+        events.filter(pl.col("request_id").is_not_null() & (pl.col("strength") <= 0)).height
+    )
+    if has_impressions:
+        groups = request_groups(events, valid_start, context)
+    else:
+        groups = sampled_groups(data, events, valid_start, config.negatives, config.seed)
+    batch = EventBatch.from_frame(events)
+    table = build_group_features(state, batch, groups, matcher, test_start, config.refresh_s)
+    state.apply(batch.slice(int(np.searchsorted(batch.ts_us, state.as_of_us, side="right")), len(batch)))
+
+    valid = np.flatnonzero(table.split == "valid")
+    test = np.flatnonzero(table.split == "test")
+    n_fit = round(len(valid) * (1.0 - config.holdout_frac))
+    if n_fit < 2 or len(valid) - n_fit < 1:
+        raise InputError(
+            f"only {len(valid)} request groups with a positive in the validation window of {data.root}: "
+            f"need a few dozen. Prepare with a larger --valid-frac or more data."
+        )
+    fit, stop, tst = table.select(valid[:n_fit]), table.select(valid[n_fit:]), table.select(test)
+    log.info(
+        "ranker groups: fit %d, early-stop %d, test %d; %d features",
+        len(fit.sizes),
+        len(stop.sizes),
+        len(tst.sizes),
+        len(table.names),
+    )
+
+    params = config.lgb_params()
+    dfit = lgb.Dataset(
+        fit.matrix, fit.labels, group=fit.sizes, feature_name=list(table.names), free_raw_data=False
+    )
+    dstop = lgb.Dataset(stop.matrix, stop.labels, group=stop.sizes, reference=dfit, free_raw_data=False)
+    history: dict[str, Any] = {}
+    booster = lgb.train(
+        params,
+        dfit,
+        num_boost_round=config.num_rounds,
+        valid_sets=[dstop],
+        valid_names=["holdout"],
+        callbacks=[
+            lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
+            lgb.record_evaluation(history),
+        ],
+    )
+    best = int(booster.best_iteration or config.num_rounds)
+
+    k, gain = config.eval_at, config.label_gain
+    metrics: dict[str, Any] = {}
+    for name, part in (("holdout", stop), ("test", tst)):
+        if not len(part.sizes):
+            continue
+        scores = {
+            "ranker": booster.predict(part.matrix, num_iteration=best),
+            "popularity": part.column("item_pop_all"),
+            "popularity_7d": part.column("item_pop_7d")
+            if "item_pop_7d" in part.names
+            else part.column("item_pop_all"),
+        }
+        if "match_score" in part.names:
+            scores["match_score"] = part.column("match_score")
+        scores["random"] = np.random.default_rng(config.seed).random(len(part.labels))
+        metrics[name] = evaluate_groups(part, scores, k, gain)
+    importance = dict(
+        zip(table.names, booster.feature_importance("gain", iteration=best).tolist(), strict=True)
+    )
+    importance = dict(sorted(importance.items(), key=lambda kv: -kv[1]))
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    booster.save_model(str(out_dir / MODEL_FILE), num_iteration=best)
+    meta = {
+        "format": RANKER_FORMAT,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "feature_names": list(table.names),
+        "feature_config": state.config.to_dict(),
+        "config": {**asdict(config), "features": state.config.to_dict()},
+        "params": params,
+        "label_gain": list(gain),
+        "best_iteration": best,
+        "groups": {
+            "fit": len(fit.sizes),
+            "holdout": len(stop.sizes),
+            "test": len(tst.sizes),
+            "source": "requests" if has_impressions else "sampled_negatives",
+        },
+        "windows": {
+            "fit_and_holdout": [
+                data.manifest["cutoffs"]["valid_start"],
+                data.manifest["cutoffs"]["test_start"],
+            ],
+            "test_from": data.manifest["cutoffs"]["test_start"],
+        },
+        "metrics": metrics,
+        "data": str(data.root),
+        "matcher": matcher_ref,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
+    (out_dir / IMPORTANCE_FILE).write_text(json.dumps({"type": "gain", "importance": importance}, indent=2))
+    state.save(out_dir / STATE_DIR)
+    return TrainResult(out_dir, metrics, best, table.names, importance, table)
+
+
+def load_registry_matcher(version_dir: Path | str, data: PreparedData) -> EmbeddingMatcher:
+    """A registry version (exported ONNX towers + embedding store) -> EmbeddingMatcher over the
+    prepared catalogue: item embeddings [n_items, D] from the store (text-encoded when missing) and
+    the ONNX user tower over item_idx histories."""
+    from recsys.registry import RegisteredVersion
+    from recsys.scoring.matcher import MatcherRuntime
+
+    version_dir = Path(version_dir)
+    manifest_path = version_dir / "manifest.json"
+    if not manifest_path.exists():
+        raise InputError(
+            f"--matcher {version_dir} is not a registry version directory: {manifest_path} is missing"
+        )
+    manifest = json.loads(manifest_path.read_text())
+    runtime = MatcherRuntime.from_version(RegisteredVersion(version_dir.name, version_dir, manifest))
+    ids = data.items["item_id"].cast(pl.Utf8).to_list()
+    texts = dict(zip(ids, data.items["text"].to_list(), strict=True))
+    item_emb = runtime.item_embeddings(ids, texts)
+    store = runtime.store
+    rows = store.positions(ids) if store is not None else np.full(len(ids), -1, np.int64)
+
+    def user_encoder(items: np.ndarray, codes: np.ndarray, ages: np.ndarray) -> np.ndarray:
+        items = np.asarray(items, np.int64)
+        store_rows = np.where(items >= 0, rows[np.maximum(items, 0)], -1)
+        return runtime.user_embeddings_from_rows(store_rows, codes, ages)
+
+    return EmbeddingMatcher(item_emb, user_encoder)
