@@ -18,8 +18,8 @@ def build_tiny_bert(out_dir: Path, hidden: int = 32, layers: int = 2, seed: int 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *string.punctuation, *letters]
     vocab += [f"##{c}" for c in letters]
     vocab += sorted(set(VOCABULARY) - set(vocab))
-    (out_dir / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    tokenizer = BertTokenizerFast(vocab_file=str(out_dir / "vocab.txt"), do_lower_case=True)
+    # transformers 5 takes the vocabulary itself (`vocab=`); `vocab_file=` is silently ignored.
+    tokenizer = BertTokenizerFast(vocab={token: i for i, token in enumerate(vocab)}, do_lower_case=True)
     tokenizer.save_pretrained(out_dir)
     torch.manual_seed(seed)
     config = BertConfig(
