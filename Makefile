@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-prepare clean
+.PHONY: demo test test-all lint bench-prepare clean protos
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -27,6 +27,10 @@ test-all: $(STAMP)
 lint: $(STAMP)
 	$(VENV)/bin/ruff check recsys training tests bench
 	$(VENV)/bin/mypy recsys training
+
+# Regenerate the checked-in gRPC stubs (recsys/serving/proto/) from protos/.
+protos: $(STAMP)
+	$(PY) -m recsys.serving.protogen
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

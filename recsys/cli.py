@@ -22,6 +22,13 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("prepare",), "recsys.data.prepare_cli", "validate logs and items, split by time, write training pairs"),
     (("generate",), "recsys.data.synthetic_cli", "write a synthetic behaviour log with planted preferences"),
     (("train", "matcher"), "training.matcher.cli", "fine-tune the text matching model (needs torch)"),
+    (("train", "ranker"), "training.ranker_cli", "train the LightGBM LambdaMART blender over ranking features"),
+    (("export",), "training.export_cli", "export a matcher checkpoint to ONNX and register a model version"),
+    (("evaluate",), "recsys.evaluation.evaluate_cli", "compare baselines, text matchers and the blend on a time split"),
+    (("models", "list"), "recsys.registry_cli:list", "list registered model versions"),
+    (("models", "promote"), "recsys.registry_cli:promote", "make a model version current"),
+    (("models", "rollback"), "recsys.registry_cli:rollback", "return to the previous current model version"),
+    (("serve",), "recsys.serving.serve_cli", "serve Rank/Recommend over gRPC with hot reload and an exposure log"),
     (("demo",), "recsys.demo", "run the whole pipeline on generated data"),
 ]
 

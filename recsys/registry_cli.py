@@ -1,0 +1,96 @@
+"""`recsys models list|promote|rollback`: inspect the registry and move its current-version pointer."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from recsys.errors import InputError, ModelError
+from recsys.registry import Registry
+
+
+def _registry_arg(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", type=Path, default=os.environ.get("RECSYS_REGISTRY"),
+                        help="model registry directory (default: $RECSYS_REGISTRY)")
+
+
+def _open(args: argparse.Namespace) -> Registry:
+    if args.registry is None:
+        raise InputError("pass --registry DIR (or set RECSYS_REGISTRY) to name the model registry")
+    if not Path(args.registry).is_dir():
+        raise InputError(f"model registry {args.registry} does not exist; create it with recsys export --registry")
+    return Registry(args.registry)
+
+
+def configure_list(parser: argparse.ArgumentParser) -> None:
+    _registry_arg(parser)
+    parser.add_argument("--json", action="store_true", help="machine-readable output")
+    parser.add_argument("--verify", action="store_true", help="check every file's sha256 (reads all files)")
+
+
+def run_list(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    current = registry.current()
+    rows: list[dict[str, Any]] = []
+    for version in registry.versions():
+        try:
+            manifest = registry.manifest(version)
+        except ModelError as exc:
+            rows.append({"version": version, "current": version == current, "created": None, "dim": None,
+                         "variants": [], "recall@10": None, "items": None, "integrity": f"CORRUPT: {exc}"})
+            continue
+        status = "unchecked"
+        if args.verify:
+            try:
+                registry.verify(version)
+                status = "ok"
+            except ModelError as exc:
+                status = f"CORRUPT: {exc}"
+        variants = sorted(k for k in manifest["models"]["item"] if k not in ("fp32", "fp32_raw"))
+        recall = next((v["value"] for k, v in manifest["metrics"].items() if k.startswith("recall@")), None)
+        rows.append({"version": version, "current": version == current, "created": manifest.get("created"),
+                     "dim": manifest.get("dim"), "variants": variants, "recall@10": recall,
+                     "items": (manifest.get("embeddings") or {}).get("count"), "integrity": status})
+    if args.json:
+        print(json.dumps({"current": current, "history": registry.history(), "versions": rows}, indent=1))
+        return 0
+    if not rows:
+        print(f"no versions in {registry.root}")
+        return 0
+    print(f"{'':2}{'version':8}  {'created':20}  {'dim':>4}  {'items':>7}  {'recall@10':>9}  variants")
+    for r in rows:
+        recall = f"{r['recall@10']:.4f}" if r["recall@10"] is not None else "-"
+        line = (f"{'*' if r['current'] else ' ':2}{r['version']:8}  {r['created'] or '-':20}  {r['dim'] or '-':>4}  "
+                f"{r['items'] if r['items'] is not None else '-':>7}  {recall:>9}  {','.join(map(str, r['variants'])) or '-'}")
+        shown = args.verify or r["integrity"].startswith("CORRUPT")
+        print(line + (f"  [{r['integrity']}]" if shown else ""))
+    print(f"current: {current or 'none'}; rollback history: {', '.join(registry.history()) or 'empty'}")
+    return 0
+
+
+def configure_promote(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("version", help="version to make current, e.g. v0003")
+    _registry_arg(parser)
+
+
+def run_promote(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    before = registry.current()
+    registry.promote(args.version)
+    print(f"current: {args.version} (was {before or 'none'})")
+    return 0
+
+
+def configure_rollback(parser: argparse.ArgumentParser) -> None:
+    _registry_arg(parser)
+
+
+def run_rollback(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    before = registry.current()
+    version = registry.rollback()
+    print(f"current: {version} (was {before or 'none'})")
+    return 0

@@ -1,0 +1,202 @@
+"""Serving-side encoders: the exported item and user towers on ONNX Runtime, no torch, no transformers.
+
+Item texts are tokenised with the fast tokenizer's own `tokenizer.json` (the `tokenizers` library) and
+scored in length buckets: texts are sorted by token count, batched, each batch padded only to its own
+longest sequence, and results put back in input order. Catalogue texts are short and uneven, so this
+does far less work than padding everything to a fixed maximum.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from recsys.compat import require
+from recsys.errors import InputError, ModelError
+from recsys.scoring.providers import TENSORRT, SessionInfo, create_session
+
+ITEM_INPUTS = ("input_ids", "attention_mask")
+USER_INPUTS = ("hist_emb", "hist_type", "hist_age", "hist_mask")
+
+
+class TextTokenizer:
+    """`tokenizer.json` -> token id arrays, truncated to `max_length`, unpadded (the encoder pads)."""
+
+    def __init__(self, path: Path | str, max_length: int) -> None:
+        tokenizers = require("tokenizers")
+        path = Path(path)
+        try:
+            self._tok = tokenizers.Tokenizer.from_file(str(path))
+        except Exception as exc:
+            raise ModelError(
+                f"cannot read tokenizer {path}: {exc}. Re-export the model with "
+                f"`recsys export --checkpoint CKPT --registry DIR` (it writes tokenizer.json)."
+            ) from exc
+        self._tok.no_padding()
+        self._tok.enable_truncation(max_length=max_length)
+        self.max_length = max_length
+        pad = self._tok.token_to_id("[PAD]")
+        self.pad_id = int(pad) if pad is not None else 0
+
+    def encode(self, texts: Sequence[str]) -> list[np.ndarray]:
+        """One int64 id array per text, special tokens included ([CLS] ... [SEP] for BERT)."""
+        encodings = self._tok.encode_batch(list(texts))
+        return [np.asarray(e.ids, dtype=np.int64) for e in encodings]
+
+
+def pad_batch(ids: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.ndarray, np.ndarray]:
+    """Right-pad (the fused attention kernels expect mask = prefix of ones) to [B, length]."""
+    input_ids = np.full((len(ids), length), pad_id, dtype=np.int64)
+    mask = np.zeros((len(ids), length), dtype=np.int64)
+    for row, seq in enumerate(ids):
+        seq = seq[:length]
+        input_ids[row, : len(seq)] = seq
+        mask[row, : len(seq)] = 1
+    return input_ids, mask
+
+
+class _OnnxModel:
+    """A session plus the CUDA IO-binding path (inputs copied once, output allocated on device)."""
+
+    def __init__(self, session: Any, info: SessionInfo) -> None:
+        self.session = session
+        self.info = info
+        self.output_name = session.get_outputs()[0].name
+        self.input_names = [i.name for i in session.get_inputs()]
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        if not self.info.on_gpu:
+            return np.asarray(self.session.run([self.output_name], feeds)[0])
+        binding = self.session.io_binding()
+        for name, value in feeds.items():
+            binding.bind_cpu_input(name, np.ascontiguousarray(value))
+        binding.bind_output(self.output_name, "cuda", 0)
+        self.session.run_with_iobinding(binding)
+        return np.asarray(binding.copy_outputs_to_cpu()[0])
+
+
+class ItemEncoder:
+    """Item tower: texts -> L2-normalised embeddings [n, D] float32.
+
+    `bucketing=True` sorts by length and pads per batch; `bucketing=False` batches in input order
+    (still padded to each batch's longest); `pad_to=N` pads every batch to N tokens (the naive way).
+    """
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        tokenizer_path: Path | str,
+        max_length: int,
+        provider: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 64,
+        fp16: bool = False,
+    ) -> None:
+        self.tokenizer = TextTokenizer(tokenizer_path, max_length)
+        profile = {
+            "min": "input_ids:1x1,attention_mask:1x1",
+            "opt": f"input_ids:{batch_size}x{min(32, max_length)},attention_mask:{batch_size}x{min(32, max_length)}",
+            "max": f"input_ids:{batch_size}x{max_length},attention_mask:{batch_size}x{max_length}",
+        }
+        session, info = create_session(model_path, provider, threads, trt_profile=profile, fp16=fp16)
+        self.model = _OnnxModel(session, info)
+        missing = set(ITEM_INPUTS) - set(self.model.input_names)
+        if missing:
+            raise ModelError(f"{model_path} is not an item tower: inputs {self.model.input_names}, missing {sorted(missing)}")
+        self.batch_size = batch_size
+        # Tensor cores like multiples of 8; on CPU padding further only adds work.
+        self.pad_multiple = 8 if info.on_gpu else 1
+        self.dim = int(session.get_outputs()[0].shape[-1])
+
+    @property
+    def info(self) -> SessionInfo:
+        return self.model.info
+
+    def encode_tokens(
+        self,
+        ids: Sequence[np.ndarray],
+        batch_size: int | None = None,
+        bucketing: bool = True,
+        pad_to: int | None = None,
+    ) -> np.ndarray:
+        batch_size = batch_size or self.batch_size
+        if self.info.primary == TENSORRT:  # its optimisation profile ends at the constructor's batch size
+            batch_size = min(batch_size, self.batch_size)
+        n = len(ids)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        if n == 0:
+            return out
+        lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=n)
+        order = np.argsort(lengths, kind="stable") if bucketing else np.arange(n)
+        for start in range(0, n, batch_size):
+            rows = order[start : start + batch_size]
+            if pad_to is not None:
+                length = pad_to
+            else:
+                longest = int(lengths[rows].max())
+                length = -(-longest // self.pad_multiple) * self.pad_multiple
+            input_ids, mask = pad_batch([ids[r] for r in rows], length, self.tokenizer.pad_id)
+            out[rows] = self.model.run({"input_ids": input_ids, "attention_mask": mask})
+        return out
+
+    def encode(
+        self,
+        texts: Sequence[str],
+        batch_size: int | None = None,
+        bucketing: bool = True,
+        pad_to: int | None = None,
+    ) -> np.ndarray:
+        """texts -> [n, D] float32, in input order."""
+        return self.encode_tokens(self.tokenizer.encode(texts), batch_size, bucketing, pad_to)
+
+
+class UserEncoder:
+    """User tower: padded histories of item embeddings -> user embeddings [B, D] float32."""
+
+    def __init__(
+        self,
+        model_path: Path | str,
+        provider: str = "auto",
+        threads: int | None = None,
+        batch_size: int = 1024,
+    ) -> None:
+        session, info = create_session(model_path, provider, threads)
+        self.model = _OnnxModel(session, info)
+        missing = set(USER_INPUTS) - set(self.model.input_names)
+        if missing:
+            raise ModelError(f"{model_path} is not a user tower: inputs {self.model.input_names}, missing {sorted(missing)}")
+        self.batch_size = batch_size
+        self.dim = int(session.get_outputs()[0].shape[-1])
+
+    @property
+    def info(self) -> SessionInfo:
+        return self.model.info
+
+    def encode(
+        self,
+        hist_emb: np.ndarray,
+        hist_type: np.ndarray,
+        hist_age: np.ndarray,
+        hist_mask: np.ndarray,
+    ) -> np.ndarray:
+        """hist_emb [B, N, D], hist_type [B, N] (event codes, -1 pad), hist_age [B, N] seconds,
+        hist_mask [B, N] (true = real) -> [B, D]. Empty histories get the learned cold-start vector."""
+        hist_emb = np.asarray(hist_emb, dtype=np.float32)
+        if hist_emb.ndim != 3 or hist_emb.shape[2] != self.dim:
+            raise InputError(f"hist_emb must be [B, N, {self.dim}], got {list(hist_emb.shape)}")
+        b = hist_emb.shape[0]
+        out = np.empty((b, self.dim), dtype=np.float32)
+        for start in range(0, b, self.batch_size):
+            sl = slice(start, start + self.batch_size)
+            out[sl] = self.model.run(
+                {
+                    "hist_emb": np.ascontiguousarray(hist_emb[sl]),
+                    "hist_type": np.asarray(hist_type[sl], dtype=np.int64),
+                    "hist_age": np.asarray(hist_age[sl], dtype=np.float32),
+                    "hist_mask": np.asarray(hist_mask[sl], dtype=np.int64),
+                }
+            )
+        return out
