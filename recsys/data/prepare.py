@@ -324,5 +324,5 @@ def prepare_tables(
     else:
         out_dir.parent.mkdir(parents=True, exist_ok=True)
         tmp_dir.rename(out_dir)
-    log.info("prepared %s: %s", out_dir, manifest["rows"])
+    log.debug("prepared %s: %s", out_dir, manifest["rows"])
     return manifest
