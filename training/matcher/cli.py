@@ -1,0 +1,81 @@
+"""`recsys train matcher`: fine-tune the two-tower text matcher. Light at import: no torch here."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory (recsys prepare --out)")
+    parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
+    parser.add_argument(
+        "--base-model", default=None,
+        help="Hugging Face name or local path of a BERT-family encoder (default: all-MiniLM-L6-v2, offline)",
+    )
+    parser.add_argument("--protocol", choices=["global", "loo", "tail"], default="global", help="train/valid/test split")
+    model = parser.add_argument_group("model and loss")
+    model.add_argument("--lora", action="store_true", help="train LoRA adapters instead of the whole encoder")
+    model.add_argument("--lora-r", type=int, default=8)
+    model.add_argument("--lora-alpha", type=int, default=16)
+    model.add_argument("--temperature", type=float, default=0.05, help="softmax temperature (0.05)")
+    model.add_argument("--max-history", type=int, default=20, help="history items per user (20)")
+    model.add_argument("--max-text-tokens", type=int, default=64, help="item text truncation (64)")
+    model.add_argument("--dropout", type=float, default=0.1, help="user tower dropout (0.1)")
+    model.add_argument("--hard-negatives", type=int, default=0, metavar="N",
+                       help="per pair, N shown-but-not-clicked items as extra negatives (0: off)")
+    model.add_argument("--logq", action="store_true", help="logQ correction by each item's sampling probability")
+    model.add_argument("--cache-negatives", type=int, default=0, metavar="N",
+                       help="N extra negatives per step from the no-grad embedding cache (>= n_items: all)")
+    model.add_argument("--train-layers", type=int, default=0, metavar="N",
+                       help="full fine-tuning of only the top N transformer layers (0: all)")
+    opt = parser.add_argument_group("optimisation")
+    opt.add_argument("--epochs", type=int, default=3)
+    opt.add_argument("--batch-size", type=int, default=256, help="pairs per step (per process under torchrun)")
+    opt.add_argument("--lr", type=float, default=5e-5, help="encoder / adapter learning rate")
+    opt.add_argument("--head-lr", type=float, default=1e-3, help="user tower learning rate")
+    opt.add_argument("--weight-decay", type=float, default=0.01)
+    opt.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of all steps")
+    opt.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
+    opt.add_argument("--patience", type=int, default=2, help="early stopping: epochs without improvement")
+    opt.add_argument("--cache-refresh", type=int, default=200, help="steps between item-cache refreshes")
+    opt.add_argument("--max-steps", type=int, default=0, help="stop after this many steps (resumable)")
+    opt.add_argument("--save-every", type=int, default=0, help="save resume state every N steps (0: per epoch)")
+    opt.add_argument("--seed", type=int, default=0)
+    run_group = parser.add_argument_group("run")
+    run_group.add_argument("--warm-start", type=Path, default=None, help="continue from an earlier checkpoint")
+    run_group.add_argument("--resume", action="store_true", help="continue an interrupted run in --out")
+    run_group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
+    run_group.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on GPU")
+    run_group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
+    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
+    run_group.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recsys.compat import require
+
+    for module in ("torch", "transformers", "safetensors"):
+        require(module)
+    if args.lora:
+        require("peft")
+    from training.matcher.train import TrainConfig, train
+
+    config = TrainConfig(
+        data=str(args.data), out=str(args.out), base_model=args.base_model, protocol=args.protocol,
+        lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature,
+        max_history=args.max_history, max_text_tokens=args.max_text_tokens, dropout=args.dropout,
+        hard_negatives=args.hard_negatives, logq=args.logq, cache_negatives=args.cache_negatives,
+        train_layers=args.train_layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        head_lr=args.head_lr, weight_decay=args.weight_decay, warmup=args.warmup,
+        max_grad_norm=args.max_grad_norm, patience=args.patience, cache_refresh=args.cache_refresh,
+        max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,
+        warm_start=str(args.warm_start) if args.warm_start else None, resume=args.resume,
+        device=args.device, bf16=not args.no_bf16, threads=args.threads, progress=not args.no_progress,
+        zero_shot=not args.no_zero_shot,
+    )
+    report = train(config)
+    summary = {name: report.get(name, {}).get("test") for name in ("popularity", "zero_shot", "fine_tuned")}
+    print(json.dumps({"out": str(args.out), "steps": report.get("steps"), "test": summary}, indent=2))
+    return 0

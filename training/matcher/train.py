@@ -1,0 +1,635 @@
+"""Fine-tuning loop for the two-tower matcher.
+
+Per step (batch of B positive pairs):
+  1. columns = unique(target items, sampled hard negatives): each item is encoded once, with grad,
+     in length-bucketed chunks; optional extra negatives come from the no-grad embedding cache;
+  2. user vectors come from the *cached* embeddings of history items (no encoder pass for B x N
+     history items: the dominant cost otherwise); the cache is refreshed from the encoder every
+     `cache_refresh` steps and at every validation, and rows of the step's columns are overwritten
+     with their fresh embeddings after each step;
+  3. in-batch softmax with temperature, false negatives masked (every known positive of the row's
+     user), optional logQ correction by each column's inclusion probability.
+Validation (full ranking Recall@K / NDCG@K) after every epoch drives early stopping and best-checkpoint
+selection. Resumable from out/state/ (weights, optimizer, scheduler, step, history); data order and
+dropout are functions of (seed, step), so a resumed run replays the same batches.
+Distributed: under torchrun each rank trains on its shard with local in-batch negatives; DDP averages
+gradients (gloo on CPU, nccl on GPU); item encoding for the cache/validation is sharded and gathered.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+from recsys.data.prepared import PreparedData
+from recsys.errors import ConfigError, InputError, ModelError
+from recsys.evaluation.baselines import Popularity
+from training.matcher.data import ItemTokens, item_texts, load_pairs, positive_keys
+from training.matcher.evaluate import (
+    EvalSet,
+    autocast,
+    encode_items,
+    history_tensors,
+    model_chunks,
+    model_scores,
+    ranking_metrics,
+)
+from training.matcher.loss import false_negative_mask, in_batch_softmax, inclusion_log_prob
+from training.matcher.model import (
+    TwoTower,
+    build_model,
+    find_layers,
+    load_checkpoint,
+    load_encoder,
+    resolve_base_model,
+    save_checkpoint,
+)
+
+log = logging.getLogger(__name__)
+
+STATE_DIR = "state"
+REPORT = "training_report.json"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    data: str
+    out: str
+    base_model: str | None = None
+    protocol: str = "global"
+    lora: bool = False
+    lora_r: int = 8
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    epochs: int = 3
+    batch_size: int = 256
+    lr: float = 5e-5  # encoder (or LoRA adapters)
+    head_lr: float = 1e-3  # user tower
+    weight_decay: float = 0.01
+    warmup: float = 0.1  # fraction of total steps
+    temperature: float = 0.05
+    dropout: float = 0.1
+    max_history: int = 20
+    max_text_tokens: int = 64
+    hard_negatives: int = 0  # per pair, from neg_item_idx
+    logq: bool = False
+    cache_negatives: int = 0  # extra negatives from the no-grad cache (>= n_items: whole catalogue)
+    cache_refresh: int = 200  # steps between full cache refreshes (0: only at validation)
+    history_grad: bool = False  # encode history items with gradients instead of the cache (slow)
+    dedupe: bool = True  # encode each unique item once per step
+    bucket: bool = True  # length bucketing of each step's items
+    encode_chunk: int = 128
+    train_layers: int = 0  # >0: train only the top N transformer layers (embeddings + rest frozen)
+    layer_cache: bool = True  # with train_layers: cache the frozen layers' outputs, run only the top N
+    max_grad_norm: float = 1.0
+    patience: int = 2
+    eval_k: int = 10
+    weight_by_strength: bool = True
+    seed: int = 0
+    warm_start: str | None = None
+    resume: bool = False
+    max_steps: int = 0  # stop after this many steps in total (0: no limit)
+    save_every: int = 0  # also save resume state every N steps (0: each epoch)
+    device: str = "auto"
+    bf16: bool = True  # bf16 autocast when on CUDA
+    threads: int = 0  # torch intra-op threads (0: torch default)
+    progress: bool = True
+    zero_shot: bool = True
+    eval_test: bool = True
+
+    def __post_init__(self) -> None:
+        checks = {
+            "epochs": self.epochs >= 1,
+            "batch_size": self.batch_size >= 2,
+            "lr": self.lr > 0,
+            "head_lr": self.head_lr > 0,
+            "temperature": self.temperature > 0,
+            "warmup": 0 <= self.warmup < 1,
+            "max_history": self.max_history >= 1,
+            "max_text_tokens": self.max_text_tokens >= 4,
+            "hard_negatives": self.hard_negatives >= 0,
+            "cache_negatives": self.cache_negatives >= 0,
+            "dropout": 0 <= self.dropout < 1,
+            "lora_r": self.lora_r >= 1,
+        }
+        bad = [k for k, ok in checks.items() if not ok]
+        if bad:
+            raise ConfigError(f"invalid matcher training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
+        if self.protocol not in ("global", "loo", "tail"):
+            raise ConfigError(f"--protocol must be global, loo or tail, got {self.protocol!r}")
+
+
+@dataclass
+class Dist:
+    rank: int = 0
+    world: int = 1
+    local_rank: int = 0
+
+    @property
+    def main(self) -> bool:
+        return self.rank == 0
+
+
+def _setup_distributed(device: torch.device) -> Dist:
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return Dist()
+    import torch.distributed as tdist
+
+    if not tdist.is_initialized():
+        tdist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
+    return Dist(rank=tdist.get_rank(), world=tdist.get_world_size(), local_rank=int(os.environ.get("LOCAL_RANK", "0")))
+
+
+def _pick_device(name: str, local_rank: int) -> torch.device:
+    if name == "auto":
+        return torch.device(f"cuda:{local_rank}") if torch.cuda.is_available() else torch.device("cpu")
+    return torch.device(name)
+
+
+def _configure_trainable(model: TwoTower, cfg: TrainConfig) -> None:
+    """LoRA adapters or (top-N) full fine-tuning; the pooler is never used by mean pooling: frozen."""
+    encoder = model.item_tower.encoder
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+        from peft.utils import TRANSFORMERS_MODELS_TO_LORA_TARGET_MODULES_MAPPING as targets
+
+        model_type = getattr(encoder.config, "model_type", "")
+        lora = LoraConfig(
+            r=cfg.lora_r,
+            lora_alpha=cfg.lora_alpha,
+            lora_dropout=cfg.lora_dropout,
+            target_modules=list(targets.get(model_type) or []) or "all-linear",
+        )
+        model.item_tower.encoder = get_peft_model(encoder, lora)  # freezes every base weight
+        return
+    for name, p in encoder.named_parameters():
+        p.requires_grad_("pooler" not in name)
+    if cfg.train_layers > 0:
+        layers = find_layers(encoder)
+        if layers is None:
+            raise ModelError("--train-layers needs a BERT-family encoder with a recognisable layer list")
+        for p in encoder.parameters():
+            p.requires_grad_(False)
+        for block in list(layers)[-cfg.train_layers :]:
+            for p in block.parameters():
+                p.requires_grad_(True)
+
+
+def _optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW; no weight decay on biases, LayerNorm and embeddings-of-types; user tower at head_lr."""
+    groups: dict[tuple[float, float], list[nn.Parameter]] = {}
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        lr = cfg.head_lr if name.startswith("user_tower.") else cfg.lr
+        no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith((".query", ".empty"))
+        groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
+    return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
+
+
+def _scheduler(opt: torch.optim.Optimizer, total: int, warmup_frac: float) -> torch.optim.lr_scheduler.LambdaLR:
+    warmup = max(1, int(total * warmup_frac))
+
+    def factor(step: int) -> float:  # linear warmup, then cosine decay to 10%
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = min(1.0, (step - warmup) / max(1, total - warmup))
+        return 0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(opt, factor)
+
+
+def _check_warm_start(ckpt: Path, cfg: TrainConfig, tokenizer: Any) -> None:
+    """A warm start must keep the tokenizer the checkpoint was trained with."""
+    if cfg.base_model is None:
+        return
+    _, base_tok = load_encoder(resolve_base_model(cfg.base_model))
+    if base_tok.get_vocab() != tokenizer.get_vocab():
+        raise ModelError(
+            f"tokenizer mismatch: --warm-start {ckpt} was trained with a different tokenizer "
+            f"({len(tokenizer)} tokens) than --base-model {cfg.base_model} ({len(base_tok)} tokens). "
+            f"A warm start continues the checkpoint's own encoder: drop --base-model, or train from scratch."
+        )
+
+
+class _Trainer:
+    """State of one training run (kept in one object so steps, eval and checkpointing share it)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.out = Path(cfg.out)
+        if cfg.threads > 0:
+            torch.set_num_threads(cfg.threads)
+        self.device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        self.dist = _setup_distributed(self.device)
+        self.bf16 = cfg.bf16 and self.device.type == "cuda"
+        self.data = PreparedData.load(cfg.data)
+        self.state_dir = self.out / STATE_DIR
+        if cfg.history_grad and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--history-grad is a single-process measurement mode; run it without torchrun")
+        if cfg.resume and not (self.state_dir / "trainer_state.pt").exists():
+            raise InputError(f"--resume: no saved training state in {self.state_dir}; start without --resume")
+
+        # Cheap input checks first: a bad dataset should not wait for a model load.
+        self.pairs = load_pairs(self.data, cfg.protocol, "train", cfg.max_history, cfg.weight_by_strength)
+        model_kwargs = dict(
+            temperature=cfg.temperature, dropout=cfg.dropout, max_history=cfg.max_history,
+            max_text_tokens=cfg.max_text_tokens,
+        )
+        torch.manual_seed(cfg.seed)  # the user tower's (and LoRA's) initial weights
+        if cfg.warm_start:
+            ckpt = Path(cfg.warm_start)
+            model, tokenizer = load_checkpoint(ckpt)
+            _check_warm_start(ckpt, cfg, tokenizer)
+            model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
+            model.user_tower.dropout.p = cfg.dropout
+        else:
+            model, tokenizer = build_model(cfg.base_model, **model_kwargs)
+        self.tokenizer = tokenizer
+        _configure_trainable(model, cfg)
+        self.model = model.to(self.device)
+        self.mcfg = model.config
+        self.n_items = self.data.n_items
+
+        self.tokens = ItemTokens.build(item_texts(self.data), tokenizer, self.mcfg.max_text_tokens)
+        if self.pairs.item.max() >= self.n_items:
+            raise InputError(f"{self.data.root}: pairs reference item_idx beyond items.parquet; rerun recsys prepare")
+        self.valid = self._eval_set("valid")
+        self.test = self._eval_set("test") if cfg.eval_test else None
+        self.positives = positive_keys(self.n_items, (self.pairs.user, self.pairs.item))
+        counts = np.bincount(self.pairs.item, minlength=self.n_items).astype(np.float64)
+        self.item_prob = counts / counts.sum()
+        self.popularity = Popularity(counts)
+
+        self.local_batch = cfg.batch_size
+        self.steps_per_epoch = max(1, len(self.pairs) // (cfg.batch_size * self.dist.world))
+        self.total_steps = self.steps_per_epoch * cfg.epochs
+        if cfg.max_steps:
+            self.total_steps = min(self.total_steps, cfg.max_steps)
+        self.opt = _optimizer(self.model, cfg)
+        self.sched = _scheduler(self.opt, self.steps_per_epoch * cfg.epochs, cfg.warmup)
+        self.ddp: nn.Module = self.model
+        if self.dist.world > 1:
+            from torch.nn.parallel import DistributedDataParallel
+
+            self.ddp = DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+        self.cache = torch.zeros(self.n_items + 1, self.mcfg.dim, device=self.device)
+        self.lower: torch.Tensor | None = None
+        if cfg.train_layers > 0 and cfg.layer_cache and not cfg.lora:
+            self.lower = self._lower_states()
+        self.step = 0
+        self.epoch = 0
+        self.best: float = -math.inf
+        self.best_epoch = -1
+        self.bad_epochs = 0
+        self.finished = False
+        self.history: list[dict[str, Any]] = []
+        self.losses: list[tuple[int, float]] = []
+        self.report: dict[str, Any] = {}
+        self.train_seconds = 0.0
+        self.pairs_seen = 0
+
+    def _lower_states(self) -> torch.Tensor:
+        """[n_items, T_max, D] outputs of the frozen layers for every item, computed once: the frozen
+        part of the encoder never changes, so each step only runs the top `train_layers` blocks."""
+        self.model.top_layers = self.cfg.train_layers
+        items = np.arange(self.n_items)
+        width = int(self.tokens.lengths.max())
+        lower = torch.zeros(self.n_items, width, self.mcfg.dim, device=self.device)
+        with autocast(self.device, self.bf16):
+            for pos, ids, mask in self.tokens.chunks(items, 256, bucket=True):
+                states = self.model.lower_hidden_states(ids.to(self.device), mask.to(self.device))
+                lower[torch.from_numpy(items[pos]).to(self.device), : ids.shape[1]] = states.float()
+        return lower
+
+    # ---- evaluation -------------------------------------------------------------------------
+    def _eval_set(self, split: str) -> EvalSet | None:
+        try:
+            ev = EvalSet.load(self.data, self.cfg.protocol, split, self.mcfg.max_history)
+        except InputError:
+            return None
+        return ev if len(ev) else None
+
+    def refresh_cache(self) -> torch.Tensor:
+        """Encode every item (sharded across ranks, then gathered) into the cache; returns [n_items, D]."""
+        items = np.arange(self.n_items)
+        if self.dist.world == 1:
+            emb = encode_items(self.model, self.tokens, items, self.device, bf16=self.bf16, lower=self.lower)
+        else:
+            import torch.distributed as tdist
+
+            per = math.ceil(self.n_items / self.dist.world)
+            mine = items[self.dist.rank * per : (self.dist.rank + 1) * per]
+            local = torch.zeros(per, self.mcfg.dim, device=self.device)
+            local[: len(mine)] = encode_items(self.model, self.tokens, mine, self.device, bf16=self.bf16, lower=self.lower)
+            gathered = [torch.zeros_like(local) for _ in range(self.dist.world)]
+            tdist.all_gather(gathered, local)
+            emb = torch.cat(gathered)[: self.n_items]
+        self.cache[: self.n_items] = emb
+        return emb
+
+    def evaluate(self, ev: EvalSet | None, item_emb: torch.Tensor, ci: bool = False) -> dict[str, Any]:
+        if ev is None:
+            return {}
+        return ranking_metrics(model_scores(self.model, item_emb, ev, self.device), ev, self.cfg.eval_k, ci=ci)
+
+    def popularity_metrics(self, ev: EvalSet | None, ci: bool = False) -> dict[str, Any]:
+        if ev is None:
+            return {}
+        return ranking_metrics(self.popularity.scores(len(ev)), ev, self.cfg.eval_k, ci=ci)
+
+    # ---- one step -----------------------------------------------------------------------------
+    def batch_rows(self, epoch: int, index: int) -> np.ndarray:
+        """Rows of this rank's `index`-th batch in `epoch`: a pure function of (seed, epoch)."""
+        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.pairs))
+        per_step = self.local_batch * self.dist.world
+        chunk = perm[index * per_step : (index + 1) * per_step]
+        return chunk[self.dist.rank :: self.dist.world]
+
+    def train_step(self, rows: np.ndarray, step: int) -> float:
+        cfg, pairs = self.cfg, self.pairs
+        rng = np.random.default_rng([cfg.seed, step, self.dist.rank])
+        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + self.dist.rank)  # dropout replays on resume
+        targets = pairs.item[rows]
+        hist = pairs.hist_item[rows]
+        negs = pairs.sample_hard_negatives(rows, cfg.hard_negatives, rng)
+        hist_valid = hist[hist >= 0]
+        if cfg.dedupe:
+            columns = np.unique(np.concatenate([targets, negs]))
+            labels = np.searchsorted(columns, targets)
+            encode = np.unique(np.concatenate([columns, hist_valid])) if cfg.history_grad else columns
+            col_pos = np.searchsorted(encode, columns)
+            hist_pos = np.searchsorted(encode, np.where(hist >= 0, hist, 0)) if cfg.history_grad else None
+        else:  # the naive way: one encoder pass per pair slot, repeats included
+            columns = np.concatenate([targets, negs])
+            labels = np.arange(len(rows))
+            encode = np.concatenate([columns, hist_valid]) if cfg.history_grad else columns
+            col_pos = np.arange(len(columns))
+            hist_pos = None
+            if cfg.history_grad:
+                hist_pos = np.zeros(hist.shape, dtype=np.int64)
+                hist_pos[hist >= 0] = len(columns) + np.arange(len(hist_valid))
+
+        extra = np.zeros(0, dtype=np.int64)
+        if cfg.cache_negatives > 0:
+            pool = np.setdiff1d(np.arange(self.n_items), columns, assume_unique=False)
+            extra = pool if cfg.cache_negatives >= len(pool) else rng.choice(pool, cfg.cache_negatives, replace=False)
+        all_cols = np.concatenate([columns, extra])
+        fn_mask = false_negative_mask(pairs.user[rows], all_cols, self.n_items, self.positives, hist)
+        log_q = None
+        if cfg.logq:
+            uniform = min(1.0, cfg.cache_negatives / max(1, self.n_items))
+            log_q = torch.from_numpy(inclusion_log_prob(self.item_prob[all_cols], len(rows), uniform)).to(self.device)
+
+        dev = self.device
+        chunks = model_chunks(self.tokens.chunks(encode, cfg.encode_chunk, bucket=cfg.bucket), encode, self.device, self.lower)
+        inputs = [(x, mask) for _, x, mask in chunks]
+        _, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
+        with autocast(dev, self.bf16):
+            if hist_pos is None:
+                h_emb = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)[0]
+                users, enc = self.ddp(inputs, h_emb, h_type, h_age, h_mask)
+                enc = _unbucket(enc, chunks, len(encode))
+            else:  # history embeddings need the encoder output: run the towers separately
+                enc = _unbucket(self.ddp(inputs, None, None, None, None)[1], chunks, len(encode))
+                h_emb = enc[torch.from_numpy(hist_pos).to(dev)] * h_mask.unsqueeze(-1)
+                users = self.model.user_tower(h_emb, h_type, h_age, h_mask)
+            items = enc[torch.from_numpy(col_pos).to(dev)]
+            if len(extra):
+                items = torch.cat([items, self.cache[torch.from_numpy(extra).to(dev)]])
+            loss = in_batch_softmax(
+                users,
+                items,
+                torch.from_numpy(labels).to(dev),
+                self.mcfg.temperature,
+                torch.from_numpy(fn_mask).to(dev),
+                log_q,
+                torch.from_numpy(pairs.weight[rows]).to(dev),
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():  # fresh (train-mode) embeddings of this step's items keep the cache current
+            self.cache[torch.from_numpy(columns).to(dev)] = items[: len(columns)].detach().float()
+        return float(loss.detach())
+
+    # ---- state --------------------------------------------------------------------------------
+    def save_state(self) -> None:
+        if not self.dist.main:
+            return
+        from safetensors.torch import save_model
+
+        self.state_dir.mkdir(parents=True, exist_ok=True)
+        save_model(self.model, str(self.state_dir / "model.safetensors"))
+        torch.save(
+            {
+                "optimizer": self.opt.state_dict(),
+                "scheduler": self.sched.state_dict(),
+                "step": self.step,
+                "epoch": self.epoch,
+                "best": self.best,
+                "best_epoch": self.best_epoch,
+                "bad_epochs": self.bad_epochs,
+                "finished": self.finished,
+                "history": self.history,
+                "losses": self.losses,
+                "report": self.report,
+                "train_seconds": self.train_seconds,
+                "pairs_seen": self.pairs_seen,
+                "config": asdict(self.cfg),
+            },
+            self.state_dir / "trainer_state.tmp",
+        )
+        os.replace(self.state_dir / "trainer_state.tmp", self.state_dir / "trainer_state.pt")
+
+    def load_state(self) -> None:
+        from safetensors.torch import load_model
+
+        load_model(self.model, str(self.state_dir / "model.safetensors"), device=str(self.device))
+        st = torch.load(self.state_dir / "trainer_state.pt", map_location=self.device, weights_only=False)
+        self.opt.load_state_dict(st["optimizer"])
+        self.sched.load_state_dict(st["scheduler"])
+        for key in ("step", "epoch", "best", "best_epoch", "bad_epochs", "finished", "history", "losses",
+                    "report", "train_seconds", "pairs_seen"):
+            setattr(self, key, st[key])
+
+    # ---- the run ------------------------------------------------------------------------------
+    def run(self) -> dict[str, Any]:
+        cfg = self.cfg
+        t_start = time.perf_counter()
+        if cfg.resume:
+            self.load_state()
+            log.info("resumed from %s at step %d (epoch %d)", self.state_dir, self.step, self.epoch)
+        self.resumed_at = self.step
+        if not self.report:
+            self.report = self._baselines() if cfg.zero_shot else {}
+        if self.dist.main and not cfg.resume:
+            save_checkpoint(self.model, self.tokenizer, self.out)  # a usable model exists from the start
+        self.refresh_cache()
+        self.model.train()
+        from tqdm.auto import tqdm
+
+        while not self.finished and self.epoch < cfg.epochs:
+            first = self.step - self.epoch * self.steps_per_epoch
+            bar = tqdm(
+                range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+                disable=not (cfg.progress and self.dist.main), file=sys.stderr, dynamic_ncols=True,
+            )
+            stopped = False
+            for index in bar:
+                t0 = time.perf_counter()
+                rows = self.batch_rows(self.epoch, index)
+                loss = self.train_step(rows, self.step)
+                self.step += 1
+                self.train_seconds += time.perf_counter() - t0
+                self.pairs_seen += len(rows) * self.dist.world
+                self.losses.append((self.step, loss))
+                bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{self.pairs_seen / max(self.train_seconds, 1e-9):.0f}")
+                if cfg.cache_refresh and self.step % cfg.cache_refresh == 0 and index + 1 < self.steps_per_epoch:
+                    self.refresh_cache()
+                if cfg.max_steps and self.step >= cfg.max_steps:
+                    stopped = True
+                    break
+                if cfg.save_every and self.step % cfg.save_every == 0:
+                    self.save_state()
+            bar.close()
+            if stopped and self.step - self.epoch * self.steps_per_epoch < self.steps_per_epoch:
+                # Step budget reached mid-epoch: validate, keep the best, save; --resume continues here.
+                self.validate_and_select(partial=True)
+                self.save_state()
+                break
+            self.end_epoch()
+            if stopped:
+                break
+        self.finish(time.perf_counter() - t_start)
+        return self.report
+
+    def validate_and_select(self, partial: bool = False) -> bool:
+        """Validate the current model, record a history row, save it if best. Returns improved."""
+        cfg = self.cfg
+        item_emb = self.refresh_cache()
+        metrics = self.evaluate(self.valid, item_emb)
+        start = self.history[-1]["step"] if self.history else 0
+        recent = [v for s, v in self.losses if s > start]
+        row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "train_loss": float(np.mean(recent or [np.nan]))}
+        if partial:
+            row["partial"] = True
+        row.update({f"valid_{k}": v for k, v in metrics.items() if k != "users"})
+        self.history.append(row)
+        score = metrics.get(f"ndcg@{cfg.eval_k}", float(self.step))  # no validation set: latest is best
+        if self.dist.main:
+            log.info("validation: %s", json.dumps(row))
+        if score > self.best:
+            self.best, self.best_epoch = score, self.epoch + 1
+            if self.dist.main:
+                save_checkpoint(self.model, self.tokenizer, self.out)
+            return True
+        return False
+
+    def end_epoch(self) -> None:
+        if self.validate_and_select():
+            self.bad_epochs = 0
+        else:
+            self.bad_epochs += 1
+            if self.bad_epochs >= self.cfg.patience:
+                log.info("early stopping after epoch %d (best epoch %d)", self.epoch + 1, self.best_epoch)
+                self.finished = True
+        self.epoch += 1
+        if self.epoch >= self.cfg.epochs:
+            self.finished = True
+        self.save_state()
+
+    def _baselines(self) -> dict[str, Any]:
+        """Zero-shot (pretrained encoder, untrained user tower ≈ mean of history) and popularity."""
+        item_emb = self.refresh_cache()
+        return {
+            "zero_shot": {"valid": self.evaluate(self.valid, item_emb), "test": self.evaluate(self.test, item_emb, ci=True)},
+            "popularity": {"valid": self.popularity_metrics(self.valid), "test": self.popularity_metrics(self.test, ci=True)},
+        }
+
+    def finish(self, wall: float) -> None:
+        cfg = self.cfg
+        if self.dist.world > 1:
+            import torch.distributed as tdist
+
+            tdist.barrier()  # rank 0 has written the best checkpoint
+        best, _ = load_checkpoint(self.out)
+        best.to(self.device)
+        item_emb = encode_items(best, self.tokens, np.arange(self.n_items), self.device, bf16=self.bf16)
+        fine = {"valid": self._eval_with(best, self.valid, item_emb), "test": self._eval_with(best, self.test, item_emb, ci=True)}
+        self.report.update(
+            {
+                "fine_tuned": fine,
+                "best_epoch": self.best_epoch,
+                "epochs_run": self.epoch,
+                "steps": self.step,
+                "history": self.history,
+                "train_pairs": len(self.pairs),
+                "n_items": self.n_items,
+                "pairs_per_second": self.pairs_seen / max(self.train_seconds, 1e-9),
+                "train_seconds": self.train_seconds,
+                "wall_seconds_this_run": wall,
+                "world_size": self.dist.world,
+                "device": str(self.device),
+                "bf16": self.bf16,
+                "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
+                "config": asdict(cfg),
+                "matcher_config": asdict(self.mcfg),
+                "padding_efficiency": {
+                    "bucketed": self.tokens.padding_efficiency(np.arange(self.n_items), cfg.encode_chunk, True),
+                    "unbucketed": self.tokens.padding_efficiency(np.arange(self.n_items), cfg.encode_chunk, False),
+                },
+            }
+        )
+        if self.dist.main:
+            (self.out / REPORT).write_text(json.dumps(self.report, indent=2, default=float))
+            from training.matcher.report import plot_curves
+
+            plot_curves(self.report, self.losses, self.out / "training_curves.png", cfg.eval_k)
+        self.save_state()
+
+    def _eval_with(self, model: TwoTower, ev: EvalSet | None, item_emb: torch.Tensor, ci: bool = False) -> dict[str, Any]:
+        if ev is None:
+            return {}
+        return ranking_metrics(model_scores(model, item_emb, ev, self.device), ev, self.cfg.eval_k, ci=ci)
+
+
+def _unbucket(enc: torch.Tensor, chunks: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
+    """Concatenated chunk outputs [n, D] back to the original item order."""
+    order = torch.from_numpy(np.concatenate([pos for pos, _, _ in chunks])).to(enc.device)
+    out = torch.empty_like(enc)
+    out[order] = enc
+    return out
+
+
+def train(cfg: TrainConfig) -> dict[str, Any]:
+    """Train (or resume) a matcher; returns the training report (also written to out/)."""
+    trainer = _Trainer(cfg)
+    try:
+        return trainer.run()
+    finally:
+        if trainer.dist.world > 1:
+            import torch.distributed as tdist
+
+            if tdist.is_initialized():
+                tdist.destroy_process_group()
+
+
+__all__ = ["TrainConfig", "train"]
