@@ -1,0 +1,277 @@
+"""Ranking quality, every system side by side: popularity, item-kNN, ALS, EASE, zero-shot MiniLM,
+fine-tuned MiniLM and the two-stage blend, on generated data and MovieLens-100K.
+
+Per dataset: prepare, hold 10% of the items out of every training input (`write_holdout`: the
+cold-start slice), then per protocol (tail, loo): fine-tune the matcher on that protocol's train split
+of the hold-out dataset, and run `recsys.evaluation.evaluate` (CF fit on train for the blend's valid
+window, refit on train + valid for the test window; ranker trained on the valid window).
+
+    python bench/quality.py [--datasets generated,ml100k] [--protocols tail,loo] [--out bench/results]
+                            [--cache /tmp/recsys-quality] [--matcher-epochs 1] [--train-layers 2]
+
+Writes bench/results/quality.{json,md} (+ PNG plots per run), each system's top-100 test scores as
+bench/results/quality_<dataset>_<protocol>_<system>.parquet (gitignored), and prints the README table.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+ML100K = Path.home() / ".cache/recsys-data/recbole/dataset_example/ml-100k"
+log = logging.getLogger("bench.quality")
+
+
+# ------------------------------------------------------------------------------- data
+
+
+def prepare_generated(out: Path, seed: int) -> Path:
+    from recsys.data.prepare import PrepareConfig, prepare_tables
+    from recsys.data.schema import StrengthRule
+    from recsys.data.synthetic import generate
+
+    if not (out / "manifest.json").exists():
+        synthetic = generate(n_users=1000, n_items=500, n_events=100_000, days=60, seed=seed)
+        events = synthetic.events.with_columns(StrengthRule().expr())
+        prepare_tables(events, synthetic.items, synthetic.users, out, PrepareConfig())
+    return out
+
+
+def prepare_ml100k(out: Path, source: Path) -> Path:
+    from recsys.cli import main
+
+    if not (out / "manifest.json").exists():
+        code = main(["prepare", "--format", "recbole", "--input", str(source), "--out", str(out)])
+        if code:
+            raise SystemExit(f"recsys prepare failed for {source} (exit {code})")
+    return out
+
+
+# ------------------------------------------------------------------------------- matchers (torch)
+
+
+def torch_matcher(model: Any, data: Any, threads: int) -> Any:
+    """EmbeddingMatcher from a TwoTower: item embeddings encoded once; the user tower in torch."""
+    import torch
+
+    from recsys.features import EmbeddingMatcher
+    from training.matcher.data import ItemTokens, item_texts
+    from training.matcher.evaluate import encode_items
+
+    torch.set_num_threads(threads)
+    device = torch.device("cpu")
+    model.eval()
+    tokens = ItemTokens.build(item_texts(data), model_tokenizer(model), model.config.max_text_tokens)
+    emb = encode_items(model, tokens, np.arange(data.n_items), device).cpu()
+    padded = torch.cat([emb, emb.new_zeros(1, emb.shape[1])])
+
+    @torch.no_grad()
+    def user_encoder(items: np.ndarray, codes: np.ndarray, ages: np.ndarray) -> np.ndarray:
+        items = np.asarray(items, np.int64)
+        idx = torch.from_numpy(np.where(items < 0, len(emb), items))
+        mask = torch.from_numpy(items >= 0)
+        out = model.user_tower(
+            padded[idx], torch.from_numpy(np.asarray(codes, np.int64)), torch.from_numpy(np.asarray(ages, np.float32)), mask
+        )
+        return out.numpy().astype(np.float32)
+
+    return EmbeddingMatcher(emb.numpy().astype(np.float32), user_encoder)
+
+
+_TOKENIZERS: dict[int, Any] = {}
+
+
+def model_tokenizer(model: Any) -> Any:
+    return _TOKENIZERS[id(model)]
+
+
+def zero_shot_matcher(data: Any, threads: int) -> Any:
+    """Pretrained MiniLM item embeddings, weight-free recency-weighted mean over the history."""
+    from recsys.features import EmbeddingMatcher, mean_pool_encoder
+    from training.matcher.model import build_model
+
+    model, tokenizer = build_model(None, max_history=data.max_history)
+    _TOKENIZERS[id(model)] = tokenizer
+    item_emb = torch_matcher(model, data, threads).item_embeddings
+    return EmbeddingMatcher(item_emb, mean_pool_encoder(item_emb))
+
+
+def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    from training.matcher.model import load_checkpoint
+    from training.matcher.train import TrainConfig, train
+
+    report_path = out / "training_report.json"
+    if not report_path.exists():
+        config = TrainConfig(
+            data=str(data.root),
+            out=str(out),
+            protocol=protocol,
+            epochs=args.matcher_epochs,
+            max_steps=args.matcher_steps,
+            batch_size=args.batch_size,
+            lr=args.lr,
+            train_layers=args.train_layers,
+            threads=args.threads,
+            max_history=data.max_history,
+            progress=False,
+            zero_shot=False,
+            eval_test=False,
+            patience=1,
+            seed=args.seed,
+        )
+        train(config)
+    report = json.loads(report_path.read_text())
+    model, tokenizer = load_checkpoint(out)
+    _TOKENIZERS[id(model)] = tokenizer
+    keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
+    return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | {"train_layers": args.train_layers}
+
+
+def tail_train_is_safe(data: Any, protocol: str) -> bool:
+    """Can the matcher fine-tuned on the tail protocol's train split serve `protocol` without leakage?
+    Yes when none of `protocol`'s valid/test positives is in tail's train split (true for ML-100K, where
+    every user has >= 20 ratings; users with < min_tail_positives would break it)."""
+    import polars as pl
+
+    column = {"global": "split_global", "loo": "split_loo"}[protocol]
+    leaks = data.events().filter(
+        (pl.col("strength") > 0) & pl.col(column).is_in(["valid", "test"]) & (pl.col("split_tail") == "train")
+    ).select(pl.len()).collect().item()
+    return int(leaks) == 0
+
+
+# ------------------------------------------------------------------------------- run
+
+
+def readme_table(runs: list[dict[str, Any]]) -> str:
+    lines = [
+        "| dataset | protocol | system | NDCG@10 (all) [95% CI] | Recall@10 | NDCG@10 cold items | blend − system, ΔNDCG@10 [paired 95% CI] |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    for run in runs:
+        m, paired = run["metrics"], run["paired_bootstrap"]
+        for system in run["systems"]:
+            a = m["all"][system]
+            cold = m.get("cold_items", {}).get(system, {})
+            ci = a.get("ndcg@10_ci", [float("nan")] * 2)
+            p = paired.get("all", {}).get(system)
+            delta = f"{p['diff']:+.4f} [{p['lo']:+.4f}, {p['hi']:+.4f}]" if p else "–"
+            name = f"**{system}**" if system == "blend" else system
+            cold_v = f"{cold['ndcg@10']:.4f}" if cold.get("users") else "–"
+            lines.append(
+                f"| {run['name']} | {run['protocol']} | {name} | {a['ndcg@10']:.4f} [{ci[0]:.4f}, {ci[1]:.4f}] | "
+                f"{a['recall@10']:.4f} | {cold_v} | {delta} |"
+            )
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", default="generated,ml100k")
+    parser.add_argument("--protocols", default="tail,loo")
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--cache", type=Path, default=Path("/tmp/recsys-quality"))
+    parser.add_argument("--ml100k", type=Path, default=ML100K)
+    parser.add_argument("--holdout", type=float, default=0.1, help="share of items held out of training (cold start)")
+    parser.add_argument("--matcher-epochs", type=int, default=1)
+    parser.add_argument("--matcher-steps", type=int, default=40, help="cap on fine-tuning steps (0: whole epochs)")
+    parser.add_argument("--train-layers", type=int, default=2, help="fine-tune the top N MiniLM layers (0: all)")
+    parser.add_argument("--batch-size", type=int, default=256)
+    parser.add_argument("--lr", type=float, default=1e-4)
+    parser.add_argument("--no-matcher", action="store_true", help="CF systems and the blend only (no torch)")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--n-boot", type=int, default=1000)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.getLogger("recsys.features").setLevel(logging.WARNING)
+
+    from recsys.data.prepared import PreparedData
+    from recsys.evaluation.evaluate import EvalConfig, evaluate, write_holdout, write_scores
+    from recsys.evaluation.report import markdown, write_report
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    args.cache.mkdir(parents=True, exist_ok=True)
+    runs: list[dict[str, Any]] = []
+    sections: list[str] = []
+    started = time.perf_counter()
+    for name in [d for d in args.datasets.split(",") if d]:
+        t0 = time.perf_counter()
+        if name == "generated":
+            base = prepare_generated(args.cache / "generated", args.seed)
+        elif name == "ml100k":
+            base = prepare_ml100k(args.cache / "ml100k", args.ml100k)
+        else:
+            raise SystemExit(f"unknown dataset {name!r}: generated or ml100k")
+        hold_dir = args.cache / f"{name}_holdout"
+        data = (
+            PreparedData.load(hold_dir)
+            if (hold_dir / "manifest.json").exists()
+            else write_holdout(PreparedData.load(base), hold_dir, args.holdout, args.seed)
+        )
+        zero = None if args.no_matcher else zero_shot_matcher(data, args.threads)
+        prep_s = time.perf_counter() - t0
+        fine_cache: dict[str, tuple[Any, dict[str, Any]]] = {}
+        for protocol in [p for p in args.protocols.split(",") if p]:
+            t1 = time.perf_counter()
+            matchers: dict[str, Any] = {}
+            matcher_info: dict[str, Any] = {}
+            if zero is not None:
+                matchers["zero_shot"] = zero
+                train_protocol = "tail" if protocol != "tail" and tail_train_is_safe(data, protocol) else protocol
+                if train_protocol not in fine_cache:
+                    fine_cache[train_protocol] = fine_tuned_matcher(
+                        data, train_protocol, args.cache / f"{name}_{train_protocol}_matcher", args
+                    )
+                matchers["fine_tuned"], matcher_info = fine_cache[train_protocol]
+                matcher_info = {**matcher_info, "trained_on": f"{train_protocol} train split"}
+            matcher_s = time.perf_counter() - t1
+            result = evaluate(data, EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed), matchers)
+            prefix = f"quality_{name}_{protocol}"
+            title = f"{name}, {protocol} protocol"
+            plots = write_report(result, args.out / "quality_runs", prefix=prefix, title=title)
+            write_scores(result, data, args.out, top=100, prefix=prefix)
+            sections.append(markdown(result, title, {k: f"quality_runs/{p.name}" for k, p in plots.items() if p.suffix == ".png"}))
+            payload = result.to_dict()
+            payload.update({"name": name, "protocol": protocol, "matcher": matcher_info,
+                            "seconds": {"prepare_and_zero_shot": round(prep_s, 1), "matcher": round(matcher_s, 1),
+                                        "evaluate": result.timings["total"]}})
+            runs.append(payload)
+            print(readme_table([payload]), flush=True)
+
+    table = readme_table(runs)
+    meta: dict[str, Any] = {
+        "machine": {"platform": platform.platform(), "python": platform.python_version(), "cpus": os.cpu_count()},
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "seconds": round(time.perf_counter() - started, 1),
+    }
+    (args.out / "quality.json").write_text(json.dumps({"meta": meta, "runs": runs}, indent=2, default=float))
+    header = (
+        "# Ranking quality\n\n`python bench/quality.py` on "
+        f"{meta['machine']['cpus']} CPU cores, {meta['seconds']:.0f} s in total. Full ranking over every item the "
+        f"user had not interacted with before the test window; {args.holdout:.0%} of the items held out of every "
+        "training input (cold-start slice). Matchers: MiniLM-L6 (`all-MiniLM-L6-v2`) zero-shot (mean of history "
+        f"embeddings) and fine-tuned ({args.matcher_epochs} epoch, top {args.train_layers} layers).\n\n"
+    )
+    (args.out / "quality.md").write_text(header + table + "\n\n" + "\n\n".join(sections))
+    print()
+    print(table)
+    print(f"\nwrote {args.out / 'quality.md'} and {args.out / 'quality.json'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

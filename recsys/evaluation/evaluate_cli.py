@@ -1,0 +1,99 @@
+"""`recsys evaluate`: light CLI module (NumPy/LightGBM/ONNX code is imported in `run`)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(v) for v in text.split(",") if v.strip())
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from exc
+    if not values:
+        raise argparse.ArgumentTypeError("expected at least one integer")
+    return values
+
+
+def _matcher(text: str) -> tuple[str, Path]:
+    name, sep, path = text.partition("=")
+    if not sep or not name or not path:
+        raise argparse.ArgumentTypeError(f"--matcher takes NAME=VERSION_DIR (e.g. fine_tuned=models/v3), got {text!r}")
+    return name, Path(path)
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory (recsys prepare --out)")
+    parser.add_argument("--out", type=Path, help="report directory (evaluation.md/.json/.png); required unless --write-holdout")
+    parser.add_argument("--protocol", choices=["global", "loo", "tail"], default="tail", help="time split to evaluate (tail)")
+    parser.add_argument(
+        "--matcher", type=_matcher, action="append", default=[], metavar="NAME=DIR",
+        help="a text system: registry version directory of an exported matcher (repeatable, e.g. "
+        "zero_shot=DIR fine_tuned=DIR)",
+    )
+    parser.add_argument("--blend-matcher", help="which --matcher feeds the blend (default fine_tuned, else the first)")
+    parser.add_argument(
+        "--ranker", type=Path,
+        help="use this trained ranker (recsys train ranker) as the blend's re-ranker instead of training one "
+        "on the valid window; it must use features computable here",
+    )
+    parser.add_argument("--systems", default="popularity,itemknn,als,ease", help="collaborative baselines (all four)")
+    parser.add_argument("--no-blend", action="store_true", help="skip the two-stage blend")
+    parser.add_argument("--no-refit", action="store_true", help="test window: fit CF on train only (default: train + valid)")
+    parser.add_argument("--ks", type=_ints, default=(5, 10, 20, 50), help="cut-offs (5,10,20,50)")
+    parser.add_argument("--k", type=int, default=10, help="headline cut-off for tables and bootstrap (10)")
+    parser.add_argument("--negatives", type=int, default=100, help="sampled negatives of the candidate protocol (100)")
+    parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
+    parser.add_argument("--scores-top", type=int, default=100, help="also write each system's top-N test scores as parquet (0: no)")
+    parser.add_argument("--seed", type=int, default=0)
+    hold = parser.add_argument_group("cold-start hold-out")
+    hold.add_argument(
+        "--write-holdout", type=Path, metavar="DIR",
+        help="write a copy of --data with --holdout-frac of the items removed from every training input, then "
+        "exit; train the matcher on DIR and evaluate DIR for the cold-start slice",
+    )
+    hold.add_argument("--holdout-frac", type=float, default=0.1, help="share of items to hold out (0.1)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from recsys.data.prepared import PreparedData
+    from recsys.errors import ConfigError
+    from recsys.evaluation.evaluate import EvalConfig, evaluate, registry_matcher, write_holdout, write_scores
+    from recsys.evaluation.report import main_table, paired_table, write_report
+
+    data = PreparedData.load(args.data)
+    if args.write_holdout:
+        held = write_holdout(data, args.write_holdout, args.holdout_frac, args.seed)
+        n = len(held.manifest["holdout"]["items"])
+        print(f"wrote {args.write_holdout}: {n} of {data.n_items} items held out of every training input")
+        return 0
+    if args.out is None:
+        raise ConfigError("--out is required (the report directory)")
+    config = EvalConfig(
+        protocol=args.protocol,
+        ks=tuple(args.ks),
+        k=args.k,
+        systems=tuple(s.strip() for s in args.systems.split(",") if s.strip()),
+        blend=not args.no_blend,
+        refit_on_valid=not args.no_refit,
+        sampled_negatives=args.negatives,
+        n_boot=args.n_boot,
+        seed=args.seed,
+    )
+    matchers = {name: registry_matcher(path, data) for name, path in args.matcher}
+    ranker = None
+    if args.ranker:
+        from recsys.ranker import Ranker
+
+        ranker = Ranker.load(args.ranker)
+    result = evaluate(data, config, matchers, args.blend_matcher, ranker)
+    paths = write_report(result, args.out, title=f"{data.root.name}, {args.protocol} protocol")
+    if args.scores_top > 0:
+        write_scores(result, data, args.out, args.scores_top)
+    print(main_table(result))
+    if result.paired:
+        print()
+        print(paired_table(result))
+    print(f"\nreport: {paths['markdown']} and {paths['json']}")
+    return 0
