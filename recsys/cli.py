@@ -29,6 +29,10 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("models", "promote"), "recsys.registry_cli:promote", "make a model version current"),
     (("models", "rollback"), "recsys.registry_cli:rollback", "return to the previous current model version"),
     (("serve",), "recsys.serving.serve_cli", "serve Rank/Recommend over gRPC with hot reload and an exposure log"),
+    (("score",), "recsys.batch.score_cli", "score pairs, candidate lists or every user's top K offline (local or Ray)"),
+    (("experiment", "validate"), "recsys.experiments.cli:validate", "check an experiment config and summarise its traffic"),
+    (("experiment", "assign"), "recsys.experiments.cli:assign", "preview experiment assignment for a list of units"),
+    (("experiment", "analyze"), "recsys.experiments.cli:analyze", "analyse an experiment: exposures + events -> lifts, CIs, SRM"),
     (("demo",), "recsys.demo", "run the whole pipeline on generated data"),
 ]
 

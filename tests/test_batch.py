@@ -1,0 +1,323 @@
+"""Offline batch scoring: identical to the request path (score_request and the gRPC engine), chunking
+that keeps users whole, resume after a crash, rejects with reasons, the CLI, and Ray (slow)."""
+
+from __future__ import annotations
+
+import json
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+pytest.importorskip("onnxruntime")
+pytest.importorskip("lightgbm")
+pytest.importorskip("torch")  # only to build the test artifacts
+
+T0 = datetime(2026, 1, 31, 12, 0, tzinfo=timezone.utc)  # after the synthetic log (Jan 2026)
+T0_US = int(T0.timestamp() * 1_000_000)
+
+
+# ------------------------------------------------------------------------------------------ fixtures
+
+
+@pytest.fixture(scope="module")
+def artifacts(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> dict[str, Path]:
+    from tests.artifacts import build_scoring_artifacts
+
+    return build_scoring_artifacts(tmp_path_factory.mktemp("batch"), prepared_dir)
+
+
+@pytest.fixture(scope="module")
+def scorer(artifacts: dict[str, Path]) -> Any:
+    from recsys.batch.scorer import ChunkScorer, ModelRef, resolve_data_dir
+
+    data, ranker = resolve_data_dir(artifacts["registry"], "v0001", artifacts["ranker"], artifacts["data"])
+    return ChunkScorer(ModelRef(str(artifacts["registry"]), "v0001", str(ranker), str(data), "cpu"))
+
+
+@pytest.fixture(scope="module")
+def pairs_file(artifacts: dict[str, Path], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """~1.2k pairs, grouped by user; some users at two request times; per-row device context; one
+    user the model has never seen."""
+    users = pl.read_parquet(artifacts["data"] / "users.parquet")["user_id"].to_list()
+    items = pl.read_parquet(artifacts["data"] / "items.parquet")["item_id"].to_list()
+    rng = np.random.default_rng(1)
+    rows = []
+    for j, user in enumerate([*users[:60], "never-seen-user"]):
+        for t in (["2026-01-31T12:00:00Z", "2026-02-01T08:30:00Z"] if j % 3 == 0 else [None]):
+            device = ["mobile", "desktop", "tablet"][j % 3]
+            for item in rng.choice(items, int(rng.integers(5, 25)), replace=False):
+                rows.append({"user_id": user, "item_id": item, "time": t, "device": device})
+    path = tmp_path_factory.mktemp("inputs") / "pairs.parquet"
+    pl.DataFrame(rows).write_parquet(path, row_group_size=100)
+    return path
+
+
+def _config(artifacts: dict[str, Path], out: Path, **kw: Any) -> Any:
+    from recsys.batch.job import BatchConfig
+
+    kw.setdefault("time", T0.isoformat())
+    kw.setdefault("chunk_rows", 150)
+    return BatchConfig(out=out, registry=artifacts["registry"], ranker=artifacts["ranker"], data=artifacts["data"],
+                       provider="cpu", progress=False, **kw)
+
+
+def _read(out: Path) -> pl.DataFrame:
+    return pl.read_parquet(sorted(out.glob("part-*.parquet")))
+
+
+# ------------------------------------------------------------------------------------------ parity
+
+
+def test_pairs_equal_score_request_and_service_engine(artifacts: dict[str, Path], scorer: Any, pairs_file: Path,
+                                                      tmp_path: Path) -> None:
+    from recsys.batch.job import run_batch
+    from recsys.ranker import score_request
+    from recsys.serving import engine
+    from recsys.serving.model import ItemCatalogue
+
+    report = run_batch(_config(artifacts, tmp_path / "out", input=pairs_file), scorer=scorer)
+    got = _read(tmp_path / "out")
+    n_in = pl.read_parquet(pairs_file).height
+    assert report.complete and report.chunks > 3 and report.scored_rows == got.height == n_in
+    assert report.rejected_rows == 0 and report.unknown_users == 1
+    assert got["input_row"].to_list() == list(range(n_in))  # input order, no duplicates
+    assert set(got["model_version"]) == {"v0001"}
+
+    model, state = scorer.model, scorer.state
+    users = pl.read_parquet(artifacts["data"] / "users.parquet").sort("user_idx")["user_id"].to_list()
+    items = pl.read_parquet(artifacts["data"] / "items.parquet").sort("item_idx")
+    catalogue = ItemCatalogue.from_lists(items["item_id"].to_list(), items["text"].to_list())
+    live = engine.LiveState(state, users, catalogue)
+    src = pl.read_parquet(pairs_file).with_row_index("input_row").with_columns(pl.col("input_row").cast(pl.Int64))
+    joined = src.join(got, on="input_row", suffix="_out")
+    requests = joined.group_by("user_id", "time", maintain_order=True).agg(pl.all())
+    assert requests.height > 61  # users with two request times are two requests
+    for req in requests.iter_rows(named=True):
+        t_us = T0_US if req["time"] is None else int(datetime.fromisoformat(req["time"]).timestamp() * 1e6)
+        cand = catalogue.lookup(req["item_id"])
+        ctx = {"device": req["device"][0]}
+        expected, features = score_request(
+            model.ranker, state, live.user_idx(req["user_id"]), cand, t_us, model.matcher, ctx, {}
+        )
+        np.testing.assert_array_equal(np.asarray(req["score"]), expected)  # bit-identical
+        np.testing.assert_array_equal(
+            np.asarray(req["match_score"]), features.matrix[:, features.names.index("match_score")].astype(np.float64)
+        )
+        served = engine.rank(model, live, req["user_id"], cand, t_us, ctx, {})
+        np.testing.assert_array_equal(np.asarray(req["score"]), served.scores)
+        ranks = np.empty(len(cand), np.int64)
+        ranks[served.order] = np.arange(1, len(cand) + 1)
+        assert req["rank"] == ranks.tolist()
+
+
+def test_topk_equals_service_recommend(artifacts: dict[str, Path], scorer: Any, tmp_path: Path) -> None:
+    from recsys.batch.io import InputSpec
+    from recsys.batch.job import run_batch
+    from recsys.serving import engine
+    from recsys.serving.model import ItemCatalogue
+
+    users = pl.read_parquet(artifacts["data"] / "users.parquet").sort("user_idx")["user_id"].to_list()
+    wanted = pl.DataFrame({"user_id": [*users[:25], "brand-new"]})
+    wanted.write_parquet(tmp_path / "users.parquet")
+    config = _config(artifacts, tmp_path / "out", input=tmp_path / "users.parquet", spec=InputSpec("topk"),
+                     top_k=5, retrieve_k=30, chunk_rows=200)
+    report = run_batch(config, scorer=scorer)
+    got = _read(tmp_path / "out")
+    assert report.chunks == 4 and got.height == 26 * 5 and report.unknown_users == 1
+    items = pl.read_parquet(artifacts["data"] / "items.parquet").sort("item_idx")
+    catalogue = ItemCatalogue.from_lists(items["item_id"].to_list(), items["text"].to_list())
+    live = engine.LiveState(scorer.state, users, catalogue)
+    for user, rows in got.group_by("user_id", maintain_order=True):
+        idx = engine.retrieve(scorer.model, live, str(user[0]), T0_US, 30, [], False, None)
+        ranked = engine.rank(scorer.model, live, str(user[0]), idx, T0_US, {}, {}, top_k=5)
+        assert rows["item_id"].to_list() == [catalogue.ids[i] for i in idx[ranked.order]]
+        np.testing.assert_array_equal(rows["score"].to_numpy(), ranked.scores[ranked.order])
+        assert rows["rank"].to_list() == [1, 2, 3, 4, 5]
+
+
+def test_candidate_lists_from_csv_equal_pairs(artifacts: dict[str, Path], scorer: Any, pairs_file: Path,
+                                              tmp_path: Path) -> None:
+    from recsys.batch.io import InputSpec
+    from recsys.batch.job import run_batch
+
+    src = pl.read_parquet(pairs_file).filter(pl.col("time").is_null())
+    lists = src.group_by("user_id", maintain_order=True).agg(pl.col("item_id"), pl.col("device").first())
+    lists.with_columns(pl.col("item_id").list.join("|").alias("candidates")).drop("item_id").write_csv(
+        tmp_path / "lists.csv"
+    )
+    src.write_parquet(tmp_path / "pairs.parquet")
+    run_batch(_config(artifacts, tmp_path / "a", input=tmp_path / "lists.csv", spec=InputSpec("candidates")), scorer=scorer)
+    run_batch(_config(artifacts, tmp_path / "b", input=tmp_path / "pairs.parquet"), scorer=scorer)
+    a, b = _read(tmp_path / "a"), _read(tmp_path / "b")
+    assert a.height == b.height == src.height
+    cols = ["user_id", "item_id", "score", "match_score", "rank"]
+    assert a.sort("user_id", "item_id").select(cols).equals(b.sort("user_id", "item_id").select(cols))
+
+
+# ------------------------------------------------------------------------------------------ chunking
+
+
+def test_chunks_never_split_a_user_and_reject_regrouped_input(tmp_path: Path) -> None:
+    from recsys.batch.io import InputSpec, iter_chunks, read_rows
+    from recsys.errors import InputError
+
+    rng = np.random.default_rng(0)
+    users = np.repeat([f"u{i}" for i in range(200)], rng.integers(1, 40, 200))
+    pl.DataFrame({"user_id": users, "item_id": "x"}).write_parquet(tmp_path / "in.parquet", row_group_size=333)
+    chunks = list(iter_chunks(tmp_path / "in.parquet", InputSpec(), 500))
+    seen: set[str] = set()
+    assert sum(c.rows for c in chunks) == len(users) and len(chunks) > 5
+    for c in chunks:
+        ids = set(c.table.column("user_id").to_pylist())
+        assert not ids & seen
+        seen |= ids
+        assert c.table.equals(read_rows(tmp_path / "in.parquet", c.start, c.rows))  # Ray's row-range read
+    # the same boundaries from the cutting column alone (the Ray planner)
+    plan = [(c.index, c.start, c.rows) for c in iter_chunks(tmp_path / "in.parquet", InputSpec(), 500, ["user_id"])]
+    assert plan == [(c.index, c.start, c.rows) for c in chunks]
+    pl.DataFrame({"user_id": [*users, "u3"], "item_id": "x"}).write_parquet(tmp_path / "bad.parquet")
+    with pytest.raises(InputError, match=r"user 'u3' appears again at input row \d+ .*Sort the input by user"):
+        list(iter_chunks(tmp_path / "bad.parquet", InputSpec(), 500))
+
+
+# ------------------------------------------------------------------------------------------ resume
+
+
+def test_resume_after_crash_equals_uninterrupted_run(artifacts: dict[str, Path], scorer: Any, pairs_file: Path,
+                                                     tmp_path: Path) -> None:
+    from recsys.batch.job import run_batch
+    from recsys.batch.manifest import part_name
+    from recsys.errors import InputError
+
+    full = run_batch(_config(artifacts, tmp_path / "full", input=pairs_file), scorer=scorer)
+    crashed = run_batch(_config(artifacts, tmp_path / "run", input=pairs_file, stop_after=3), scorer=scorer)
+    assert not crashed.complete and crashed.chunks == 3
+    assert not (tmp_path / "run" / "rejects.parquet").exists()
+    # a crash after writing chunk 3's part but before its manifest entry: a torn, uncommitted file
+    (tmp_path / "run" / part_name(3)).write_bytes(b"PAR1 torn write")
+    resumed = run_batch(_config(artifacts, tmp_path / "run", input=pairs_file), scorer=scorer)
+    assert resumed.complete and resumed.chunks_skipped == 3 and resumed.chunks == full.chunks
+    assert _read(tmp_path / "run").equals(_read(tmp_path / "full"))
+    assert resumed.scored_rows == full.scored_rows == pl.read_parquet(pairs_file).height
+    manifest = json.loads((tmp_path / "run" / "manifest.json").read_text())
+    assert manifest["totals"]["scored_rows"] == full.scored_rows and "finished" in manifest
+    # other settings must not reuse the parts
+    with pytest.raises(InputError, match=r"other settings \(differs in: chunk_rows\).*--overwrite"):
+        run_batch(_config(artifacts, tmp_path / "run", input=pairs_file, chunk_rows=99), scorer=scorer)
+
+
+def test_resume_without_time_keeps_the_first_runs_time(artifacts: dict[str, Path], scorer: Any, pairs_file: Path,
+                                                       tmp_path: Path) -> None:
+    from recsys.batch.job import run_batch
+
+    run_batch(_config(artifacts, tmp_path / "o", input=pairs_file, time=None, stop_after=1), scorer=scorer)
+    first = json.loads((tmp_path / "o" / "manifest.json").read_text())["time_us"]
+    run_batch(_config(artifacts, tmp_path / "o", input=pairs_file, time=None), scorer=scorer)
+    src = pl.read_parquet(pairs_file).with_row_index("input_row")
+    untimed = src.filter(pl.col("time").is_null())["input_row"].cast(pl.Int64)
+    got = _read(tmp_path / "o").filter(pl.col("input_row").is_in(untimed.implode()))
+    assert got.height == len(untimed) > 0 and set(got["time"].dt.epoch("us")) == {first}
+
+
+# ------------------------------------------------------------------------------------------ rejects
+
+
+def test_rejects_file_names_each_bad_row(artifacts: dict[str, Path], scorer: Any, tmp_path: Path) -> None:
+    from recsys.batch.job import run_batch
+
+    csv = tmp_path / "pairs.csv"
+    csv.write_text(
+        "user_id,item_id,time,device\n"
+        "u1,i1,2026-01-31T12:00:00Z,mobile\n"  # row 0 ok
+        "u1,i2,,mobile\n"  # row 1 ok: empty time = the run's time
+        "u1,no-such-item,2026-01-31T12:00:00Z,mobile\n"  # row 2 unknown item
+        "u2,i3,yesterday,desktop\n"  # row 3 bad time
+        ",i4,2026-01-31T12:00:00Z,desktop\n"  # row 4 missing user
+        "u3,i5,2026-01-31T12:00:00Z,tablet,EXTRA\n"  # malformed line 7 (skipped by the parser)
+        "u3,,2026-01-31T12:00:00Z,tablet\n"  # row 5 missing item
+        "u3,i6,1769860800000000,tablet\n"  # row 6 ok: epoch µs
+    )
+    report = run_batch(_config(artifacts, tmp_path / "out", input=csv), scorer=scorer)
+    rejects = pl.read_parquet(tmp_path / "out" / "rejects.parquet")
+    assert rejects.select("input_row", "user_id", "item_id", "code").rows() == [
+        (-1, None, None, "malformed_line"),
+        (2, "u1", "no-such-item", "unknown_item"),
+        (3, "u2", "i3", "bad_time"),
+        (4, None, "i4", "missing_user"),
+        (5, "u3", None, "missing_item"),
+    ]
+    reasons = rejects["reason"].to_list()
+    assert "line 7: expected 4 fields, got 5" in reasons[0] and "EXTRA" in reasons[0]
+    assert "no-such-item is not in the model's catalogue" in reasons[1]
+    assert "time yesterday is not a timestamp" in reasons[2]
+    got = _read(tmp_path / "out")
+    assert got["input_row"].to_list() == [0, 1, 6]
+    assert got["time"].dt.epoch("us").to_list() == [T0_US, T0_US, 1769860800000000]
+    assert (report.input_rows, report.scored_rows, report.rejected_rows) == (8, 3, 5)
+    assert report.rejects_by_code == {"malformed_line": 1, "unknown_item": 1, "bad_time": 1, "missing_user": 1,
+                                      "missing_item": 1}
+    assert "rejected rows 5" in report.summary() and "unknown_item 1" in report.summary()
+
+
+# ------------------------------------------------------------------------------------------ CLI
+
+
+def test_cli_scores_prints_counts_and_exits_2_on_bad_input(artifacts: dict[str, Path], pairs_file: Path,
+                                                           tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from recsys.cli import main
+
+    base = ["score", "--registry", str(artifacts["registry"]), "--ranker", str(artifacts["ranker"]),
+            "--data", str(artifacts["data"]), "--provider", "cpu", "--no-progress", "--time", T0.isoformat()]
+    small = tmp_path / "small.parquet"
+    pl.read_parquet(pairs_file).head(40).write_parquet(small)
+    assert main([*base, "--input", str(small), "--out", str(tmp_path / "o"), "--json"]) == 0
+    counts = json.loads(capsys.readouterr().out)
+    assert counts["scored_rows"] == 40 and counts["rejected_rows"] == 0 and counts["version"] == "v0001"
+    assert main([*base, "--input", str(tmp_path / "missing.parquet"), "--out", str(tmp_path / "o2")]) == 2
+    assert "does not exist" in capsys.readouterr().err
+    pl.DataFrame({"uid": ["u1"], "item_id": ["i1"]}).write_parquet(tmp_path / "cols.parquet")
+    assert main([*base, "--input", str(tmp_path / "cols.parquet"), "--out", str(tmp_path / "o3")]) == 2
+    assert "no column 'user_id'" in capsys.readouterr().err
+
+
+def test_score_help_needs_no_heavy_imports() -> None:
+    import subprocess
+    import sys
+
+    code = ("import sys; from recsys.cli import main\n"
+            "try: main(['score', '--help'])\nexcept SystemExit: pass\n"
+            "heavy = [m for m in ('onnxruntime', 'lightgbm', 'ray', 'torch') if m in sys.modules]\n"
+            "assert not heavy, heavy")
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         cwd=Path(__file__).resolve().parents[1])
+    assert res.returncode == 0, res.stderr
+    assert "--engine" in res.stdout and "--chunk-rows" in res.stdout
+
+
+# ------------------------------------------------------------------------------------------ Ray
+
+
+@pytest.mark.slow
+def test_ray_engine_equals_local_and_resumes_a_local_run(artifacts: dict[str, Path], scorer: Any, pairs_file: Path,
+                                                         tmp_path: Path) -> None:
+    ray = pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    from recsys.batch.job import run_batch
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        local = run_batch(_config(artifacts, tmp_path / "local", input=pairs_file), scorer=scorer)
+        ray_report = run_batch(_config(artifacts, tmp_path / "ray", input=pairs_file, engine="ray", ray_actors=2))
+        assert ray_report.complete and ray_report.chunks == local.chunks
+        assert _read(tmp_path / "ray").equals(_read(tmp_path / "local"))
+        # a local run that crashed, finished by Ray: same parts, same result
+        run_batch(_config(artifacts, tmp_path / "mixed", input=pairs_file, stop_after=2), scorer=scorer)
+        mixed = run_batch(_config(artifacts, tmp_path / "mixed", input=pairs_file, engine="ray", ray_actors=2))
+        assert mixed.chunks_skipped == 2
+        assert _read(tmp_path / "mixed").equals(_read(tmp_path / "local"))
+    finally:
+        ray.shutdown()
