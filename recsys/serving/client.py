@@ -1,0 +1,151 @@
+"""A small synchronous client for the ranking service (grpcio only; no model code).
+
+    from recsys.serving.client import RankingClient
+
+    with RankingClient("localhost:50051") as client:
+        response = client.rank("u42", ["i1", "i2", ("new-item", "Trail running shoes, light")], top_k=2)
+        for item in response.items:
+            print(item.position, item.item_id, round(item.score, 3))
+        print(response.model_version, response.variant)
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping, Sequence
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+import grpc
+
+from recsys.serving.proto import ranking_pb2 as pb
+from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
+
+# A candidate: "item_id", (item_id, text) for items the catalogue may not know, or a dict with
+# item_id, text, features.
+CandidateLike = str | tuple[str, str] | Mapping[str, Any]
+
+
+def _candidate(c: CandidateLike) -> Any:
+    if isinstance(c, str):
+        return pb.Candidate(item_id=c)
+    if isinstance(c, tuple):
+        return pb.Candidate(item_id=c[0], text=c[1])
+    return pb.Candidate(item_id=c["item_id"], text=c.get("text", ""), features=c.get("features", {}))
+
+
+def _context(values: Mapping[str, str | float] | None) -> dict[str, Any]:
+    out = {}
+    for key, value in (values or {}).items():
+        out[key] = pb.ContextValue(text=value) if isinstance(value, str) else pb.ContextValue(number=float(value))
+    return out
+
+
+def _history(events: Sequence[tuple[str, str] | tuple[str, str, datetime]] | None) -> Any:
+    if events is None:
+        return None
+    history = pb.History()
+    for event in events:
+        h = history.events.add(item_id=event[0], event_type=event[1])
+        if len(event) > 2:
+            h.timestamp.FromDatetime(event[2])
+    return history
+
+
+class RankingClient:
+    """Rank, Recommend, events and operator calls with a default deadline and optional TLS/token."""
+
+    def __init__(
+        self,
+        target: str,
+        token: str | None = None,
+        timeout: float = 2.0,
+        tls_ca: Path | None = None,
+        client_cert: Path | None = None,
+        client_key: Path | None = None,
+        server_name: str | None = None,
+    ) -> None:
+        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        if tls_ca is not None or client_cert is not None:
+            creds = grpc.ssl_channel_credentials(
+                root_certificates=tls_ca.read_bytes() if tls_ca else None,
+                private_key=client_key.read_bytes() if client_key else None,
+                certificate_chain=client_cert.read_bytes() if client_cert else None,
+            )
+            self.channel = grpc.secure_channel(target, creds, options=options)
+        else:
+            self.channel = grpc.insecure_channel(target, options=options)
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.timeout = timeout
+        self.ranking = pb_grpc.RankingServiceStub(self.channel)
+        self.admin = pb_grpc.ModelAdminStub(self.channel)
+
+    def __enter__(self) -> RankingClient:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def rank(
+        self,
+        user_id: str,
+        candidates: Iterable[CandidateLike],
+        top_k: int = 0,
+        explain: bool = False,
+        context: Mapping[str, str | float] | None = None,
+        history: Sequence[tuple[str, str] | tuple[str, str, datetime]] | None = None,
+        request_id: str | None = None,
+        request_time: datetime | None = None,
+    ) -> Any:
+        request = pb.RankRequest(
+            request_id=request_id or uuid.uuid4().hex, user_id=user_id,
+            candidates=[_candidate(c) for c in candidates], top_k=top_k, explain=explain, context=_context(context),
+        )
+        if history is not None:
+            request.history.CopyFrom(_history(history))
+        if request_time is not None:
+            request.request_time.FromDatetime(request_time)
+        return self.ranking.Rank(request, timeout=self.timeout, metadata=self.metadata)
+
+    def recommend(
+        self,
+        user_id: str,
+        top_k: int = 10,
+        exclude: Sequence[str] = (),
+        include_seen: bool = False,
+        context: Mapping[str, str | float] | None = None,
+        history: Sequence[tuple[str, str] | tuple[str, str, datetime]] | None = None,
+        explain: bool = False,
+        request_id: str | None = None,
+    ) -> Any:
+        request = pb.RecommendRequest(
+            request_id=request_id or uuid.uuid4().hex, user_id=user_id, top_k=top_k, exclude_item_ids=list(exclude),
+            include_seen=include_seen, context=_context(context), explain=explain,
+        )
+        if history is not None:
+            request.history.CopyFrom(_history(history))
+        return self.ranking.Recommend(request, timeout=self.timeout, metadata=self.metadata)
+
+    def log_events(self, events: Iterable[Mapping[str, Any]]) -> Any:
+        """events: dicts with user_id, item_id, event_type [, timestamp (datetime), request_id, value]."""
+        batch = pb.LogEventsRequest()
+        for e in events:
+            event = batch.events.add(
+                user_id=e["user_id"], item_id=e["item_id"], event_type=e["event_type"],
+                request_id=e.get("request_id", ""), value=float(e.get("value", 0.0)),
+            )
+            if e.get("timestamp") is not None:
+                event.timestamp.FromDatetime(e["timestamp"])
+        return self.ranking.LogEvents(batch, timeout=self.timeout, metadata=self.metadata)
+
+    def model_info(self) -> Any:
+        return self.admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
+
+    def reload(self, version: str | None = None, variant: str | None = None, timeout: float = 120.0) -> Any:
+        return self.admin.Reload(
+            pb.ReloadRequest(version=version or "", variant=variant or ""), timeout=timeout, metadata=self.metadata
+        )

@@ -1,0 +1,92 @@
+"""Serving configuration: one frozen dataclass validated at construction (flags map onto it)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from recsys.errors import ConfigError
+
+
+def _cpus() -> int:
+    try:
+        return len(os.sched_getaffinity(0)) or 1
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+@dataclass(frozen=True)
+class ServeConfig:
+    registry: Path
+    version: str | None = None  # None: the registry's current version
+    ranker: Path | None = None  # used when the version directory has no ranker/ subdirectory
+    data: Path | None = None  # prepared dataset (id maps, item texts); default: the ranker's "data"
+    host: str = "[::]"
+    port: int = 50051  # 0 = any free port (tests)
+    workers: int = 0  # request threads; 0 = usable CPUs
+    ort_threads: int = 1  # intra-op threads per ONNX session: concurrency comes from requests
+    provider: str = "auto"
+    precision: str = "fp32"
+    max_inflight: int = 64  # requests beyond this are shed with RESOURCE_EXHAUSTED
+    # Validation limits (INVALID_ARGUMENT beyond them).
+    max_candidates: int = 1000
+    max_top_k: int = 1000
+    max_id_chars: int = 256
+    max_text_chars: int = 8192
+    max_history: int = 200
+    max_events: int = 10_000
+    max_features: int = 64
+    retrieve_k: int = 200  # Recommend: embedding-search candidates blended by the ranker
+    # Cold-start item encoding, batched across concurrent requests.
+    cold_batch: int = 64
+    cold_wait_ms: float = 2.0
+    cold_cache: int = 10_000
+    # Exposure log.
+    exposure_dir: Path | None = None
+    exposure_flush_records: int = 2000
+    exposure_flush_s: float = 1.0
+    # Operations.
+    metrics_port: int | None = None
+    metrics_host: str = "0.0.0.0"
+    tls_cert: Path | None = None
+    tls_key: Path | None = None
+    tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by it
+    auth_token: str | None = None  # required on ModelAdmin RPCs (and all RPCs with auth_all)
+    auth_all: bool = False
+    grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
+    watch_s: float = 0.0  # > 0: poll the registry pointer and hot-reload when it moves
+
+    def __post_init__(self) -> None:
+        positive = {
+            "max_inflight": self.max_inflight,
+            "max_candidates": self.max_candidates,
+            "max_top_k": self.max_top_k,
+            "max_id_chars": self.max_id_chars,
+            "max_text_chars": self.max_text_chars,
+            "max_history": self.max_history,
+            "max_events": self.max_events,
+            "retrieve_k": self.retrieve_k,
+            "cold_batch": self.cold_batch,
+            "exposure_flush_records": self.exposure_flush_records,
+            "ort_threads": self.ort_threads,
+        }
+        for name, value in positive.items():
+            if value < 1:
+                raise ConfigError(f"serve config {name} must be >= 1, got {value}")
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port must be in [0, 65535], got {self.port}")
+        if self.workers < 0 or self.cold_wait_ms < 0 or self.cold_cache < 0 or self.max_features < 0:
+            raise ConfigError("workers, cold_wait_ms, cold_cache and max_features must be >= 0")
+        if self.exposure_flush_s <= 0 or self.grace_s < 0 or self.watch_s < 0:
+            raise ConfigError("exposure_flush_s must be > 0; grace_s and watch_s >= 0")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("TLS needs both --tls-cert and --tls-key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.auth_all and not self.auth_token:
+            raise ConfigError("--auth-all needs a token (--auth-token-file or RECSYS_SERVE_TOKEN)")
+
+    @property
+    def threads(self) -> int:
+        return self.workers or _cpus()

@@ -1,0 +1,283 @@
+"""The request path: ids -> item_idx, match scores, point-in-time features, LightGBM, top-k.
+
+Vectorised over candidates (NumPy arrays indexed by position; no per-candidate Python beyond the id
+lookup). Requests whose candidates the catalogue knows, without a history override, go through
+`recsys.ranker.score_request` itself, the path the batch scorer and the evaluator use, so all three
+give the same score for the same (user, item, time). Other requests take the same steps with two
+documented substitutions:
+
+* history override: the request's history replaces the stored one for the user tower and the
+  co-visitation features (`FeatureState.compute(history=...)`);
+* cold items (not in the catalogue): match score from the text encoded on the fly, or 0.0 (the
+  neutral cosine) when no text came; behavioural features are those of a brand-new item (no counts,
+  no attributes: zeros and NaN, CTR at the global prior), which the trees handle as missing values.
+
+Unknown users have no stored history: the user tower returns its learned cold-start vector and the
+user features are those of a new user (FeatureState's own rule).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import threading
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import polars as pl
+
+from recsys.data.prepared import Histories
+from recsys.data.schema import EVENT_CODES, StrengthRule
+from recsys.features import EventBatch, Features, FeatureState, request_keys
+from recsys.ranker import score_request
+from recsys.serving.model import ItemCatalogue, ServingModel
+from recsys.serving.validation import EventsInput, FieldError, HistoryInput
+
+# Sources of a scored item (values of the proto enum ItemSource).
+CATALOGUE, ENCODED, NO_TEXT = 1, 2, 3
+_STRENGTH = StrengthRule()
+
+
+class RWLock:
+    """Many readers (requests computing features) or one writer (events being applied)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition()
+        self._readers = 0
+        self._writer = False
+        self._waiting_writers = 0
+
+    @contextlib.contextmanager
+    def read(self) -> Iterator[None]:
+        with self._cond:
+            while self._writer or self._waiting_writers:
+                self._cond.wait()
+            self._readers += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._readers -= 1
+                if not self._readers:
+                    self._cond.notify_all()
+
+    @contextlib.contextmanager
+    def write(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_writers += 1
+            while self._writer or self._readers:
+                self._cond.wait()
+            self._waiting_writers -= 1
+            self._writer = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._writer = False
+                self._cond.notify_all()
+
+
+class LiveState:
+    """The feature state the server keeps current from the events RPCs, with the id maps.
+
+    Owned by the server, not by a model: a hot reload swaps models and keeps everything learned from
+    live events. New users get the next user_idx on their first event."""
+
+    def __init__(self, state: FeatureState, user_ids: Sequence[str], catalogue: ItemCatalogue) -> None:
+        self.state = state
+        self.catalogue = catalogue
+        self.users = {u: i for i, u in enumerate(user_ids)}
+        self.lock = RWLock()
+        self.events_applied = 0
+
+    def user_idx(self, user_id: str) -> int:
+        return self.users.get(user_id, -1)
+
+    def apply(self, events: EventsInput) -> tuple[int, int, int]:
+        """-> (accepted, skipped for unknown items, new users). Runs in a worker thread."""
+        items = self.catalogue.lookup(events.item_ids)
+        keep = np.flatnonzero(items >= 0)
+        new_users = 0
+        with self.lock.write():
+            users = np.empty(len(keep), np.int64)
+            for j, i in enumerate(keep):
+                uid = events.user_ids[i]
+                idx = self.users.get(uid)
+                if idx is None:
+                    idx = self.users[uid] = max(len(self.users), self.state.n_users)
+                    new_users += 1
+                users[j] = idx
+            if len(keep):
+                types = [events.event_types[i] for i in keep]
+                frame = pl.DataFrame(
+                    {
+                        "event_type": types,
+                        "value": events.values[keep],
+                        "request_id": pl.Series([events.request_ids[i] for i in keep], dtype=pl.Utf8),
+                    }
+                ).with_columns(_STRENGTH.expr())
+                batch = EventBatch(
+                    user_idx=users,
+                    item_idx=items[keep],
+                    ts_us=events.ts_us[keep],
+                    strength=frame["strength"].fill_null(0.0).to_numpy(),
+                    event_code=np.asarray([EVENT_CODES[t] for t in types], np.int8),
+                    request=request_keys(frame["request_id"]),
+                )
+                self.state.apply(batch)
+                self.events_applied += len(keep)
+        return len(keep), len(events) - len(keep), new_users
+
+
+@dataclass
+class Ranked:
+    """One served list, best first: positions into the request's candidates and their scores."""
+
+    order: np.ndarray  # [k] candidate positions
+    scores: np.ndarray  # [n] final scores (all candidates)
+    match: np.ndarray  # [n] match scores
+    source: np.ndarray  # [n] CATALOGUE | ENCODED | NO_TEXT
+    features: Features | None = None
+    contributions: np.ndarray | None = None  # [k, F] with explain
+    bias: np.ndarray | None = None  # [k]
+
+
+def history_arrays(history: HistoryInput, catalogue: ItemCatalogue, size: int, t_us: int) -> Histories:
+    """A request's history (any order) -> Histories [1, size], most recent first; unknown items dropped."""
+    idx = catalogue.lookup(history.item_ids)
+    stamps = np.asarray(history.ts_us, np.int64)
+    codes = np.asarray(history.codes, np.int8)
+    keep = np.flatnonzero(idx >= 0)
+    keep = keep[np.argsort(-stamps[keep], kind="stable")][:size]
+    items = np.full((1, size), -1, np.int32)
+    code = np.full((1, size), -1, np.int8)
+    age = np.zeros((1, size), np.float32)
+    items[0, : len(keep)] = idx[keep]
+    code[0, : len(keep)] = codes[keep]
+    age[0, : len(keep)] = (t_us - stamps[keep]) / 1e6
+    return Histories(items, code, age)
+
+
+def _context(model: ServingModel, context: Mapping[str, str | float]) -> dict[str, str | float | None]:
+    """Every context the ranker knows (None -> NaN when the request lacks it); others are ignored."""
+    return {name: context.get(name) for name in model.ranker.context_names}
+
+
+def _extra(model: ServingModel, extra: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+    unknown = sorted(set(extra) - set(model.extra_names))
+    if unknown:
+        known = ", ".join(model.extra_names) or "none"
+        raise FieldError(
+            "candidates.features", f"unknown feature {unknown[0]!r}: this model takes {known}"
+        )
+    return {name: extra.get(name, np.full(n, np.nan)) for name in model.extra_names}
+
+
+def _new_item_rows(features: Features, rows: np.ndarray, state: FeatureState) -> None:
+    """Overwrite item-dependent columns of `rows` with the values of an item never seen before."""
+    if not len(rows):
+        return
+    prior = math.nan
+    if state.global_impr > 0 and state.config.ctr_prior_weight > 0:
+        prior = min(state.global_clicks / state.global_impr, 1.0)
+    zero = {"seen", "ui_count", "ui_impressions", "cat_affinity", "cat_weight", "tag_affinity",
+            "tag_affinity_max", "covis_sum", "covis_max", "covis_norm", "item_pop_all", "item_impressions"}
+    for j, name in enumerate(features.names):
+        if name in zero or name.startswith("item_pop_"):
+            features.matrix[rows, j] = 0.0
+        elif name == "item_ctr":
+            features.matrix[rows, j] = prior
+        elif name.startswith("item_"):  # ages, days since last, catalogue attributes: unknown
+            features.matrix[rows, j] = np.nan
+
+
+def rank(
+    model: ServingModel,
+    live: LiveState,
+    user_id: str,
+    item_idx: np.ndarray,
+    t_us: int,
+    context: Mapping[str, str | float],
+    extra: Mapping[str, np.ndarray],
+    history: HistoryInput | None = None,
+    cold_vectors: np.ndarray | None = None,
+    has_text: np.ndarray | None = None,
+    top_k: int = 0,
+    explain: bool = False,
+) -> Ranked:
+    """Score candidates item_idx [n] (-1 = not in the catalogue; their vectors in `cold_vectors`
+    [m, D] for the ones with text, in order) and order them."""
+    n = len(item_idx)
+    known = item_idx >= 0
+    ctx = _context(model, context)
+    extras = _extra(model, extra, n)
+    user = live.user_idx(user_id)
+    state = live.state
+    source = np.where(known, CATALOGUE, NO_TEXT).astype(np.int8)
+    if has_text is not None:
+        source[~known & has_text] = ENCODED
+    with live.lock.read():
+        if known.all() and history is None:
+            scores, features = score_request(model.ranker, state, user, item_idx, t_us, model.matcher, ctx, extras)
+            match = features.matrix[:, features.names.index("match_score")].astype(np.float64)
+        else:
+            hist = (
+                history_arrays(history, live.catalogue, state.config.max_history, t_us)
+                if history is not None
+                else state.history(user, t_us)
+            )
+            u = model.user_vectors(hist.item_idx, hist.event_code, hist.age_s)[0]
+            match = np.zeros(n, np.float32)
+            match[known] = model.item_emb[item_idx[known]] @ u
+            encoded = np.flatnonzero(source == ENCODED)
+            if len(encoded):
+                assert cold_vectors is not None and len(cold_vectors) == len(encoded)
+                match[encoded] = cold_vectors @ u
+            features = state.compute(user, np.where(known, item_idx, 0), t_us, match, hist, ctx, extras)
+            _new_item_rows(features, np.flatnonzero(~known), state)
+            scores = model.ranker.score(features)
+            match = match.astype(np.float64)
+    k = n if top_k <= 0 else min(top_k, n)
+    order = np.argsort(-scores, kind="stable")[:k]
+    result = Ranked(order, scores, match, source, features)
+    if explain:
+        exp = model.ranker.explain(Features(features.matrix[order], features.names))
+        result.contributions, result.bias = exp.contributions, exp.bias
+    return result
+
+
+def retrieve(
+    model: ServingModel,
+    live: LiveState,
+    user_id: str,
+    t_us: int,
+    k: int,
+    exclude: Sequence[str],
+    include_seen: bool,
+    history: HistoryInput | None,
+) -> np.ndarray:
+    """Exact top-k item_idx by cosine over the whole catalogue (one [n_items, D] @ [D] product),
+    minus excluded ids and (unless include_seen) items the user already interacted with."""
+    user = live.user_idx(user_id)
+    state = live.state
+    with live.lock.read():
+        hist = (
+            history_arrays(history, live.catalogue, state.config.max_history, t_us)
+            if history is not None
+            else state.history(user, t_us)
+        )
+        seen = state.user_item.row(user)[0] if (user >= 0 and not include_seen) else np.zeros(0, np.int64)
+    u = model.user_vectors(hist.item_idx, hist.event_code, hist.age_s)[0]
+    scores = model.item_emb @ u
+    banned = live.catalogue.lookup(list(exclude))
+    drop = [banned[banned >= 0]]
+    if not include_seen:
+        drop += [seen, hist.item_idx[hist.item_idx >= 0]]
+    scores[np.concatenate(drop).astype(np.int64)] = -np.inf
+    valid = int(np.isfinite(scores).sum())
+    k = min(k, valid)
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    top = np.argpartition(-scores, k - 1)[:k]
+    return top[np.argsort(-scores[top], kind="stable")].astype(np.int64)

@@ -1,0 +1,165 @@
+"""Exposure log: every served list, written as parquet part files that `recsys prepare` reads back.
+
+    <dir>/part-<utc>-<pid>-<seq>.parquet   one row per served item: user_id, item_id,
+        event_type="impression", timestamp (UTC, µs), request_id, position (0-based), model_version,
+        variant, score, match_score, source
+
+Pass the directory (or a copy of it merged with later events) to `recsys prepare --events`: a folder of
+.parquet files is one table, and impressions are the exposure events of the data contract.
+
+Durability: rows are buffered in memory and flushed when `flush_records` rows are pending, every
+`flush_s` seconds, and on shutdown. A flush writes a hidden temp file, fsyncs it, renames it into place
+and fsyncs the directory, so a kill -9 loses at most the rows since the last flush and never leaves a
+partial .parquet file (leftover temp files do not match *.parquet and are removed at the next start).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+log = logging.getLogger(__name__)
+
+SCHEMA: dict[str, Any] = {
+    "user_id": pl.Utf8,
+    "item_id": pl.Utf8,
+    "event_type": pl.Utf8,
+    "timestamp": pl.Datetime("us", "UTC"),
+    "request_id": pl.Utf8,
+    "position": pl.Int32,
+    "model_version": pl.Utf8,
+    "variant": pl.Utf8,
+    "score": pl.Float64,
+    "match_score": pl.Float64,
+    "source": pl.Utf8,
+}
+SOURCE_NAMES = {1: "catalogue", 2: "encoded", 3: "no_text"}
+
+
+class ExposureLog:
+    """Buffered, durable appends of served lists (thread-safe; writes happen on one writer thread)."""
+
+    def __init__(self, directory: Path | str, flush_records: int = 2000, flush_s: float = 1.0) -> None:
+        self.directory = Path(directory)
+        self.directory.mkdir(parents=True, exist_ok=True)
+        for stale in self.directory.glob(".part-*.tmp"):
+            stale.unlink(missing_ok=True)
+        self.flush_records = flush_records
+        self.flush_s = flush_s
+        self.written = 0  # rows durably on disk
+        self._cols: dict[str, list] = {name: [] for name in SCHEMA}
+        self._pending = 0
+        self._lock = threading.Lock()
+        self._seq = 0
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="exposure")
+        self._last_flush = time.monotonic()
+        self._closed = False
+
+    @property
+    def pending(self) -> int:
+        return self._pending
+
+    def append(
+        self,
+        request_id: str,
+        user_id: str,
+        t_us: int,
+        model_version: str,
+        variant: str,
+        item_ids: Sequence[str],
+        scores: np.ndarray,
+        match: np.ndarray,
+        source: np.ndarray,
+    ) -> None:
+        """One served list, best first (position = index). Cheap: list extends under a lock."""
+        k = len(item_ids)
+        if not k:
+            return
+        with self._lock:
+            if self._closed:
+                raise RuntimeError("exposure log is closed")
+            c = self._cols
+            c["user_id"].extend([user_id] * k)
+            c["item_id"].extend(item_ids)
+            c["event_type"].extend(["impression"] * k)
+            c["timestamp"].extend([t_us] * k)
+            c["request_id"].extend([request_id] * k)
+            c["position"].extend(range(k))
+            c["model_version"].extend([model_version] * k)
+            c["variant"].extend([variant] * k)
+            c["score"].extend(np.asarray(scores, np.float64).tolist())
+            c["match_score"].extend(np.asarray(match, np.float64).tolist())
+            c["source"].extend(SOURCE_NAMES.get(int(s), "unknown") for s in source)
+            self._pending += k
+            due = self._pending >= self.flush_records
+        if due:
+            self.flush_async()
+
+    def flush_async(self) -> Future[int]:
+        return self._writer.submit(self.flush)
+
+    def flush_if_due(self) -> None:
+        """Timer tick: flush when rows have waited `flush_s`."""
+        if self._pending and time.monotonic() - self._last_flush >= self.flush_s:
+            self.flush_async()
+
+    def _take(self) -> pl.DataFrame | None:
+        with self._lock:
+            if not self._pending:
+                return None
+            cols, self._cols = self._cols, {name: [] for name in SCHEMA}
+            self._pending = 0
+        ts = pl.Series("timestamp", cols.pop("timestamp"), pl.Int64).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
+        frame = pl.DataFrame({name: pl.Series(name, values, SCHEMA[name]) for name, values in cols.items()})
+        return frame.with_columns(ts).select(list(SCHEMA))
+
+    def flush(self) -> int:
+        """Write pending rows as one part file (temp + fsync + rename + directory fsync)."""
+        frame = self._take()
+        self._last_flush = time.monotonic()
+        if frame is None:
+            return 0
+        with self._lock:
+            self._seq += 1
+            seq = self._seq
+        stamp = time.strftime("%Y%m%dT%H%M%S", time.gmtime())
+        name = f"part-{stamp}-{os.getpid()}-{seq:06d}.parquet"
+        tmp = self.directory / f".{name}.tmp"
+        with tmp.open("wb") as fh:
+            frame.write_parquet(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, self.directory / name)
+        dir_fd = os.open(self.directory, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+        self.written += frame.height
+        log.debug("exposure log: %d rows -> %s", frame.height, name)
+        return frame.height
+
+    def close(self) -> int:
+        """Flush everything still buffered and stop the writer (shutdown path)."""
+        with self._lock:
+            self._closed = True
+        self._writer.submit(self.flush).result()
+        self._writer.shutdown(wait=True)
+        return self.written
+
+
+def read_exposures(directory: Path | str) -> pl.DataFrame:
+    """Every durable row (what `recsys prepare` would read from the folder)."""
+    parts = sorted(Path(directory).glob("*.parquet"))
+    if not parts:
+        return pl.DataFrame(schema=SCHEMA)
+    return pl.read_parquet(parts)

@@ -1,0 +1,91 @@
+"""`recsys serve`: light CLI module (grpc, onnxruntime and LightGBM are imported in `run`)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+from pathlib import Path
+
+TOKEN_ENV = "RECSYS_SERVE_TOKEN"
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    model = parser.add_argument_group("model")
+    model.add_argument("--registry", type=Path, required=True, help="model registry root (recsys export --registry)")
+    model.add_argument("--version", help="registry version to serve (default: the current one)")
+    model.add_argument("--ranker", type=Path, help="ranker directory, when the version has no ranker/ subdirectory")
+    model.add_argument("--data", type=Path, help="prepared dataset of the ranker (default: the one in ranker.json)")
+    model.add_argument("--provider", default="auto", help="ONNX Runtime provider: auto, cpu, cuda, tensorrt (auto)")
+    model.add_argument("--precision", default="fp32", help="item tower: fp32, int8, fp16, auto (fp32)")
+    model.add_argument("--watch-registry", type=float, default=0.0, metavar="SECONDS",
+                       help="poll the registry's current pointer and hot-reload when it moves (0 = off)")
+    net = parser.add_argument_group("network and capacity")
+    net.add_argument("--host", default="[::]", help="bind address ([::])")
+    net.add_argument("--port", type=int, default=50051, help="gRPC port, 0 = any free port (50051)")
+    net.add_argument("--workers", type=int, default=0, help="request threads (0 = usable CPUs)")
+    net.add_argument("--ort-threads", type=int, default=1, help="intra-op threads per ONNX session (1)")
+    net.add_argument("--max-inflight", type=int, default=64, help="in-flight requests before shedding (64)")
+    net.add_argument("--max-candidates", type=int, default=1000, help="candidates per Rank request (1000)")
+    net.add_argument("--max-top-k", type=int, default=1000, help="largest top_k (1000)")
+    net.add_argument("--retrieve-k", type=int, default=200, help="Recommend: embedding-search candidates to blend (200)")
+    net.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: seconds in-flight requests get (10)")
+    net.add_argument("--ready-file", type=Path, help="write {'port': N, 'metrics_port': M} here once serving (for scripts using --port 0)")
+    logs = parser.add_argument_group("logs and metrics")
+    logs.add_argument("--exposure-dir", type=Path, help="write served lists here as parquet parts (recsys prepare reads them)")
+    logs.add_argument("--exposure-flush-records", type=int, default=2000, help="flush after this many rows (2000)")
+    logs.add_argument("--exposure-flush-s", type=float, default=1.0, help="flush rows older than this (1.0 s)")
+    logs.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
+    logs.add_argument("--log-json", action="store_true", help="structured JSON log lines")
+    sec = parser.add_argument_group("security")
+    sec.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
+    sec.add_argument("--tls-key", type=Path, help="server private key (PEM)")
+    sec.add_argument("--tls-client-ca", type=Path, help="mutual TLS: CA that client certificates must chain to")
+    sec.add_argument("--auth-token-file", type=Path,
+                     help=f"file holding the bearer token for ModelAdmin RPCs (or set ${TOKEN_ENV})")
+    sec.add_argument("--auth-all", action="store_true", help="require the token on every RPC, not only ModelAdmin")
+
+
+class JsonFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        payload = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name, "msg": record.getMessage()}
+        if record.exc_info:
+            payload["exc"] = self.formatException(record.exc_info)
+        return json.dumps(payload)
+
+
+def run(args: argparse.Namespace) -> int:
+    import asyncio
+
+    from recsys.errors import InputError
+    from recsys.serving.config import ServeConfig
+    from recsys.serving.server import serve
+
+    if args.log_json:
+        for handler in logging.getLogger().handlers:
+            handler.setFormatter(JsonFormatter())
+    token = os.environ.get(TOKEN_ENV)
+    if args.auth_token_file is not None:
+        if not args.auth_token_file.is_file():
+            raise InputError(f"--auth-token-file {args.auth_token_file} does not exist")
+        token = args.auth_token_file.read_text().strip()
+    config = ServeConfig(
+        registry=args.registry, version=args.version, ranker=args.ranker, data=args.data,
+        host=args.host, port=args.port, workers=args.workers, ort_threads=args.ort_threads,
+        provider=args.provider, precision=args.precision, max_inflight=args.max_inflight,
+        max_candidates=args.max_candidates, max_top_k=args.max_top_k, retrieve_k=args.retrieve_k,
+        exposure_dir=args.exposure_dir, exposure_flush_records=args.exposure_flush_records,
+        exposure_flush_s=args.exposure_flush_s, metrics_port=args.metrics_port,
+        tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
+        auth_token=token or None, auth_all=args.auth_all, grace_s=args.grace_s, watch_s=args.watch_registry,
+    )
+
+    def ready(port: int, metrics_port: int | None) -> None:
+        if args.ready_file is not None:
+            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
+            tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
+            os.replace(tmp, args.ready_file)
+
+    asyncio.run(serve(config, ready))
+    return 0

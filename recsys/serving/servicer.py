@@ -1,0 +1,303 @@
+"""gRPC servicers: proto <-> engine, and the one place errors become status codes.
+
+    FieldError / InputError      -> INVALID_ARGUMENT (field path in the message and in the
+                                    `invalid-field` trailing metadata)
+    ModelError                   -> FAILED_PRECONDITION (e.g. a broken version on Reload)
+    ServiceError(code)           -> that code: RESOURCE_EXHAUSTED (shed), UNAVAILABLE (draining),
+                                    NOT_FOUND (unknown version or variant)
+    deadline passed              -> DEADLINE_EXCEEDED
+    anything else                -> INTERNAL (logged with its traceback)
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import logging
+import time
+from collections.abc import Awaitable, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+import grpc
+import numpy as np
+
+from recsys.errors import ConfigError, InputError, ModelError
+from recsys.serving import engine
+from recsys.serving.model import CONTROL, load_model
+from recsys.serving.proto import ranking_pb2 as pb
+from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
+from recsys.serving.validation import FieldError, events_input, rank_input, recommend_input
+
+if TYPE_CHECKING:
+    from recsys.serving.server import ServingApp
+
+log = logging.getLogger("recsys.serving")
+T = TypeVar("T")
+
+
+class ServiceError(Exception):
+    def __init__(self, code: grpc.StatusCode, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
+    if isinstance(exc, ServiceError):
+        return exc.code, str(exc)
+    if isinstance(exc, InputError | ConfigError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, ModelError):
+        return grpc.StatusCode.FAILED_PRECONDITION, str(exc)
+    if isinstance(exc, asyncio.TimeoutError | TimeoutError):
+        return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request was scored"
+    return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def _timestamp(t_us: float) -> Any:
+    from google.protobuf.timestamp_pb2 import Timestamp
+
+    ts = Timestamp()
+    ts.FromMicroseconds(int(t_us))
+    return ts
+
+
+class Handler:
+    """Shared RPC plumbing: admission (load shedding, draining), deadlines, metrics, error mapping."""
+
+    def __init__(self, app: ServingApp) -> None:
+        self.app = app
+
+    async def call(
+        self,
+        rpc: str,
+        context: grpc.aio.ServicerContext,
+        work: Callable[[], Awaitable[tuple[T, str]]],
+        shed: bool = True,
+    ) -> T:
+        app = self.app
+        metrics = app.metrics
+        if app.draining:
+            metrics.errors.labels(rpc, "UNAVAILABLE").inc()
+            await context.abort(grpc.StatusCode.UNAVAILABLE, "server is shutting down: retry on another replica")
+        if shed and app.inflight >= app.config.max_inflight:
+            metrics.shed.labels(rpc).inc()
+            metrics.errors.labels(rpc, "RESOURCE_EXHAUSTED").inc()
+            await context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"server at its in-flight limit ({app.config.max_inflight}): back off and retry",
+            )
+        app.inflight += 1
+        metrics.inflight.inc()
+        started = time.perf_counter()
+        failure: tuple[grpc.StatusCode, str, str | None] | None = None
+        try:
+            response, variant = await work()
+            metrics.latency.labels(rpc, variant).observe(time.perf_counter() - started)
+            return response
+        except Exception as exc:
+            code, message = status_for(exc)
+            if code == grpc.StatusCode.INTERNAL:
+                log.exception("%s failed", rpc)
+            else:
+                log.debug("%s refused: %s %s", rpc, code.name, message)
+            failure = (code, message, exc.field if isinstance(exc, FieldError) else None)
+        finally:
+            app.inflight -= 1
+            metrics.inflight.dec()
+        code, message, field = failure
+        metrics.errors.labels(rpc, code.name).inc()
+        if field is not None:
+            context.set_trailing_metadata((("invalid-field", field),))
+        await context.abort(code, message)
+        raise AssertionError("unreachable")  # abort raises
+
+    async def run(self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any, **kwargs: Any) -> T:
+        """CPU-bound work on the worker pool, bounded by the caller's deadline."""
+        remaining = context.time_remaining()
+        if remaining is not None and remaining <= 0:
+            raise TimeoutError
+        future = asyncio.get_running_loop().run_in_executor(self.app.executor, functools.partial(fn, *args, **kwargs))
+        return await asyncio.wait_for(future, remaining)
+
+
+def _items(ranked: engine.Ranked, ids: list[str], explain: bool) -> list[Any]:
+    out = []
+    order = ranked.order
+    scores, match, source = ranked.scores[order], ranked.match[order], ranked.source[order]
+    for pos, i in enumerate(order.tolist()):
+        item = pb.ScoredItem(
+            item_id=ids[i], score=float(scores[pos]), match_score=float(match[pos]), position=pos,
+            source=pb.ItemSource.Name(int(source[pos])),
+        )
+        if explain and ranked.contributions is not None and ranked.bias is not None and ranked.features is not None:
+            contrib = ranked.contributions[pos]
+            values = ranked.features.matrix[i]
+            names = ranked.features.names
+            item.bias = float(ranked.bias[pos])
+            item.contributions.extend(
+                pb.FeatureContribution(name=names[j], value=float(values[j]), contribution=float(contrib[j]))
+                for j in np.argsort(-np.abs(contrib), kind="stable").tolist()
+            )
+        out.append(item)
+    return out
+
+
+class RankingServicer(pb_grpc.RankingServiceServicer):
+    def __init__(self, app: ServingApp) -> None:
+        self.app = app
+        self.handler = Handler(app)
+
+    async def Rank(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self.handler.call("Rank", context, lambda: self._rank(request, context))
+
+    async def _rank(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, str]:
+        app = self.app
+        inp = rank_input(request, app.config)
+        variant, model = app.router(inp.user_id, inp.request_id)
+        idx = app.live.catalogue.lookup(inp.item_ids)
+        has_text = np.fromiter((bool(t) for t in inp.texts), bool, len(inp.texts))
+        cold = np.flatnonzero((idx < 0) & has_text)
+        vectors = await app.batcher.encode(model, [inp.texts[i] for i in cold]) if len(cold) else None
+        ranked = await self.handler.run(
+            context, engine.rank, model, app.live, inp.user_id, idx, inp.time_us, inp.context, inp.extra,
+            inp.history, vectors, has_text, inp.top_k, inp.explain,
+        )
+        return self._respond(pb.RankResponse, inp.request_id, inp.user_id, inp.time_us, inp.item_ids, ranked, model.version, variant, inp.explain)
+
+    def _respond(
+        self, cls: Any, request_id: str, user_id: str, t_us: int, ids: list[str], ranked: engine.Ranked,
+        version: str, variant: str, explain: bool,
+    ) -> tuple[Any, str]:
+        app = self.app
+        response = cls(request_id=request_id, items=_items(ranked, ids, explain), model_version=version, variant=variant)
+        order = ranked.order
+        if app.exposure is not None:
+            app.exposure.append(
+                request_id, user_id, t_us, version, variant, [ids[i] for i in order.tolist()],
+                ranked.scores[order], ranked.match[order], ranked.source[order],
+            )
+            app.metrics.exposures.inc(len(order))
+        counts = np.bincount(ranked.source, minlength=4)
+        for code, name in ((1, "catalogue"), (2, "encoded"), (3, "no_text")):
+            if counts[code]:
+                app.metrics.items.labels(name).inc(int(counts[code]))
+        return response, variant
+
+    async def Recommend(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        return await self.handler.call("Recommend", context, lambda: self._recommend(request, context))
+
+    async def _recommend(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, str]:
+        app = self.app
+        inp = recommend_input(request, app.config)
+        variant, model = app.router(inp.user_id, inp.request_id)
+
+        def work() -> tuple[engine.Ranked, np.ndarray]:
+            idx = engine.retrieve(
+                model, app.live, inp.user_id, inp.time_us, inp.retrieve_k, inp.exclude, inp.include_seen, inp.history
+            )
+            if not len(idx):
+                empty = np.zeros(0)
+                return engine.Ranked(np.zeros(0, np.int64), empty, empty, np.zeros(0, np.int8)), idx
+            ranked = engine.rank(
+                model, app.live, inp.user_id, idx, inp.time_us, inp.context, {}, inp.history,
+                top_k=inp.top_k, explain=inp.explain,
+            )
+            return ranked, idx
+
+        ranked, idx = await self.handler.run(context, work)
+        ids = [app.live.catalogue.ids[i] for i in idx.tolist()]
+        return self._respond(pb.RecommendResponse, inp.request_id, inp.user_id, inp.time_us, ids, ranked, model.version, variant, inp.explain)
+
+    async def _apply(self, requests: list[Any], context: grpc.aio.ServicerContext) -> tuple[int, int, int]:
+        app = self.app
+        inp = events_input(requests, app.config)
+        accepted, unknown, new = await self.handler.run(context, app.live.apply, inp)
+        app.metrics.events.labels("accepted").inc(accepted)
+        if unknown:
+            app.metrics.events.labels("unknown_item").inc(unknown)
+        return accepted, unknown, new
+
+    async def LogEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> tuple[Any, str]:
+            a, u, n = await self._apply([request], context)
+            return pb.LogEventsResponse(accepted=a, unknown_items=u, new_users=n), "-"
+
+        return await self.handler.call("LogEvents", context, work)
+
+    async def StreamEvents(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> tuple[Any, str]:
+            totals = [0, 0, 0]
+            async for request in request_iterator:
+                if request.events:
+                    for j, value in enumerate(await self._apply([request], context)):
+                        totals[j] += value
+            return pb.LogEventsResponse(accepted=totals[0], unknown_items=totals[1], new_users=totals[2]), "-"
+
+        return await self.handler.call("StreamEvents", context, work)
+
+
+class AdminServicer(pb_grpc.ModelAdminServicer):
+    def __init__(self, app: ServingApp) -> None:
+        self.app = app
+        self.handler = Handler(app)
+
+    async def GetModelInfo(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> tuple[Any, str]:
+            app = self.app
+            variants = []
+            for name, holder in sorted(app.holders.items()):
+                m = holder.current
+                variants.append(
+                    pb.VariantInfo(
+                        variant=name, model_version=m.version, ranker=str(m.ranker_path),
+                        feature_names=list(m.ranker.feature_names), catalogue_items=len(m.item_emb),
+                        loaded_at=_timestamp(m.loaded_at * 1e6), providers=list(m.providers),
+                    )
+                )
+            return pb.GetModelInfoResponse(
+                variants=variants, registry=str(app.registry.root), known_users=len(app.live.users),
+                events_applied=app.live.events_applied,
+                exposures_written=app.exposure.written if app.exposure is not None else 0,
+            ), "-"
+
+        return await self.handler.call("GetModelInfo", context, work, shed=False)
+
+    async def Reload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> tuple[Any, str]:
+            variant = request.variant or CONTROL
+            old, new, seconds = await self.app.reload(variant, request.version or None)
+            return pb.ReloadResponse(variant=variant, previous_version=old, model_version=new, load_seconds=seconds), variant
+
+        return await self.handler.call("Reload", context, work, shed=False)
+
+
+async def reload_model(app: ServingApp, variant: str, version: str | None) -> tuple[str, str, float]:
+    """Load `version` (None: registry current) beside the serving model, then swap. Serialised; a
+    failure leaves the serving model in place and is reported (FAILED_PRECONDITION / NOT_FOUND)."""
+    holder = app.holders.get(variant)
+    if holder is None:
+        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown variant {variant!r}: serving {sorted(app.holders)}")
+    async with app.reload_lock:
+        started = time.perf_counter()
+        cfg = app.config
+        loop = asyncio.get_running_loop()
+        try:
+            model = await loop.run_in_executor(
+                app.reload_executor,
+                lambda: load_model(
+                    app.registry, version, app.live.catalogue, app.live.state, cfg.ranker,
+                    cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
+                ),
+            )
+        except InputError as exc:  # unknown version / no current version
+            app.metrics.reloads.labels(variant, "refused").inc()
+            raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
+        except Exception:
+            app.metrics.reloads.labels(variant, "refused").inc()
+            raise
+        old = holder.swap(model)
+        seconds = time.perf_counter() - started
+        app.metrics.set_model(variant, model.version, old.version)
+        app.metrics.reloads.labels(variant, "ok").inc()
+        log.info("variant %s: %s -> %s (loaded in %.2fs)", variant, old.version, model.version, seconds)
+        return old.version, model.version, seconds

@@ -1,0 +1,239 @@
+"""Request checks at the service edge: proto messages -> plain typed inputs, or a FieldError naming
+the offending field (`candidates[3].item_id`), which the servicer maps to INVALID_ARGUMENT.
+
+Everything here is cheap and linear in the request size; it runs before any model work, so a bad
+request costs almost nothing and never reaches the engine.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+
+from recsys.data.schema import EVENT_ALIASES, EVENT_CODES
+from recsys.errors import InputError
+from recsys.serving.config import ServeConfig
+
+
+class FieldError(InputError):
+    """A request field is missing or invalid; `field` is its path in the request."""
+
+    def __init__(self, field: str, problem: str) -> None:
+        super().__init__(f"{field}: {problem}")
+        self.field = field
+
+
+@dataclass(frozen=True)
+class HistoryInput:
+    item_ids: list[str]
+    codes: list[int]
+    ts_us: list[int]
+
+
+@dataclass(frozen=True)
+class RankInput:
+    request_id: str
+    user_id: str
+    item_ids: list[str]
+    texts: list[str]  # "" = no text
+    extra: dict[str, np.ndarray]  # name -> [n] float64 (NaN where a candidate did not pass it)
+    context: dict[str, str | float]
+    top_k: int  # 0 = all
+    explain: bool
+    time_us: int
+    history: HistoryInput | None
+
+
+@dataclass(frozen=True)
+class RecommendInput:
+    request_id: str
+    user_id: str
+    history: HistoryInput | None
+    top_k: int
+    exclude: list[str]
+    include_seen: bool
+    context: dict[str, str | float]
+    explain: bool
+    retrieve_k: int
+    time_us: int
+
+
+@dataclass(frozen=True)
+class EventsInput:
+    user_ids: list[str]
+    item_ids: list[str]
+    event_types: list[str]
+    ts_us: np.ndarray  # i64
+    request_ids: list[str | None]
+    values: np.ndarray  # f64, NaN = none
+
+    def __len__(self) -> int:
+        return len(self.user_ids)
+
+
+def now_us() -> int:
+    return time.time_ns() // 1000
+
+
+def _ts(message: Any, name: str, default: int) -> int:
+    if not message.HasField(name):
+        return default
+    ts = getattr(message, name)
+    return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
+
+
+def _id(value: str, field: str, limit: int, required: bool = True) -> str:
+    if not value:
+        if required:
+            raise FieldError(field, "is required")
+        return value
+    if len(value) > limit:
+        raise FieldError(field, f"is {len(value)} characters, the limit is {limit}")
+    return value
+
+
+def event_code(name: str, field: str) -> tuple[str, int]:
+    """Event type (case-insensitive, aliases accepted) -> (canonical name, code)."""
+    key = name.strip().lower()
+    key = EVENT_ALIASES.get(key, key)
+    if key not in EVENT_CODES:
+        raise FieldError(field, f"unknown event type {name!r}: use one of {', '.join(EVENT_CODES)}")
+    return key, EVENT_CODES[key]
+
+
+def _context(raw: Mapping[str, Any], cfg: ServeConfig) -> dict[str, str | float]:
+    out: dict[str, str | float] = {}
+    for key, value in raw.items():
+        _id(key, "context", cfg.max_id_chars)
+        kind = value.WhichOneof("kind")
+        if kind == "text":
+            out[key] = _id(value.text, f"context[{key}].text", cfg.max_id_chars, required=False)
+        elif kind == "number":
+            if not math.isfinite(value.number):
+                raise FieldError(f"context[{key}].number", "must be finite")
+            out[key] = float(value.number)
+        else:
+            raise FieldError(f"context[{key}]", "has neither text nor number")
+    return out
+
+
+def _history(request: Any, cfg: ServeConfig, t_us: int) -> HistoryInput | None:
+    if not request.HasField("history"):
+        return None
+    events = request.history.events
+    if len(events) > cfg.max_history:
+        raise FieldError("history.events", f"has {len(events)} events, the limit is {cfg.max_history}")
+    ids, codes, stamps = [], [], []
+    for i, event in enumerate(events):
+        ids.append(_id(event.item_id, f"history.events[{i}].item_id", cfg.max_id_chars))
+        codes.append(event_code(event.event_type or "click", f"history.events[{i}].event_type")[1])
+        stamps.append(_ts(event, "timestamp", t_us))
+    return HistoryInput(ids, codes, stamps)
+
+
+def _top_k(value: int, field: str, cfg: ServeConfig, allow_zero: bool) -> int:
+    low = 0 if allow_zero else 1
+    if not low <= value <= cfg.max_top_k:
+        raise FieldError(field, f"must be in [{low}, {cfg.max_top_k}], got {value}")
+    return value
+
+
+def rank_input(request: Any, cfg: ServeConfig) -> RankInput:
+    request_id = _id(request.request_id, "request_id", cfg.max_id_chars)
+    user_id = _id(request.user_id, "user_id", cfg.max_id_chars)
+    n = len(request.candidates)
+    if n == 0:
+        raise FieldError("candidates", "is empty: pass at least one candidate")
+    if n > cfg.max_candidates:
+        raise FieldError("candidates", f"has {n} items, the limit is {cfg.max_candidates}")
+    ids = [c.item_id for c in request.candidates]
+    if len(set(ids)) != n:
+        seen: set[str] = set()
+        for i, item in enumerate(ids):
+            if item in seen:
+                raise FieldError(f"candidates[{i}].item_id", f"duplicate id {item[:64]!r}")
+            seen.add(item)
+    texts = []
+    extra: dict[str, np.ndarray] = {}
+    for i, c in enumerate(request.candidates):
+        if not c.item_id or len(c.item_id) > cfg.max_id_chars:
+            _id(c.item_id, f"candidates[{i}].item_id", cfg.max_id_chars)
+        if len(c.text) > cfg.max_text_chars:
+            raise FieldError(f"candidates[{i}].text", f"is {len(c.text)} characters, the limit is {cfg.max_text_chars}")
+        texts.append(c.text)
+        if c.features:
+            if len(c.features) > cfg.max_features:
+                raise FieldError(f"candidates[{i}].features", f"has {len(c.features)} entries, the limit is {cfg.max_features}")
+            for name, value in c.features.items():
+                if not math.isfinite(value):
+                    raise FieldError(f"candidates[{i}].features[{name}]", "must be finite")
+                extra.setdefault(name, np.full(n, np.nan))[i] = value
+    t_us = _ts(request, "request_time", now_us())
+    return RankInput(
+        request_id=request_id,
+        user_id=user_id,
+        item_ids=ids,
+        texts=texts,
+        extra=extra,
+        context=_context(request.context, cfg),
+        top_k=_top_k(request.top_k, "top_k", cfg, allow_zero=True),
+        explain=bool(request.explain),
+        time_us=t_us,
+        history=_history(request, cfg, t_us),
+    )
+
+
+def recommend_input(request: Any, cfg: ServeConfig) -> RecommendInput:
+    request_id = _id(request.request_id, "request_id", cfg.max_id_chars)
+    user_id = _id(request.user_id, "user_id", cfg.max_id_chars)
+    top_k = _top_k(request.top_k, "top_k", cfg, allow_zero=False)
+    if len(request.exclude_item_ids) > cfg.max_candidates:
+        raise FieldError(
+            "exclude_item_ids", f"has {len(request.exclude_item_ids)} ids, the limit is {cfg.max_candidates}"
+        )
+    exclude = [_id(x, f"exclude_item_ids[{i}]", cfg.max_id_chars) for i, x in enumerate(request.exclude_item_ids)]
+    retrieve_k = request.retrieve_k or max(cfg.retrieve_k, top_k)
+    if not top_k <= retrieve_k <= cfg.max_candidates:
+        raise FieldError("retrieve_k", f"must be in [top_k={top_k}, {cfg.max_candidates}], got {retrieve_k}")
+    t_us = _ts(request, "request_time", now_us())
+    return RecommendInput(
+        request_id=request_id,
+        user_id=user_id,
+        history=_history(request, cfg, t_us),
+        top_k=top_k,
+        exclude=exclude,
+        include_seen=bool(request.include_seen),
+        context=_context(request.context, cfg),
+        explain=bool(request.explain),
+        retrieve_k=retrieve_k,
+        time_us=t_us,
+    )
+
+
+def events_input(requests: list[Any], cfg: ServeConfig) -> EventsInput:
+    """One or more LogEventsRequest messages -> aligned event arrays."""
+    events = [e for r in requests for e in r.events]
+    if not events:
+        raise FieldError("events", "is empty")
+    if len(events) > cfg.max_events:
+        raise FieldError("events", f"has {len(events)} events, the limit per call is {cfg.max_events}")
+    now = now_us()
+    users, items, types, stamps, reqs, values = [], [], [], [], [], []
+    for i, e in enumerate(events):
+        users.append(_id(e.user_id, f"events[{i}].user_id", cfg.max_id_chars))
+        items.append(_id(e.item_id, f"events[{i}].item_id", cfg.max_id_chars))
+        name = event_code(_id(e.event_type, f"events[{i}].event_type", cfg.max_id_chars), f"events[{i}].event_type")[0]
+        if name == "rating" and not e.value:
+            raise FieldError(f"events[{i}].value", "a rating event needs its value")
+        if not math.isfinite(e.value):
+            raise FieldError(f"events[{i}].value", "must be finite")
+        types.append(name)
+        stamps.append(_ts(e, "timestamp", now))
+        reqs.append(_id(e.request_id, f"events[{i}].request_id", cfg.max_id_chars, required=False) or None)
+        values.append(e.value if e.value else math.nan)
+    return EventsInput(users, items, types, np.asarray(stamps, np.int64), reqs, np.asarray(values, np.float64))
