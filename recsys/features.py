@@ -70,6 +70,11 @@ _NON_CONTEXT = {
     "split_global",
     "split_loo",
     "split_tail",
+    # Exposure-log bookkeeping: which model served the list is not a property of the request.
+    "model_version",
+    "variant",
+    "source",
+    "config_version",
 }
 
 MAX_CONTEXT_VALUES = 1000  # text columns with more distinct values are ids, not context
@@ -821,7 +826,8 @@ class FeatureState:
         windows = [_window_name(d) for d in self.config.decay_days]
 
         def decayed(values: np.ndarray, refs: np.ndarray) -> np.ndarray:  # [m, W] as of t
-            age = np.where(refs == NEVER, 0, t - refs).astype(np.float64)
+            # Clamped: a request older than the state's last event must not grow the counts.
+            age = np.where(refs == NEVER, 0, np.maximum(t - refs, 0)).astype(np.float64)
             return values * np.exp(-age[:, None] / taus)
 
         def days_since(stamp: np.ndarray, missing: int) -> np.ndarray:
