@@ -61,3 +61,24 @@ def test_popularity_is_skewed(synthetic_log):
     counts = np.sort(counts.to_numpy())[::-1]
     top_decile = counts[: max(1, len(counts) // 10)].sum() / counts.sum()
     assert top_decile > 0.25
+
+
+def test_simulated_responses_follow_planted_preferences(synthetic_log):
+    from recsys.data.synthetic import simulate_responses
+
+    shown = synthetic_log.events.filter(pl.col("event_type") == "impression").head(20_000)
+    shown = shown.vstack(shown.head(50).with_columns(pl.lit("unknown-user").alias("user_id")))
+    responses = simulate_responses(synthetic_log, shown, seed=1)
+    assert set(responses["event_type"].unique()) == {"click", "add_to_cart", "purchase"}
+    assert "unknown-user" not in responses["user_id"].to_list()
+    clicks = responses.filter(pl.col("event_type") == "click")
+    assert 0.05 < clicks.height / shown.height < 0.3
+    pref = synthetic_log.user_topic_pref
+    def mean_affinity(frame):
+        u = frame["user_id"].str.slice(1).cast(pl.Int64).to_numpy()
+        i = frame["item_id"].str.slice(1).cast(pl.Int64).to_numpy()
+        return pref[u, synthetic_log.item_topic[i]].mean()
+    assert mean_affinity(clicks) > 1.5 * mean_affinity(shown.head(20_000))
+    assert (clicks["timestamp"] > shown.join(clicks.select("request_id", "item_id"), on=["request_id", "item_id"])["timestamp"].min()).all()
+    # Same seed, same responses.
+    assert responses.equals(simulate_responses(synthetic_log, shown, seed=1))

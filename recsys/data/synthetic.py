@@ -76,6 +76,11 @@ class SyntheticLog:
         return paths
 
 
+def _click_logit(affinity: np.ndarray, relative_popularity: np.ndarray, position: np.ndarray) -> np.ndarray:
+    """The planted click model: topic affinity dominates, popularity and position bias nudge."""
+    return -4.5 + 7.0 * affinity + 0.25 * np.log(relative_popularity) - 0.08 * position
+
+
 def _pick(rng: np.random.Generator, words: np.ndarray, n: int, k: int) -> np.ndarray:
     """[n, k] words drawn without per-row Python loops (with replacement)."""
     return words[rng.integers(0, len(words), size=(n, k))]
@@ -162,8 +167,7 @@ def generate(config: SyntheticConfig | None = None, **overrides: object) -> Synt
     slot_user = req_user[slot_req]
 
     affinity = pref[slot_user, item_topic[slot_item]]
-    logit = -4.5 + 7.0 * affinity + 0.25 * np.log(popularity[slot_item] / popularity.mean())
-    logit -= 0.08 * position  # position bias
+    logit = _click_logit(affinity, popularity[slot_item] / popularity.mean(), position)
     clicked = rng.random(slots) < 1.0 / (1.0 + np.exp(-logit))
     carted = clicked & (rng.random(slots) < 0.3)
     bought = carted & (rng.random(slots) < 0.5)
@@ -225,3 +229,38 @@ def generate(config: SyntheticConfig | None = None, **overrides: object) -> Synt
         }
     )
     return SyntheticLog(events=events, items=items, users=users, user_topic_pref=pref, item_topic=item_topic)
+
+
+def simulate_responses(log: SyntheticLog, shown: pl.DataFrame, seed: int = 0, delay_s: int = 5) -> pl.DataFrame:
+    """Clicks, carts and purchases of the log's users on served lists, by the planted click model.
+
+    `shown`: user_id, item_id, request_id, position, timestamp (an exposure log). Items or users the log
+    does not know get no response. Returns canonical events (the input contract of `recsys prepare`),
+    so served lists plus these responses close the feedback loop.
+    """
+    rng = np.random.default_rng(seed)
+    user = shown["user_id"].str.strip_prefix("u").cast(pl.Int64, strict=False).fill_null(-1).to_numpy()
+    item = shown["item_id"].str.strip_prefix("i").cast(pl.Int64, strict=False).fill_null(-1).to_numpy()
+    known = (user >= 0) & (user < len(log.user_topic_pref)) & (item >= 0) & (item < len(log.item_topic))
+    counts = log.events.filter(pl.col("event_type") == "click").group_by("item_id").len()
+    popularity = np.ones(len(log.item_topic))
+    ids = counts["item_id"].str.strip_prefix("i").cast(pl.Int64).to_numpy()
+    popularity[ids] += counts["len"].to_numpy()
+    u, i = np.where(known, user, 0), np.where(known, item, 0)
+    affinity = log.user_topic_pref[u, log.item_topic[i]]
+    position = shown["position"].fill_null(0).to_numpy()
+    logit = _click_logit(affinity, popularity[i] / popularity.mean(), position)
+    clicked = known & (rng.random(len(u)) < 1.0 / (1.0 + np.exp(-logit)))
+    carted = clicked & (rng.random(len(u)) < 0.3)
+    bought = carted & (rng.random(len(u)) < 0.5)
+    parts = []
+    for name, mask, delay in (("click", clicked, delay_s), ("add_to_cart", carted, 60), ("purchase", bought, 300)):
+        rows = shown.filter(pl.Series(mask))
+        parts.append(
+            rows.select(
+                "user_id", "item_id", pl.lit(name).alias("event_type"),
+                (pl.col("timestamp") + pl.duration(seconds=delay)).alias("timestamp"),
+                pl.lit(None, dtype=pl.Float64).alias("value"), "request_id", pl.col("position").cast(pl.Int32),
+            )
+        )
+    return pl.concat(parts).sort("timestamp")
