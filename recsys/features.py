@@ -75,6 +75,8 @@ _NON_CONTEXT = {
     "variant",
     "source",
     "config_version",
+    "latency_ms",
+    "session_id",
 }
 
 MAX_CONTEXT_VALUES = 1000  # text columns with more distinct values are ids, not context

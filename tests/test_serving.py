@@ -353,6 +353,11 @@ def test_health_reflection_model_info_and_metrics(server: ServerThread) -> None:
         assert info.variants[0].variant == "control" and info.variants[0].catalogue_items == 200
         assert "CPUExecutionProvider" in info.variants[0].providers
         assert info.known_users == len(server.app.live.users) and info.events_applied >= 5
+        assert not info.HasField("experiments")  # served without --experiments
+        _expect(  # the assignment debug call needs an experiment config
+            grpc.StatusCode.FAILED_PRECONDITION,
+            lambda: pb_grpc.ModelAdminStub(channel).ExplainAssignment(pb.ExplainAssignmentRequest(user_id="u1")),
+        )
     text = server.app.metrics.exposition().decode()
     assert 'recsys_request_seconds_bucket{le="0.01",rpc="Rank",variant="control"}' in text
     assert 'recsys_request_errors_total{code="INVALID_ARGUMENT",rpc="Rank"}' in text
@@ -439,6 +444,7 @@ def test_exposure_log_reads_back_through_recsys_prepare(server: ServerThread, st
     from recsys.serving.exposure import read_exposures
 
     request = _rank_request("u2", _items(12), top_k=5, request_id="exp-check")
+    request.context["session_id"].text = "sess-42"
     response = stub.Rank(request)
     server.app.exposure.flush()
     log = read_exposures(server.app.exposure.directory)
@@ -447,6 +453,7 @@ def test_exposure_log_reads_back_through_recsys_prepare(server: ServerThread, st
     assert rows["position"].to_list() == list(range(5)) and set(rows["event_type"]) == {"impression"}
     assert rows["model_version"].to_list() == [response.model_version] * 5 and rows["variant"][0] == "control"
     np.testing.assert_allclose(rows["score"].to_numpy(), [i.score for i in response.items])
+    assert set(rows["session_id"]) == {"sess-42"} and rows["latency_ms"].n_unique() == 1 and rows["latency_ms"][0] > 0
 
     # Served impressions + what users did next -> prepare (catalogue items; the clicks follow exposures).
     data = PreparedData.load(artifacts["data"])

@@ -149,3 +149,13 @@ class RankingClient:
         return self.admin.Reload(
             pb.ReloadRequest(version=version or "", variant=variant or ""), timeout=timeout, metadata=self.metadata
         )
+
+    def explain_assignment(
+        self, user_id: str, request_id: str = "", context: Mapping[str, str | float] | None = None
+    ) -> dict[str, Any]:
+        """The experiment assignment of (user, request, context) on the server: buckets, checks, label."""
+        import json
+
+        request = pb.ExplainAssignmentRequest(user_id=user_id, request_id=request_id, context=_context(context))
+        reply = self.admin.ExplainAssignment(request, timeout=self.timeout, metadata=self.metadata)
+        return dict(json.loads(reply.json))

@@ -56,6 +56,10 @@ class ServeConfig:
     auth_all: bool = False
     grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
     watch_s: float = 0.0  # > 0: poll the registry pointer and hot-reload when it moves
+    # A/B experiments: the config routing requests to rankers (docs/experiments.md), re-read every
+    # experiments_poll_s seconds (a malformed edit is refused and the running config keeps serving).
+    experiments: Path | None = None
+    experiments_poll_s: float = 5.0
 
     def __post_init__(self) -> None:
         positive = {
@@ -80,6 +84,13 @@ class ServeConfig:
             raise ConfigError("workers, cold_wait_ms, cold_cache and max_features must be >= 0")
         if self.exposure_flush_s <= 0 or self.grace_s < 0 or self.watch_s < 0:
             raise ConfigError("exposure_flush_s must be > 0; grace_s and watch_s >= 0")
+        if self.experiments is not None and self.version is not None:
+            raise ConfigError(
+                "--version and --experiments exclude each other: the experiment config names each ranker's "
+                "version (model: VERSION or current)"
+            )
+        if self.experiments_poll_s < 0:
+            raise ConfigError("experiments_poll_s must be >= 0 (0 = never re-read the experiment config)")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:

@@ -14,11 +14,17 @@ documented substitutions:
 
 Unknown users have no stored history: the user tower returns its learned cold-start vector and the
 user features are those of a new user (FeatureState's own rule).
+
+Baseline rankers of an experiment config (`BaselineModel`) take `rank_baseline` / `recommend_baseline`:
+popularity reads the decayed item counts of the same live state (the `item_pop_7d` feature, checked
+equal by a test), random draws per request; both are one vectorised pass over the candidates (or the
+catalogue), with the same exclusion rules as `retrieve`.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
@@ -29,9 +35,9 @@ import polars as pl
 
 from recsys.data.prepared import Histories
 from recsys.data.schema import EVENT_CODES, StrengthRule
-from recsys.features import EventBatch, Features, FeatureState, request_keys
+from recsys.features import DAY_US, NEVER, EventBatch, Features, FeatureState, request_keys
 from recsys.ranker import score_request
-from recsys.serving.model import ItemCatalogue, ServingModel
+from recsys.serving.model import BaselineModel, ItemCatalogue, ServingModel
 from recsys.serving.validation import EventsInput, FieldError, HistoryInput
 
 # Sources of a scored item (values of the proto enum ItemSource).
@@ -247,6 +253,35 @@ def rank(
     return result
 
 
+def _excluded(
+    live: LiveState, user_id: str, t_us: int, exclude: Sequence[str], include_seen: bool, history: HistoryInput | None
+) -> tuple[Histories, np.ndarray]:
+    """(the user's history, item_idx never to recommend: excluded ids, and unless include_seen the
+    items the user interacted with). Call under the state's read lock."""
+    user = live.user_idx(user_id)
+    state = live.state
+    hist = (
+        history_arrays(history, live.catalogue, state.config.max_history, t_us)
+        if history is not None
+        else state.history(user, t_us)
+    )
+    banned = live.catalogue.lookup(list(exclude))
+    drop = [banned[banned >= 0]]
+    if not include_seen:
+        seen = state.user_item.row(user)[0] if user >= 0 else np.zeros(0, np.int64)
+        drop += [seen, hist.item_idx[hist.item_idx >= 0]]
+    return hist, np.concatenate(drop).astype(np.int64)
+
+
+def _top(scores: np.ndarray, k: int) -> np.ndarray:
+    """Positions of the k best finite scores, best first (ties: lower position first)."""
+    k = min(k, int(np.isfinite(scores).sum()))
+    if k <= 0:
+        return np.zeros(0, np.int64)
+    top = np.argpartition(-scores, k - 1)[:k]
+    return top[np.lexsort((top, -scores[top]))].astype(np.int64)
+
+
 def retrieve(
     model: ServingModel,
     live: LiveState,
@@ -259,25 +294,90 @@ def retrieve(
 ) -> np.ndarray:
     """Exact top-k item_idx by cosine over the whole catalogue (one [n_items, D] @ [D] product),
     minus excluded ids and (unless include_seen) items the user already interacted with."""
-    user = live.user_idx(user_id)
-    state = live.state
     with live.lock.read():
-        hist = (
-            history_arrays(history, live.catalogue, state.config.max_history, t_us)
-            if history is not None
-            else state.history(user, t_us)
-        )
-        seen = state.user_item.row(user)[0] if (user >= 0 and not include_seen) else np.zeros(0, np.int64)
+        hist, drop = _excluded(live, user_id, t_us, exclude, include_seen, history)
     u = model.user_vectors(hist.item_idx, hist.event_code, hist.age_s)[0]
     scores = model.item_emb @ u
-    banned = live.catalogue.lookup(list(exclude))
-    drop = [banned[banned >= 0]]
-    if not include_seen:
-        drop += [seen, hist.item_idx[hist.item_idx >= 0]]
-    scores[np.concatenate(drop).astype(np.int64)] = -np.inf
-    valid = int(np.isfinite(scores).sum())
-    k = min(k, valid)
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    top = np.argpartition(-scores, k - 1)[:k]
-    return top[np.argsort(-scores[top], kind="stable")].astype(np.int64)
+    scores[drop] = -np.inf
+    return _top(scores, k)
+
+
+# ------------------------------------------------------------------------------------------ baselines
+
+POPULARITY_DAYS = 7.0  # the popularity baseline reads the decay window closest to this
+
+
+def popularity_window(state: FeatureState) -> int:
+    """Index of the decay window the popularity baseline uses (closest to 7 days, log scale)."""
+    days = np.asarray(state.config.decay_days, np.float64)
+    return int(np.argmin(np.abs(np.log(days / POPULARITY_DAYS))))
+
+
+def popularity(state: FeatureState, item_idx: np.ndarray, t_us: int) -> np.ndarray:
+    """Decayed interaction counts [n] of item_idx (all >= 0) as of t_us: the ranker feature
+    item_pop_<window> (FeatureState.compute's own formula, clamped for times before the last event)."""
+    w = popularity_window(state)
+    tau = state.config.decay_days[w] * DAY_US
+    refs = state.item_decay_ref[item_idx]
+    age = np.where(refs == NEVER, 0, np.maximum(t_us - refs, 0)).astype(np.float64)
+    return np.asarray(state.item_decay[item_idx, w] * np.exp(-age / tau), np.float64)
+
+
+def _draws(user_id: str, request_id: str, n: int) -> np.ndarray:
+    """n uniform draws seeded by (user, request): deterministic per request, independent across requests."""
+    seed = int.from_bytes(hashlib.sha256(f"{user_id}\x00{request_id}".encode()).digest()[:8], "big")
+    return np.random.default_rng(seed).random(n)
+
+
+def rank_baseline(
+    model: BaselineModel,
+    live: LiveState,
+    user_id: str,
+    request_id: str,
+    item_idx: np.ndarray,
+    t_us: int,
+    top_k: int = 0,
+) -> Ranked:
+    """Order candidates item_idx [n] (-1 = not in the catalogue) by a baseline. Candidates the
+    catalogue does not know have no counts (popularity 0; their text is not encoded: source NO_TEXT)."""
+    n = len(item_idx)
+    known = item_idx >= 0
+    if model.kind == "random":
+        scores = _draws(user_id, request_id, n)
+    else:
+        scores = np.zeros(n, np.float64)
+        with live.lock.read():
+            scores[known] = popularity(live.state, item_idx[known], t_us)
+    k = n if top_k <= 0 else min(top_k, n)
+    order = np.argsort(-scores, kind="stable")[:k]
+    source = np.where(known, CATALOGUE, NO_TEXT).astype(np.int8)
+    return Ranked(order, scores, np.zeros(n, np.float64), source)
+
+
+def recommend_baseline(
+    model: BaselineModel,
+    live: LiveState,
+    user_id: str,
+    request_id: str,
+    t_us: int,
+    k: int,
+    exclude: Sequence[str],
+    include_seen: bool,
+    history: HistoryInput | None,
+) -> tuple[Ranked, np.ndarray]:
+    """Top-k of the whole catalogue by a baseline, with `retrieve`'s exclusions -> (Ranked over the
+    returned items, their item_idx)."""
+    n_items = len(live.catalogue.ids)
+    with live.lock.read():
+        _, drop = _excluded(live, user_id, t_us, exclude, include_seen, history)
+        if model.kind == "random":
+            scores = _draws(user_id, request_id, n_items)
+        else:
+            scores = popularity(live.state, np.arange(n_items), t_us)
+    scores[drop] = -np.inf
+    idx = _top(scores, k)
+    m = len(idx)
+    ranked = Ranked(
+        np.arange(m, dtype=np.int64), scores[idx], np.zeros(m, np.float64), np.full(m, CATALOGUE, np.int8)
+    )
+    return ranked, idx

@@ -2,7 +2,13 @@
 
     <dir>/part-<utc>-<pid>-<seq>.parquet   one row per served item: user_id, item_id,
         event_type="impression", timestamp (UTC, µs), request_id, position (0-based), model_version,
-        variant, score, match_score, source
+        variant, score, match_score, source, latency_ms, session_id
+
+`variant` is the label the router gave the request (with --experiments `{experiment}/{arm}@{config
+version}`, see docs/experiments.md); `latency_ms` is the server-side time of the request (receipt to
+scored list, the same for every row of a list) and `session_id` the request context's `session_id`
+(null when absent): `recsys experiment analyze` reads them for its latency guardrail and for
+session-randomised experiments.
 
 Pass the directory (or a copy of it merged with later events) to `recsys prepare --events`: a folder of
 .parquet files is one table, and impressions are the exposure events of the data contract.
@@ -41,6 +47,8 @@ SCHEMA: dict[str, Any] = {
     "score": pl.Float64,
     "match_score": pl.Float64,
     "source": pl.Utf8,
+    "latency_ms": pl.Float64,
+    "session_id": pl.Utf8,
 }
 SOURCE_NAMES = {1: "catalogue", 2: "encoded", 3: "no_text"}
 
@@ -79,6 +87,8 @@ class ExposureLog:
         scores: np.ndarray,
         match: np.ndarray,
         source: np.ndarray,
+        latency_ms: float | None = None,
+        session_id: str | None = None,
     ) -> None:
         """One served list, best first (position = index). Cheap: list extends under a lock."""
         k = len(item_ids)
@@ -99,6 +109,8 @@ class ExposureLog:
             c["score"].extend(np.asarray(scores, np.float64).tolist())
             c["match_score"].extend(np.asarray(match, np.float64).tolist())
             c["source"].extend(SOURCE_NAMES.get(int(s), "unknown") for s in source)
+            c["latency_ms"].extend([latency_ms] * k)
+            c["session_id"].extend([session_id] * k)
             self._pending += k
             due = self._pending >= self.flush_records
         if due:
@@ -162,4 +174,8 @@ def read_exposures(directory: Path | str) -> pl.DataFrame:
     parts = sorted(Path(directory).glob("*.parquet"))
     if not parts:
         return pl.DataFrame(schema=SCHEMA)
-    return pl.read_parquet(parts)
+    try:
+        return pl.read_parquet(parts)
+    except (pl.exceptions.SchemaError, pl.exceptions.ColumnNotFoundError):
+        # Parts written before latency_ms/session_id existed: missing columns read as nulls.
+        return pl.concat([pl.read_parquet(p) for p in parts], how="diagonal_relaxed")

@@ -4,12 +4,22 @@ must not collide on the global one)."""
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 from recsys.compat import require
+from recsys.experiments.assignment import parse_label
 
 # 0.25 ms .. 2.5 s: the interesting part for a 10 ms p99 target is below 50 ms.
 LATENCY_BUCKETS = (0.00025, 0.0005, 0.001, 0.002, 0.003, 0.005, 0.0075, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+
+@functools.lru_cache(maxsize=4096)
+def variant_series(label: str) -> str:
+    """The `variant` label value of a served variant: `group/arm` for experiment labels (the config
+    version and the #qa mark would start a new series at every config edit), else the label itself."""
+    parsed = parse_label(label)
+    return label if parsed is None else f"{parsed.group}/{parsed.arm}"
 
 
 class ServingMetrics:
@@ -18,7 +28,7 @@ class ServingMetrics:
         self.registry = prom.CollectorRegistry()
         r = self.registry
         self.latency = prom.Histogram(
-            "recsys_request_seconds", "RPC latency by method and variant", ["rpc", "variant"],
+            "recsys_request_seconds", "RPC latency by method and variant (experiment/arm)", ["rpc", "variant"],
             buckets=LATENCY_BUCKETS, registry=r,
         )
         self.errors = prom.Counter("recsys_request_errors_total", "Failed RPCs by method and status code", ["rpc", "code"], registry=r)

@@ -7,6 +7,9 @@ model they began with, and a version that fails any load step never becomes visi
 
 The ranker comes from `<version dir>/ranker/` when the export put one there (matcher and blender
 versioned together), else from the directory given with `--ranker`.
+
+A `BaselineModel` is what an experiment config's `baseline: popularity | random` ranker serves: no
+ONNX, no LightGBM, scores straight from the live feature state (`engine.rank_baseline`).
 """
 
 from __future__ import annotations
@@ -15,10 +18,10 @@ import logging
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
@@ -113,6 +116,26 @@ class ServingModel:
         return self.runtime.item_encoder.encode(list(texts))
 
 
+@dataclass(frozen=True)
+class BaselineModel:
+    """A model-free ranker (`baseline: popularity` or `random` in an experiment config).
+
+    popularity: score = the item's decayed interaction count (the ranker feature item_pop_7d, or
+    the decay window closest to 7 days) in the live feature state, as of the request time;
+    random: a uniform draw seeded by (user_id, request_id), so a retried request gets the same list."""
+
+    kind: str  # "popularity" | "random"
+    loaded_at: float = field(default_factory=time.time)
+
+    @property
+    def version(self) -> str:
+        """What the response's model_version and the exposure log say served the list."""
+        return f"baseline:{self.kind}"
+
+
+AnyModel: TypeAlias = ServingModel | BaselineModel
+
+
 class SingleThreadPredict:
     """LightGBM booster proxy whose predict runs on `threads` OpenMP threads. A 100-row predict takes
     ~0.1 ms on one thread but 20 ms with OpenMP's default pool on a loaded 2-core machine (threads spin
@@ -131,25 +154,29 @@ class SingleThreadPredict:
 
 
 class ModelHolder:
-    """An atomically replaceable reference to the model a variant serves."""
+    """An atomically replaceable reference to the model a variant (or experiment ranker) serves."""
 
-    def __init__(self, model: ServingModel) -> None:
+    def __init__(self, model: AnyModel) -> None:
         self._model = model
 
     @property
-    def current(self) -> ServingModel:
+    def current(self) -> AnyModel:
         return self._model
 
-    def swap(self, model: ServingModel) -> ServingModel:
+    def swap(self, model: AnyModel) -> AnyModel:
         old, self._model = self._model, model  # one reference assignment: atomic under the GIL
         return old
 
 
 class VariantRouter(Protocol):
-    """The A/B hook: which variant (and so which model) serves this request. Must be cheap, pure and
-    deterministic per (user, request) so a user sees a consistent variant."""
+    """The A/B hook: which variant label (and so which model) serves this request. Must be cheap, pure
+    and deterministic per (user, request, context) so a user sees a consistent variant. The context is
+    the request's (targeting keys, `session_id` for session units); `recsys.experiments.router.
+    ExperimentRouter` implements it."""
 
-    def __call__(self, user_id: str, request_id: str) -> tuple[str, ServingModel]: ...
+    def __call__(
+        self, user_id: str, request_id: str, context: Mapping[str, Any] | None = None
+    ) -> tuple[str, AnyModel]: ...
 
 
 class SingleVariantRouter:
@@ -159,7 +186,9 @@ class SingleVariantRouter:
         self.holders = holders
         self.variant = variant
 
-    def __call__(self, user_id: str, request_id: str) -> tuple[str, ServingModel]:
+    def __call__(
+        self, user_id: str, request_id: str, context: Mapping[str, Any] | None = None
+    ) -> tuple[str, AnyModel]:
         return self.variant, self.holders[self.variant].current
 
 

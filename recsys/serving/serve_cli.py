@@ -21,6 +21,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--precision", default="fp32", help="item tower: fp32, int8, fp16, auto (fp32)")
     model.add_argument("--watch-registry", type=float, default=0.0, metavar="SECONDS",
                        help="poll the registry's current pointer and hot-reload when it moves (0 = off)")
+    exp = parser.add_argument_group("A/B experiments")
+    exp.add_argument("--experiments", type=Path, metavar="FILE",
+                     help="experiment config (YAML, docs/experiments.md): route requests to its rankers; "
+                          "replaces --version (each ranker names its version); --ranker is the default blender")
+    exp.add_argument("--experiments-poll-s", type=float, default=5.0, metavar="SECONDS",
+                     help="re-read the experiment config this often; a malformed edit is refused and the "
+                          "running config keeps serving (5; 0 = never)")
     net = parser.add_argument_group("network and capacity")
     net.add_argument("--host", default="[::]", help="bind address ([::])")
     net.add_argument("--port", type=int, default=50051, help="gRPC port, 0 = any free port (50051)")
@@ -79,6 +86,7 @@ def run(args: argparse.Namespace) -> int:
         exposure_flush_s=args.exposure_flush_s, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=token or None, auth_all=args.auth_all, grace_s=args.grace_s, watch_s=args.watch_registry,
+        experiments=args.experiments, experiments_poll_s=args.experiments_poll_s,
     )
 
     def ready(port: int, metrics_port: int | None) -> None:

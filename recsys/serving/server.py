@@ -13,6 +13,7 @@ import contextlib
 import json
 import logging
 import signal
+import threading
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -21,7 +22,10 @@ import grpc
 import polars as pl
 
 from recsys.data.prepared import PreparedData
-from recsys.errors import ConfigError, InputError, ModelError
+from recsys.errors import ConfigError, ModelError
+from recsys.experiments.config import ExperimentConfig, RankerSpec, load_config
+from recsys.experiments.router import ConfigWatcher, ExperimentRouter, build_router
+from recsys.features import FeatureState
 from recsys.registry import Registry
 from recsys.serving.auth import TokenAuthInterceptor, server_credentials
 from recsys.serving.batching import ColdBatcher
@@ -32,8 +36,11 @@ from recsys.serving.metrics import ServingMetrics
 from recsys.serving.model import (
     CONTROL,
     RANKER_SUBDIR,
+    AnyModel,
+    BaselineModel,
     ItemCatalogue,
     ModelHolder,
+    ServingModel,
     SingleVariantRouter,
     VariantRouter,
     load_model,
@@ -46,11 +53,11 @@ log = logging.getLogger("recsys.serving")
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("RankingService", "ModelAdmin"))
 
 
-def _data_dir(config: ServeConfig, registry: Registry) -> Path:
+def _data_dir(config: ServeConfig, registry: Registry, version: str | None) -> Path:
     """The prepared dataset giving id maps and item texts: --data, else the ranker's training data."""
     if config.data is not None:
         return config.data
-    version_dir = registry.path(registry.resolve(config.version))
+    version_dir = registry.path(registry.resolve(version))
     ranker = version_dir / RANKER_SUBDIR if (version_dir / RANKER_SUBDIR).is_dir() else config.ranker
     meta_path = ranker / "ranker.json" if ranker is not None else None
     if meta_path is not None and meta_path.is_file():
@@ -61,28 +68,51 @@ def _data_dir(config: ServeConfig, registry: Registry) -> Path:
 
 
 class ServingApp:
-    """Everything the servicers share: models per variant, live features, logs, metrics, pools."""
+    """Everything the servicers share: models per variant, live features, logs, metrics, pools.
+
+    Without --experiments one holder, "control", serves every request. With --experiments there is one
+    holder per ranker name the config can route to (registry versions and baselines), an
+    `ExperimentRouter` choosing per request, and a `ConfigWatcher` re-reading the file: an edit is
+    parsed, validated, its new or changed rankers loaded (`_prepare_rankers`), and only then swapped
+    in; anything failing on the way leaves the running config and models serving."""
 
     def __init__(self, config: ServeConfig, router: VariantRouter | None = None) -> None:
         self.config = config
         self.registry = Registry(config.registry)
-        data = PreparedData.load(_data_dir(config, self.registry))
+        experiments: ExperimentConfig | None = None
+        if config.experiments is not None:
+            if router is not None:
+                raise ConfigError("pass either an experiment config or a router, not both")
+            experiments = load_config(config.experiments)  # fail fast, before any model loads
+        data = PreparedData.load(_data_dir(config, self.registry, _state_version(config, experiments)))
         items = data.items.sort("item_idx")
-        catalogue = ItemCatalogue.from_lists(
+        self.catalogue = ItemCatalogue.from_lists(
             items["item_id"].cast(pl.Utf8).to_list(), items["text"].cast(pl.Utf8).fill_null("").to_list()
         )
-        model = load_model(
-            self.registry, config.version, catalogue, None, config.ranker,
-            config.provider, config.precision, config.ort_threads, config.cold_cache,
-        )
-        assert model.initial_state is not None
-        users = data.users.sort("user_idx")["user_id"].cast(pl.Utf8).to_list()
-        self.live = LiveState(model.initial_state, users, catalogue)
-        model.initial_state = None
-        self.holders = {CONTROL: ModelHolder(model)}
-        self.router: VariantRouter = router or SingleVariantRouter(self.holders)
+        self._users = data.users.sort("user_idx")["user_id"].cast(pl.Utf8).to_list()
+        self._live: LiveState | None = None  # set by the first model load
         self.metrics = ServingMetrics()
-        self.metrics.set_model(CONTROL, model.version)
+        self.holders: dict[str, ModelHolder] = {}
+        self.specs: dict[str, RankerSpec | None] = {}  # what each holder was loaded from (None: --version)
+        self._models_lock = threading.Lock()  # one config's rankers load at a time
+        self._idle: set[str] = set()  # holders no config traffic reached at the last prune
+        self.experiments: ExperimentRouter[AnyModel] | None = None
+        self.watcher: ConfigWatcher | None = None
+        if experiments is None:
+            self._install(self._load_all({CONTROL: None}))
+            self.router: VariantRouter = router or SingleVariantRouter(self.holders)
+        else:
+            assert config.experiments is not None
+            self.experiments, self.watcher = build_router(
+                config.experiments, resolve=lambda name: self.holders[name].current, prepare=self._prepare_rankers
+            )
+            self.router = self.experiments
+            c = self.experiments.config
+            log.info(
+                "experiment config %s (version %s): %s; rankers %s",
+                config.experiments, c.version, ", ".join(e.name for _, e in c.experiments()) or "no experiments",
+                ", ".join(f"{n}={self.holders[n].current.version}" for n in sorted(self.holders)),
+            )
         self.executor = ThreadPoolExecutor(config.threads, thread_name_prefix="rank")
         self.reload_executor = ThreadPoolExecutor(1, thread_name_prefix="reload")
         self.batcher = ColdBatcher(self.executor, config.cold_batch, config.cold_wait_ms / 1000)
@@ -95,6 +125,148 @@ class ServingApp:
         self.draining = False
         self.reload_lock = asyncio.Lock()
 
+    @property
+    def live(self) -> LiveState:
+        """The feature state kept current by the events RPCs (shared by every model)."""
+        assert self._live is not None, "no model loaded yet"
+        return self._live
+
+    # ---------------------------------------------------------------- models per ranker
+
+    def ranker_dir(self, name: str) -> Path | None:
+        return self._ranker_dir(self.specs.get(name))
+
+    def _ranker_dir(self, spec: RankerSpec | None) -> Path | None:
+        """The LightGBM ranker directory used when a version has no ranker/ of its own: the config's
+        `blender` (a relative path is taken from the config file's folder), else --ranker."""
+        if spec is None or not spec.blender:
+            return self.config.ranker
+        path = Path(spec.blender).expanduser()
+        if not path.is_absolute() and self.config.experiments is not None:
+            path = self.config.experiments.parent / path
+        return path
+
+    def _build(self, spec: RankerSpec | None, state: FeatureState | None) -> AnyModel:
+        cfg = self.config
+        if spec is not None and spec.baseline is not None:
+            return BaselineModel(spec.baseline)
+        version = cfg.version if spec is None else (None if spec.model == "current" else spec.model)
+        return load_model(
+            self.registry, version, self.catalogue, state, self._ranker_dir(spec),
+            cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
+        )
+
+    def _load_all(
+        self, wanted: dict[str, RankerSpec | None], preferred: str = CONTROL
+    ) -> dict[str, tuple[RankerSpec | None, AnyModel]]:
+        """Load every wanted ranker beside the serving ones (nothing is installed: a failure leaves
+        the service as it was). At startup the first model loaded (`preferred` if it is one) brings
+        the saved feature state that becomes the live one; later loads must fit the live state."""
+        state = self._live.state if self._live is not None else None
+        order = sorted(wanted, key=lambda n: (_is_baseline(wanted[n]), n != preferred, n))
+        # Rankers with the same pinned spec share one model (memory: item embeddings, ONNX sessions).
+        shared: dict[RankerSpec, AnyModel] = {
+            spec: self.holders[n].current
+            for n, spec in self.specs.items()
+            if spec is not None and spec.model not in (None, "current") and n in self.holders
+            and self.holders[n].current.version == spec.model  # not since replaced by an admin Reload
+        }
+        staged: dict[str, tuple[RankerSpec | None, AnyModel]] = {}
+        for name in order:
+            spec = wanted[name]
+            model = shared.get(spec) if spec is not None else None
+            if model is None:
+                model = self._build(spec, state)
+                if state is None and isinstance(model, ServingModel):
+                    state = model.initial_state
+                if spec is not None:
+                    shared[spec] = model
+            staged[name] = (spec, model)
+        if self._live is None:
+            if state is None:  # only baselines: the feature state comes from a ranker directory
+                state = self._saved_state()
+            self._live = LiveState(state, self._users, self.catalogue)
+        return staged
+
+    def _saved_state(self) -> FeatureState:
+        from recsys.ranker import Ranker
+
+        own = self.registry.path(self.registry.resolve(self.config.version)) / RANKER_SUBDIR
+        path = own if own.is_dir() else self.config.ranker
+        if path is None:
+            raise ModelError(
+                "an experiment config with only baseline rankers needs a feature state: pass --ranker "
+                "(or serve a registry version with a ranker/ directory)"
+            )
+        return Ranker.load(path).load_state()
+
+    def _install(self, staged: dict[str, tuple[RankerSpec | None, AnyModel]]) -> None:
+        for name, (spec, model) in staged.items():
+            if isinstance(model, ServingModel):
+                model.initial_state = None
+            holder = self.holders.get(name)
+            if holder is None:
+                self.holders[name] = ModelHolder(model)
+                previous = None
+            else:
+                previous = holder.swap(model).version
+            self.specs[name] = spec
+            self.metrics.set_model(name, model.version, previous)
+            if previous is not None:
+                log.info("ranker %s: %s -> %s (experiment config)", name, previous, model.version)
+
+    def _prepare_rankers(self, config: ExperimentConfig) -> None:
+        """The watcher's `prepare` hook (and the startup load): load the rankers `config` routes to
+        that are not loaded as it specifies (new names, or a changed model/blender/baseline), all of
+        them before installing any. Runs on the watcher's thread."""
+        with self._models_lock:
+            wanted: dict[str, RankerSpec | None] = {
+                name: config.rankers[name]
+                for name in sorted(config.used_rankers())
+                if name not in self.holders or self.specs.get(name) != config.rankers[name]
+            }
+            if wanted:
+                self._install(self._load_all(wanted, config.default_ranker))
+
+    def prune(self) -> list[str]:
+        """Unload rankers the running config no longer routes to, once they were already idle at the
+        previous call (a request that read the old config just before a swap still resolves)."""
+        if self.experiments is None:
+            return []
+        used = self.experiments.config.used_rankers()
+        with self._models_lock:
+            idle = {name for name in self.holders if name not in used}
+            dropped = sorted(idle & self._idle)
+            for name in dropped:
+                model = self.holders.pop(name).current
+                self.specs.pop(name, None)
+                with contextlib.suppress(KeyError):
+                    self.metrics.model.remove(name, model.version)
+                log.info("ranker %s (%s) unloaded: the experiment config no longer routes to it", name, model.version)
+            self._idle = idle - set(dropped)
+        return dropped
+
+    @property
+    def default_variant(self) -> str:
+        """What Reload reloads when no variant is named."""
+        return self.experiments.config.default_ranker if self.experiments is not None else CONTROL
+
+    def follows_registry(self, name: str) -> bool:
+        """Does holder `name` track the registry's current pointer (--watch-registry)?"""
+        if name not in self.specs:
+            return False
+        spec = self.specs[name]
+        return spec is None or spec.model == "current"
+
+    def experiment_status(self) -> dict[str, Any] | None:
+        if self.watcher is None:
+            return None
+        status = self.watcher.status()
+        status["name"] = self.watcher.config.name
+        return status
+
+    # ---------------------------------------------------------------- timers
+
     async def reload(self, variant: str, version: str | None) -> tuple[str, str, float]:
         return await reload_model(self, variant, version)
 
@@ -103,7 +275,7 @@ class ServingApp:
         period = min(self.config.exposure_flush_s, self.config.watch_s or 1.0, 0.5)
         next_watch = 0.0
         loop = asyncio.get_running_loop()
-        failed: str | None = None
+        failed: dict[str, str | None] = {}
         while True:
             await asyncio.sleep(period)
             if self.exposure is not None:
@@ -113,19 +285,51 @@ class ServingApp:
             self.batcher.batch_sizes.clear()
             if self.config.watch_s and loop.time() >= next_watch:
                 next_watch = loop.time() + self.config.watch_s
-                try:
-                    current = self.registry.current()
-                    if current and current not in (self.holders[CONTROL].current.version, failed):
-                        await self.reload(CONTROL, current)
-                except (InputError, ModelError, grpc.RpcError, Exception) as exc:  # keep serving
-                    failed = current
-                    log.error("registry watch: version %s refused: %s", current, exc)
+                current: str | None = None
+                for name in [n for n in sorted(self.holders.copy()) if self.follows_registry(n)]:
+                    try:
+                        current = self.registry.current()
+                        holder = self.holders.get(name)
+                        if holder and current and current not in (holder.current.version, failed.get(name)):
+                            await self.reload(name, current)
+                    except Exception as exc:  # keep serving
+                        failed[name] = current
+                        log.error("registry watch: version %s refused for %s: %s", current, name, exc)
+
+    async def watch_experiments(self) -> None:
+        """Re-read the experiment config every experiments_poll_s (file I/O and model loads in a
+        thread, so request handling and the exposure timers never wait on them)."""
+        interval = self.config.experiments_poll_s
+        if self.watcher is None or not interval:
+            return
+        while True:
+            await asyncio.sleep(interval)
+            try:
+                await asyncio.to_thread(self.watcher.poll)  # refusals are logged and kept in status()
+            except Exception:
+                log.exception("experiment config watch failed; still serving version %s", self.watcher.config.version)
+            self.prune()
 
     def close(self) -> None:
         if self.exposure is not None:
             self.exposure.close()
         self.executor.shutdown(wait=True)
         self.reload_executor.shutdown(wait=True)
+
+
+def _is_baseline(spec: RankerSpec | None) -> bool:
+    return spec is not None and spec.baseline is not None
+
+
+def _state_version(config: ServeConfig, experiments: ExperimentConfig | None) -> str | None:
+    """The registry version whose ranker names the prepared dataset when --data is not given."""
+    if experiments is not None:
+        spec = experiments.rankers[experiments.default_ranker]
+        specs = [spec, *(experiments.rankers[n] for n in sorted(experiments.used_rankers()))]
+        for s in specs:
+            if s.model is not None:
+                return None if s.model == "current" else s.model
+    return config.version
 
 
 class RankingServer:
@@ -143,6 +347,7 @@ class RankingServer:
     async def start(self) -> None:
         await self.grpc.start()
         self._tasks.append(asyncio.ensure_future(self.app.background()))
+        self._tasks.append(asyncio.ensure_future(self.app.watch_experiments()))
         cfg = self.app.config
         if cfg.metrics_port is not None:
             self.metrics_http, self.metrics_port = self.app.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
@@ -209,10 +414,10 @@ async def serve(config: ServeConfig, ready: Any = None) -> None:
     stop = asyncio.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    model = server.app.holders[CONTROL].current
+    models = ", ".join(f"{name}={h.current.version}" for name, h in sorted(server.app.holders.items()))
     log.info(
-        "serving model %s on port %d (%s; metrics %s)",
-        model.version, port, "TLS" if config.tls_cert else "plaintext", server.metrics_port,
+        "serving %s on port %d (%s; metrics %s)",
+        models, port, "TLS" if config.tls_cert else "plaintext", server.metrics_port,
     )
     if ready is not None:
         ready(port, server.metrics_port)

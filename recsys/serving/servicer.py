@@ -2,7 +2,8 @@
 
     FieldError / InputError      -> INVALID_ARGUMENT (field path in the message and in the
                                     `invalid-field` trailing metadata)
-    ModelError                   -> FAILED_PRECONDITION (e.g. a broken version on Reload)
+    ModelError                   -> FAILED_PRECONDITION (e.g. a broken version on Reload; a baseline
+                                    ranker on Reload; ExplainAssignment without --experiments)
     ServiceError(code)           -> that code: RESOURCE_EXHAUSTED (shed), UNAVAILABLE (draining),
                                     NOT_FOUND (unknown version or variant)
     deadline passed              -> DEADLINE_EXCEEDED
@@ -13,6 +14,7 @@ from __future__ import annotations
 
 import asyncio
 import functools
+import json
 import logging
 import time
 from collections.abc import Awaitable, Callable
@@ -22,11 +24,14 @@ import grpc
 import numpy as np
 
 from recsys.errors import ConfigError, InputError, ModelError
+from recsys.experiments.assignment import SESSION_KEY
+from recsys.experiments.config import context_text
 from recsys.serving import engine
-from recsys.serving.model import CONTROL, load_model
+from recsys.serving.metrics import variant_series
+from recsys.serving.model import BaselineModel, ServingModel, load_model
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
-from recsys.serving.validation import FieldError, events_input, rank_input, recommend_input
+from recsys.serving.validation import FieldError, assignment_input, events_input, rank_input, recommend_input
 
 if TYPE_CHECKING:
     from recsys.serving.server import ServingApp
@@ -92,7 +97,7 @@ class Handler:
         failure: tuple[grpc.StatusCode, str, str | None] | None = None
         try:
             response, variant = await work()
-            metrics.latency.labels(rpc, variant).observe(time.perf_counter() - started)
+            metrics.latency.labels(rpc, variant_series(variant)).observe(time.perf_counter() - started)
             return response
         except Exception as exc:
             code, message = status_for(exc)
@@ -151,30 +156,42 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         return await self.handler.call("Rank", context, lambda: self._rank(request, context))
 
     async def _rank(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, str]:
+        started = time.perf_counter()
         app = self.app
         inp = rank_input(request, app.config)
-        variant, model = app.router(inp.user_id, inp.request_id)
+        variant, model = app.router(inp.user_id, inp.request_id, inp.context)
         idx = app.live.catalogue.lookup(inp.item_ids)
-        has_text = np.fromiter((bool(t) for t in inp.texts), bool, len(inp.texts))
-        cold = np.flatnonzero((idx < 0) & has_text)
-        vectors = await app.batcher.encode(model, [inp.texts[i] for i in cold]) if len(cold) else None
-        ranked = await self.handler.run(
-            context, engine.rank, model, app.live, inp.user_id, idx, inp.time_us, inp.context, inp.extra,
-            inp.history, vectors, has_text, inp.top_k, inp.explain,
+        if isinstance(model, BaselineModel):
+            ranked = await self.handler.run(
+                context, engine.rank_baseline, model, app.live, inp.user_id, inp.request_id, idx, inp.time_us, inp.top_k
+            )
+        else:
+            has_text = np.fromiter((bool(t) for t in inp.texts), bool, len(inp.texts))
+            cold = np.flatnonzero((idx < 0) & has_text)
+            vectors = await app.batcher.encode(model, [inp.texts[i] for i in cold]) if len(cold) else None
+            ranked = await self.handler.run(
+                context, engine.rank, model, app.live, inp.user_id, idx, inp.time_us, inp.context, inp.extra,
+                inp.history, vectors, has_text, inp.top_k, inp.explain,
+            )
+        return self._respond(
+            pb.RankResponse, inp.request_id, inp.user_id, inp.time_us, inp.item_ids, ranked, model.version, variant,
+            inp.explain, started, inp.context,
         )
-        return self._respond(pb.RankResponse, inp.request_id, inp.user_id, inp.time_us, inp.item_ids, ranked, model.version, variant, inp.explain)
 
     def _respond(
         self, cls: Any, request_id: str, user_id: str, t_us: int, ids: list[str], ranked: engine.Ranked,
-        version: str, variant: str, explain: bool,
+        version: str, variant: str, explain: bool, started: float, context: dict[str, str | float],
     ) -> tuple[Any, str]:
         app = self.app
+        latency_ms = (time.perf_counter() - started) * 1000.0
         response = cls(request_id=request_id, items=_items(ranked, ids, explain), model_version=version, variant=variant)
         order = ranked.order
         if app.exposure is not None:
+            session = context.get(SESSION_KEY)
             app.exposure.append(
                 request_id, user_id, t_us, version, variant, [ids[i] for i in order.tolist()],
                 ranked.scores[order], ranked.match[order], ranked.source[order],
+                latency_ms=latency_ms, session_id=context_text(session) if session not in (None, "") else None,
             )
             app.metrics.exposures.inc(len(order))
         counts = np.bincount(ranked.source, minlength=4)
@@ -187,11 +204,17 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         return await self.handler.call("Recommend", context, lambda: self._recommend(request, context))
 
     async def _recommend(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, str]:
+        started = time.perf_counter()
         app = self.app
         inp = recommend_input(request, app.config)
-        variant, model = app.router(inp.user_id, inp.request_id)
+        variant, model = app.router(inp.user_id, inp.request_id, inp.context)
 
         def work() -> tuple[engine.Ranked, np.ndarray]:
+            if isinstance(model, BaselineModel):
+                return engine.recommend_baseline(
+                    model, app.live, inp.user_id, inp.request_id, inp.time_us, inp.top_k, inp.exclude,
+                    inp.include_seen, inp.history,
+                )
             idx = engine.retrieve(
                 model, app.live, inp.user_id, inp.time_us, inp.retrieve_k, inp.exclude, inp.include_seen, inp.history
             )
@@ -206,7 +229,10 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
 
         ranked, idx = await self.handler.run(context, work)
         ids = [app.live.catalogue.ids[i] for i in idx.tolist()]
-        return self._respond(pb.RecommendResponse, inp.request_id, inp.user_id, inp.time_us, ids, ranked, model.version, variant, inp.explain)
+        return self._respond(
+            pb.RecommendResponse, inp.request_id, inp.user_id, inp.time_us, ids, ranked, model.version, variant,
+            inp.explain, started, inp.context,
+        )
 
     async def _apply(self, requests: list[Any], context: grpc.aio.ServicerContext) -> tuple[int, int, int]:
         app = self.app
@@ -245,47 +271,81 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
         async def work() -> tuple[Any, str]:
             app = self.app
             variants = []
-            for name, holder in sorted(app.holders.items()):
+            for name, holder in sorted(app.holders.copy().items()):
                 m = holder.current
-                variants.append(
-                    pb.VariantInfo(
+                if isinstance(m, BaselineModel):
+                    info = pb.VariantInfo(
+                        variant=name, model_version=m.version, baseline=m.kind,
+                        catalogue_items=len(app.live.catalogue.ids), loaded_at=_timestamp(m.loaded_at * 1e6),
+                    )
+                else:
+                    info = pb.VariantInfo(
                         variant=name, model_version=m.version, ranker=str(m.ranker_path),
                         feature_names=list(m.ranker.feature_names), catalogue_items=len(m.item_emb),
                         loaded_at=_timestamp(m.loaded_at * 1e6), providers=list(m.providers),
                     )
-                )
-            return pb.GetModelInfoResponse(
+                variants.append(info)
+            response = pb.GetModelInfoResponse(
                 variants=variants, registry=str(app.registry.root), known_users=len(app.live.users),
                 events_applied=app.live.events_applied,
                 exposures_written=app.exposure.written if app.exposure is not None else 0,
-            ), "-"
+            )
+            status = app.experiment_status()
+            if status is not None:
+                exp = response.experiments
+                exp.path, exp.config_version, exp.name = status["path"], status["version"], status["name"]
+                exp.loaded_at.CopyFrom(_timestamp(status["loaded_at"] * 1e6))
+                exp.refused = int(status["refused"])
+                if status["last_error"]:
+                    exp.last_error = status["last_error"]
+                    exp.last_error_at.CopyFrom(_timestamp(status["last_error_at"] * 1e6))
+            return response, "-"
 
         return await self.handler.call("GetModelInfo", context, work, shed=False)
 
     async def Reload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> tuple[Any, str]:
-            variant = request.variant or CONTROL
+            variant = request.variant or self.app.default_variant
             old, new, seconds = await self.app.reload(variant, request.version or None)
             return pb.ReloadResponse(variant=variant, previous_version=old, model_version=new, load_seconds=seconds), variant
 
         return await self.handler.call("Reload", context, work, shed=False)
 
+    async def ExplainAssignment(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
+        async def work() -> tuple[Any, str]:
+            app = self.app
+            router = app.experiments
+            if router is None:
+                raise ModelError("this server runs without an experiment config (start it with --experiments FILE)")
+            inp = assignment_input(request, app.config)
+            debug = router.debug(inp.user_id, inp.request_id, inp.context, inp.time_us)
+            return pb.ExplainAssignmentResponse(
+                json=json.dumps(debug, sort_keys=True), label=debug["label"], ranker=debug["ranker"],
+                config_version=debug["config_version"],
+            ), "-"
+
+        return await self.handler.call("ExplainAssignment", context, work, shed=False)
+
 
 async def reload_model(app: ServingApp, variant: str, version: str | None) -> tuple[str, str, float]:
     """Load `version` (None: registry current) beside the serving model, then swap. Serialised; a
-    failure leaves the serving model in place and is reported (FAILED_PRECONDITION / NOT_FOUND)."""
+    failure leaves the serving model in place and is reported (FAILED_PRECONDITION / NOT_FOUND).
+    With --experiments a variant is a ranker name of the config; baselines have nothing to reload."""
     holder = app.holders.get(variant)
     if holder is None:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown variant {variant!r}: serving {sorted(app.holders)}")
+    if isinstance(holder.current, BaselineModel):
+        raise ModelError(f"{variant!r} serves the {holder.current.kind} baseline: there is no model version to reload")
     async with app.reload_lock:
         started = time.perf_counter()
         cfg = app.config
+        ranker_dir = app.ranker_dir(variant)
         loop = asyncio.get_running_loop()
         try:
-            model = await loop.run_in_executor(
+            model: ServingModel = await loop.run_in_executor(
                 app.reload_executor,
                 lambda: load_model(
-                    app.registry, version, app.live.catalogue, app.live.state, cfg.ranker,
+                    app.registry, version, app.live.catalogue, app.live.state, ranker_dir,
                     cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
                 ),
             )

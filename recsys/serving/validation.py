@@ -215,6 +215,24 @@ def recommend_input(request: Any, cfg: ServeConfig) -> RecommendInput:
     )
 
 
+@dataclass(frozen=True)
+class AssignmentInput:
+    user_id: str
+    request_id: str
+    context: dict[str, str | float]
+    time_us: int
+
+
+def assignment_input(request: Any, cfg: ServeConfig) -> AssignmentInput:
+    """ExplainAssignment: the inputs of the experiment assignment (request_id may be empty)."""
+    return AssignmentInput(
+        user_id=_id(request.user_id, "user_id", cfg.max_id_chars),
+        request_id=_id(request.request_id, "request_id", cfg.max_id_chars, required=False),
+        context=_context(request.context, cfg),
+        time_us=_ts(request, "request_time", now_us()),
+    )
+
+
 def events_input(requests: list[Any], cfg: ServeConfig) -> EventsInput:
     """One or more LogEventsRequest messages -> aligned event arrays."""
     events = [e for r in requests for e in r.events]

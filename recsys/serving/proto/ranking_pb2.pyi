@@ -209,7 +209,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VariantInfo(_message.Message):
-    __slots__ = ("variant", "model_version", "ranker", "feature_names", "catalogue_items", "loaded_at", "providers")
+    __slots__ = ("variant", "model_version", "ranker", "feature_names", "catalogue_items", "loaded_at", "providers", "baseline")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
@@ -217,6 +217,7 @@ class VariantInfo(_message.Message):
     CATALOGUE_ITEMS_FIELD_NUMBER: _ClassVar[int]
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
+    BASELINE_FIELD_NUMBER: _ClassVar[int]
     variant: str
     model_version: str
     ranker: str
@@ -224,21 +225,42 @@ class VariantInfo(_message.Message):
     catalogue_items: int
     loaded_at: _timestamp_pb2.Timestamp
     providers: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, variant: _Optional[str] = ..., model_version: _Optional[str] = ..., ranker: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., catalogue_items: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ...) -> None: ...
+    baseline: str
+    def __init__(self, variant: _Optional[str] = ..., model_version: _Optional[str] = ..., ranker: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., catalogue_items: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., baseline: _Optional[str] = ...) -> None: ...
+
+class ExperimentInfo(_message.Message):
+    __slots__ = ("path", "config_version", "loaded_at", "last_error", "last_error_at", "refused", "name")
+    PATH_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    LOADED_AT_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_FIELD_NUMBER: _ClassVar[int]
+    LAST_ERROR_AT_FIELD_NUMBER: _ClassVar[int]
+    REFUSED_FIELD_NUMBER: _ClassVar[int]
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    path: str
+    config_version: str
+    loaded_at: _timestamp_pb2.Timestamp
+    last_error: str
+    last_error_at: _timestamp_pb2.Timestamp
+    refused: int
+    name: str
+    def __init__(self, path: _Optional[str] = ..., config_version: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., refused: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("variants", "registry", "known_users", "events_applied", "exposures_written")
+    __slots__ = ("variants", "registry", "known_users", "events_applied", "exposures_written", "experiments")
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
     KNOWN_USERS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EXPOSURES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
+    EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
     registry: str
     known_users: int
     events_applied: int
     exposures_written: int
-    def __init__(self, variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., registry: _Optional[str] = ..., known_users: _Optional[int] = ..., events_applied: _Optional[int] = ..., exposures_written: _Optional[int] = ...) -> None: ...
+    experiments: ExperimentInfo
+    def __init__(self, variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., registry: _Optional[str] = ..., known_users: _Optional[int] = ..., events_applied: _Optional[int] = ..., exposures_written: _Optional[int] = ..., experiments: _Optional[_Union[ExperimentInfo, _Mapping]] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ("version", "variant")
@@ -259,3 +281,34 @@ class ReloadResponse(_message.Message):
     model_version: str
     load_seconds: float
     def __init__(self, variant: _Optional[str] = ..., previous_version: _Optional[str] = ..., model_version: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+
+class ExplainAssignmentRequest(_message.Message):
+    __slots__ = ("user_id", "request_id", "context", "request_time")
+    class ContextEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: ContextValue
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[_Union[ContextValue, _Mapping]] = ...) -> None: ...
+    USER_ID_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_ID_FIELD_NUMBER: _ClassVar[int]
+    CONTEXT_FIELD_NUMBER: _ClassVar[int]
+    REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    user_id: str
+    request_id: str
+    context: _containers.MessageMap[str, ContextValue]
+    request_time: _timestamp_pb2.Timestamp
+    def __init__(self, user_id: _Optional[str] = ..., request_id: _Optional[str] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+
+class ExplainAssignmentResponse(_message.Message):
+    __slots__ = ("json", "label", "ranker", "config_version")
+    JSON_FIELD_NUMBER: _ClassVar[int]
+    LABEL_FIELD_NUMBER: _ClassVar[int]
+    RANKER_FIELD_NUMBER: _ClassVar[int]
+    CONFIG_VERSION_FIELD_NUMBER: _ClassVar[int]
+    json: str
+    label: str
+    ranker: str
+    config_version: str
+    def __init__(self, json: _Optional[str] = ..., label: _Optional[str] = ..., ranker: _Optional[str] = ..., config_version: _Optional[str] = ...) -> None: ...

@@ -253,6 +253,11 @@ class ModelAdminStub:
                 request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadRequest.SerializeToString,
                 response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadResponse.FromString,
                 _registered_method=True)
+        self.ExplainAssignment = channel.unary_unary(
+                '/recsys.v1.ModelAdmin/ExplainAssignment',
+                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentRequest.SerializeToString,
+                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentResponse.FromString,
+                _registered_method=True)
 
 
 class ModelAdminServicer:
@@ -273,6 +278,14 @@ class ModelAdminServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ExplainAssignment(self, request, context):
+        """The A/B assignment of one (user, request, context) under the running experiment config: every
+        bucket and check behind it, as JSON (FAILED_PRECONDITION when serving without --experiments).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -285,6 +298,11 @@ def add_ModelAdminServicer_to_server(servicer, server):
                     servicer.Reload,
                     request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadRequest.FromString,
                     response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadResponse.SerializeToString,
+            ),
+            'ExplainAssignment': grpc.unary_unary_rpc_method_handler(
+                    servicer.ExplainAssignment,
+                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentRequest.FromString,
+                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -342,6 +360,33 @@ class ModelAdmin:
             '/recsys.v1.ModelAdmin/Reload',
             recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadRequest.SerializeToString,
             recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExplainAssignment(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/recsys.v1.ModelAdmin/ExplainAssignment',
+            recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentRequest.SerializeToString,
+            recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentResponse.FromString,
             options,
             channel_credentials,
             insecure,
