@@ -33,6 +33,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("experiment", "validate"), "recsys.experiments.cli:validate", "check an experiment config and summarise its traffic"),
     (("experiment", "assign"), "recsys.experiments.cli:assign", "preview experiment assignment for a list of units"),
     (("experiment", "analyze"), "recsys.experiments.cli:analyze", "analyse an experiment: exposures + events -> lifts, CIs, SRM"),
+    (("retrain",), "training.retrain_cli", "retrain on new events + exposure logs, compare with the current version, promote if not worse"),
     (("demo",), "recsys.demo", "run the whole pipeline on generated data"),
 ]
 

@@ -1,0 +1,101 @@
+"""Publish one registry version holding everything the service needs: matcher + blender + checkpoint.
+
+    <version>/manifest.json, item*.onnx, user.onnx, tokenizer.json, embeddings/   (training/export.py)
+    <version>/ranker/       LightGBM blender trained against *this* exported matcher (recsys/ranker.py)
+    <version>/checkpoint/   the torch checkpoint it was exported from, so a retrain can warm-start
+                            from the production version itself
+
+Why one mechanism: the blender learns from the match scores of one specific matcher, so the two must
+be versioned, promoted and rolled back together. The ranker is trained against the *exported* ONNX
+towers (through the serving runtime), not the torch model, so it sees the scores serving will produce.
+Every file (ranker and checkpoint included) is hashed into the manifest, so a corrupted blender is
+refused at load like a corrupted ONNX file.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import shutil
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from recsys.data.prepared import PreparedData
+from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
+from training.export import ExportConfig, export_checkpoint
+from training.ranker import RankerConfig, load_registry_matcher, train_ranker
+
+log = logging.getLogger(__name__)
+
+RANKER_DIR = "ranker"
+CHECKPOINT_DIR = "checkpoint"
+# Resume state (optimizer, scheduler) and plots are not needed to warm-start: keep versions small.
+_CHECKPOINT_SKIP = {"state", "training_curves.png"}
+
+
+def copy_checkpoint(src: Path, dst: Path) -> None:
+    """Copy the model files of a matcher checkpoint (not its resume state)."""
+    dst.mkdir(parents=True, exist_ok=True)
+    for entry in sorted(src.iterdir()):
+        if entry.name in _CHECKPOINT_SKIP or entry.name.startswith("."):
+            continue
+        if entry.is_dir():
+            shutil.copytree(entry, dst / entry.name)
+        else:
+            shutil.copy2(entry, dst / entry.name)
+
+
+def _files_under(root: Path, sub: str) -> list[str]:
+    return sorted(str(p.relative_to(root)) for p in (root / sub).rglob("*") if p.is_file())
+
+
+def publish_version(
+    checkpoint: Path | str,
+    registry: Registry | Path | str,
+    data: PreparedData | Path | str,
+    *,
+    ranker_config: RankerConfig | None = None,
+    export_config: ExportConfig | None = None,
+    promote: bool = False,
+    extra: Mapping[str, Any] | None = None,
+) -> str:
+    """Export `checkpoint`, train the blender against the staged export, register; -> version.
+
+    `data` must be the prepared dataset the checkpoint was trained on: the matcher learnt from its
+    "train" window and the ranker learns from its "valid" window, so the match scores it sees are
+    out-of-sample. `extra` is merged into the manifest (e.g. retrain lineage). Nothing is registered
+    when any step fails; the staging directory is removed.
+    """
+    registry = registry if isinstance(registry, Registry) else Registry(registry)
+    prepared = data if isinstance(data, PreparedData) else PreparedData.load(data)
+    checkpoint = Path(checkpoint)
+    staging = registry.staging_dir()
+    try:
+        result = export_checkpoint(checkpoint, staging, export_config, prepared.root)
+        # A provisional manifest, so the staged directory reads like a version (load_registry_matcher).
+        provisional = {"format": FORMAT, "version": None, **result.manifest,
+                       "files": hash_files(staging, result.hashed)}
+        (staging / MANIFEST).write_text(json.dumps(provisional, indent=1))
+        matcher = load_registry_matcher(staging, prepared)
+        trained = train_ranker(prepared, staging / RANKER_DIR, matcher, ranker_config,
+                               matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)")
+        copy_checkpoint(checkpoint, staging / CHECKPOINT_DIR)
+        hashed = [*result.hashed, *_files_under(staging, RANKER_DIR), *_files_under(staging, CHECKPOINT_DIR)]
+        manifest = {
+            **result.manifest,
+            "kind": "matcher+ranker",
+            "ranker": {"path": RANKER_DIR, "best_iteration": trained.best_iteration, "metrics": trained.metrics},
+            "checkpoint": {"path": CHECKPOINT_DIR, "source": str(checkpoint.resolve())},
+            "data": {"path": str(prepared.root.resolve()), "cutoffs": prepared.manifest.get("cutoffs"),
+                     "rows": prepared.manifest.get("rows")},
+            **(dict(extra) if extra else {}),
+        }
+        version = registry.register(staging, manifest, hashed)
+    except BaseException:
+        registry.discard(staging)
+        raise
+    log.info("published %s (matcher + ranker + checkpoint) in %s", version, registry.root)
+    if promote:
+        registry.promote(version)
+    return version

@@ -1,0 +1,390 @@
+"""Continual learning: new events + exposure logs -> warm-started candidate -> compare -> promote or not.
+
+    1. data     base prepared events + new event files + exposure logs (served lists = impressions),
+                validated together and prepared into WORKDIR/data with the base's settings (the
+                global time split's latest window becomes the fresh holdout);
+    2. matcher  warm-started from the production version's own checkpoint (<version>/checkpoint/), with
+                its training settings unless overridden;
+    3. publish  export + blender trained against the staged export + checkpoint, registered, not promoted
+                (training/pipeline.py: the one publishing mechanism);
+    4. compare  candidate vs current on the same holdout, both scored by the same code:
+                blend NDCG@10 over the holdout's request groups (point-in-time features from
+                recsys/features.py, each version's matcher and LightGBM ranker) and matcher Recall@10
+                in full ranking over the holdout users; paired bootstrap intervals of the deltas;
+    5. decide   promote iff no gated metric drops by more than `tolerance` (absolute); the registry
+                pointer moves, and a server with `watch_s > 0` hot-reloads it.
+Writes WORKDIR/retrain_report.json and .md saying what was compared and why it was (not) promoted.
+
+The feature definitions are pinned to the current version's ranker, so a running server (whose live
+feature state has those definitions) can swap the candidate in without a restart.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass, field, fields, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+
+from recsys.data.prepare import PrepareConfig, prepare_tables
+from recsys.data.prepared import Histories, PreparedData
+from recsys.data.readers import RawTables, read_table
+from recsys.data.validate import validate
+from recsys.errors import ConfigError, InputError
+from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
+from recsys.evaluation.metrics import per_user_metrics, top_k
+from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
+from recsys.ranker import Ranker, grouped_ndcg
+from recsys.registry import Registry
+from recsys.serving.exposure import read_exposures
+from training.export import ExportConfig
+from training.pipeline import CHECKPOINT_DIR, RANKER_DIR, publish_version
+from training.ranker import (
+    RankerConfig,
+    build_group_features,
+    load_registry_matcher,
+    request_groups,
+    sampled_groups,
+)
+
+log = logging.getLogger(__name__)
+
+REPORT_JSON = "retrain_report.json"
+REPORT_MD = "retrain_report.md"
+METRICS = ("ndcg@10", "recall@10", "matcher_ndcg@10")
+_EVENT_BASE = ("user_id", "item_id", "event_type", "timestamp", "value", "request_id", "position")
+# Columns prepare adds; dropped before re-validating the base tables.
+_DERIVED = ("user_idx", "item_idx", "strength", "split_global", "split_loo", "split_tail", "text", "first_seen")
+
+
+@dataclass(frozen=True)
+class RetrainConfig:
+    registry: Path
+    out: Path
+    data: Path | None = None  # base prepared dataset; None: the one the current version was trained on
+    events: tuple[Path, ...] = ()
+    exposures: tuple[Path, ...] = ()
+    tolerance: float = 0.005  # absolute drop allowed on each gated metric
+    promote_metric: str = "ndcg@10"
+    guard_metrics: tuple[str, ...] = ("recall@10",)
+    promote: bool = True  # False: evaluate and report only
+    on_invalid: str = "drop"  # production logs carry some bad rows (unknown items): drop and count
+    warm_start: Path | None = None  # default: <current version>/checkpoint
+    matcher_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    ranker: RankerConfig | None = None  # default features: pinned to the current ranker's
+    export: ExportConfig = field(default_factory=ExportConfig)
+    bootstrap: int = 1000
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in (self.promote_metric, *self.guard_metrics):
+            if name not in METRICS:
+                raise ConfigError(f"unknown promotion metric {name!r}: use one of {', '.join(METRICS)}")
+        if not 0 <= self.tolerance < 1:
+            raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
+        if self.bootstrap < 0:
+            raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+
+    @property
+    def gated(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys((self.promote_metric, *self.guard_metrics)))
+
+
+# --------------------------------------------------------------------------------------------------
+# Data
+# --------------------------------------------------------------------------------------------------
+
+
+def exposure_events(directory: Path) -> pl.DataFrame:
+    """The exposure log as impression events (canonical columns only: serving's own columns such
+    as model_version/variant must not become request-context features)."""
+    if not Path(directory).is_dir():
+        raise InputError(f"--exposures {directory} is not a directory (pass the server's --exposure-dir)")
+    log_rows = read_exposures(directory)
+    return log_rows.select("user_id", "item_id", "event_type", "timestamp", "request_id", "position")
+
+
+def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence[Path],
+                 context: Sequence[str]) -> tuple[RawTables, dict[str, int]]:
+    """Base events + new events + exposures as one raw table (re-validated by the caller).
+
+    Keeps the canonical columns plus the base's request-context columns; new files may lack them."""
+    keep = [*_EVENT_BASE, *[c for c in context if c not in _EVENT_BASE]]
+    base_events = base.events().collect()
+    frames = [base_events.select([c for c in keep if c in base_events.columns])]
+    counts = {"base": base_events.height}
+    for path in events:
+        frame = read_table(Path(path), "events")
+        frames.append(frame.select([c for c in frame.columns if c in keep]))
+        counts[f"events:{Path(path).name}"] = frame.height
+    for directory in exposures:
+        frame = exposure_events(Path(directory))
+        frames.append(frame)
+        counts[f"exposures:{Path(directory).name}"] = frame.height
+    # Text ids and UTC timestamps everywhere, so frames from different writers concatenate.
+    frames = [f.with_columns(pl.col(c).cast(pl.Utf8) for c in ("user_id", "item_id", "request_id", "event_type")
+                             if c in f.columns) for f in frames]
+    merged = pl.concat(frames, how="diagonal_relaxed")
+    items = base.items.sort("item_idx").drop([c for c in _DERIVED if c in base.items.columns])
+    users = base.users.drop([c for c in _DERIVED if c in base.users.columns])
+    sources = {"events": f"{base.root}/events.parquet + {len(events)} new event file(s) + {len(exposures)} exposure log(s)",
+               "items": str(base.root / "items.parquet"), "users": str(base.root / "users.parquet")}
+    return RawTables(merged, items, users if users.width > 1 else None, sources), counts
+
+
+def prepare_fresh(base: PreparedData, config: RetrainConfig, context: Sequence[str]) -> tuple[PreparedData, dict[str, Any]]:
+    raw, counts = merge_tables(base, config.events, config.exposures, context)
+    clean, report = validate(raw, on_invalid=config.on_invalid)
+    # The base's settings, but fraction cutoffs: explicit dates would not cover the new window.
+    known = {f.name for f in fields(PrepareConfig)}
+    settings = {k: v for k, v in base.manifest.get("config", {}).items() if k in known}
+    prep = replace(PrepareConfig(**settings), valid_start=None, test_start=None)
+    manifest = prepare_tables(clean.events, clean.items, clean.users, config.out / "data", prep,
+                              inputs=raw.sources, validation=report.to_dict())
+    return PreparedData.load(config.out / "data"), {"input_rows": counts, "validation": report.to_dict(),
+                                                     "prepared": {"rows": manifest["rows"], "cutoffs": manifest["cutoffs"]}}
+
+
+# --------------------------------------------------------------------------------------------------
+# Matcher
+# --------------------------------------------------------------------------------------------------
+
+
+def matcher_config(checkpoint: Path, data: Path, out: Path, overrides: dict[str, Any]) -> Any:
+    """TrainConfig for a warm start: the production run's settings (its training report, else the
+    checkpoint's model config), the new data, then explicit overrides."""
+    from training.matcher.train import TrainConfig
+
+    known = {f.name for f in fields(TrainConfig)}
+    settings: dict[str, Any] = {}
+    report = checkpoint / "training_report.json"
+    if report.is_file():
+        settings.update(json.loads(report.read_text()).get("config", {}))
+    model_cfg = checkpoint / "matcher_config.json"
+    if model_cfg.is_file():
+        raw = json.loads(model_cfg.read_text())
+        settings.update({k: raw[k] for k in ("max_history", "max_text_tokens", "temperature", "dropout", "item_head")
+                         if k in raw})
+    settings.update({"data": str(data), "out": str(out), "warm_start": str(checkpoint), "base_model": None,
+                     "resume": False, "max_steps": 0, "progress": False})
+    settings.update(overrides)
+    return TrainConfig(**{k: v for k, v in settings.items() if k in known})
+
+
+# --------------------------------------------------------------------------------------------------
+# Comparison
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class VersionScores:
+    """Per-unit metrics of one version on the holdout: blend NDCG per request group, matcher
+    Recall/NDCG per user (same units, same order for every version: paired comparisons)."""
+
+    version: str
+    group_ndcg: np.ndarray | None
+    user_recall: np.ndarray
+    user_ndcg: np.ndarray
+
+    def summary(self) -> dict[str, float | None]:
+        def mean(a: np.ndarray | None) -> float | None:
+            return float(np.nanmean(a)) if a is not None and len(a) else None
+
+        return {"ndcg@10": mean(self.group_ndcg), "recall@10": mean(self.user_recall),
+                "matcher_ndcg@10": mean(self.user_ndcg)}
+
+    def units(self, metric: str) -> np.ndarray | None:
+        return {"ndcg@10": self.group_ndcg, "recall@10": self.user_recall, "matcher_ndcg@10": self.user_ndcg}[metric]
+
+
+def score_version(version_dir: Path, data: PreparedData, events: pl.DataFrame, k: int = 10,
+                  label_gain: Sequence[float] = RankerConfig().label_gain, seed: int = 0) -> VersionScores:
+    """Holdout = the global "test" window of `data` (after everything either version trained on)."""
+    matcher = load_registry_matcher(version_dir, data)
+    frame = data.eval_set("global", "test")
+    hist = Histories.from_frame(frame)
+    ranked = top_k(matcher_scores(matcher, hist), k, exclude=data.seen_items(frame))
+    users = per_user_metrics(ranked, [np.asarray(t, np.int64) for t in frame["target_item_idx"].to_list()], k)
+
+    group_ndcg = None
+    if (version_dir / RANKER_DIR).is_dir():
+        ranker = Ranker.load(version_dir / RANKER_DIR)
+        test_start = to_us(data.manifest["cutoffs"]["test_start"])
+        state = FeatureState.build(data.items, events, before=test_start, config=ranker.feature_config,
+                                   n_users=data.users.height)
+        context = list(state.config.context_columns or ())
+        has_impressions = bool(events.filter(pl.col("request_id").is_not_null() & (pl.col("strength") <= 0)).height)
+        groups = (request_groups(events, test_start, context) if has_impressions
+                  else sampled_groups(data, events, test_start, RankerConfig().negatives, seed))
+        table = build_group_features(state, EventBatch.from_frame(events), groups, matcher)
+        scores = ranker.score(table.matrix, table.names)
+        group_ndcg = grouped_ndcg(scores, table.labels, table.sizes, k, label_gain)
+    return VersionScores(version_dir.name, group_ndcg, users.recall, users.ndcg)
+
+
+def compare(current: VersionScores, candidate: VersionScores, gated: Sequence[str], tolerance: float,
+            n_boot: int = 1000, seed: int = 0) -> dict[str, Any]:
+    """Per metric: both values, delta (candidate - current), paired bootstrap interval, verdict."""
+    cur, cand = current.summary(), candidate.summary()
+    rows: dict[str, Any] = {}
+    reasons: list[str] = []
+    promote = True
+    for metric in METRICS:
+        a, b = candidate.units(metric), current.units(metric)
+        row: dict[str, Any] = {"current": cur[metric], "candidate": cand[metric], "gated": metric in gated}
+        if a is None or b is None:
+            row.update(delta=None, note="not available for both versions (no ranker/ in one of them)")
+        else:
+            ok = ~(np.isnan(a) | np.isnan(b))
+            row["delta"] = float(np.mean(a[ok] - b[ok])) if ok.any() else None
+            row["units"] = int(ok.sum())
+            if n_boot and ok.any():
+                row["bootstrap95"] = paired_bootstrap(a[ok], b[ok], n_boot, seed)
+        if metric in gated:
+            if row["delta"] is None:
+                reasons.append(f"{metric}: not comparable ({row.get('note', 'no holdout units')}), not gated")
+            elif row["delta"] < -tolerance:
+                promote = False
+                reasons.append(f"{metric} dropped by {-row['delta']:.4f} ({row['current']:.4f} -> "
+                               f"{row['candidate']:.4f}), more than the tolerance {tolerance}")
+            else:
+                reasons.append(f"{metric} {row['current']:.4f} -> {row['candidate']:.4f} "
+                               f"(delta {row['delta']:+.4f}, tolerance -{tolerance})")
+        rows[metric] = row
+    if not any(rows[m]["gated"] and rows[m]["delta"] is not None for m in METRICS):
+        promote = False
+        reasons.append("no gated metric could be compared: not promoting blind")
+    return {"promote": promote, "metrics": rows, "reasons": reasons}
+
+
+# --------------------------------------------------------------------------------------------------
+# The loop
+# --------------------------------------------------------------------------------------------------
+
+
+def _current_feature_config(version_dir: Path) -> FeatureConfig | None:
+    meta = version_dir / RANKER_DIR / "ranker.json"
+    if not meta.is_file():
+        return None
+    return FeatureConfig.from_dict(json.loads(meta.read_text())["feature_config"])
+
+
+def _base_data(config: RetrainConfig, manifest: dict[str, Any]) -> Path:
+    if config.data is not None:
+        return config.data
+    recorded = (manifest.get("data") or {}).get("path") or (manifest.get("source") or {}).get("data")
+    if not recorded:
+        raise InputError("pass --data BASE_PREPARED: the current version does not record its training data")
+    return Path(recorded)
+
+
+def retrain(config: RetrainConfig) -> dict[str, Any]:
+    """Run the loop (see the module docstring); returns the report (also written to config.out)."""
+    started = time.perf_counter()
+    timings: dict[str, float] = {}
+
+    def lap(name: str, since: float) -> float:
+        now = time.perf_counter()
+        timings[name] = round(now - since, 2)
+        return now
+
+    registry = Registry(config.registry)
+    current = registry.resolve(None)
+    current_dir = registry.path(current)
+    manifest = registry.manifest(current)
+    warm = config.warm_start or current_dir / CHECKPOINT_DIR
+    if not (warm / "matcher_config.json").is_file():
+        raise InputError(
+            f"model version {current} has no {CHECKPOINT_DIR}/ to warm-start from ({warm}); publish versions "
+            f"with training.pipeline.publish_version, or pass --warm-start CHECKPOINT"
+        )
+    features = _current_feature_config(current_dir)
+    ranker_cfg = config.ranker or RankerConfig()
+    if features is not None and ranker_cfg.features == FeatureConfig():
+        ranker_cfg = replace(ranker_cfg, features=features)  # same definitions as the live server
+    base = PreparedData.load(_base_data(config, manifest))
+    config.out.mkdir(parents=True, exist_ok=True)
+    t = time.perf_counter()
+
+    data, data_report = prepare_fresh(base, config, list(ranker_cfg.features.context_columns or ()))
+    t = lap("prepare", t)
+
+    from training.matcher.train import train
+
+    train_cfg = matcher_config(warm, data.root, config.out / "matcher", config.matcher_overrides)
+    train_report = train(train_cfg)
+    t = lap("train_matcher", t)
+
+    candidate = publish_version(
+        config.out / "matcher", registry, data, ranker_config=ranker_cfg, export_config=config.export,
+        promote=False, extra={"lineage": {"parent": current, "warm_start": str(warm), "retrain_out": str(config.out)}},
+    )
+    t = lap("publish", t)
+
+    events = data.events().sort("timestamp", maintain_order=True).collect()
+    cur_scores = score_version(current_dir, data, events, label_gain=ranker_cfg.label_gain, seed=config.seed)
+    cand_scores = score_version(registry.path(candidate), data, events, label_gain=ranker_cfg.label_gain,
+                                seed=config.seed)
+    verdict = compare(cur_scores, cand_scores, config.gated, config.tolerance, config.bootstrap, config.seed)
+    t = lap("evaluate", t)
+
+    promoted = False
+    if verdict["promote"] and config.promote:
+        registry.promote(candidate)
+        promoted = True
+    elif verdict["promote"]:
+        verdict["reasons"].append("would promote, but promotion is off (--no-promote)")
+    timings["total"] = round(time.perf_counter() - started, 2)
+    report = {
+        "current": current,
+        "candidate": candidate,
+        "promoted": promoted,
+        "registry_current": registry.current(),
+        "decision": {"tolerance": config.tolerance, "promote_metric": config.promote_metric,
+                     "gated": list(config.gated), "reasons": verdict["reasons"]},
+        "metrics": verdict["metrics"],
+        "holdout": {"window": "global test split of the fresh data", "from": data.manifest["cutoffs"]["test_start"],
+                    "request_groups": None if cand_scores.group_ndcg is None else len(cand_scores.group_ndcg),
+                    "users": len(cand_scores.user_recall)},
+        "data": {"base": str(base.root), "fresh": str(data.root), **data_report},
+        "matcher": {"warm_start": str(warm), "config": asdict(train_cfg),
+                    "valid": train_report.get("fine_tuned", {}).get("valid"),
+                    "best_epoch": train_report.get("best_epoch")},
+        "seconds": timings,
+    }
+    (config.out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
+    (config.out / REPORT_MD).write_text(markdown(report))
+    log.info("retrain: candidate %s %s (current %s)", candidate, "PROMOTED" if promoted else "not promoted", current)
+    return report
+
+
+def markdown(report: dict[str, Any]) -> str:
+    def fmt(v: Any, sign: str = "") -> str:
+        return "n/a" if v is None else format(v, f"{sign}.4f")
+
+    verdict = "PROMOTED" if report["promoted"] else "NOT promoted"
+    lines = [
+        f"# Retrain: {report['candidate']} {verdict} (current was {report['current']})", "",
+        f"Holdout: {report['holdout']['window']}, from {report['holdout']['from']}: "
+        f"{report['holdout']['request_groups']} request groups, {report['holdout']['users']} users.", "",
+        "| metric | gated | current | candidate | delta | paired 95% CI |", "|---|---|---|---|---|---|",
+    ]
+    for name, row in report["metrics"].items():
+        ci = row.get("bootstrap95")
+        interval = f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else "n/a"
+        lines.append(f"| {name} | {'yes' if row['gated'] else 'no'} | {fmt(row['current'])} | "
+                     f"{fmt(row['candidate'])} | {fmt(row['delta'], '+')} | {interval} |")
+    lines += ["", f"Decision (tolerance {report['decision']['tolerance']}):", ""]
+    lines += [f"- {r}" for r in report["decision"]["reasons"]]
+    rows = report["data"]["prepared"]["rows"]
+    dropped = report["data"]["validation"].get("dropped") or {}
+    lines += ["", f"Data: {rows['events']:,} events ({rows['interactions']:,} interactions) from "
+              f"{report['data']['input_rows']}; dropped by validation: {dropped or 'none'}.",
+              f"Timings (s): {report['seconds']}.", ""]
+    return "\n".join(lines)
