@@ -1,6 +1,7 @@
 """The continual-learning loop end to end: publish -> serve (real gRPC, exposure log) -> simulated clicks
--> `recsys retrain` -> promoted -> hot reload without failed requests; and a retrain on corrupted
-clicks that is genuinely worse on the clean holdout and is not promoted."""
+-> `recsys retrain` -> promoted -> hot reload without failed requests; and a retrain on a corrupted
+catalogue update (texts joined to the wrong items) that is genuinely worse on the clean, pinned holdout
+and is not promoted."""
 
 from __future__ import annotations
 
@@ -178,11 +179,11 @@ def loop(prepared_dir: Path, synthetic_log: Any, tmp_path_factory: pytest.TempPa
     server.stop()
 
 
-def _retrain(env: dict[str, Any], out: Path, *events: Path, gate: tuple[str, ...] = ()) -> dict[str, Any]:
+def _retrain(env: dict[str, Any], out: Path, *events: Path, extra: tuple[str, ...] = ()) -> dict[str, Any]:
     args = ["retrain", "--registry", str(env["registry"].root), "--out", str(out), "--exposures", str(env["exposures"])]
     for path in events:
         args += ["--events", str(path)]
-    assert main([*args, *FAST, *gate]) == 0
+    assert main([*args, *FAST, *extra]) == 0
     report: dict[str, Any] = json.loads((out / "retrain_report.json").read_text())
     assert (out / "retrain_report.md").read_text().startswith(f"# Retrain: {report['candidate']}")
     return report
@@ -214,11 +215,13 @@ def test_served_traffic_retrains_promotes_and_hot_reloads(loop: dict[str, Any]) 
     thread = threading.Thread(target=hammer)
     thread.start()
     try:
-        # Gate on the matcher (day-one -> trained). On this traffic the retrained blender is NOT better
-        # than the day-one one (it leans on match_score; category affinity ranks these slates better),
-        # which the default gate (blend NDCG@10 + Recall@10) rightly refuses: see the assertions below.
+        # Gate on the matcher (day-one -> trained). The blend is not gated here: on these slates the
+        # day-one blender's category/tag affinity already captures the planted topic preference, and no
+        # blender retrained on the ~170 fresh request groups beats it on the holdout (measured: 0.60-0.65
+        # vs 0.65 over LightGBM settings, feature subsets and continued boosting), so the default gate
+        # rightly refuses a blend that is not better; both blends are still scored and reported.
         report = _retrain(loop, loop["base"] / "work_good", loop["clicks"],
-                          gate=("--promote-metric", "recall@10", "--no-guard"))
+                          extra=("--promote-metric", "recall@10", "--no-guard"))
         assert report["current"] == loop["v1"] and report["promoted"], report["decision"]
         v2 = report["candidate"]
         assert registry.current() == v2 and registry.history()[-1] == loop["v1"]
@@ -243,45 +246,36 @@ def test_served_traffic_retrains_promotes_and_hot_reloads(loop: dict[str, Any]) 
     registry.verify(v2)
 
 
-@pytest.mark.slow
-@pytest.mark.xfail(strict=False, reason="anti-preference clicks early in the training window do not make the "
-                   "warm-started candidate worse (validation-based checkpoint selection on the clean valid window "
-                   "protects it): a corruption that genuinely hurts is still to be designed")
-def test_corrupted_clicks_make_a_worse_candidate_that_is_not_promoted(loop: dict[str, Any], synthetic_log: Any) -> None:
-    """A broken tracking job backfills clicks on what users dislike into the training window."""
+def test_corrupted_catalogue_makes_a_worse_candidate_that_is_not_promoted(loop: dict[str, Any], synthetic_log: Any) -> None:
+    """A catalogue update from a broken join (texts attached to the item one row down): the candidate's
+    item embeddings lose the topic signal, while the current version is scored with its own stored
+    embeddings on the same, clean, pinned holdout. Not promoted; the report says why."""
     from recsys.data.prepared import PreparedData
 
     registry = loop["registry"]
     keep = registry.current()
     assert keep != loop["v1"]  # the previous test promoted a trained model
-    pref, topic = synthetic_log.user_topic_pref, synthetic_log.item_topic
-    rng = np.random.default_rng(5)
-    base = PreparedData.load(registry.manifest(keep)["lineage"]["retrain_out"] + "/data")
-    start = base.events().select(pl.col("timestamp").min()).collect().item()
-    valid_start = datetime.fromisoformat(base.manifest["cutoffs"]["valid_start"])
-    n = 2 * base.manifest["rows"]["interactions"]
-    users = rng.integers(0, len(pref), size=n)
-    disliked = [np.flatnonzero(pref[u, topic] < 0.01) for u in range(len(pref))]
-    items = np.array([rng.choice(disliked[u]) if len(disliked[u]) else rng.integers(0, len(topic)) for u in users])
-    span = (valid_start - start).total_seconds()
-    noise = pl.DataFrame({
-        "user_id": [f"u{x}" for x in users], "item_id": [f"i{x}" for x in items], "event_type": "click",
-        # Early in the window: the holdout users' recent histories (what both versions read) stay clean.
-        "timestamp": [start + timedelta(seconds=float(s)) for s in rng.random(n) * span * 0.5],
-    })
-    noise.write_parquet(loop["base"] / "noise.parquet")
+    holdout = registry.manifest(keep)["data"]["cutoffs"]["test_start"]  # the holdout keep was promoted on
+    items = synthetic_log.items
+    text = ("title", "description", "tags")
+    broken = items.select("item_id", *[pl.col(c).shift(-1).fill_null(pl.col(c).first()) for c in text])
+    assert (broken["title"] != items["title"]).all()
+    broken.write_parquet(loop["base"] / "items_update.parquet")
 
-    report = _retrain(loop, loop["base"] / "work_bad", loop["clicks"], loop["base"] / "noise.parquet")
+    out = loop["base"] / "work_bad"
+    report = _retrain(loop, out, extra=("--items", str(loop["base"] / "items_update.parquet"),
+                                        "--holdout-start", holdout))
     assert report["current"] == keep and not report["promoted"], report["decision"]
     assert registry.current() == keep
+    assert report["data"]["input_rows"]["items:items_update.parquet:changed"] == items.height
+    assert report["holdout"]["from"] == holdout  # pinned: the same clean window keep was judged on
     recall = report["metrics"]["recall@10"]
-    assert recall["candidate"] < recall["current"] - 0.005, recall  # genuinely worse, not a coin flip
+    assert recall["candidate"] < recall["current"] - 0.05, recall  # genuinely worse, not a coin flip
     assert recall["bootstrap95"]["hi"] < 0
-    assert any("recall@10 dropped" in r for r in report["decision"]["reasons"])
-    # The holdout was clean: every injected click lies in the candidate's training window.
-    fresh = PreparedData.load(loop["base"] / "work_bad" / "data")
-    latest: datetime = noise["timestamp"].max()  # type: ignore[assignment]
-    assert latest < datetime.fromisoformat(fresh.manifest["cutoffs"]["valid_start"])
+    assert any("recall@10 dropped by" in r for r in report["decision"]["reasons"]), report["decision"]
+    assert "recall@10 dropped by" in (out / "retrain_report.md").read_text()
+    fresh = PreparedData.load(out / "data")  # the update was applied: the candidate read the broken texts
+    assert fresh.items["text"].to_list() != PreparedData.load(registry.manifest(keep)["data"]["path"]).items["text"].to_list()
     pb = loop["pb"]
     request = pb.RankRequest(request_id="after-bad", user_id="u1", top_k=3)
     request.candidates.extend(pb.Candidate(item_id=f"i{j}") for j in range(10))

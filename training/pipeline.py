@@ -59,12 +59,15 @@ def publish_version(
     export_config: ExportConfig | None = None,
     promote: bool = False,
     extra: Mapping[str, Any] | None = None,
+    ranker_init: Path | str | None = None,
 ) -> str:
     """Export `checkpoint`, train the blender against the staged export, register; -> version.
 
     `data` must be the prepared dataset the checkpoint was trained on: the matcher learnt from its
     "train" window and the ranker learns from its "valid" window, so the match scores it sees are
-    out-of-sample. `extra` is merged into the manifest (e.g. retrain lineage). Nothing is registered
+    out-of-sample. `extra` is merged into the manifest (e.g. retrain lineage). `ranker_init`: a
+    previous blender (model.txt) the new one may continue from or keep (`train_ranker(init_model=)`,
+    chosen on the blender's early-stopping holdout). Nothing is registered
     when any step fails; the staging directory is removed.
     """
     registry = registry if isinstance(registry, Registry) else Registry(registry)
@@ -79,13 +82,15 @@ def publish_version(
         (staging / MANIFEST).write_text(json.dumps(provisional, indent=1))
         matcher = load_registry_matcher(staging, prepared)
         trained = train_ranker(prepared, staging / RANKER_DIR, matcher, ranker_config,
-                               matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)")
+                               matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)",
+                               init_model=ranker_init)
         copy_checkpoint(checkpoint, staging / CHECKPOINT_DIR)
         hashed = [*result.hashed, *_files_under(staging, RANKER_DIR), *_files_under(staging, CHECKPOINT_DIR)]
         manifest = {
             **result.manifest,
             "kind": "matcher+ranker",
-            "ranker": {"path": RANKER_DIR, "best_iteration": trained.best_iteration, "metrics": trained.metrics},
+            "ranker": {"path": RANKER_DIR, "best_iteration": trained.best_iteration, "metrics": trained.metrics,
+                       "selection": trained.selection},
             "checkpoint": {"path": CHECKPOINT_DIR, "source": str(checkpoint.resolve())},
             "data": {"path": str(prepared.root.resolve()), "cutoffs": prepared.manifest.get("cutoffs"),
                      "rows": prepared.manifest.get("rows")},

@@ -298,6 +298,7 @@ class TrainResult:
     feature_names: tuple[str, ...]
     importance: dict[str, float]
     table: GroupTable
+    selection: dict[str, Any] | None = None  # with init_model: which blender was kept, and why
 
 
 def _cutoff_us(data: PreparedData, name: str) -> int:
@@ -325,8 +326,16 @@ def train_ranker(
     matcher: EmbeddingMatcher | None = None,
     config: RankerConfig | None = None,
     matcher_ref: str | None = None,
+    init_model: Path | str | None = None,
 ) -> TrainResult:
-    """Build point-in-time groups, train LambdaMART with early stopping, evaluate, save (no pickle)."""
+    """Build point-in-time groups, train LambdaMART with early stopping, evaluate, save (no pickle).
+
+    `init_model` (a previous blender's model.txt over the same feature names): continual learning on
+    a small fresh window. Three blenders compete on the early-stopping holdout (groups no tree was fit
+    on): a fresh one, the previous one continued with new trees (early-stopped), and the previous one
+    as it is. The best is saved, and the choice recorded in ranker.json ("selection"). Why: a window
+    of a hundred or two request groups is too little to relearn what the previous blender knows, and
+    a fresh blender fit on it can be worse than keeping that one (measured in training/retrain.py)."""
     started = time.perf_counter()
     config = config or RankerConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
@@ -390,8 +399,14 @@ def train_ranker(
         ],
     )
     best = int(booster.best_iteration or config.num_rounds)
-
     k, gain = config.eval_at, config.label_gain
+    selection: dict[str, Any] | None = None
+    if init_model is not None:
+        booster, best, selection = _select_blender(
+            lgb, params, config, dfit, fit, stop, booster, best, Path(init_model), table.names
+        )
+
+
     metrics: dict[str, Any] = {}
     for name, part in (("holdout", stop), ("test", tst)):
         if not len(part.sizes):
@@ -437,6 +452,7 @@ def train_ranker(
             "test_from": data.manifest["cutoffs"]["test_start"],
         },
         "metrics": metrics,
+        "selection": selection,
         "data": str(data.root),
         "matcher": matcher_ref,
         "seconds": round(time.perf_counter() - started, 2),
@@ -444,7 +460,61 @@ def train_ranker(
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     (out_dir / IMPORTANCE_FILE).write_text(json.dumps({"type": "gain", "importance": importance}, indent=2))
     state.save(out_dir / STATE_DIR)
-    return TrainResult(out_dir, metrics, best, table.names, importance, table)
+    return TrainResult(out_dir, metrics, best, table.names, importance, table, selection)
+
+
+def _select_blender(
+    lgb: Any,
+    params: dict[str, Any],
+    config: RankerConfig,
+    dfit: Any,
+    fit: GroupTable,
+    stop: GroupTable,
+    fresh: Any,
+    fresh_best: int,
+    init_model: Path,
+    names: tuple[str, ...],
+) -> tuple[Any, int, dict[str, Any]]:
+    """Fresh vs previous-continued vs previous-as-is, by NDCG on the early-stopping holdout."""
+    previous = lgb.Booster(model_file=str(init_model))
+    if list(previous.feature_name()) != list(names):
+        log.warning("ranker init model %s has other features: training a fresh blender only", init_model)
+        return fresh, fresh_best, {"chosen": "fresh", "init_model": str(init_model),
+                                   "note": "init model has other feature names: not used"}
+    k, gain = config.eval_at, config.label_gain
+
+    def ndcg(b: Any, iteration: int) -> float:
+        return float(np.nanmean(grouped_ndcg(b.predict(stop.matrix, num_iteration=iteration),
+                                             stop.labels, stop.sizes, k, gain)))
+
+    base_iter = previous.current_iteration()
+    dstop = lgb.Dataset(stop.matrix, stop.labels, group=stop.sizes, reference=dfit, free_raw_data=False)
+    continued = lgb.train(
+        params,
+        lgb.Dataset(fit.matrix, fit.labels, group=fit.sizes, feature_name=list(names), free_raw_data=False),
+        num_boost_round=config.num_rounds,
+        init_model=previous,
+        valid_sets=[dstop],
+        valid_names=["holdout"],
+        callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
+    )
+    # best_iteration counts the init model's trees too (LightGBM continues its iteration count).
+    cont_best = int(continued.best_iteration or continued.current_iteration())
+    options = {
+        "fresh": (fresh, fresh_best),
+        "continued": (continued, cont_best),
+        "previous": (lgb.Booster(model_file=str(init_model)), base_iter),
+    }
+    scores = {name: ndcg(b, it) for name, (b, it) in options.items()}
+    chosen = max(scores, key=lambda n: scores[n])  # first wins ties: fresh, then continued
+    log.info("blender selection on the early-stopping holdout: %s -> %s", scores, chosen)
+    booster, best = options[chosen]
+    return booster, best, {
+        "chosen": chosen,
+        "holdout_ndcg": scores,
+        "new_trees": {"fresh": fresh_best, "continued": cont_best - base_iter, "previous": 0},
+        "init_model": str(init_model),
+    }
 
 
 def load_registry_matcher(version_dir: Path | str, data: PreparedData) -> EmbeddingMatcher:

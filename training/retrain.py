@@ -1,8 +1,12 @@
 """Continual learning: new events + exposure logs -> warm-started candidate -> compare -> promote or not.
 
-    1. data     base prepared events + new event files + exposure logs (served lists = impressions),
-                validated together and prepared into WORKDIR/data with the base's settings (the
-                global time split's latest window becomes the fresh holdout);
+    1. data     base prepared events + new event files + exposure logs (served lists = impressions)
+                + catalogue updates (new and changed items, merged over the base catalogue by item_id),
+                validated together and prepared into WORKDIR/data with the base's settings and the
+                retrain split (`retrain_cutoffs`):
+                    train    everything up to the end of the base data: the warm-started matcher;
+                    valid    new events before the holdout: the blender (out-of-sample match scores);
+                    holdout  the newest share of the new events (or from --holdout-start): comparison;
     2. matcher  warm-started from the production version's own checkpoint (<version>/checkpoint/), with
                 its training settings unless overridden;
     3. publish  export + blender trained against the staged export + checkpoint, registered, not promoted
@@ -40,7 +44,7 @@ from recsys.errors import ConfigError, InputError
 from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
-from recsys.ranker import Ranker, grouped_ndcg
+from recsys.ranker import MODEL_FILE, Ranker, grouped_ndcg
 from recsys.registry import Registry
 from recsys.serving.exposure import read_exposures
 from training.export import ExportConfig
@@ -70,12 +74,15 @@ class RetrainConfig:
     data: Path | None = None  # base prepared dataset; None: the one the current version was trained on
     events: tuple[Path, ...] = ()
     exposures: tuple[Path, ...] = ()
+    items: Path | None = None  # new and changed items, merged over the base catalogue by item_id
+    holdout_start: str | None = None  # ISO time: pin the comparison holdout (default: see retrain_cutoffs)
     tolerance: float = 0.005  # absolute drop allowed on each gated metric
     promote_metric: str = "ndcg@10"
     guard_metrics: tuple[str, ...] = ("recall@10",)
     promote: bool = True  # False: evaluate and report only
     on_invalid: str = "drop"  # production logs carry some bad rows (unknown items): drop and count
     warm_start: Path | None = None  # default: <current version>/checkpoint
+    ranker_warm_start: bool = True  # the blender may continue from (or keep) the current one: see train_ranker
     matcher_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
     ranker: RankerConfig | None = None  # default features: pinned to the current ranker's
     export: ExportConfig = field(default_factory=ExportConfig)
@@ -90,6 +97,12 @@ class RetrainConfig:
             raise ConfigError(f"--tolerance must be in [0, 1), got {self.tolerance}")
         if self.bootstrap < 0:
             raise ConfigError(f"--bootstrap must be >= 0, got {self.bootstrap}")
+        if self.holdout_start is not None:
+            try:
+                pl.Series([self.holdout_start]).str.to_datetime(time_zone="UTC")
+            except Exception as exc:  # polars raises several types for unparseable text
+                raise ConfigError(f"--holdout-start {self.holdout_start!r} is not an ISO-8601 time "
+                                  f"(write e.g. 2026-01-31T16:00:00Z)") from exc
 
     @property
     def gated(self) -> tuple[str, ...]:
@@ -110,9 +123,40 @@ def exposure_events(directory: Path) -> pl.DataFrame:
     return log_rows.select("user_id", "item_id", "event_type", "timestamp", "request_id", "position")
 
 
+def merge_items(base_items: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, dict[str, int]]:
+    """The base catalogue updated by an items file: rows with a known item_id replace that item's
+    values (columns the file lacks, or leaves empty, keep the base's), unknown ids are appended. Base
+    order is kept, so item_idx of existing items does not move."""
+    update = read_table(Path(path), "items file")
+    if "item_id" not in update.columns:
+        raise InputError(f"--items {path} has no 'item_id' column (it has {', '.join(update.columns)}): "
+                         f"new and changed items are merged over the base catalogue by item_id")
+    update = update.with_columns(pl.col("item_id").cast(pl.Utf8))
+    if update["item_id"].is_duplicated().any():
+        dup = update.filter(pl.col("item_id").is_duplicated())["item_id"].unique().head(3).to_list()
+        raise InputError(f"--items {path} lists item ids more than once (e.g. {dup}): keep one row per item")
+    base_items = base_items.with_columns(pl.col("item_id").cast(pl.Utf8))
+    casts = []
+    for col in update.columns:
+        if col in base_items.columns and update[col].dtype != base_items[col].dtype:
+            try:
+                casts.append(update[col].cast(base_items[col].dtype))
+            except Exception as exc:  # polars raises several types for a failed cast
+                raise InputError(f"--items {path}: column {col!r} ({update[col].dtype}) cannot be read as the "
+                                 f"base catalogue's {base_items[col].dtype}: write it like the base items file") from exc
+    update = update.with_columns(casts)
+    known = update["item_id"].is_in(base_items["item_id"].implode())
+    changed, added = update.filter(known), update.filter(~known)
+    merged = base_items.update(changed.select([c for c in changed.columns if c in base_items.columns]),
+                               on="item_id", how="left")
+    merged = pl.concat([merged, added], how="diagonal_relaxed") if added.height else merged
+    return merged, {"changed": changed.height, "added": added.height}
+
+
 def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence[Path],
-                 context: Sequence[str]) -> tuple[RawTables, dict[str, int]]:
-    """Base events + new events + exposures as one raw table (re-validated by the caller).
+                 context: Sequence[str], items: Path | None = None) -> tuple[RawTables, dict[str, int]]:
+    """Base events + new events + exposures as one raw table, base catalogue + item updates (all
+    re-validated by the caller).
 
     Keeps the canonical columns plus the base's request-context columns; new files may lack them."""
     keep = [*_EVENT_BASE, *[c for c in context if c not in _EVENT_BASE]]
@@ -131,24 +175,73 @@ def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence
     frames = [f.with_columns(pl.col(c).cast(pl.Utf8) for c in ("user_id", "item_id", "request_id", "event_type")
                              if c in f.columns) for f in frames]
     merged = pl.concat(frames, how="diagonal_relaxed")
-    items = base.items.sort("item_idx").drop([c for c in _DERIVED if c in base.items.columns])
+    catalogue = base.items.sort("item_idx").drop([c for c in _DERIVED if c in base.items.columns])
+    item_source = str(base.root / "items.parquet")
+    if items is not None:
+        catalogue, item_counts = merge_items(catalogue, Path(items))
+        counts.update({f"items:{Path(items).name}:{k}": v for k, v in item_counts.items()})
+        item_source += f" + {items}"
     users = base.users.drop([c for c in _DERIVED if c in base.users.columns])
     sources = {"events": f"{base.root}/events.parquet + {len(events)} new event file(s) + {len(exposures)} exposure log(s)",
-               "items": str(base.root / "items.parquet"), "users": str(base.root / "users.parquet")}
-    return RawTables(merged, items, users if users.width > 1 else None, sources), counts
+               "items": item_source, "users": str(base.root / "users.parquet")}
+    return RawTables(merged, catalogue, users if users.width > 1 else None, sources), counts
+
+
+MIN_NEW_POSITIVES = 50  # fewer new positives than this: no separate blender/holdout windows in them
+
+
+def retrain_cutoffs(events: pl.DataFrame, base_end: Any, prep: PrepareConfig,
+                    holdout_start: str | None = None) -> tuple[Any, Any, str]:
+    """(valid_start, test_start, why) for the fresh data; (None, None, why): the base's fractions.
+
+    The new window is everything after the base data's last event. By default it is split in two, in
+    the base's valid:test proportion (by positive events): the older part trains the blender, the newest
+    part is the holdout. The matcher then trains on exactly the data before the new window, so the match
+    scores the blender learns from are out-of-sample, and the blender gets every new request group
+    before the holdout (a 10% valid slice of all data was ~100 request groups: too few, and older than
+    the holdout's traffic). A pinned `holdout_start` keeps the holdout fixed whatever else is added."""
+    positive = events.filter(pl.col("strength") > 0).get_column("timestamp").sort()
+    new = positive.filter(positive > base_end) if base_end is not None else positive.clear()
+    if holdout_start is not None:
+        test_start = pl.Series([holdout_start]).str.to_datetime(time_zone="UTC").item()
+        why = f"holdout pinned by --holdout-start {holdout_start}"
+    elif new.len() >= MIN_NEW_POSITIVES:
+        share = prep.test_frac / (prep.valid_frac + prep.test_frac) if prep.valid_frac + prep.test_frac else 0.5
+        test_start = new.quantile(1.0 - share, "lower")
+        why = f"holdout = the newest {share:.0%} of the {new.len():,} new positive events"
+    else:
+        return None, None, (f"only {new.len()} new positive events after the base data: the base's "
+                            f"fraction split (valid {prep.valid_frac}, test {prep.test_frac}) of all data")
+    before = positive.filter(positive < test_start)
+    if not before.len() or positive.filter(positive >= test_start).len() == 0:
+        raise InputError(f"the holdout from {test_start} would leave no positive events "
+                         f"{'before' if not before.len() else 'in'} it: pick --holdout-start inside the data")
+    fresh = new.filter(new < test_start)
+    if fresh.len() >= MIN_NEW_POSITIVES // 2:
+        valid_start = fresh.min()
+        why += f"; blender window = the {fresh.len():,} new positives before it"
+    else:  # nothing new before the holdout: the base's valid share of what precedes it
+        share = prep.valid_frac / (1.0 - prep.test_frac)
+        valid_start = before.quantile(1.0 - share, "lower")
+        why += f"; blender window = the last {share:.0%} of positives before it"
+    return valid_start, test_start, why
 
 
 def prepare_fresh(base: PreparedData, config: RetrainConfig, context: Sequence[str]) -> tuple[PreparedData, dict[str, Any]]:
-    raw, counts = merge_tables(base, config.events, config.exposures, context)
+    raw, counts = merge_tables(base, config.events, config.exposures, context, config.items)
     clean, report = validate(raw, on_invalid=config.on_invalid)
-    # The base's settings, but fraction cutoffs: explicit dates would not cover the new window.
     known = {f.name for f in fields(PrepareConfig)}
     settings = {k: v for k, v in base.manifest.get("config", {}).items() if k in known}
     prep = replace(PrepareConfig(**settings), valid_start=None, test_start=None)
+    base_end = base.events().select(pl.col("timestamp").max()).collect().item()
+    valid_start, test_start, why = retrain_cutoffs(clean.events, base_end, prep, config.holdout_start)
+    if test_start is not None:
+        prep = replace(prep, valid_start=valid_start.isoformat(), test_start=test_start.isoformat())
     manifest = prepare_tables(clean.events, clean.items, clean.users, config.out / "data", prep,
                               inputs=raw.sources, validation=report.to_dict())
-    return PreparedData.load(config.out / "data"), {"input_rows": counts, "validation": report.to_dict(),
-                                                     "prepared": {"rows": manifest["rows"], "cutoffs": manifest["cutoffs"]}}
+    return PreparedData.load(config.out / "data"), {
+        "input_rows": counts, "validation": report.to_dict(), "split": why, "base_end": str(base_end),
+        "prepared": {"rows": manifest["rows"], "cutoffs": manifest["cutoffs"]}}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -321,10 +414,15 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     train_report = train(train_cfg)
     t = lap("train_matcher", t)
 
+    current_model = current_dir / RANKER_DIR / MODEL_FILE
+    ranker_init = current_model if config.ranker_warm_start and current_model.is_file() else None
     candidate = publish_version(
         config.out / "matcher", registry, data, ranker_config=ranker_cfg, export_config=config.export,
-        promote=False, extra={"lineage": {"parent": current, "warm_start": str(warm), "retrain_out": str(config.out)}},
+        promote=False, ranker_init=ranker_init,
+        extra={"lineage": {"parent": current, "warm_start": str(warm), "retrain_out": str(config.out),
+                           "ranker_init": None if ranker_init is None else str(ranker_init)}},
     )
+    selection = registry.manifest(candidate).get("ranker", {}).get("selection")
     t = lap("publish", t)
 
     events = data.events().sort("timestamp", maintain_order=True).collect()
@@ -349,13 +447,15 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         "decision": {"tolerance": config.tolerance, "promote_metric": config.promote_metric,
                      "gated": list(config.gated), "reasons": verdict["reasons"]},
         "metrics": verdict["metrics"],
-        "holdout": {"window": "global test split of the fresh data", "from": data.manifest["cutoffs"]["test_start"],
+        "holdout": {"window": data_report["split"], "from": data.manifest["cutoffs"]["test_start"],
+                    "blender_window_from": data.manifest["cutoffs"]["valid_start"],
                     "request_groups": None if cand_scores.group_ndcg is None else len(cand_scores.group_ndcg),
                     "users": len(cand_scores.user_recall)},
         "data": {"base": str(base.root), "fresh": str(data.root), **data_report},
         "matcher": {"warm_start": str(warm), "config": asdict(train_cfg),
                     "valid": train_report.get("fine_tuned", {}).get("valid"),
                     "best_epoch": train_report.get("best_epoch")},
+        "blender": selection,
         "seconds": timings,
     }
     (config.out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))

@@ -27,6 +27,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
                         help="new events since the current version was trained (repeatable; any table format)")
     parser.add_argument("--exposures", type=Path, action="append", default=[],
                         help="exposure log directory written by recsys serve (repeatable): served lists = impressions")
+    parser.add_argument("--items", type=Path,
+                        help="catalogue update: new and changed items (any table format, item_id + any item "
+                             "columns), merged over the base catalogue by item_id; new ids are appended")
+    parser.add_argument("--holdout-start", metavar="ISO",
+                        help="pin the comparison holdout to events from this time on (default: the newest "
+                             "share of the new events, in the base's valid:test proportion; the new events "
+                             "before it train the blender)")
     parser.add_argument("--tolerance", type=float, default=0.005,
                         help="largest absolute drop of a gated metric that still promotes (default 0.005)")
     parser.add_argument("--promote-metric", choices=_METRICS, default="ndcg@10",
@@ -42,6 +49,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--head-lr", type=float, help="user tower learning rate (default: the production run's)")
     parser.add_argument("--max-steps", type=int, help="stop matcher training after this many steps")
     parser.add_argument("--threads", type=int, help="torch and LightGBM threads (default: all cores)")
+    parser.add_argument("--fresh-ranker", action="store_true",
+                        help="train the blender from scratch only (default: a fresh blender, the current one "
+                             "continued on the new window, and the current one as it is compete on the "
+                             "blender's early-stopping holdout)")
     parser.add_argument("--ranker-rounds", type=int, default=500, help="LightGBM boosting rounds (early-stopped)")
     parser.add_argument("--on-invalid", choices=["error", "drop"], default="drop",
                         help="bad rows in the merged logs: drop and count them (default) or stop")
@@ -57,6 +68,8 @@ def run(args: argparse.Namespace) -> int:
     for path in args.events:
         if not path.exists():
             raise InputError(f"--events {path} does not exist")
+    if args.items is not None and not args.items.exists():
+        raise InputError(f"--items {args.items} does not exist")
     for path in args.exposures:
         if not path.is_dir():
             raise InputError(f"--exposures {path} is not a directory: pass the server's --exposure-dir")
@@ -76,9 +89,9 @@ def run(args: argparse.Namespace) -> int:
         ranker = RankerConfig(num_rounds=args.ranker_rounds, threads=args.threads or 0, seed=args.seed)
     config = RetrainConfig(
         registry=args.registry, out=args.out, data=args.data, events=tuple(args.events),
-        exposures=tuple(args.exposures), tolerance=args.tolerance, promote_metric=args.promote_metric,
+        exposures=tuple(args.exposures), items=args.items, holdout_start=args.holdout_start, tolerance=args.tolerance, promote_metric=args.promote_metric,
         guard_metrics=() if args.no_guard else tuple(args.guard or ("recall@10",)), promote=not args.no_promote,
-        on_invalid=args.on_invalid, warm_start=args.warm_start, matcher_overrides=overrides, ranker=ranker,
+        on_invalid=args.on_invalid, warm_start=args.warm_start, ranker_warm_start=not args.fresh_ranker, matcher_overrides=overrides, ranker=ranker,
         bootstrap=args.bootstrap, seed=args.seed,
     )
     report = retrain(config)
