@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -23,6 +24,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("generate",), "recsys.data.synthetic_cli", "write a synthetic behaviour log with planted preferences"),
     (("train", "matcher"), "training.matcher.cli", "fine-tune the text matching model (needs torch)"),
     (("train", "ranker"), "training.ranker_cli", "train the LightGBM LambdaMART blender over ranking features"),
+    (("publish",), "training.publish_cli", "publish a matcher with its LightGBM blender as one registry version"),
     (("export",), "training.export_cli", "export a matcher checkpoint to ONNX and register a model version"),
     (("evaluate",), "recsys.evaluation.evaluate_cli", "compare baselines, text matchers and the blend on a time split"),
     (("models", "list"), "recsys.registry_cli:list", "list registered model versions"),
@@ -67,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
+    default_level = os.environ.get("RECSYS_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else getattr(logging, default_level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     run = getattr(args, "_run", None)

@@ -38,7 +38,10 @@ class _Demo:
         self.out = out
         self.started = time.perf_counter()
         self.step = 0
-        self.env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+        self.env = {
+            **os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false",
+            "HF_HUB_DISABLE_PROGRESS_BARS": "1", "TRANSFORMERS_VERBOSITY": "error", "RECSYS_LOG_LEVEL": "WARNING",
+        }
 
     def title(self, text: str) -> None:
         self.step += 1
@@ -90,12 +93,13 @@ def run(args: argparse.Namespace) -> int:
     base = _base_model(args.base_model)
     demo.title("Fine-tune the matching model (MiniLM item tower + attention user tower) on the logs")
     demo.recsys("train", "matcher", "--data", data, "--out", ckpt, "--base-model", base, "--epochs", args.epochs,
-                "--no-progress")
+                "--no-progress", quiet=True)
+    _print_matcher_report(ckpt)
 
     demo.title("Publish: export both towers to ONNX (parity-checked), train the LightGBM blender, register")
-    demo.recsys("export", "--base-model", base, "--registry", registry, "--data", data, "--no-promote", quiet=True)
+    demo.recsys("publish", "--base-model", base, "--registry", registry, "--data", data)
     demo.recsys("publish", "--checkpoint", ckpt, "--registry", registry, "--data", data, "--promote")
-    demo.recsys("models", "list")
+    demo.recsys("models", "list", "--registry", registry)
     versions = sorted(p.name for p in (registry / "versions").iterdir())
     zero_shot, fine_tuned = registry / "versions" / versions[0], registry / "versions" / versions[-1]
 
@@ -103,7 +107,9 @@ def run(args: argparse.Namespace) -> int:
     demo.recsys("evaluate", "--data", data, "--out", report, "--protocol", "global",
                 "--matcher", f"zero_shot={zero_shot}", "--matcher", f"fine_tuned={fine_tuned}",
                 "--systems", "popularity,itemknn,ease", "--n-boot", "200", "--scores-top", "0", quiet=True)
-    print((report / "evaluation.md").read_text().split("\n## ")[1][:3000] if (report / "evaluation.md").exists() else "")
+    table = (report / "evaluation.md").read_text().split("| system |", 1)[1].split("\n\n", 1)[0]
+    print("  | system |" + table.replace("\n", "\n  "))
+    print(f"  full report with paired bootstrap intervals, slices and plots: {report / 'evaluation.md'}")
 
     demo.title("Serve over gRPC (health, reflection, metrics, exposure log, registry hot reload)")
     server = _start_server(demo, registry, data, exposures)
@@ -129,6 +135,17 @@ def run(args: argparse.Namespace) -> int:
         _stop_server(server)
     print(f"\ndemo finished in {time.perf_counter() - demo.started:.0f}s; everything it wrote is under {out}")
     return 0
+
+
+def _print_matcher_report(ckpt: Path) -> None:
+    report = json.loads((ckpt / "training_report.json").read_text())
+    print(f"  trained {report['steps']} steps ({report['train_pairs']:,} pairs, {report['pairs_per_second']:.0f} pairs/s); "
+          "test window, full ranking over unseen items:")
+    print(f"  {'system':12s} {'NDCG@10':>8s} {'Recall@10':>10s}")
+    for name in ("popularity", "zero_shot", "fine_tuned"):
+        metrics = report.get(name, {}).get("test")
+        if metrics:
+            print(f"  {name:12s} {metrics['ndcg@10']:8.4f} {metrics['recall@10']:10.4f}")
 
 
 def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path) -> dict:
@@ -162,8 +179,7 @@ def _call_service(demo: _Demo, port: int, data: Path) -> None:
         print(f"  Rank u1 ({len(candidates)} candidates, one unknown item with text) -> model {response.model_version}, variant {response.variant}")
         titles = dict(zip(items["item_id"], items["title"], strict=True))
         for item in response.items:
-            top = sorted(item.contributions.items(), key=lambda kv: -abs(kv[1]))[:2] if hasattr(item, "contributions") else []
-            why = ", ".join(f"{k} {v:+.2f}" for k, v in top)
+            why = ", ".join(f"{c.name} {c.contribution:+.2f}" for c in item.contributions[:2])
             print(f"    {item.position}. {item.item_id:16s} score {item.score:+.3f} match {item.match_score:+.3f}  "
                   f"{titles.get(item.item_id, '(cold item, encoded on the fly)')[:40]:40s} {why}")
         recommended = client.recommend("u1", top_k=5)

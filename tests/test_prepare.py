@@ -173,3 +173,17 @@ def test_explicit_cutoffs(tmp_path):
     pairs = pl.read_parquet(tmp_path / "p" / "pairs.parquet").sort("timestamp")
     assert pairs["split_global"].to_list() == ["train", "valid", "test"]
     assert np.array_equal(pairs["hist_len"].to_numpy(), [0, 1, 2])
+
+
+def test_a_request_is_never_cut_by_a_split_boundary(tmp_path):
+    """Impressions and the clicks that followed them land in the same split (ranker groups stay whole)."""
+    rows = []
+    for r in range(30):
+        rows.append((f"u{r}", "a", "impression", r * 10, f"r{r}"))
+        rows.append((f"u{r}", "b", "impression", r * 10, f"r{r}"))
+        rows.append((f"u{r}", "a", "click", r * 10 + 15, f"r{r}"))  # after the next request starts
+    prepare_tables(_events(rows), ITEMS, None, tmp_path / "p", PrepareConfig(valid_frac=0.3, test_frac=0.3))
+    events = pl.read_parquet(tmp_path / "p" / "events.parquet")
+    per_request = events.group_by("request_id").agg(pl.col("split_global").n_unique().alias("splits"))
+    assert (per_request["splits"] == 1).all()
+    assert set(events["split_global"]) == {"train", "valid", "test"}

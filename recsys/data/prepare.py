@@ -228,8 +228,14 @@ def prepare_tables(
     )
     # One interaction per (user, item, request): a click -> cart -> purchase funnel is one target
     # at its first timestamp with its strongest event, not three near-identical pairs.
+    # A request (the served list and what followed it) is never cut by a split boundary: the global
+    # split of a request's events is decided by the request's first event (its impression time).
     events = events.with_columns(
-        pl.coalesce(pl.col("request_id"), pl.format("#{}", pl.int_range(pl.len()))).alias("_interaction")
+        pl.coalesce(pl.col("request_id"), pl.format("#{}", pl.int_range(pl.len()))).alias("_interaction"),
+        pl.when(pl.col("request_id").is_null())
+        .then(pl.col("timestamp"))
+        .otherwise(pl.col("timestamp").min().over("request_id"))
+        .alias("_split_ts"),
     )
     positive = (
         events.filter(pl.col("strength") > 0)
@@ -239,14 +245,15 @@ def prepare_tables(
             pl.col("event_type").sort_by("strength").last(),
             pl.col("strength").max(),
             pl.col("request_id").first(),
+            pl.col("_split_ts").min(),
         )
         .sort("user_idx", "timestamp", "strength", "item_idx")
     )
-    valid_start, test_start = _global_cutoffs(positive["timestamp"], config)
+    valid_start, test_start = _global_cutoffs(positive["_split_ts"], config)
     split_global = (
-        pl.when(pl.col("timestamp") >= test_start)
+        pl.when(pl.col("_split_ts") >= test_start)
         .then(pl.lit("test"))
-        .when(pl.col("timestamp") >= valid_start)
+        .when(pl.col("_split_ts") >= valid_start)
         .then(pl.lit("valid"))
         .otherwise(pl.lit("train"))
         .alias("split_global")
@@ -277,7 +284,7 @@ def prepare_tables(
     events = (
         events.join(positive.select(*keys, "split_loo", "split_tail"), on=keys, how="left")
         .with_columns(pl.col("split_loo", "split_tail").fill_null("train"))
-        .drop("_interaction")
+        .drop("_interaction", "_split_ts")
     )
     eval_sets = _eval_sets(pairs)
 
