@@ -167,26 +167,32 @@ def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path) -> d
 
 
 def _call_service(demo: _Demo, port: int, data: Path) -> None:
+    import numpy as np
     import polars as pl
 
     from recsys.serving.client import RankingClient
 
-    items = pl.read_parquet(data / "items.parquet").head(12)
-    candidates: list = items["item_id"].to_list()[:10]
+    catalogue = pl.read_parquet(data / "items.parquet")
+    users = pl.read_parquet(data / "users.parquet")["user_id"].to_list()
+    titles = dict(zip(catalogue["item_id"], catalogue["title"], strict=True))
+    candidates: list = catalogue["item_id"].to_list()[:10]
     candidates.append(("brand-new-item", "Ultimate trail backpack. hiking, tent. alpine ridge camping map"))
     with RankingClient(f"localhost:{port}") as client:
         response = client.rank("u1", candidates, top_k=5, explain=True)
         print(f"  Rank u1 ({len(candidates)} candidates, one unknown item with text) -> model {response.model_version}, variant {response.variant}")
-        titles = dict(zip(items["item_id"], items["title"], strict=True))
         for item in response.items:
             why = ", ".join(f"{c.name} {c.contribution:+.2f}" for c in item.contributions[:2])
             print(f"    {item.position}. {item.item_id:16s} score {item.score:+.3f} match {item.match_score:+.3f}  "
                   f"{titles.get(item.item_id, '(cold item, encoded on the fly)')[:40]:40s} {why}")
         recommended = client.recommend("u1", top_k=5)
         print("  Recommend u1 -> " + ", ".join(f"{i.item_id} ({titles.get(i.item_id, '')[:24]})" for i in recommended.items))
-        for n in range(200):  # traffic for the exposure log the retrain step learns from
-            client.rank(f"u{n}", items["item_id"].to_list()[:10] if n % 2 else items["item_id"].to_list()[2:12], top_k=10)
-        print("  sent 200 more Rank requests (their served lists go to the exposure log)")
+        rng = np.random.default_rng(0)
+        ids = np.array(catalogue["item_id"].to_list())
+        started = time.perf_counter()
+        for n in range(1500):  # traffic for the exposure log the retrain step learns from
+            client.rank(users[n % len(users)], rng.choice(ids, size=20, replace=False).tolist(), top_k=10)
+        print(f"  sent 1500 more Rank requests of 20 candidates in {time.perf_counter() - started:.1f}s "
+              "(their served lists go to the exposure log)")
 
 
 def _write_experiment(path: Path, treatment_version: str) -> Path:

@@ -109,7 +109,7 @@ def generate(config: SyntheticConfig | None = None, **overrides: object) -> Synt
     """Generate a deterministic synthetic log (same config and seed -> identical tables)."""
     cfg = config or SyntheticConfig()
     if overrides:
-        cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})  # type: ignore[arg-type]
+        cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})
     rng = np.random.default_rng(cfg.seed)
     n_topics = len(TOPICS)
     span_s = cfg.days * 86400

@@ -13,7 +13,7 @@ import numpy as np
 from recsys.compat import require
 
 
-def interaction_matrix(user_idx: np.ndarray, item_idx: np.ndarray, n_users: int, n_items: int):  # type: ignore[no-untyped-def]
+def interaction_matrix(user_idx: np.ndarray, item_idx: np.ndarray, n_users: int, n_items: int):
     """Binary CSR [n_users, n_items] (duplicates collapse to 1)."""
     sparse = require("scipy.sparse")
     data = np.ones(len(user_idx), dtype=np.float32)
@@ -22,7 +22,7 @@ def interaction_matrix(user_idx: np.ndarray, item_idx: np.ndarray, n_users: int,
     return matrix
 
 
-def rows_matrix(rows: list[np.ndarray], n_items: int):  # type: ignore[no-untyped-def]
+def rows_matrix(rows: list[np.ndarray], n_items: int):
     """CSR [len(rows), n_items] with ones at each row's items."""
     lengths = [len(r) for r in rows]
     user = np.repeat(np.arange(len(rows)), lengths)
@@ -49,7 +49,7 @@ class ItemKNN:
         self.similarity = sim.astype(np.float32)
         return self
 
-    def scores(self, user_items) -> np.ndarray:  # type: ignore[no-untyped-def]
+    def scores(self, user_items) -> np.ndarray:
         return np.asarray(user_items @ self.similarity, dtype=np.float32)
 
 
@@ -69,7 +69,7 @@ class EASE:
         self.weights = weights.astype(np.float32)
         return self
 
-    def scores(self, user_items) -> np.ndarray:  # type: ignore[no-untyped-def]
+    def scores(self, user_items) -> np.ndarray:
         return np.asarray(user_items @ self.weights, dtype=np.float32)
 
 
@@ -96,6 +96,6 @@ class ALS:
         self.model = model
         return self
 
-    def scores(self, user_items) -> np.ndarray:  # type: ignore[no-untyped-def]
+    def scores(self, user_items) -> np.ndarray:
         user_factors = self.model.recalculate_user(np.arange(user_items.shape[0]), user_items)
         return np.asarray(user_factors @ self.model.item_factors.T, dtype=np.float32)

@@ -57,7 +57,8 @@ def per_user_metrics(ranked: np.ndarray, targets: Sequence[np.ndarray], k: int) 
         recall = np.where(n_targets > 0, hits.sum(1) / np.minimum(n_targets, k), 0.0)
     first = np.where(hits.any(1), hits.argmax(1) + 1, 0)
     mrr = np.where(first > 0, 1.0 / np.maximum(first, 1), 0.0)
-    return PerUser(ndcg=ndcg, recall=recall, hit=hits.any(1).astype(np.float64), mrr=mrr)
+    hit = np.asarray(hits.any(1), dtype=np.float64)
+    return PerUser(ndcg=ndcg, recall=recall, hit=hit, mrr=mrr)
 
 
 def bootstrap_ci(values: np.ndarray, n_boot: int = 1000, alpha: float = 0.05, seed: int = 0) -> tuple[float, float]:
