@@ -36,7 +36,7 @@ from typing import Any
 import numpy as np
 import polars as pl
 
-from recsys.data.prepare import PrepareConfig, prepare_tables
+from recsys.data.prepare import PrepareConfig, prepare_tables, split_time
 from recsys.data.prepared import Histories, PreparedData
 from recsys.data.readers import RawTables, read_table
 from recsys.data.validate import validate
@@ -200,7 +200,10 @@ def retrain_cutoffs(events: pl.DataFrame, base_end: Any, prep: PrepareConfig,
     scores the blender learns from are out-of-sample, and the blender gets every new request group
     before the holdout (a 10% valid slice of all data was ~100 request groups: too few, and older than
     the holdout's traffic). A pinned `holdout_start` keeps the holdout fixed whatever else is added."""
-    positive = events.filter(pl.col("strength") > 0).get_column("timestamp").sort()
+    # Judged by request start, as prepare splits: a request and its outcomes stay on one side.
+    positive = (
+        events.with_columns(split_time().alias("_t")).filter(pl.col("strength") > 0).get_column("_t").sort()
+    )
     new = positive.filter(positive > base_end) if base_end is not None else positive.clear()
     if holdout_start is not None:
         test_start = pl.Series([holdout_start]).str.to_datetime(time_zone="UTC").item()

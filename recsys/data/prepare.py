@@ -76,6 +76,15 @@ def build_item_text(items: pl.DataFrame, template: str, max_words: int) -> pl.Se
     return pl.Series("text", texts, dtype=pl.Utf8)
 
 
+def split_time() -> pl.Expr:
+    """The time a split boundary judges an event by: its request's first event, else its own time."""
+    return (
+        pl.when(pl.col("request_id").is_null())
+        .then(pl.col("timestamp"))
+        .otherwise(pl.col("timestamp").min().over("request_id"))
+    )
+
+
 def _global_cutoffs(positive_ts: pl.Series, config: PrepareConfig) -> tuple[Any, Any]:
     if config.valid_start or config.test_start:
         if not (config.valid_start and config.test_start):
@@ -232,10 +241,7 @@ def prepare_tables(
     # split of a request's events is decided by the request's first event (its impression time).
     events = events.with_columns(
         pl.coalesce(pl.col("request_id"), pl.format("#{}", pl.int_range(pl.len()))).alias("_interaction"),
-        pl.when(pl.col("request_id").is_null())
-        .then(pl.col("timestamp"))
-        .otherwise(pl.col("timestamp").min().over("request_id"))
-        .alias("_split_ts"),
+        split_time().alias("_split_ts"),
     )
     positive = (
         events.filter(pl.col("strength") > 0)
