@@ -3,14 +3,19 @@
 1. Throughput, side by side in one process on the same batches: the naive step (encode every pair's
    target and every history item with gradients, padded to the batch's longest text) against each
    deliberate choice added in turn: unique items once per step, history from the no-grad cache,
-   length bucketing, and training only the top layer over cached lower-layer states.
+   length bucketing, and training only the top layer over cached lower-layer states; then the bench's
+   default model: encoder frozen, a residual MLP item head and the user tower trained over the whole
+   catalogue (with gradients through history and every negative) per step.
 2. For protocols "tail" (each user's last 20% of interactions are test) and "loo" (leave-last-out):
    popularity, zero-shot (pretrained encoder, untrained pooling) and fine-tuned NDCG@10 / Recall@10
    over all items the user has not interacted with before the test window, with bootstrap 95%
    intervals over users; training pairs/s and wall time. Test-window top-100 scores per user go to
    a parquet file (user_id, item_id, score) in the cache dir and bench/results/ (gitignored).
 
-    python bench/matcher.py [--cache ~/.cache/recsys-bench/matcher] [--epochs 2] [--quick]
+    python bench/matcher.py [--cache ~/.cache/recsys-bench/matcher] [--epochs 5] [--skip-throughput]
+
+Defaults (chosen on the validation split, see bench/results/matcher.md): encoder frozen, item head 512,
+head lr 3e-3, temperature 0.05, batch 1024, whole-catalogue softmax without logQ, history 20.
 """
 
 from __future__ import annotations
@@ -34,12 +39,13 @@ RESULTS = Path(__file__).parent / "results"
 ML100K = Path("/root/.cache/recsys-data/recbole/dataset_example/ml-100k")
 
 
-def prepare(cache: Path) -> Path:
-    out = cache / "ml100k"
+def prepare(cache: Path, max_history: int = 20) -> Path:
+    out = cache / ("ml100k" if max_history <= 20 else f"ml100k_h{max_history}")
     if not (out / "manifest.json").exists():
         from recsys.cli import main
 
-        code = main(["prepare", "--format", "recbole", "--input", str(ML100K), "--out", str(out), "--tail-frac", "0.2"])
+        code = main(["prepare", "--format", "recbole", "--input", str(ML100K), "--out", str(out), "--tail-frac", "0.2",
+                     "--max-history", str(max(20, max_history))])
         if code:
             sys.exit(code)
     return out
@@ -57,6 +63,10 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
         ("+ history from the no-grad cache", dict(dedupe=True, history_grad=False, bucket=False)),
         ("+ length bucketing", dict(dedupe=True, history_grad=False, bucket=True)),
         ("+ top layer only over cached lower layers", dict(train_layers=1)),
+        # A different model (the bench's default): encoder frozen, residual MLP item head + user tower,
+        # the whole catalogue through the head with gradients at every step.
+        ("encoder frozen: item head over the whole catalogue (default)",
+         dict(freeze_encoder=True, item_head=512, cache_negatives=100_000)),
     ]
     rows: list[dict[str, Any]] = []
     for name, overrides in variants:
@@ -74,6 +84,8 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
             rows_s = trainer.batch_rows(0, s)
             hist = trainer.pairs.hist_item[rows_s]
             targets = trainer.pairs.item[rows_s]
+            if cfg.freeze_encoder:  # no encoder pass at all: the cached pooled outputs go through the head
+                continue
             if cfg.dedupe:
                 encoded += len(np.unique(np.concatenate([targets, hist[hist >= 0]]) if cfg.history_grad else targets))
             else:
@@ -103,8 +115,9 @@ def run_protocol(data: Path, cache: Path, protocol: str, args: argparse.Namespac
     cfg = TrainConfig(
         data=str(data), out=str(out), protocol=protocol, epochs=args.epochs, batch_size=args.batch_size,
         lr=args.lr, head_lr=args.head_lr, temperature=args.temperature, train_layers=args.train_layers,
-        cache_negatives=args.cache_negatives, cache_refresh=20, patience=2, threads=2, seed=0,
-        max_text_tokens=48, progress=sys.stderr.isatty(),
+        cache_negatives=args.cache_negatives, cache_refresh=20, patience=args.patience, threads=2, seed=0,
+        max_text_tokens=48, progress=sys.stderr.isatty(), item_head=args.item_head,
+        freeze_encoder=args.freeze_encoder, max_history=args.max_history,
     )
     t0 = time.perf_counter()
     report = train(cfg)
@@ -144,7 +157,8 @@ def run_protocol(data: Path, cache: Path, protocol: str, args: argparse.Namespac
         "scores_parquet": str(cache / f"matcher_{protocol}_test_scores.parquet"),
         "config": {k: report["config"][k] for k in ("epochs", "batch_size", "lr", "head_lr", "temperature",
                                                    "train_layers", "cache_negatives", "logq", "hard_negatives",
-                                                   "max_text_tokens", "max_history")},
+                                                   "max_text_tokens", "max_history", "item_head",
+                                                   "freeze_encoder", "weight_by_strength")},
     }
 
 
@@ -185,14 +199,19 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--cache", type=Path, default=Path.home() / ".cache" / "recsys-bench" / "matcher")
     parser.add_argument("--protocols", nargs="+", default=["tail", "loo"])
-    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--epochs", type=int, default=5)
+    parser.add_argument("--patience", type=int, default=2)
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3)
-    parser.add_argument("--head-lr", type=float, default=5e-3)
+    parser.add_argument("--head-lr", type=float, default=3e-3, help="user tower and item head learning rate")
     parser.add_argument("--temperature", type=float, default=0.05)
-    parser.add_argument("--train-layers", type=int, default=1)
+    parser.add_argument("--train-layers", type=int, default=0, help="with --no-freeze-encoder: top N layers (0: all)")
+    parser.add_argument("--item-head", type=int, default=512, help="item tower residual MLP head width (0: none)")
+    parser.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=True,
+                        help="train only the item head and the user tower over the frozen encoder's cached output")
+    parser.add_argument("--max-history", type=int, default=20)
     parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: full-catalogue softmax")
-    parser.add_argument("--throughput-batch", type=int, default=64)
+    parser.add_argument("--throughput-batch", type=int, default=32)
     parser.add_argument("--throughput-steps", type=int, default=2)
     parser.add_argument("--skip-throughput", action="store_true")
     args = parser.parse_args()
@@ -203,7 +222,7 @@ def main() -> None:
     args.cache.mkdir(parents=True, exist_ok=True)
     RESULTS.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
-    data = prepare(args.cache)
+    data = prepare(args.cache, args.max_history)
     result: dict[str, Any] = {
         "machine": f"{platform.processor() or platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
                    f"{torch.get_num_threads()} threads",

@@ -228,6 +228,43 @@ def test_train_layers_freezes_the_lower_encoder(prepared_dir: Path, bert: Path, 
     assert report["steps"] == 3
 
 
+def test_item_head_with_frozen_encoder_trains_head_and_user_tower_only(prepared_dir: Path, bert: Path,
+                                                                      tmp_path: Path) -> None:
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from training.export import load_checkpoint as export_load_checkpoint
+    from training.matcher.model import load_checkpoint
+
+    out = tmp_path / "head"
+    report = train(TrainConfig(data=str(prepared_dir), out=str(out), base_model=str(bert), protocol="loo",
+                               freeze_encoder=True, item_head=16, cache_negatives=10_000, epochs=2, **FAST))  # type: ignore[arg-type]
+    base = AutoModel.from_pretrained(bert).state_dict()
+    state = load_file(str(out / "state" / "model.safetensors"))
+    assert all(torch.equal(state[k], base[k.removeprefix("item_tower.encoder.")])
+               for k in state if k.startswith("item_tower.encoder."))
+    assert not torch.equal(state["item_tower.head.fc2.weight"], torch.zeros_like(state["item_tower.head.fc2.weight"]))
+    assert (out / "item_head.safetensors").exists()
+    assert report["fine_tuned"]["test"]["recall@10"] > report["zero_shot"]["test"]["recall@10"]
+    # The checkpoint reloads with its head (training and export agree on the item tower).
+    model, tokenizer = load_checkpoint(out)
+    ckpt = export_load_checkpoint(out)
+    batch = tokenizer(["trail mountain boots", "jazz piano concert vinyl album"], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        a = model.eval().item_tower(batch["input_ids"], batch["attention_mask"])
+        b = ckpt.item_tower(batch["input_ids"], batch["attention_mask"])
+        plain = torch.nn.functional.normalize(
+            ckpt.item_tower.encoder(**batch).last_hidden_state.mul(batch["attention_mask"][..., None]).sum(1), dim=-1)
+    assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)
+
+
+def test_freeze_encoder_needs_an_item_head(prepared_dir: Path, tmp_path: Path) -> None:
+    from recsys.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="freeze_encoder"):
+        TrainConfig(data=str(prepared_dir), out=str(tmp_path), freeze_encoder=True)
+
+
 def test_torchrun_two_processes_on_cpu_train_one_model(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}

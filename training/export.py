@@ -35,7 +35,7 @@ from recsys.registry import MANIFEST, Registry, hash_files, utc_now
 from recsys.scoring.encoder import ItemEncoder, TextTokenizer, UserEncoder
 from recsys.scoring.providers import CPU, CUDA, accelerator_status, ort
 from recsys.scoring.store import EmbeddingStore, text_hash
-from training.matcher.model import N_EVENT_TYPES, ItemTower, MatcherConfig, UserTower
+from training.matcher.model import N_EVENT_TYPES, ItemHead, ItemTower, MatcherConfig, UserTower, load_item_head
 
 log = logging.getLogger(__name__)
 
@@ -97,7 +97,11 @@ def load_checkpoint(path: Path | str) -> Checkpoint:
                 extra[other.stem] = json.loads(other.read_text())
             except ValueError:
                 log.warning("ignoring unreadable %s", other)
-    return Checkpoint(path, config, ItemTower(encoder).eval(), user.eval(), tokenizer_json, extra)
+    head = None
+    if config.item_head > 0:  # residual MLP after pooling: part of the exported item tower
+        head = ItemHead(config.dim, config.item_head)
+        load_item_head(head, path)
+    return Checkpoint(path, config, ItemTower(encoder, head).eval(), user.eval(), tokenizer_json, extra)
 
 
 # --- ONNX export --------------------------------------------------------------------------------

@@ -30,6 +30,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="N extra negatives per step from the no-grad embedding cache (>= n_items: all)")
     model.add_argument("--train-layers", type=int, default=0, metavar="N",
                        help="full fine-tuning of only the top N transformer layers (0: all)")
+    model.add_argument("--item-head", type=int, default=0, metavar="H",
+                       help="residual MLP head of hidden width H after the item tower's pooling (0: none)")
+    model.add_argument("--freeze-encoder", action="store_true",
+                       help="train only the item head (needs --item-head) and the user tower; encoder outputs cached")
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--epochs", type=int, default=3)
     opt.add_argument("--batch-size", type=int, default=256, help="pairs per step (per process under torchrun)")
@@ -67,7 +71,7 @@ def run(args: argparse.Namespace) -> int:
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature,
         max_history=args.max_history, max_text_tokens=args.max_text_tokens, dropout=args.dropout,
         hard_negatives=args.hard_negatives, logq=args.logq, cache_negatives=args.cache_negatives,
-        train_layers=args.train_layers, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        train_layers=args.train_layers, item_head=args.item_head, freeze_encoder=args.freeze_encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, warmup=args.warmup,
         max_grad_norm=args.max_grad_norm, patience=args.patience, cache_refresh=args.cache_refresh,
         max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,

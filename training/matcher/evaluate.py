@@ -87,14 +87,16 @@ def model_chunks(
     device: torch.device,
     lower: torch.Tensor | None = None,
 ) -> list[tuple[np.ndarray, torch.Tensor, torch.Tensor]]:
-    """Token chunks -> model inputs on `device`: token ids, or cached lower-layer states [c, T, D]."""
+    """Token chunks -> model inputs on `device`: token ids, cached lower-layer states [c, T, D], or
+    cached pooled outputs of a frozen encoder [c, D] (when `lower` is [n_items, D])."""
     out = []
     for pos, ids, mask in chunks:
         if lower is None:
             out.append((pos, ids.to(device), mask.to(device)))
         else:
             rows = torch.from_numpy(items[pos]).to(lower.device)
-            out.append((pos, lower[rows, : ids.shape[1]].to(device), mask.to(device)))
+            x = lower[rows] if lower.ndim == 2 else lower[rows, : ids.shape[1]]
+            out.append((pos, x.to(device), mask.to(device)))
     return out
 
 

@@ -1,6 +1,8 @@
 """Two-tower matching model.
 
-Item tower: a Hugging Face BERT-family encoder over item text, mean pooling over real tokens, L2 norm.
+Item tower: a Hugging Face BERT-family encoder over item text, mean pooling over real tokens, L2 norm,
+optionally followed by a residual MLP head (`item_head` > 0) and L2 norm again: still text-only (cold items
+work), but it gives the tower cheap capacity to place items where the interaction data wants them.
 User tower: attention pooling over the embeddings of the user's most recent interactions, with learned
 event-type and log-recency information, followed by a residual projection and L2 norm.
 Score(user, item) = cosine(user, item); training divides it by a temperature.
@@ -9,6 +11,7 @@ Checkpoint layout (a directory), read by training, export and warm start:
     item_encoder/            save_pretrained() of the encoder + tokenizer files (LoRA merged: a plain
                              Hugging Face model whichever way it was fine-tuned)
     user_tower.safetensors   user tower weights
+    item_head.safetensors    item head weights (only when matcher_config.item_head > 0)
     matcher_config.json      MatcherConfig fields
 """
 
@@ -42,6 +45,7 @@ class MatcherConfig:
     temperature: float = 0.05
     user_heads: int = 4
     dropout: float = 0.1
+    item_head: int = 0  # hidden width of the item tower's residual MLP head (0: none)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -61,16 +65,40 @@ def mean_pool(hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tenso
     return (hidden * mask).sum(1) / mask.sum(1).clamp(min=1e-6)
 
 
-class ItemTower(nn.Module):
-    """Encoder + mean pooling + L2 norm: (input_ids [B,T], attention_mask [B,T]) -> [B, D]."""
+class ItemHead(nn.Module):
+    """Residual MLP on the L2-normalised pooled embedding: [B, D] -> [B, D] (unnormalised).
 
-    def __init__(self, encoder: nn.Module) -> None:
+    The last layer starts at zero, so a fresh head is the identity (the tower starts as zero-shot).
+    """
+
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+        nn.init.zeros_(self.fc2.weight)
+        nn.init.zeros_(self.fc2.bias)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.fc2(F.gelu(self.fc1(x)))
+
+
+class ItemTower(nn.Module):
+    """Encoder + mean pooling + L2 norm [+ residual MLP head + L2 norm]:
+    (input_ids [B,T], attention_mask [B,T]) -> [B, D]."""
+
+    def __init__(self, encoder: nn.Module, head: ItemHead | None = None) -> None:
         super().__init__()
         self.encoder = encoder
+        self.head = head
+
+    def finish(self, pooled: torch.Tensor) -> torch.Tensor:
+        """Pooled encoder output [B, D] -> final L2-normalised item embedding [B, D]."""
+        emb = F.normalize(pooled, dim=-1)
+        return emb if self.head is None else F.normalize(self.head(emb), dim=-1)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
-        return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+        return self.finish(mean_pool(hidden, attention_mask))
 
 
 def age_bucket(age_seconds: torch.Tensor) -> torch.Tensor:
@@ -145,7 +173,7 @@ def find_layers(encoder: nn.Module) -> nn.ModuleList | None:
 
 
 def run_top_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-    """Continue an encoder from hidden states [B, T, D] through `layers`: -> pooled, L2-normed [B, D].
+    """Continue an encoder from hidden states [B, T, D] through `layers`: -> mean-pooled [B, D].
 
     Equals the full forward when `hidden` is the output of the layers below (checked in the tests).
     """
@@ -153,7 +181,7 @@ def run_top_layers(layers: Sequence[nn.Module], hidden: torch.Tensor, attention_
     for layer in layers:
         out = layer(hidden, attention_mask=additive)
         hidden = out[0] if isinstance(out, tuple) else out
-    return F.normalize(mean_pool(hidden, attention_mask), dim=-1)
+    return mean_pool(hidden, attention_mask)
 
 
 class TwoTower(nn.Module):
@@ -162,7 +190,8 @@ class TwoTower(nn.Module):
     Inputs: item_chunks, a list of length buckets of the step's unique items, each either
     (input_ids [c, T] int, attention_mask [c, T]) for a full encoder pass, or (hidden [c, T, D] float,
     attention_mask [c, T]) holding cached outputs of the frozen lower layers, continued through the
-    top `top_layers` blocks only. History tensors [B, N] as in UserTower with hist_emb [B, N, D] from
+    top `top_layers` blocks only, or (pooled [c, D] float, attention_mask) holding the cached pooled
+    output of a wholly frozen encoder (only the item head runs). History tensors [B, N] as in UserTower with hist_emb [B, N, D] from
     the (no-grad) item embedding cache, or None to skip the user tower.
     Output: (users [B, D] or None, items [sum c, D] in chunk order), L2-normalised.
     """
@@ -170,16 +199,19 @@ class TwoTower(nn.Module):
     def __init__(self, encoder: nn.Module, config: MatcherConfig) -> None:
         super().__init__()
         self.config = config
-        self.item_tower = ItemTower(encoder)
+        head = ItemHead(config.dim, config.item_head) if config.item_head > 0 else None
+        self.item_tower = ItemTower(encoder, head)
         self.user_tower = UserTower(config.dim, config.user_heads, config.dropout)
         self.top_layers = 0  # training-time setting, not part of the checkpoint
 
     def encode_chunk(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        if x.is_floating_point() and x.ndim == 2:  # pooled output of a frozen encoder
+            return self.item_tower.finish(x)
         if x.is_floating_point():
             layers = find_layers(self.item_tower.encoder)
             if layers is None or self.top_layers <= 0:
                 raise ModelError("hidden-state input needs top_layers > 0 and a BERT-family layer list")
-            return run_top_layers(list(layers)[-self.top_layers :], x, mask)
+            return self.item_tower.finish(run_top_layers(list(layers)[-self.top_layers :], x, mask))
         return self.item_tower(x, mask)
 
     def forward(
@@ -204,6 +236,15 @@ class TwoTower(nn.Module):
         self.train(was_training)
         states = out.hidden_states  # (embeddings, layer 1, ..., layer L)
         return states[len(states) - 1 - self.top_layers]
+
+    @torch.no_grad()
+    def frozen_pooled(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
+        """[B, D] mean-pooled encoder output before the head (eval mode, no grad)."""
+        was_training = self.training
+        self.eval()
+        hidden = self.item_tower.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        self.train(was_training)
+        return mean_pool(hidden, attention_mask)
 
 
 DEFAULT_BASE_MODEL = "sentence-transformers/all-MiniLM-L6-v2"
@@ -275,6 +316,9 @@ def save_checkpoint(model: TwoTower, tokenizer: Any, out_dir: Path) -> None:
     tokenizer.save_pretrained(out_dir / "item_encoder")
     state = {k: v.detach().cpu().contiguous() for k, v in model.user_tower.state_dict().items()}
     save_file(state, str(out_dir / "user_tower.safetensors"))
+    if model.item_tower.head is not None:
+        head = {k: v.detach().cpu().contiguous() for k, v in model.item_tower.head.state_dict().items()}
+        save_file(head, str(out_dir / "item_head.safetensors"))
     model.config.save(out_dir / "matcher_config.json")
 
 
@@ -290,4 +334,17 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TwoTower, Any]:
         model.user_tower.load_state_dict(load_file(str(ckpt_dir / "user_tower.safetensors")))
     except (OSError, RuntimeError) as exc:
         raise ModelError(f"{ckpt_dir / 'user_tower.safetensors'} cannot be loaded: {exc}") from exc
+    if model.item_tower.head is not None:
+        load_item_head(model.item_tower.head, ckpt_dir)
     return model, tokenizer
+
+
+def load_item_head(head: ItemHead, ckpt_dir: Path) -> None:
+    """Load item_head.safetensors into `head`, or a ModelError naming the file."""
+    from safetensors.torch import load_file
+
+    path = ckpt_dir / "item_head.safetensors"
+    try:
+        head.load_state_dict(load_file(str(path)))
+    except (OSError, RuntimeError) as exc:
+        raise ModelError(f"{path} cannot be loaded (matcher_config.json has item_head > 0): {exc}") from exc

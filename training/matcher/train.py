@@ -47,6 +47,7 @@ from training.matcher.evaluate import (
 )
 from training.matcher.loss import false_negative_mask, in_batch_softmax, inclusion_log_prob
 from training.matcher.model import (
+    ItemHead,
     TwoTower,
     build_model,
     find_layers,
@@ -91,6 +92,8 @@ class TrainConfig:
     bucket: bool = True  # length bucketing of each step's items
     encode_chunk: int = 128
     train_layers: int = 0  # >0: train only the top N transformer layers (embeddings + rest frozen)
+    item_head: int = 0  # >0: residual MLP head (this hidden width) after the item tower's pooling
+    freeze_encoder: bool = False  # train only the item head and the user tower (encoder outputs cached)
     layer_cache: bool = True  # with train_layers: cache the frozen layers' outputs, run only the top N
     max_grad_norm: float = 1.0
     patience: int = 2
@@ -122,6 +125,8 @@ class TrainConfig:
             "cache_negatives": self.cache_negatives >= 0,
             "dropout": 0 <= self.dropout < 1,
             "lora_r": self.lora_r >= 1,
+            "item_head": self.item_head >= 0,
+            "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),
         }
         bad = [k for k, ok in checks.items() if not ok]
         if bad:
@@ -175,7 +180,7 @@ def _configure_trainable(model: TwoTower, cfg: TrainConfig) -> None:
         model.item_tower.encoder = get_peft_model(encoder, lora)  # freezes every base weight
         return
     for name, p in encoder.named_parameters():
-        p.requires_grad_("pooler" not in name)
+        p.requires_grad_("pooler" not in name and not cfg.freeze_encoder)
     if cfg.train_layers > 0:
         layers = find_layers(encoder)
         if layers is None:
@@ -193,7 +198,7 @@ def _optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        lr = cfg.head_lr if name.startswith("user_tower.") else cfg.lr
+        lr = cfg.head_lr if name.startswith(("user_tower.", "item_tower.head.")) else cfg.lr
         no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith((".query", ".empty"))
         groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
@@ -239,6 +244,9 @@ class _Trainer:
         self.state_dir = self.out / STATE_DIR
         if cfg.history_grad and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--history-grad is a single-process measurement mode; run it without torchrun")
+        if cfg.freeze_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise ConfigError("--freeze-encoder trains a small head over the whole catalogue per step: run it "
+                              "in one process (it needs no torchrun)")
         if cfg.resume and not (self.state_dir / "trainer_state.pt").exists():
             raise InputError(f"--resume: no saved training state in {self.state_dir}; start without --resume")
 
@@ -255,8 +263,11 @@ class _Trainer:
             _check_warm_start(ckpt, cfg, tokenizer)
             model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
             model.user_tower.dropout.p = cfg.dropout
+            if cfg.item_head and model.item_tower.head is None:  # add a fresh (identity) head
+                model.item_tower.head = ItemHead(model.config.dim, cfg.item_head)
+                model.config = replace(model.config, item_head=cfg.item_head)
         else:
-            model, tokenizer = build_model(cfg.base_model, **model_kwargs)
+            model, tokenizer = build_model(cfg.base_model, item_head=cfg.item_head, **model_kwargs)
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg)
         self.model = model.to(self.device)
@@ -289,7 +300,9 @@ class _Trainer:
             )
         self.cache = torch.zeros(self.n_items + 1, self.mcfg.dim, device=self.device)
         self.lower: torch.Tensor | None = None
-        if cfg.train_layers > 0 and cfg.layer_cache and not cfg.lora:
+        if cfg.freeze_encoder and cfg.layer_cache:
+            self.lower = self._frozen_pooled()
+        elif cfg.train_layers > 0 and cfg.layer_cache and not cfg.lora:
             self.lower = self._lower_states()
         self.step = 0
         self.epoch = 0
@@ -315,6 +328,16 @@ class _Trainer:
                 states = self.model.lower_hidden_states(ids.to(self.device), mask.to(self.device))
                 lower[torch.from_numpy(items[pos]).to(self.device), : ids.shape[1]] = states.float()
         return lower
+
+    def _frozen_pooled(self) -> torch.Tensor:
+        """[n_items, D] pooled output of the wholly frozen encoder: each step only runs the item head."""
+        items = np.arange(self.n_items)
+        pooled = torch.zeros(self.n_items, self.mcfg.dim, device=self.device)
+        with autocast(self.device, self.bf16):
+            for pos, ids, mask in self.tokens.chunks(items, 256, bucket=True):
+                out = self.model.frozen_pooled(ids.to(self.device), mask.to(self.device))
+                pooled[torch.from_numpy(items[pos]).to(self.device)] = out.float()
+        return pooled
 
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_set(self, split: str) -> EvalSet | None:
@@ -396,6 +419,8 @@ class _Trainer:
             log_q = torch.from_numpy(inclusion_log_prob(self.item_prob[all_cols], len(rows), uniform)).to(self.device)
 
         dev = self.device
+        if self.lower is not None and self.lower.ndim == 2:
+            return self._head_only_step(rows, all_cols, labels, fn_mask, log_q)
         chunks = model_chunks(self.tokens.chunks(encode, cfg.encode_chunk, bucket=cfg.bucket), encode, self.device, self.lower)
         inputs = [(x, mask) for _, x, mask in chunks]
         _, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
@@ -428,6 +453,40 @@ class _Trainer:
         self.sched.step()
         with torch.no_grad():  # fresh (train-mode) embeddings of this step's items keep the cache current
             self.cache[torch.from_numpy(columns).to(dev)] = items[: len(columns)].detach().float()
+        return float(loss.detach())
+
+    def _head_only_step(self, rows: np.ndarray, all_cols: np.ndarray, labels: np.ndarray, fn_mask: np.ndarray,
+                        log_q: torch.Tensor | None) -> float:
+        """Frozen encoder: the whole catalogue goes through the item head with gradients each step
+        ([n_items, D] x a small MLP: cheap), so history embeddings and every negative carry gradients
+        too. With a shared head every item moves at every step; a no-grad history cache would lag
+        behind it and the user and item spaces drift apart (training loss rises, measured)."""
+        pairs, dev = self.pairs, self.device
+        assert self.lower is not None
+        with autocast(dev, self.bf16):
+            full = self.model.item_tower.finish(self.lower)  # [n_items, D]
+            padded = torch.cat([full, full.new_zeros(1, full.shape[1])])
+            hist = pairs.hist_item[rows]
+            _, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
+            h_emb = padded[torch.from_numpy(np.where(hist < 0, self.n_items, hist)).to(dev)]
+            users = self.model.user_tower(h_emb, h_type, h_age, h_mask)
+            loss = in_batch_softmax(
+                users,
+                full[torch.from_numpy(all_cols).to(dev)],
+                torch.from_numpy(labels).to(dev),
+                self.mcfg.temperature,
+                torch.from_numpy(fn_mask).to(dev),
+                log_q,
+                torch.from_numpy(pairs.weight[rows]).to(dev),
+            )
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        if self.cfg.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+        self.opt.step()
+        self.sched.step()
+        with torch.no_grad():
+            self.cache[: self.n_items] = full.detach().float()
         return float(loss.detach())
 
     # ---- state --------------------------------------------------------------------------------
