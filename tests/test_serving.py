@@ -277,11 +277,15 @@ def test_invalid_recommend_and_event_requests(stub: Any) -> None:
 
 def test_load_shedding_and_deadlines(server: ServerThread, stub: Any) -> None:
     app = server.app
-    app.inflight += app.config.max_inflight  # as if the server were full
+
+    async def shift(delta: int) -> None:  # on the server's loop: no lost update against its own counting
+        app.inflight += delta
+
+    server.call(shift(app.config.max_inflight))  # as if the server were full
     try:
         _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: stub.Rank(_rank_request("u1", _items(5))))
     finally:
-        app.inflight -= app.config.max_inflight
+        server.call(shift(-app.config.max_inflight))
     _expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: stub.Rank(_rank_request("u1", _items(100)), timeout=1e-5))
     assert len(stub.Rank(_rank_request("u1", _items(5)), timeout=5).items) == 5
 
