@@ -131,7 +131,7 @@ def run(args: argparse.Namespace) -> int:
         demo.title("Close the loop: simulate clicks on what was served, retrain, compare, promote, hot reload")
         _flush_and_simulate(demo, server, raw, exposures, out / "feedback.parquet", args)
         demo.recsys("retrain", "--registry", registry, "--data", data, "--events", out / "feedback.parquet",
-                    "--exposures", exposures, "--out", out / "retrain", "--epochs", "1")
+                    "--exposures", exposures, "--out", out / "retrain", "--epochs", str(args.epochs))
         _await_version_change(server["port"], before=fine_tuned.name)
     finally:
         demo.title("Shut down: SIGTERM -> NOT_SERVING, drain, flush the exposure log, stop")
