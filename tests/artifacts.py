@@ -9,6 +9,7 @@ mismatched, tiny model). Needs torch (only to build the artifacts).
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -36,3 +37,39 @@ def build_scoring_artifacts(base: Path, prepared_dir: Path, seed: int = 3, round
         RankerConfig(threads=2, num_rounds=rounds),
     )
     return {"registry": base / "reg", "ranker": base / "ranker", "data": prepared_dir, "base": base, "ckpt": ckpt}
+
+
+class ServerThread:
+    """A real grpc.aio server on its own event loop thread (the tests are plain synchronous clients),
+    with a channel and stubs for the ranking and admin services."""
+
+    def __init__(self, config: Any) -> None:
+        import asyncio
+        import threading
+
+        import grpc
+
+        from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
+        from recsys.serving.server import create_server
+
+        self.loop = asyncio.new_event_loop()
+        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
+        self.thread.start()
+        self.server, self.port = self.call(create_server(config))
+        self.call(self.server.start())
+        self.app = self.server.app
+        self.target = f"127.0.0.1:{self.port}"
+        self.channel = grpc.insecure_channel(self.target)
+        self.stub = pb_grpc.RankingServiceStub(self.channel)
+        self.admin = pb_grpc.ModelAdminStub(self.channel)
+
+    def call(self, coro: Any, timeout: float = 120) -> Any:
+        import asyncio
+
+        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
+
+    def stop(self) -> None:
+        self.channel.close()
+        self.call(self.server.stop(2.0))
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.thread.join(10)

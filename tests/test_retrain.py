@@ -5,7 +5,6 @@ and is not promoted."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import shutil
 import threading
@@ -20,6 +19,7 @@ import polars as pl
 import pytest
 
 from recsys.cli import main
+from tests.artifacts import ServerThread
 
 T0 = datetime(2026, 1, 31, 12, 0, tzinfo=timezone.utc)  # just after the synthetic log (30 days of Jan 2026)
 FAST = ["--epochs", "3", "--batch-size", "128", "--lr", "1e-3", "--threads", "1", "--ranker-rounds", "40",
@@ -93,27 +93,6 @@ def test_cli_errors_name_the_fix(tmp_path: Path, capsys: pytest.CaptureFixture[s
 # ------------------------------------------------------------------------------------------ the loop
 
 
-class ServerThread:
-    """A real grpc.aio server on its own event-loop thread (the test is a plain synchronous client)."""
-
-    def __init__(self, config: Any) -> None:
-        from recsys.serving.server import create_server
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, port = self.call(create_server(config))
-        self.call(self.server.start())
-        self.app = self.server.app
-        self.target = f"127.0.0.1:{port}"
-
-    def call(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.server.stop(2.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 @pytest.fixture(scope="module")

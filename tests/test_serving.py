@@ -30,6 +30,7 @@ pytest.importorskip("torch")  # only to build the test artifacts
 
 from recsys.serving.proto import ranking_pb2 as pb  # noqa: E402
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc  # noqa: E402
+from tests.artifacts import ServerThread  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 T0 = datetime(2026, 1, 31, 12, 0, tzinfo=timezone.utc)  # after the synthetic log (Jan 2026)
@@ -60,27 +61,6 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> d
     return {"registry": base / "reg", "ranker": base / "ranker", "data": prepared_dir, "base": base}
 
 
-class ServerThread:
-    """A real grpc.aio server on its own event loop thread (the tests are plain synchronous clients)."""
-
-    def __init__(self, config: Any) -> None:
-        from recsys.serving.server import create_server
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, self.port = self.call(create_server(config))
-        self.call(self.server.start())
-        self.app = self.server.app
-        self.target = f"127.0.0.1:{self.port}"
-
-    def call(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.call(self.server.stop(2.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def _config(artifacts: dict[str, Path], **overrides: Any) -> Any:

@@ -6,7 +6,6 @@ malformed or unloadable edit refused while the old config keeps serving) and the
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import re
@@ -32,7 +31,7 @@ pytest.importorskip("torch")  # only to build the test artifacts
 from recsys.experiments.assignment import assign  # noqa: E402
 from recsys.experiments.config import parse_config  # noqa: E402
 from recsys.serving.proto import ranking_pb2 as pb  # noqa: E402
-from recsys.serving.proto import ranking_pb2_grpc as pb_grpc  # noqa: E402
+from tests.artifacts import ServerThread  # noqa: E402
 
 TOKEN = "admin-token"
 AUTH = (("authorization", f"Bearer {TOKEN}"),)
@@ -120,30 +119,6 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> d
     return out
 
 
-class ServerThread:
-    """A real grpc.aio server on its own event loop thread (the tests are plain synchronous clients)."""
-
-    def __init__(self, config: Any) -> None:
-        from recsys.serving.server import create_server
-
-        self.loop = asyncio.new_event_loop()
-        self.thread = threading.Thread(target=self.loop.run_forever, daemon=True)
-        self.thread.start()
-        self.server, self.port = self.call(create_server(config))
-        self.call(self.server.start())
-        self.app = self.server.app
-        self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
-        self.stub = pb_grpc.RankingServiceStub(self.channel)
-        self.admin = pb_grpc.ModelAdminStub(self.channel)
-
-    def call(self, coro: Any, timeout: float = 120) -> Any:
-        return asyncio.run_coroutine_threadsafe(coro, self.loop).result(timeout)
-
-    def stop(self) -> None:
-        self.channel.close()
-        self.call(self.server.stop(2.0))
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(10)
 
 
 def _serve_config(artifacts: dict[str, Any], experiments: Path, **overrides: Any) -> Any:
