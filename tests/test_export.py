@@ -15,19 +15,15 @@ pytest.importorskip("onnxruntime")
 
 def make_tiny_checkpoint(out: Path, seed: int = 0, hidden: int = 32) -> Path:
     """A checkpoint in model.py's layout: tiny random BERT + a fresh (perturbed) user tower."""
-    from transformers import AutoModel, AutoTokenizer
-
     from tests.tiny_models import build_tiny_bert
-    from training.export import save_checkpoint
-    from training.matcher.model import MatcherConfig, UserTower
+    from training.matcher.model import build_model, save_checkpoint
 
     bert = build_tiny_bert(out / "bert", hidden=hidden, seed=seed)
-    tokenizer = AutoTokenizer.from_pretrained(bert)
     torch.manual_seed(seed)
-    user = UserTower(hidden, heads=4, dropout=0.1)
-    torch.nn.init.normal_(user.out.weight, std=0.2)  # a non-zero residual, so it is exercised
-    config = MatcherConfig(base_model=str(bert), dim=hidden, max_history=10, max_text_tokens=32)
-    return save_checkpoint(out / "ckpt", AutoModel.from_pretrained(bert), tokenizer, user, config)
+    model, tokenizer = build_model(str(bert), max_history=10, max_text_tokens=32)
+    torch.nn.init.normal_(model.user_tower.out.weight, std=0.2)  # a non-zero residual, so it is exercised
+    save_checkpoint(model, tokenizer, out / "ckpt")
+    return out / "ckpt"
 
 
 @pytest.fixture(scope="module")

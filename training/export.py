@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from recsys.data.prepared import Histories, PreparedData
 from recsys.errors import InputError, ModelError
@@ -35,7 +35,14 @@ from recsys.registry import MANIFEST, Registry, hash_files, utc_now
 from recsys.scoring.encoder import ItemEncoder, TextTokenizer, UserEncoder
 from recsys.scoring.providers import CPU, CUDA, accelerator_status, ort
 from recsys.scoring.store import EmbeddingStore, text_hash
-from training.matcher.model import N_EVENT_TYPES, ItemHead, ItemTower, MatcherConfig, UserTower, load_item_head
+from training.matcher.model import (
+    N_EVENT_TYPES,
+    ItemHead,
+    ItemTower,
+    MatcherConfig,
+    UserTower,
+    load_item_head,
+)
 
 log = logging.getLogger(__name__)
 
@@ -45,16 +52,6 @@ CONFIG_FILE = "matcher_config.json"
 
 
 # --- checkpoints --------------------------------------------------------------------------------
-
-
-def save_checkpoint(out: Path, encoder: Any, tokenizer: Any, user_tower: UserTower, config: MatcherConfig) -> Path:
-    """Write model.py's checkpoint layout (what the trainer writes; used by tests and benchmarks)."""
-    out.mkdir(parents=True, exist_ok=True)
-    encoder.save_pretrained(out / ITEM_ENCODER_DIR)
-    tokenizer.save_pretrained(out / ITEM_ENCODER_DIR)
-    save_file({k: v.contiguous() for k, v in user_tower.state_dict().items()}, str(out / USER_TOWER_FILE))
-    config.save(out / CONFIG_FILE)
-    return out
 
 
 @dataclass
