@@ -46,7 +46,7 @@ import numpy as np
 import polars as pl
 
 from recsys.data.prepared import Histories
-from recsys.data.schema import EVENT_CODES
+from recsys.data.schema import EVENT_CODES, EVENT_COLUMNS
 from recsys.errors import ConfigError, InputError, ModelError
 
 STATE_FORMAT = 1
@@ -57,13 +57,7 @@ _SHIFT = np.int64(32)  # SparseMap key = row << 32 | col (ids < 2**31)
 _COL_MASK = np.int64((1 << 32) - 1)
 # Columns of the prepared events table that are not request context.
 _NON_CONTEXT = {
-    "user_id",
-    "item_id",
-    "event_type",
-    "timestamp",
-    "value",
-    "request_id",
-    "position",
+    *EVENT_COLUMNS,
     "strength",
     "item_idx",
     "user_idx",

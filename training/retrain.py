@@ -39,6 +39,7 @@ import polars as pl
 from recsys.data.prepare import PrepareConfig, prepare_tables, split_time
 from recsys.data.prepared import Histories, PreparedData
 from recsys.data.readers import RawTables, read_table
+from recsys.data.schema import EVENT_COLUMNS
 from recsys.data.validate import validate
 from recsys.errors import ConfigError, InputError
 from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
@@ -62,7 +63,6 @@ log = logging.getLogger(__name__)
 REPORT_JSON = "retrain_report.json"
 REPORT_MD = "retrain_report.md"
 METRICS = ("ndcg@10", "recall@10", "matcher_ndcg@10")
-_EVENT_BASE = ("user_id", "item_id", "event_type", "timestamp", "value", "request_id", "position")
 # Columns prepare adds; dropped before re-validating the base tables.
 _DERIVED = ("user_idx", "item_idx", "strength", "split_global", "split_loo", "split_tail", "text", "first_seen")
 
@@ -159,7 +159,7 @@ def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence
     re-validated by the caller).
 
     Keeps the canonical columns plus the base's request-context columns; new files may lack them."""
-    keep = [*_EVENT_BASE, *[c for c in context if c not in _EVENT_BASE]]
+    keep = [*EVENT_COLUMNS, *[c for c in context if c not in EVENT_COLUMNS]]
     base_events = base.events().collect()
     frames = [base_events.select([c for c in keep if c in base_events.columns])]
     counts = {"base": base_events.height}

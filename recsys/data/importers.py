@@ -33,7 +33,7 @@ from pathlib import Path
 import polars as pl
 
 from recsys.data.readers import RawTables
-from recsys.data.schema import TIMESTAMP_DTYPE
+from recsys.data.schema import EVENT_COLUMNS, TIMESTAMP_DTYPE
 from recsys.errors import InputError
 
 FORMATS = ("movielens", "recbole", "mind")
@@ -530,9 +530,7 @@ def load_mind(input_dir: Path) -> RawTables:
         )
     )
     events = pl.concat([history.select(cols), impressions.select(cols), clicks.select(cols)])
-    events = events.with_columns(pl.lit(None, pl.Float64).alias("value")).select(
-        "user_id", "item_id", "event_type", "timestamp", "value", "request_id", "position"
-    )
+    events = events.with_columns(pl.lit(None, pl.Float64).alias("value")).select(*EVENT_COLUMNS)
 
     news = _read_sep(
         news_path,

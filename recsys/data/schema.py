@@ -73,6 +73,8 @@ EVENT_ALIASES: dict[str, str] = {
 }
 
 ITEM_REQUIRED = ("item_id", "title")
+# The canonical event columns, in order; anything else on an event is context.
+EVENT_COLUMNS = ("user_id", "item_id", "event_type", "timestamp", "value", "request_id", "position")
 EVENT_REQUIRED = ("user_id", "item_id", "event_type", "timestamp")
 
 

@@ -21,6 +21,7 @@ import pyarrow.compute as pc
 from recsys.data.readers import RawTables
 from recsys.data.schema import (
     EVENT_ALIASES,
+    EVENT_COLUMNS,
     EVENT_REQUIRED,
     ITEM_REQUIRED,
     TIMESTAMP_DTYPE,
@@ -29,16 +30,7 @@ from recsys.data.schema import (
 from recsys.errors import ConfigError, InputError
 
 ON_INVALID = ("error", "drop")
-EVENT_COLUMNS = (
-    "user_id",
-    "item_id",
-    "event_type",
-    "timestamp",
-    "value",
-    "request_id",
-    "position",
-    "strength",
-)
+CLEAN_EVENT_COLUMNS = (*EVENT_COLUMNS, "strength")
 ITEM_TEXT = ("title", "description", "tags", "category")
 _ROW = "__row"
 _SHOWN = 5
@@ -528,8 +520,8 @@ def _events(
     report._drop("duplicate_event", before - df.height)
     df = df.with_columns(rule.expr()).with_columns(pl.col("event_type").cast(pl.Utf8))
     report.output_rows["events"] = df.height
-    rest = [c for c in df.columns if c not in (*EVENT_COLUMNS, _ROW, "__unparseable")]
-    return df.select(*EVENT_COLUMNS, *rest)
+    rest = [c for c in df.columns if c not in (*CLEAN_EVENT_COLUMNS, _ROW, "__unparseable")]
+    return df.select(*CLEAN_EVENT_COLUMNS, *rest)
 
 
 def _drop_duplicate_events(df: pl.DataFrame) -> pl.DataFrame:
