@@ -102,12 +102,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     import onnxruntime
     import torch
-    from transformers import AutoModel, AutoTokenizer
 
     from recsys.cli import main as recsys_main
     from recsys.scoring.encoder import ItemEncoder
-    from training.export import ExportConfig, export_checkpoint, save_checkpoint
-    from training.matcher.model import MatcherConfig, UserTower
+    from training.export import ExportConfig, export_checkpoint
+    from training.matcher.model import build_model, save_checkpoint
 
     torch.set_num_threads(args.threads)
     if args.model is None:
@@ -122,11 +121,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         recsys_main(["prepare", "--format", "recbole", "--input", str(ML100K), "--out", str(prepared)])
 
     print(f"exporting {args.model} ...", file=sys.stderr)
-    encoder = AutoModel.from_pretrained(args.model)
-    dim = int(encoder.config.hidden_size)
     torch.manual_seed(0)
-    ckpt = save_checkpoint(work / "ckpt", encoder, AutoTokenizer.from_pretrained(args.model), UserTower(dim),
-                           MatcherConfig(base_model=args.model, dim=dim, max_text_tokens=max_len))
+    model, tokenizer = build_model(args.model, max_text_tokens=max_len)
+    ckpt = work / "ckpt"
+    save_checkpoint(model, tokenizer, ckpt)
     config = ExportConfig(int8=True, protocol="loo", threads=args.threads, batch_size=args.batch_size)
     start = time.perf_counter()
     result = export_checkpoint(ckpt, work / "export", config, data=prepared)

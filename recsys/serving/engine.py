@@ -45,6 +45,10 @@ CATALOGUE, ENCODED, NO_TEXT = 1, 2, 3
 _STRENGTH = StrengthRule()
 
 
+class StateBusy(Exception):
+    """A non-blocking read of the feature state found a writer holding or waiting for it."""
+
+
 class RWLock:
     """Many readers (requests computing features) or one writer (events being applied)."""
 
@@ -55,8 +59,11 @@ class RWLock:
         self._waiting_writers = 0
 
     @contextlib.contextmanager
-    def read(self) -> Iterator[None]:
+    def read(self, blocking: bool = True) -> Iterator[None]:
+        """blocking=False raises StateBusy instead of waiting for a writer (event-loop callers)."""
         with self._cond:
+            if not blocking and (self._writer or self._waiting_writers):
+                raise StateBusy
             while self._writer or self._waiting_writers:
                 self._cond.wait()
             self._readers += 1
@@ -211,9 +218,11 @@ def rank(
     has_text: np.ndarray | None = None,
     top_k: int = 0,
     explain: bool = False,
+    blocking: bool = True,
 ) -> Ranked:
     """Score candidates item_idx [n] (-1 = not in the catalogue; their vectors in `cold_vectors`
-    [m, D] for the ones with text, in order) and order them."""
+    [m, D] for the ones with text, in order) and order them. blocking=False: StateBusy rather than
+    wait while events are being applied."""
     n = len(item_idx)
     known = item_idx >= 0
     ctx = _context(model, context)
@@ -223,7 +232,7 @@ def rank(
     source = np.where(known, CATALOGUE, NO_TEXT).astype(np.int8)
     if has_text is not None:
         source[~known & has_text] = ENCODED
-    with live.lock.read():
+    with live.lock.read(blocking):
         if known.all() and history is None:
             scores, features = score_request(model.ranker, state, user, item_idx, t_us, model.matcher, ctx, extras)
             match = features.matrix[:, features.names.index("match_score")].astype(np.float64)
@@ -337,6 +346,7 @@ def rank_baseline(
     item_idx: np.ndarray,
     t_us: int,
     top_k: int = 0,
+    blocking: bool = True,
 ) -> Ranked:
     """Order candidates item_idx [n] (-1 = not in the catalogue) by a baseline. Candidates the
     catalogue does not know have no counts (popularity 0; their text is not encoded: source NO_TEXT)."""
@@ -346,7 +356,7 @@ def rank_baseline(
         scores = _draws(user_id, request_id, n)
     else:
         scores = np.zeros(n, np.float64)
-        with live.lock.read():
+        with live.lock.read(blocking):
             scores[known] = popularity(live.state, item_idx[known], t_us)
     k = n if top_k <= 0 else min(top_k, n)
     order = np.argsort(-scores, kind="stable")[:k]

@@ -64,7 +64,7 @@ class ExposureLog:
         self.flush_records = flush_records
         self.flush_s = flush_s
         self.written = 0  # rows durably on disk
-        self._cols: dict[str, list] = {name: [] for name in SCHEMA}
+        self._lists: list[tuple[Any, ...]] = []  # one tuple per served list; rows are built at flush
         self._pending = 0
         self._lock = threading.Lock()
         self._seq = 0
@@ -90,27 +90,17 @@ class ExposureLog:
         latency_ms: float | None = None,
         session_id: str | None = None,
     ) -> None:
-        """One served list, best first (position = index). Cheap: list extends under a lock."""
+        """One served list, best first (position = index). Cheap: one tuple appended under a lock; the
+        writer thread expands lists into rows at flush time."""
         k = len(item_ids)
         if not k:
             return
+        entry = (user_id, list(item_ids), t_us, request_id, model_version, variant, np.asarray(scores, np.float64),
+                 np.asarray(match, np.float64), np.asarray(source, np.int8), latency_ms, session_id)
         with self._lock:
             if self._closed:
                 raise RuntimeError("exposure log is closed")
-            c = self._cols
-            c["user_id"].extend([user_id] * k)
-            c["item_id"].extend(item_ids)
-            c["event_type"].extend(["impression"] * k)
-            c["timestamp"].extend([t_us] * k)
-            c["request_id"].extend([request_id] * k)
-            c["position"].extend(range(k))
-            c["model_version"].extend([model_version] * k)
-            c["variant"].extend([variant] * k)
-            c["score"].extend(np.asarray(scores, np.float64).tolist())
-            c["match_score"].extend(np.asarray(match, np.float64).tolist())
-            c["source"].extend(SOURCE_NAMES.get(int(s), "unknown") for s in source)
-            c["latency_ms"].extend([latency_ms] * k)
-            c["session_id"].extend([session_id] * k)
+            self._lists.append(entry)
             self._pending += k
             due = self._pending >= self.flush_records
         if due:
@@ -128,11 +118,36 @@ class ExposureLog:
         with self._lock:
             if not self._pending:
                 return None
-            cols, self._cols = self._cols, {name: [] for name in SCHEMA}
+            lists, self._lists = self._lists, []
             self._pending = 0
-        ts = pl.Series("timestamp", cols.pop("timestamp"), pl.Int64).cast(pl.Datetime("us")).dt.replace_time_zone("UTC")
-        frame = pl.DataFrame({name: pl.Series(name, values, SCHEMA[name]) for name, values in cols.items()})
-        return frame.with_columns(ts).select(list(SCHEMA))
+        (users, items, stamps, requests, versions, variants, scores, match, source, latency, sessions) = zip(*lists, strict=True)
+        sizes = np.fromiter(map(len, items), np.int64, len(items))
+        row_list = np.repeat(np.arange(len(items)), sizes)  # list of each row
+
+        def per_list(name: str, values: Sequence[Any]) -> pl.Series:
+            return pl.Series(name, values, SCHEMA[name] if name != "timestamp" else pl.Int64).gather(row_list)
+
+        starts = np.cumsum(sizes) - sizes
+        labels = np.array([SOURCE_NAMES.get(code, "unknown") for code in range(len(SOURCE_NAMES) + 1)], object)
+        codes = np.concatenate(source).astype(np.int64)
+        codes[(codes < 0) | (codes >= len(labels))] = 0  # 0 = "unknown"
+        frame = pl.DataFrame(
+            [
+                per_list("user_id", users),
+                pl.Series("item_id", [item for lst in items for item in lst], pl.Utf8),
+                per_list("timestamp", stamps).cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
+                per_list("request_id", requests),
+                pl.Series("position", np.arange(len(row_list)) - np.repeat(starts, sizes), pl.Int32),
+                per_list("model_version", versions),
+                per_list("variant", variants),
+                pl.Series("score", np.concatenate(scores), pl.Float64),
+                pl.Series("match_score", np.concatenate(match), pl.Float64),
+                pl.Series("source", labels[codes].tolist(), pl.Utf8),
+                per_list("latency_ms", latency),
+                per_list("session_id", sessions),
+            ]
+        )
+        return frame.with_columns(pl.lit("impression", pl.Utf8).alias("event_type")).select(list(SCHEMA))
 
     def flush(self) -> int:
         """Write pending rows as one part file (temp + fsync + rename + directory fsync)."""

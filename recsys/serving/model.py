@@ -14,6 +14,7 @@ ONNX, no LightGBM, scores straight from the live feature state (`engine.rank_bas
 
 from __future__ import annotations
 
+import itertools
 import logging
 import threading
 import time
@@ -51,8 +52,7 @@ class ItemCatalogue:
 
     def lookup(self, ids: Sequence[str]) -> np.ndarray:
         """item_idx per id, -1 for items the catalogue does not know."""
-        get = self.index.get
-        return np.fromiter((get(i, -1) for i in ids), np.int64, len(ids))
+        return np.fromiter(map(self.index.get, ids, itertools.repeat(-1)), np.int64, len(ids))
 
 
 class TextCache:
@@ -136,23 +136,6 @@ class BaselineModel:
 AnyModel: TypeAlias = ServingModel | BaselineModel
 
 
-class SingleThreadPredict:
-    """LightGBM booster proxy whose predict runs on `threads` OpenMP threads. A 100-row predict takes
-    ~0.1 ms on one thread but 20 ms with OpenMP's default pool on a loaded 2-core machine (threads spin
-    and wait); concurrency comes from requests instead. Predictions are identical."""
-
-    def __init__(self, booster: Any, threads: int = 1) -> None:
-        self._booster = booster
-        self._threads = threads
-
-    def predict(self, data: Any, **kwargs: Any) -> Any:
-        kwargs.setdefault("num_threads", self._threads)
-        return self._booster.predict(data, **kwargs)
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._booster, name)
-
-
 class ModelHolder:
     """An atomically replaceable reference to the model a variant (or experiment ranker) serves."""
 
@@ -217,8 +200,7 @@ def load_model(
             f"model version {registered.version} has no {RANKER_SUBDIR}/ directory and no --ranker was "
             f"given: train one with `recsys train ranker --matcher {registered.path}` and pass --ranker"
         )
-    ranker = Ranker.load(path)
-    ranker.booster = SingleThreadPredict(ranker.booster)
+    ranker = Ranker.load(path, threads=1)  # concurrency comes from requests, not OpenMP
     if not ranker.uses_match:
         raise ModelError(f"ranker {path} was trained without match scores: retrain it with --matcher")
     initial = None

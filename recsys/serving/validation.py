@@ -151,28 +151,37 @@ def rank_input(request: Any, cfg: ServeConfig) -> RankInput:
         raise FieldError("candidates", "is empty: pass at least one candidate")
     if n > cfg.max_candidates:
         raise FieldError("candidates", f"has {n} items, the limit is {cfg.max_candidates}")
-    ids = [c.item_id for c in request.candidates]
+    # One pass over the candidate messages (each attribute read builds a Python object), then
+    # C-speed checks over the plain lists; only failing or feature-carrying rows are revisited.
+    ids: list[str] = []
+    texts: list[str] = []
+    featured: list[int] = []
+    for c in request.candidates:
+        ids.append(c.item_id)
+        texts.append(c.text)
+        if c.features:
+            featured.append(len(ids) - 1)
     if len(set(ids)) != n:
         seen: set[str] = set()
         for i, item in enumerate(ids):
             if item in seen:
                 raise FieldError(f"candidates[{i}].item_id", f"duplicate id {item[:64]!r}")
             seen.add(item)
-    texts = []
+    if not all(ids) or max(map(len, ids)) > cfg.max_id_chars:
+        for i, item in enumerate(ids):
+            _id(item, f"candidates[{i}].item_id", cfg.max_id_chars)
+    if max(map(len, texts)) > cfg.max_text_chars:
+        i, text = next((i, t) for i, t in enumerate(texts) if len(t) > cfg.max_text_chars)
+        raise FieldError(f"candidates[{i}].text", f"is {len(text)} characters, the limit is {cfg.max_text_chars}")
     extra: dict[str, np.ndarray] = {}
-    for i, c in enumerate(request.candidates):
-        if not c.item_id or len(c.item_id) > cfg.max_id_chars:
-            _id(c.item_id, f"candidates[{i}].item_id", cfg.max_id_chars)
-        if len(c.text) > cfg.max_text_chars:
-            raise FieldError(f"candidates[{i}].text", f"is {len(c.text)} characters, the limit is {cfg.max_text_chars}")
-        texts.append(c.text)
-        if c.features:
-            if len(c.features) > cfg.max_features:
-                raise FieldError(f"candidates[{i}].features", f"has {len(c.features)} entries, the limit is {cfg.max_features}")
-            for name, value in c.features.items():
-                if not math.isfinite(value):
-                    raise FieldError(f"candidates[{i}].features[{name}]", "must be finite")
-                extra.setdefault(name, np.full(n, np.nan))[i] = value
+    for i in featured:
+        features = request.candidates[i].features
+        if len(features) > cfg.max_features:
+            raise FieldError(f"candidates[{i}].features", f"has {len(features)} entries, the limit is {cfg.max_features}")
+        for name, value in features.items():
+            if not math.isfinite(value):
+                raise FieldError(f"candidates[{i}].features[{name}]", "must be finite")
+            extra.setdefault(name, np.full(n, np.nan))[i] = value
     t_us = _ts(request, "request_time", now_us())
     return RankInput(
         request_id=request_id,

@@ -117,6 +117,7 @@ class UserTower(nn.Module):
 
     def __init__(self, dim: int, heads: int = 4, dropout: float = 0.1) -> None:
         super().__init__()
+        self.dim = dim
         self.type_emb = nn.Embedding(N_EVENT_TYPES + 1, dim)  # last index = padding
         self.age_emb = nn.Embedding(N_AGE_BUCKETS, dim)
         nn.init.normal_(self.type_emb.weight, std=0.02)
@@ -137,14 +138,14 @@ class UserTower(nn.Module):
         hist_age: torch.Tensor,
         hist_mask: torch.Tensor,
     ) -> torch.Tensor:
-        b, n, d = hist_emb.shape
-        h, dk = self.heads, d // self.heads
+        h, dk = self.heads, self.dim // self.heads
         types = torch.where(hist_type < 0, torch.full_like(hist_type, N_EVENT_TYPES), hist_type).long()
         # Logit of head h = key(x)_h . q_h with x = item + type + age embedding. key is linear, so fold
         # the query into it (w [H, D]) and project the three parts separately: the type/age tables are
-        # tiny, and no [B, N, D] key tensor is ever built (B*N*D*D FLOPs -> B*N*D*H).
+        # tiny, and no [B, N, D] key tensor is ever built (B*N*D*D FLOPs -> B*N*D*H). Shapes come from
+        # the module, never from the input, so ONNX export folds w, bias and both tables to constants.
         q = self.query.view(h, dk)
-        w = torch.einsum("hkd,hk->hd", self.key.weight.view(h, dk, d), q)  # [H, D]
+        w = torch.einsum("hkd,hk->hd", self.key.weight.view(h, dk, self.dim), q)  # [H, D]
         bias = (self.key.bias.view(h, dk) * q).sum(-1)  # [H]
         logits = (
             hist_emb @ w.T
@@ -155,10 +156,10 @@ class UserTower(nn.Module):
         mask = hist_mask.bool().unsqueeze(-1)
         logits = logits.masked_fill(~mask, torch.finfo(logits.dtype).min)
         weights = self.dropout(torch.softmax(logits, dim=1) * mask)  # attention dropout; all-pad rows -> 0
-        pooled = torch.einsum("bnh,bnhk->bhk", weights, hist_emb.view(b, n, h, dk)).reshape(b, d)
+        pooled = torch.einsum("bnh,bnhk->bhk", weights, hist_emb.unflatten(-1, (h, dk))).flatten(1)
         pooled = pooled + self.out(pooled)  # residual: starts as plain attention pooling
         has_history = hist_mask.bool().any(1, keepdim=True)
-        pooled = torch.where(has_history, pooled, self.empty.expand(b, d))
+        pooled = torch.where(has_history, pooled, self.empty)
         return F.normalize(pooled, dim=-1)
 
 
