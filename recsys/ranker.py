@@ -238,13 +238,14 @@ def score_request(
 
     Context is limited to the columns the model knows (a request may carry more)."""
     match = None
+    history = state.history(user_idx, request_time)  # read once: the user tower and co-visitation
     if ranker.uses_match:
         if matcher is None:
             raise ModelError("this ranker was trained with match scores (match_score): pass a matcher")
-        match = matcher.scores(state.history(user_idx, request_time), np.asarray(candidates))
+        match = matcher.scores(history, np.asarray(candidates))
     known = set(ranker.context_names)
     ctx = {k: v for k, v in (context or {}).items() if k in known}
-    features = state.compute(user_idx, candidates, request_time, match, None, ctx, extra)
+    features = state.compute(user_idx, candidates, request_time, match, history, ctx, extra)
     return ranker.score(features), features
 
 
