@@ -871,7 +871,7 @@ class FeatureState:
         def days_since(stamp: np.ndarray, missing: int) -> np.ndarray:
             return np.where(stamp == missing, np.nan, (t - stamp.astype(np.float64)) / DAY_US)
 
-        prior = min(self.global_clicks / self.global_impr, 1.0) if self.global_impr > 0 else math.nan
+        prior = self.ctr_prior
         a = self.config.ctr_prior_weight
 
         # Item.
@@ -956,6 +956,36 @@ class FeatureState:
         for name, values in extra.items():
             put(name, _numeric(name, values, n))
         return Features(matrix, names)
+
+    @property
+    def ctr_prior(self) -> float:
+        """The smoothing prior of the CTR features: global clicks / impressions (NaN before any)."""
+        return min(self.global_clicks / self.global_impr, 1.0) if self.global_impr > 0 else math.nan
+
+    def mask_unseen_items(self, features: Features, rows: np.ndarray, in_catalogue: bool = True) -> None:
+        """Overwrite the item columns of `rows` (in place) with what an item no event has touched yet
+        gets: zero counts, co-visitation and user x item history, CTR at the global prior, no
+        first/last-seen ages. in_catalogue=False also blanks what the catalogue would know (numeric
+        attributes, catalogue age, category/tag affinity): an id the catalogue has never heard of.
+
+        The service applies it to unknown candidate ids; ranker training applies it to a random share
+        of candidates (`RankerConfig.cold_item_dropout`, as DropoutNet drops preference inputs), so the
+        blender learns to rank an item without behaviour by its text match instead of burying it."""
+        if not len(rows):
+            return
+        zero = {"seen", "ui_count", "ui_impressions", "covis_sum", "covis_max", "covis_norm", "item_pop_all",
+                "item_impressions", *(f"item_pop_{_window_name(d)}" for d in self.config.decay_days)}
+        missing = {"item_age_days", "item_days_since_last"}
+        if not in_catalogue:
+            zero |= {"cat_affinity", "cat_weight", "tag_affinity", "tag_affinity_max"}
+            missing |= {"item_catalogue_age_days", *(f"item_{c}" for c in self.catalogue.numeric_names)}
+        for j, name in enumerate(features.names):
+            if name in zero:
+                features.matrix[rows, j] = 0.0
+            elif name in missing:
+                features.matrix[rows, j] = np.nan
+            elif name == "item_ctr":
+                features.matrix[rows, j] = self.ctr_prior
 
     def _context_value(self, name: str, value: Any) -> float:
         if isinstance(value, str):

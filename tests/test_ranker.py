@@ -14,7 +14,7 @@ import pytest
 
 from recsys.data.prepared import PreparedData
 from recsys.errors import InputError, ModelError
-from recsys.features import EmbeddingMatcher, mean_pool_encoder
+from recsys.features import EmbeddingMatcher, Features, mean_pool_encoder
 from recsys.ranker import Ranker, grouped_ndcg, score_request
 
 
@@ -120,6 +120,29 @@ def test_direct_c_predict_equals_booster_predict(trained) -> None:
     rows32 = rows.astype(np.float32)
     np.testing.assert_array_equal(ranker.score(rows32, names), ranker.booster.predict(ranker.matrix(rows32, names).astype(np.float64)))
     assert ranker.score(rows[:0], names).shape == (0,)
+
+
+def test_cold_item_dropout_masks_fit_rows_only(trained, tmp_path) -> None:
+    """cold_item_dropout shows a share of the fit candidates as items without behaviour: the model
+    changes, the table and the holdout/test metrics stay on the real features. (Its effect on cold
+    and warm targets is measured in bench/cold_items.py.)"""
+    from recsys.errors import ConfigError
+    from training.ranker import RankerConfig, train_ranker
+
+    result, matcher, data = trained
+    with pytest.raises(ConfigError, match="cold_item_dropout"):
+        RankerConfig(cold_item_dropout=1.0)
+    dropped = train_ranker(data, tmp_path / "dropout", matcher, RankerConfig(threads=2, cold_item_dropout=0.3))
+    meta = json.loads((tmp_path / "dropout" / "ranker.json").read_text())
+    assert meta["config"]["cold_item_dropout"] == 0.3
+    np.testing.assert_array_equal(dropped.table.matrix, result.table.matrix)  # same features, unmasked
+    test = dropped.table.select(np.flatnonzero(dropped.table.split == "test"))
+    ranker = Ranker.load(dropped.out_dir)
+    ndcg = np.nanmean(grouped_ndcg(ranker.score(test.matrix, test.names), test.labels, test.sizes, 10, meta["label_gain"]))
+    assert ndcg == pytest.approx(dropped.metrics["test"]["ndcg@10/ranker"], abs=1e-9)
+    new_items = Features(test.matrix.copy(), test.names)
+    ranker.load_state().mask_unseen_items(new_items, np.arange(len(test.labels)))
+    assert not np.allclose(ranker.score(new_items), Ranker.load(result.out_dir).score(new_items))
 
 
 def test_feature_name_mismatch_is_refused_with_the_feature_named(trained) -> None:

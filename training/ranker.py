@@ -32,7 +32,7 @@ import polars as pl
 from recsys.compat import require
 from recsys.data.prepared import PreparedData
 from recsys.errors import ConfigError, InputError, ModelError
-from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, FeatureState, to_us
+from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState, to_us
 from recsys.ranker import IMPORTANCE_FILE, META_FILE, MODEL_FILE, RANKER_FORMAT, STATE_DIR, grouped_ndcg
 
 log = logging.getLogger(__name__)
@@ -56,6 +56,10 @@ class RankerConfig:
     seed: int = 0
     threads: int = 0  # 0 = LightGBM's default (all cores)
     refresh_s: float = 0.0  # 0: exact point-in-time replay; > 0: refresh the state at most this often
+    # Share of fit candidates shown as items without behaviour (FeatureState.mask_unseen_items), so
+    # the blender learns to rank new items by their text match instead of burying them for having no
+    # clicks yet. A trade: bench/results/cold_items.md measures cold-item gains against warm losses.
+    cold_item_dropout: float = 0.0
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -71,6 +75,8 @@ class RankerConfig:
             raise ConfigError(f"refresh_s must be >= 0, got {self.refresh_s}")
         if self.negatives < 1:
             raise ConfigError(f"negatives must be >= 1, got {self.negatives}")
+        if not 0.0 <= self.cold_item_dropout < 1.0:
+            raise ConfigError(f"cold_item_dropout must be in [0, 1), got {self.cold_item_dropout}")
 
     def lgb_params(self) -> dict[str, Any]:
         return {
@@ -381,6 +387,9 @@ def train_ranker(
         len(table.names),
     )
 
+    if config.cold_item_dropout > 0:  # fit rows only: the holdout and test metrics stay on real features
+        rows = np.flatnonzero(np.random.default_rng(config.seed).random(len(fit.labels)) < config.cold_item_dropout)
+        state.mask_unseen_items(Features(fit.matrix, table.names), rows)
     params = config.lgb_params()
     dfit = lgb.Dataset(
         fit.matrix, fit.labels, group=fit.sizes, feature_name=list(table.names), free_raw_data=False

@@ -46,6 +46,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="0 (default): exact point-in-time features per request; N: refresh the feature state at most "
         "every N seconds while replaying (faster on huge logs, features up to N s stale, never leaky)",
     )
+    parser.add_argument(
+        "--cold-item-dropout",
+        type=float,
+        default=0.0,
+        help="share of training candidates shown as items without behaviour, so new items are ranked by "
+        "their text match (0 = off; a cold/warm trade-off, see bench/results/cold_items.md)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="LightGBM threads (0 = all cores)")
 
@@ -66,6 +73,7 @@ def run(args: argparse.Namespace) -> int:
         seed=args.seed,
         threads=args.threads,
         refresh_s=args.refresh_s,
+        cold_item_dropout=args.cold_item_dropout,
         features=FeatureConfig(max_history=args.max_history),
     )
     data = PreparedData.load(args.data)

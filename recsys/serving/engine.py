@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
@@ -187,24 +186,6 @@ def _extra(model: ServingModel, extra: Mapping[str, np.ndarray], n: int) -> dict
     return {name: extra.get(name, np.full(n, np.nan)) for name in model.extra_names}
 
 
-def _new_item_rows(features: Features, rows: np.ndarray, state: FeatureState) -> None:
-    """Overwrite item-dependent columns of `rows` with the values of an item never seen before."""
-    if not len(rows):
-        return
-    prior = math.nan
-    if state.global_impr > 0 and state.config.ctr_prior_weight > 0:
-        prior = min(state.global_clicks / state.global_impr, 1.0)
-    zero = {"seen", "ui_count", "ui_impressions", "cat_affinity", "cat_weight", "tag_affinity",
-            "tag_affinity_max", "covis_sum", "covis_max", "covis_norm", "item_pop_all", "item_impressions"}
-    for j, name in enumerate(features.names):
-        if name in zero or name.startswith("item_pop_"):
-            features.matrix[rows, j] = 0.0
-        elif name == "item_ctr":
-            features.matrix[rows, j] = prior
-        elif name.startswith("item_"):  # ages, days since last, catalogue attributes: unknown
-            features.matrix[rows, j] = np.nan
-
-
 def rank(
     model: ServingModel,
     live: LiveState,
@@ -250,7 +231,7 @@ def rank(
                 assert cold_vectors is not None and len(cold_vectors) == len(encoded)
                 match[encoded] = cold_vectors @ u
             features = state.compute(user, np.where(known, item_idx, 0), t_us, match, hist, ctx, extras)
-            _new_item_rows(features, np.flatnonzero(~known), state)
+            state.mask_unseen_items(features, np.flatnonzero(~known), in_catalogue=False)
             scores = model.ranker.score(features)
             match = match.astype(np.float64)
     k = n if top_k <= 0 else min(top_k, n)
