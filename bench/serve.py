@@ -83,7 +83,10 @@ def _requests(scenario: str, users: list[str], items: list[str], seed: int) -> A
     pool = []
     for _ in range(400):
         chosen = rng.sample(items, 100 - n_cold)
-        pool.append(pb.RankRequest(candidates=[pb.Candidate(item_id=i) for i in chosen]).SerializeToString())
+        if scenario == "warm":  # ids only: the packed candidate_ids form
+            pool.append(pb.RankRequest(candidate_ids=chosen).SerializeToString())
+        else:
+            pool.append(pb.RankRequest(candidates=[pb.Candidate(item_id=i) for i in chosen]).SerializeToString())
     k = 0
     while True:
         k += 1
@@ -259,6 +262,29 @@ def floor_server(queue: Any) -> None:
     asyncio.run(run())
 
 
+def decode_cost(items: list[str], repeats: int = 2000) -> dict[str, float]:
+    """Server-side parse + validation of one 100-candidate Rank request (mean us, in-process, side by
+    side): one Candidate message per id against the packed candidate_ids field."""
+    from recsys.serving.config import ServeConfig
+    from recsys.serving.proto import ranking_pb2 as pb
+    from recsys.serving.validation import rank_input
+
+    cfg = ServeConfig(registry=Path("unused"), port=0)
+    ids = items[:100]
+    forms = {
+        "candidate messages": pb.RankRequest(request_id="r", user_id="u", top_k=20, candidates=[pb.Candidate(item_id=i) for i in ids]),
+        "candidate_ids": pb.RankRequest(request_id="r", user_id="u", top_k=20, candidate_ids=ids),
+    }
+    out = {}
+    for name, request in forms.items():
+        blob = request.SerializeToString()
+        start = time.perf_counter()
+        for _ in range(repeats):
+            rank_input(pb.RankRequest.FromString(blob), cfg)
+        out[name] = round((time.perf_counter() - start) / repeats * 1e6, 1)
+    return out
+
+
 # ---------------------------------------------------------------------------------------------- naive
 
 
@@ -306,13 +332,14 @@ def naive(paths: dict[str, Path], users: list[str], items: list[str], n_requests
                 torch.ones(1, max(n, 1), dtype=torch.long) if n else torch.zeros(1, 1, dtype=torch.long),
             )[0]
             scores = []
-            for c in request.candidates:
-                vec = encode(c.text or texts[c.item_id])
+            cands = [(c.item_id, c.text) for c in request.candidates] or [(i, "") for i in request.candidate_ids]
+            for item_id, text in cands:
+                vec = encode(text or texts[item_id])
                 match = float(vec @ u)
-                idx = index.get(c.item_id, 0)
+                idx = index.get(item_id, 0)
                 features = state.compute(user, [idx], t_us, [match], None, {"device": None} if "ctx_device" in ranker.feature_names else {}, {})
                 scores.append(float(ranker.score(features)[0]))
-            sorted(zip(scores, [c.item_id for c in request.candidates], strict=True), reverse=True)[:20]
+            sorted(zip(scores, [c[0] for c in cands], strict=True), reverse=True)[:20]
             latencies.append(time.perf_counter() - start)
     total = sum(latencies)
     return {"scenario": f"naive ({scenario})", "mode": "concurrency", "level": 1, **summarise(latencies, total, {})}
@@ -355,6 +382,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--work", type=Path, default=Path("/tmp/recsys-bench-serve"))
     parser.add_argument("--rates", default="50,100,200", help="open-loop request rates (per s), warm scenario")
     parser.add_argument("--levels", default="1,2,4,16,64", help="concurrency levels, warm scenario")
+    parser.add_argument("--message-levels", default="1,2", help="concurrency levels, warm with Candidate messages")
     parser.add_argument("--cold-levels", default="1,4,16", help="concurrency levels, cold scenario")
     parser.add_argument("--floor-levels", default="1,2", help="concurrency levels against the RPC floor server")
     parser.add_argument("--duration", type=float, default=6.0)
@@ -397,7 +425,12 @@ def main(argv: list[str] | None = None) -> int:
         ports = json.loads(ready.read_text())
         target = f"127.0.0.1:{ports['port']}"
         metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
-        plan = [("warm", "rate", args.rates), ("warm", "concurrency", args.levels), ("cold", "concurrency", args.cold_levels)]
+        plan = [
+            ("warm", "rate", args.rates),
+            ("warm", "concurrency", args.levels),
+            ("warm, candidate messages", "concurrency", args.message_levels),
+            ("cold", "concurrency", args.cold_levels),
+        ]
         for scenario, mode, levels in plan:
             for level in [float(x) if mode == "rate" else int(x) for x in levels.split(",") if x]:
                 row = load_level(target, scenario, mode, level, args.duration, args.clients, warm, items, metrics_url)
@@ -431,6 +464,10 @@ def main(argv: list[str] | None = None) -> int:
         fast, slow = at(scenario), at(f"naive ({scenario})")
         ratios[f"{scenario}, 1 concurrent: naive p50 / service p50"] = f"{slow['p50_ms'] / fast['p50_ms']:.1f}x"
         ratios[f"{scenario}, 1 concurrent: service QPS / naive QPS"] = f"{fast['qps'] / slow['qps']:.1f}x"
+    decode = decode_cost(items)
+    ratios["parse + validate, candidate messages / candidate_ids (us)"] = (
+        f"{decode['candidate messages']} / {decode['candidate_ids']} = {decode['candidate messages'] / decode['candidate_ids']:.1f}x"
+    )
     warm1, floor1 = at("warm"), at("RPC floor")
     ratios["warm, 1 concurrent: service p50 - RPC floor p50 (ms of ranking work)"] = round(warm1["p50_ms"] - floor1["p50_ms"], 2)
     import onnxruntime
@@ -452,7 +489,8 @@ def main(argv: list[str] | None = None) -> int:
             "last one returns (QPS is what the machine sustains; latency = N / QPS once it saturates). Open "
             "loop: Poisson arrivals at a fixed rate whatever the server does (the way production traffic "
             "arrives; the send lag column shows the generator kept its schedule). Warm: users with >= 5 "
-            "interactions, 100 known items (precomputed embeddings; no transformer pass). Cold: 90 known + 10 "
+            "interactions, 100 known items (precomputed embeddings; no transformer pass) sent as packed "
+            "`candidate_ids`; 'candidate messages': the same as one Candidate message each. Cold: 90 known + 10 "
             "new items with unique text, each encoded by the ONNX item tower (batched across concurrent "
             "requests; unique texts defeat the cache, the worst case). RPC floor: the same load against a "
             "grpc.aio server that returns a prepared 20-item reply without reading the request: what gRPC, "

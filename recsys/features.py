@@ -984,8 +984,8 @@ class FeatureState:
                 features.matrix[rows, j] = 0.0
             elif name in missing:
                 features.matrix[rows, j] = np.nan
-            elif name == "item_ctr":
-                features.matrix[rows, j] = self.ctr_prior
+            elif name == "item_ctr":  # compute's (0 + a * prior) / (0 + a)
+                features.matrix[rows, j] = self.ctr_prior if self.config.ctr_prior_weight > 0 else np.nan
 
     def _context_value(self, name: str, value: Any) -> float:
         if isinstance(value, str):

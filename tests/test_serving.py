@@ -145,6 +145,10 @@ def test_rank_scores_equal_the_shared_request_path(server: ServerThread, stub: A
     request.explain = False  # explain runs on the worker pool, a plain Rank inline on the event loop
     inline = {i.item_id: i.score for i in stub.Rank(request).items}
     np.testing.assert_allclose([inline[i] for i in items], expected, rtol=0, atol=1e-9)
+    del request.candidates[:]
+    request.candidate_ids.extend(items)  # the packed form of the same list
+    packed = {i.item_id: i.score for i in stub.Rank(request).items}
+    np.testing.assert_allclose([packed[i] for i in items], expected, rtol=0, atol=1e-9)
     scores = [i.score for i in response.items]
     assert scores == sorted(scores, reverse=True)
     for item in response.items[:5]:  # TreeSHAP: additive
@@ -234,6 +238,11 @@ def _bad_requests() -> list[tuple[str, Any, str]]:
     context = _rank_request("u1", ["i1"])
     context.context["device"].SetInParent()
     cases.append(("empty context value", context, "context[device]"))
+    both = _rank_request("u1", ["i1"], candidate_ids=["i2"])
+    cases.append(("candidates and candidate_ids", both, "candidate_ids"))
+    cases.append(("packed duplicate", pb.RankRequest(request_id="r", user_id="u1", candidate_ids=["i1", "i1"]), "candidate_ids[1]"))
+    cases.append(("packed empty id", pb.RankRequest(request_id="r", user_id="u1", candidate_ids=["i1", ""]), "candidate_ids[1]"))
+    cases.append(("packed too many", pb.RankRequest(request_id="r", user_id="u1", candidate_ids=_items(301)), "candidate_ids"))
     return cases
 
 

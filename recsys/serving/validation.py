@@ -146,30 +146,39 @@ def _top_k(value: int, field: str, cfg: ServeConfig, allow_zero: bool) -> int:
 def rank_input(request: Any, cfg: ServeConfig) -> RankInput:
     request_id = _id(request.request_id, "request_id", cfg.max_id_chars)
     user_id = _id(request.user_id, "user_id", cfg.max_id_chars)
-    n = len(request.candidates)
+    packed = len(request.candidate_ids)
+    if packed and len(request.candidates):
+        raise FieldError("candidate_ids", "set either candidates or candidate_ids, not both")
+    field = "candidate_ids" if packed else "candidates"
+    n = packed or len(request.candidates)
     if n == 0:
-        raise FieldError("candidates", "is empty: pass at least one candidate")
+        raise FieldError("candidates", "is empty: pass at least one candidate (candidates or candidate_ids)")
     if n > cfg.max_candidates:
-        raise FieldError("candidates", f"has {n} items, the limit is {cfg.max_candidates}")
-    # One pass over the candidate messages (each attribute read builds a Python object), then
-    # C-speed checks over the plain lists; only failing or feature-carrying rows are revisited.
+        raise FieldError(field, f"has {n} items, the limit is {cfg.max_candidates}")
     ids: list[str] = []
     texts: list[str] = []
     featured: list[int] = []
-    for c in request.candidates:
-        ids.append(c.item_id)
-        texts.append(c.text)
-        if c.features:
-            featured.append(len(ids) - 1)
+    if packed:
+        ids = list(request.candidate_ids)
+        texts = [""] * n
+    else:
+        # One pass over the candidate messages (each attribute read builds a Python object), then
+        # C-speed checks over the plain lists; only failing or feature-carrying rows are revisited.
+        for c in request.candidates:
+            ids.append(c.item_id)
+            texts.append(c.text)
+            if c.features:
+                featured.append(len(ids) - 1)
+    id_field = "candidate_ids[{}]" if packed else "candidates[{}].item_id"
     if len(set(ids)) != n:
         seen: set[str] = set()
         for i, item in enumerate(ids):
             if item in seen:
-                raise FieldError(f"candidates[{i}].item_id", f"duplicate id {item[:64]!r}")
+                raise FieldError(id_field.format(i), f"duplicate id {item[:64]!r}")
             seen.add(item)
     if not all(ids) or max(map(len, ids)) > cfg.max_id_chars:
         for i, item in enumerate(ids):
-            _id(item, f"candidates[{i}].item_id", cfg.max_id_chars)
+            _id(item, id_field.format(i), cfg.max_id_chars)
     if max(map(len, texts)) > cfg.max_text_chars:
         i, text = next((i, t) for i, t in enumerate(texts) if len(t) > cfg.max_text_chars)
         raise FieldError(f"candidates[{i}].text", f"is {len(text)} characters, the limit is {cfg.max_text_chars}")

@@ -63,7 +63,7 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "history", "candidates", "context", "top_k", "explain", "request_time")
+    __slots__ = ("request_id", "user_id", "history", "candidates", "context", "top_k", "explain", "request_time", "candidate_ids")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -79,6 +79,7 @@ class RankRequest(_message.Message):
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     history: History
@@ -87,7 +88,8 @@ class RankRequest(_message.Message):
     top_k: int
     explain: bool
     request_time: _timestamp_pb2.Timestamp
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Union[History, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., top_k: _Optional[int] = ..., explain: _Optional[bool] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    candidate_ids: _containers.RepeatedScalarFieldContainer[str]
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Union[History, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., top_k: _Optional[int] = ..., explain: _Optional[bool] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., candidate_ids: _Optional[_Iterable[str]] = ...) -> None: ...
 
 class FeatureContribution(_message.Message):
     __slots__ = ("name", "value", "contribution")
