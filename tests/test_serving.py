@@ -267,6 +267,17 @@ def test_invalid_recommend_and_event_requests(stub: Any) -> None:
     _expect(grpc.StatusCode.INVALID_ARGUMENT, lambda: stub.LogEvents(events), field="events[0].item_id")
 
 
+def test_serve_config_refuses_bad_values_naming_them(artifacts: dict[str, Path]) -> None:
+    from recsys.errors import ConfigError
+
+    for field, value, message in (
+        ("inline_candidates", -1, "inline_candidates"), ("max_inflight", 0, "max_inflight"), ("port", 70000, "port"),
+    ):
+        with pytest.raises(ConfigError, match=message):
+            _config(artifacts, **{field: value})
+    assert _config(artifacts, inline_candidates=0).inline_candidates == 0  # 0 = every request on the pool
+
+
 def test_load_shedding_and_deadlines(server: ServerThread, stub: Any) -> None:
     app = server.app
 
