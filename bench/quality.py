@@ -7,7 +7,7 @@ of the hold-out dataset, and run `recsys.evaluation.evaluate` (CF fit on train f
 window, refit on train + valid for the test window; ranker trained on the valid window).
 
     python bench/quality.py [--datasets generated,ml100k] [--protocols tail,loo] [--out bench/results]
-                            [--cache /tmp/recsys-quality] [--matcher-epochs 1] [--train-layers 2]
+                            [--cache /tmp/recsys-quality] [--matcher-epochs 5] [--item-head 512]
 
 Writes bench/results/quality.{json,md} (+ PNG plots per run), each system's top-100 test scores as
 bench/results/quality_<dataset>_<protocol>_<system>.parquet (gitignored), and prints the README table.
@@ -123,13 +123,19 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
             max_steps=args.matcher_steps,
             batch_size=args.batch_size,
             lr=args.lr,
+            head_lr=args.head_lr,
             train_layers=args.train_layers,
+            item_head=args.item_head,
+            freeze_encoder=args.freeze_encoder,
+            cache_negatives=args.cache_negatives,
+            cache_refresh=20,
+            max_text_tokens=48,
             threads=args.threads,
             max_history=data.max_history,
             progress=False,
             zero_shot=False,
             eval_test=False,
-            patience=1,
+            patience=2,
             seed=args.seed,
         )
         train(config)
@@ -137,7 +143,8 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     model, tokenizer = load_checkpoint(out)
     _TOKENIZERS[id(model)] = tokenizer
     keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
-    return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | {"train_layers": args.train_layers}
+    mode = {"item_head": args.item_head, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
+    return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
 
 
 def tail_train_is_safe(data: Any, protocol: str) -> bool:
@@ -186,11 +193,17 @@ def main() -> int:
     parser.add_argument("--cache", type=Path, default=Path("/tmp/recsys-quality"))
     parser.add_argument("--ml100k", type=Path, default=ML100K)
     parser.add_argument("--holdout", type=float, default=0.1, help="share of items held out of training (cold start)")
-    parser.add_argument("--matcher-epochs", type=int, default=1)
-    parser.add_argument("--matcher-steps", type=int, default=40, help="cap on fine-tuning steps (0: whole epochs)")
-    parser.add_argument("--train-layers", type=int, default=2, help="fine-tune the top N MiniLM layers (0: all)")
-    parser.add_argument("--batch-size", type=int, default=256)
-    parser.add_argument("--lr", type=float, default=1e-4)
+    # The matcher as bench/matcher.py trains it: a residual item head over the frozen encoder's cached
+    # output, whole-catalogue softmax (the CPU mode; --no-freeze-encoder --train-layers N for the rest).
+    parser.add_argument("--matcher-epochs", type=int, default=5)
+    parser.add_argument("--matcher-steps", type=int, default=0, help="cap on fine-tuning steps (0: whole epochs)")
+    parser.add_argument("--item-head", type=int, default=512, help="item tower residual MLP head width (0: none)")
+    parser.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--train-layers", type=int, default=0, help="with --no-freeze-encoder: top N layers (0: all)")
+    parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: whole-catalogue softmax")
+    parser.add_argument("--batch-size", type=int, default=1024)
+    parser.add_argument("--lr", type=float, default=1e-3)
+    parser.add_argument("--head-lr", type=float, default=3e-3, help="user tower and item head learning rate")
     parser.add_argument("--no-matcher", action="store_true", help="CF systems and the blend only (no torch)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -264,7 +277,10 @@ def main() -> int:
         f"{meta['machine']['cpus']} CPU cores, {meta['seconds']:.0f} s in total. Full ranking over every item the "
         f"user had not interacted with before the test window; {args.holdout:.0%} of the items held out of every "
         "training input (cold-start slice). Matchers: MiniLM-L6 (`all-MiniLM-L6-v2`) zero-shot (mean of history "
-        f"embeddings) and fine-tuned ({args.matcher_epochs} epoch, top {args.train_layers} layers).\n\n"
+        f"embeddings) and fine-tuned (up to {args.matcher_epochs} epochs, "
+        + (f"residual item head of width {args.item_head} over the frozen encoder" if args.freeze_encoder
+           else f"top {args.train_layers or 'all'} layers")
+        + ", whole-catalogue softmax).\n\n"
     )
     (args.out / "quality.md").write_text(header + table + "\n\n" + "\n\n".join(sections))
     print()
