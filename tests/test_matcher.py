@@ -258,6 +258,30 @@ def test_item_head_with_frozen_encoder_trains_head_and_user_tower_only(prepared_
     assert torch.allclose(a, b, atol=1e-5) and not torch.allclose(a, plain, atol=1e-3)
 
 
+def test_catalogue_negatives_never_include_items_without_a_training_positive(
+    prepared_dir: Path, bert: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An item nobody has interacted with yet is not everyone's negative (that would bury new items)."""
+    import training.matcher.train as train_module
+    from recsys.data.prepared import PreparedData
+
+    seen: list[np.ndarray] = []
+
+    def spy(users: Any, columns: np.ndarray, *args: Any) -> Any:  # records, then runs the real mask
+        seen.append(np.asarray(columns))
+        return false_negative_mask(users, columns, *args)
+
+    monkeypatch.setattr(train_module, "false_negative_mask", spy)
+    train(TrainConfig(data=str(prepared_dir), out=str(tmp_path / "m"), base_model=str(bert), protocol="loo",
+                      freeze_encoder=True, item_head=16, cache_negatives=10_000, max_steps=2, zero_shot=False,
+                      eval_test=False, **FAST))  # type: ignore[arg-type]
+    data = PreparedData.load(prepared_dir)
+    trained = np.unique(data.pairs("loo", "train")["item_idx"].to_numpy())
+    assert len(trained) < data.n_items  # the dataset has items without a training positive
+    assert seen and all(np.isin(cols, trained).all() for cols in seen)
+    assert any(len(cols) == len(trained) for cols in seen)  # and the pool is every trained item
+
+
 def test_freeze_encoder_needs_an_item_head(prepared_dir: Path, tmp_path: Path) -> None:
     from recsys.errors import ConfigError
 

@@ -282,6 +282,10 @@ class _Trainer:
         self.positives = positive_keys(self.n_items, (self.pairs.user, self.pairs.item))
         counts = np.bincount(self.pairs.item, minlength=self.n_items).astype(np.float64)
         self.item_prob = counts / counts.sum()
+        # Catalogue negatives come from items with a training positive: an item nobody has interacted
+        # with yet carries no evidence against it, and using it as everyone's negative would teach the
+        # towers to bury exactly the new items text matching exists for.
+        self.negative_pool = np.flatnonzero(counts > 0)
         self.popularity = Popularity(counts)
 
         self.local_batch = cfg.batch_size
@@ -409,13 +413,13 @@ class _Trainer:
 
         extra = np.zeros(0, dtype=np.int64)
         if cfg.cache_negatives > 0:
-            pool = np.setdiff1d(np.arange(self.n_items), columns, assume_unique=False)
+            pool = np.setdiff1d(self.negative_pool, columns)
             extra = pool if cfg.cache_negatives >= len(pool) else rng.choice(pool, cfg.cache_negatives, replace=False)
         all_cols = np.concatenate([columns, extra])
         fn_mask = false_negative_mask(pairs.user[rows], all_cols, self.n_items, self.positives, hist)
         log_q = None
         if cfg.logq:
-            uniform = min(1.0, cfg.cache_negatives / max(1, self.n_items))
+            uniform = min(1.0, cfg.cache_negatives / max(1, len(self.negative_pool)))
             log_q = torch.from_numpy(inclusion_log_prob(self.item_prob[all_cols], len(rows), uniform)).to(self.device)
 
         dev = self.device
