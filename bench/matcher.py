@@ -15,7 +15,7 @@
     python bench/matcher.py [--cache ~/.cache/recsys-bench/matcher] [--epochs 5] [--skip-throughput]
 
 Defaults (chosen on the validation split, see bench/results/matcher.md): encoder frozen, item head 512,
-head lr 3e-3, temperature 0.05, batch 1024, whole-catalogue softmax without logQ, history 20.
+head lr 3e-3, temperature 0.05, batch 1024, softmax over every item with a training positive, without logQ, history 20.
 """
 
 from __future__ import annotations

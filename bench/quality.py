@@ -194,13 +194,13 @@ def main() -> int:
     parser.add_argument("--ml100k", type=Path, default=ML100K)
     parser.add_argument("--holdout", type=float, default=0.1, help="share of items held out of training (cold start)")
     # The matcher as bench/matcher.py trains it: a residual item head over the frozen encoder's cached
-    # output, whole-catalogue softmax (the CPU mode; --no-freeze-encoder --train-layers N for the rest).
+    # output, softmax over every trained item (the CPU mode; --no-freeze-encoder --train-layers N for the rest).
     parser.add_argument("--matcher-epochs", type=int, default=5)
     parser.add_argument("--matcher-steps", type=int, default=0, help="cap on fine-tuning steps (0: whole epochs)")
     parser.add_argument("--item-head", type=int, default=512, help="item tower residual MLP head width (0: none)")
     parser.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--train-layers", type=int, default=0, help="with --no-freeze-encoder: top N layers (0: all)")
-    parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: whole-catalogue softmax")
+    parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: every item with a training positive")
     parser.add_argument("--batch-size", type=int, default=1024)
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--head-lr", type=float, default=3e-3, help="user tower and item head learning rate")
@@ -280,7 +280,7 @@ def main() -> int:
         f"embeddings) and fine-tuned (up to {args.matcher_epochs} epochs, "
         + (f"residual item head of width {args.item_head} over the frozen encoder" if args.freeze_encoder
            else f"top {args.train_layers or 'all'} layers")
-        + ", whole-catalogue softmax).\n\n"
+        + ", softmax over every item with a training positive).\n\n"
     )
     (args.out / "quality.md").write_text(header + table + "\n\n" + "\n\n".join(sections))
     print()
