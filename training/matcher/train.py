@@ -427,10 +427,9 @@ class _Trainer:
             return self._head_only_step(rows, all_cols, labels, fn_mask, log_q)
         chunks = model_chunks(self.tokens.chunks(encode, cfg.encode_chunk, bucket=cfg.bucket), encode, self.device, self.lower)
         inputs = [(x, mask) for _, x, mask in chunks]
-        _, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
+        h_emb, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
         with autocast(dev, self.bf16):
             if hist_pos is None:
-                h_emb = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)[0]
                 users, enc = self.ddp(inputs, h_emb, h_type, h_age, h_mask)
                 enc = _unbucket(enc, chunks, len(encode))
             else:  # history embeddings need the encoder output: run the towers separately
@@ -440,21 +439,8 @@ class _Trainer:
             items = enc[torch.from_numpy(col_pos).to(dev)]
             if len(extra):
                 items = torch.cat([items, self.cache[torch.from_numpy(extra).to(dev)]])
-            loss = in_batch_softmax(
-                users,
-                items,
-                torch.from_numpy(labels).to(dev),
-                self.mcfg.temperature,
-                torch.from_numpy(fn_mask).to(dev),
-                log_q,
-                torch.from_numpy(pairs.weight[rows]).to(dev),
-            )
-        self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], cfg.max_grad_norm)
-        self.opt.step()
-        self.sched.step()
+            loss = self._loss(users, items, rows, labels, fn_mask, log_q)
+        self._optimise(loss)
         with torch.no_grad():  # fresh (train-mode) embeddings of this step's items keep the cache current
             self.cache[torch.from_numpy(columns).to(dev)] = items[: len(columns)].detach().float()
         return float(loss.detach())
@@ -474,24 +460,34 @@ class _Trainer:
             _, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
             h_emb = padded[torch.from_numpy(np.where(hist < 0, self.n_items, hist)).to(dev)]
             users = self.model.user_tower(h_emb, h_type, h_age, h_mask)
-            loss = in_batch_softmax(
-                users,
-                full[torch.from_numpy(all_cols).to(dev)],
-                torch.from_numpy(labels).to(dev),
-                self.mcfg.temperature,
-                torch.from_numpy(fn_mask).to(dev),
-                log_q,
-                torch.from_numpy(pairs.weight[rows]).to(dev),
-            )
+            loss = self._loss(users, full[torch.from_numpy(all_cols).to(dev)], rows, labels, fn_mask, log_q)
+        self._optimise(loss)
+        with torch.no_grad():
+            self.cache[: self.n_items] = full.detach().float()
+        return float(loss.detach())
+
+    def _loss(self, users: torch.Tensor, items: torch.Tensor, rows: np.ndarray, labels: np.ndarray,
+              fn_mask: np.ndarray, log_q: torch.Tensor | None) -> torch.Tensor:
+        """In-batch softmax of the step's users against its item columns, weighted by event strength."""
+        dev = self.device
+        return in_batch_softmax(
+            users,
+            items,
+            torch.from_numpy(labels).to(dev),
+            self.mcfg.temperature,
+            torch.from_numpy(fn_mask).to(dev),
+            log_q,
+            torch.from_numpy(self.pairs.weight[rows]).to(dev),
+        )
+
+    def _optimise(self, loss: torch.Tensor) -> None:
+        """One optimiser step: backward, clip the trainable parameters' gradients, step, schedule."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         if self.cfg.max_grad_norm > 0:
             torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
         self.opt.step()
         self.sched.step()
-        with torch.no_grad():
-            self.cache[: self.n_items] = full.detach().float()
-        return float(loss.detach())
 
     # ---- state --------------------------------------------------------------------------------
     def save_state(self) -> None:
