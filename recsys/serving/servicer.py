@@ -139,19 +139,18 @@ class Handler:
         return await asyncio.wait_for(future, remaining)
 
 
-def _items(ranked: engine.Ranked, ids: list[str], explain: bool) -> list[Any]:
-    order = ranked.order
-    rows = zip(
-        [ids[i] for i in order.tolist()], ranked.scores[order].tolist(), ranked.match[order].tolist(),
-        ranked.source[order].tolist(), strict=True,
-    )
+def _items(
+    ranked: engine.Ranked, served: list[str], scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
+) -> list[Any]:
+    """ScoredItems of the served list (ids, scores, match scores, sources in served order)."""
+    rows = zip(served, scores.tolist(), match.tolist(), source.tolist(), strict=True)
     out = [
-        pb.ScoredItem(item_id=item, score=score, match_score=match, position=pos, source=source)
-        for pos, (item, score, match, source) in enumerate(rows)
+        pb.ScoredItem(item_id=item, score=score, match_score=m, position=pos, source=src)
+        for pos, (item, score, m, src) in enumerate(rows)
     ]
     if explain and ranked.contributions is not None and ranked.bias is not None and ranked.features is not None:
         names = ranked.features.names
-        for pos, (item, i) in enumerate(zip(out, order.tolist(), strict=True)):
+        for pos, (item, i) in enumerate(zip(out, ranked.order.tolist(), strict=True)):
             contrib = ranked.contributions[pos]
             values = ranked.features.matrix[i]
             item.bias = float(ranked.bias[pos])
@@ -201,13 +200,15 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
     ) -> tuple[Any, str]:
         app = self.app
         latency_ms = (time.perf_counter() - started) * 1000.0
-        response = cls(request_id=request_id, items=_items(ranked, ids, explain), model_version=version, variant=variant)
-        order = ranked.order
+        order = ranked.order  # the served list, best first: gathered once for the reply and the log
+        served = [ids[i] for i in order.tolist()]
+        scores, match, source = ranked.scores[order], ranked.match[order], ranked.source[order]
+        items = _items(ranked, served, scores, match, source, explain)
+        response = cls(request_id=request_id, items=items, model_version=version, variant=variant)
         if app.exposure is not None:
             session = context.get(SESSION_KEY)
             app.exposure.append(
-                request_id, user_id, t_us, version, variant, [ids[i] for i in order.tolist()],
-                ranked.scores[order], ranked.match[order], ranked.source[order],
+                request_id, user_id, t_us, version, variant, served, scores, match, source,
                 latency_ms=latency_ms, session_id=context_text(session) if session not in (None, "") else None,
             )
             app.metrics.exposures.inc(len(order))
