@@ -262,6 +262,29 @@ def floor_server(queue: Any) -> None:
     asyncio.run(run())
 
 
+def idle_wake_noise(runs: int = 300, pause_s: float = 0.01) -> dict[str, dict[str, float]]:
+    """The machine's own tail: a fixed ~1 ms NumPy task timed back to back and after `pause_s` idle
+    pauses (p50/p99 ms). On a shared VM the second is much worse: vCPUs wake up late after idling."""
+    a = np.random.default_rng(0).random((100, 384), dtype=np.float32)
+    u = a[0].copy()
+
+    def task() -> None:
+        for _ in range(200):
+            (a @ u).sum()
+
+    out = {}
+    for name, pause in (("back to back", 0.0), (f"after {pause_s * 1000:g} ms pauses", pause_s)):
+        times = []
+        for _ in range(runs):
+            if pause:
+                time.sleep(pause)
+            start = time.perf_counter()
+            task()
+            times.append((time.perf_counter() - start) * 1000)
+        out[name] = {"p50_ms": round(float(np.percentile(times, 50)), 2), "p99_ms": round(float(np.percentile(times, 99)), 2)}
+    return out
+
+
 def decode_cost(items: list[str], repeats: int = 2000) -> dict[str, float]:
     """Server-side parse + validation of one 100-candidate Rank request (mean us, in-process, side by
     side): one Candidate message per id against the packed candidate_ids field."""
@@ -464,6 +487,9 @@ def main(argv: list[str] | None = None) -> int:
         fast, slow = at(scenario), at(f"naive ({scenario})")
         ratios[f"{scenario}, 1 concurrent: naive p50 / service p50"] = f"{slow['p50_ms'] / fast['p50_ms']:.1f}x"
         ratios[f"{scenario}, 1 concurrent: service QPS / naive QPS"] = f"{fast['qps'] / slow['qps']:.1f}x"
+    noise = idle_wake_noise()
+    for name, q in noise.items():
+        ratios[f"fixed NumPy task, {name}: p50 / p99 ms"] = f"{q['p50_ms']} / {q['p99_ms']}"
     decode = decode_cost(items)
     ratios["parse + validate, candidate messages / candidate_ids (us)"] = (
         f"{decode['candidate messages']} / {decode['candidate_ids']} = {decode['candidate messages'] / decode['candidate_ids']:.1f}x"
@@ -483,6 +509,7 @@ def main(argv: list[str] | None = None) -> int:
         "load_average": load_average,
         "rows": rows,
         "ratios": ratios,
+        "idle_wake_noise": noise,
         "notes": (
             "Latency is measured by the load generator (gRPC round trip on localhost, protobuf included), from "
             "the moment each request is sent. Closed loop: N callers, each sending its next request when the "
@@ -495,8 +522,7 @@ def main(argv: list[str] | None = None) -> int:
             "requests; unique texts defeat the cache, the worst case). RPC floor: the same load against a "
             "grpc.aio server that returns a prepared 20-item reply without reading the request: what gRPC, "
             "the generator and this shared virtual machine cost with no ranking at all (after idle gaps its "
-            "vCPUs wake up late: a fixed 1 ms task measured 10-12 ms at p99 with 10 ms pauses between runs, "
-            "2 ms without pauses). The generator shares the 2 cores with the server. The naive rows run "
+            "vCPUs wake up late: see the fixed NumPy task rows of the ratio table). The generator shares the 2 cores with the server. The naive rows run "
             "in-process (no RPC), one request at a time (torch and LightGBM on 1 thread each). Server p50/p99: "
             "the service's own Prometheus histogram (receipt to reply inside the servicer, interpolated "
             "within buckets)."
