@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import contextlib
 import fcntl
-import hashlib
 import json
 import os
 import re
@@ -25,38 +24,16 @@ import shutil
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
 from recsys.errors import InputError, ModelError
+from recsys.files import sha256_file, utc_now, write_json_atomic
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
 FORMAT = 1
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
-
-
-def sha256_file(path: Path, chunk: int = 1 << 22) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as fh:
-        while block := fh.read(chunk):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def write_json_atomic(path: Path, payload: Any) -> None:
-    """Write to a temp file in the same directory, fsync, then os.replace (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    with tmp.open("w") as fh:
-        json.dump(payload, fh, indent=1)
-        fh.flush()
-        os.fsync(fh.fileno())
-    os.replace(tmp, path)
-
-
-def utc_now() -> str:
-    return datetime.now(timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def hash_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
@@ -147,7 +124,7 @@ class Registry:
             if sha256_file(path) != meta["sha256"]:
                 raise ModelError(f"{path} is corrupt: its sha256 does not match {root / MANIFEST}. {self._fix(version)}")
         if manifest.get("embeddings"):
-            from recsys.scoring.store import EmbeddingStore  # lazy: the store module imports this one
+            from recsys.scoring.store import EmbeddingStore  # lazy: numpy, only to verify
 
             EmbeddingStore.load(root / manifest["embeddings"]["path"], verify=True)
         return manifest

@@ -31,7 +31,8 @@ from safetensors.torch import load_file
 from recsys.data.prepared import Histories, PreparedData
 from recsys.errors import InputError, ModelError
 from recsys.evaluation.metrics import bootstrap_ci, per_user_metrics, top_k
-from recsys.registry import MANIFEST, Registry, hash_files, utc_now
+from recsys.files import utc_now
+from recsys.registry import MANIFEST, Registry, hash_files
 from recsys.scoring.encoder import ItemEncoder, TextTokenizer, UserEncoder
 from recsys.scoring.providers import CPU, CUDA, accelerator_status, ort
 from recsys.scoring.store import EmbeddingStore, text_hash

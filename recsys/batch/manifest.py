@@ -22,7 +22,7 @@ import pyarrow.parquet as pq
 
 from recsys.batch.io import REJECT_SCHEMA
 from recsys.errors import InputError
-from recsys.registry import utc_now, write_json_atomic
+from recsys.files import utc_now, write_json_atomic
 
 MANIFEST = "manifest.json"
 FORMAT = 1

@@ -21,7 +21,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from recsys.errors import InputError, ModelError
-from recsys.registry import sha256_file, write_json_atomic
+from recsys.files import sha256_file, write_json_atomic
 
 INDEX = "index.json"
 FORMAT = 1
