@@ -49,6 +49,8 @@ class RunManifest:
         import json
 
         out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob(".*.tmp"), *out.glob("rejects/.*.tmp")]:  # parts of a killed run (we hold the lock)
+            stale.unlink(missing_ok=True)
         path = out / MANIFEST
         if path.exists() and not overwrite:
             try:
