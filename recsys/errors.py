@@ -22,6 +22,10 @@ class InputError(RecsysError):
     """Bad user input: a missing file or column, an unparseable value, unknown ids, a bad flag."""
 
 
+class DataCheckError(InputError):
+    """Input data that reads fine but fails a plausibility check (e.g. retrain's data checks)."""
+
+
 class ConfigError(RecsysError):
     """A configuration that cannot be honoured (bad YAML/JSON, out-of-range values)."""
 

@@ -87,8 +87,10 @@ def _acquire(lock_file: Path, what: str, wait: bool) -> int:
             lock_file.parent.mkdir(parents=True, exist_ok=True)
             fd = os.open(lock_file, os.O_RDWR | os.O_CREAT, 0o644)
         except OSError as exc:
+            blocker = next((p for p in lock_file.parents if p.exists()), None)
+            why = f"{blocker} is a file, not a directory" if blocker and not blocker.is_dir() else exc.strerror or exc
             raise InputError(
-                f"cannot write {what}: creating the lock file {lock_file} failed ({exc.strerror or exc}). "
+                f"cannot write {what}: creating the lock file {lock_file} failed ({why}). "
                 "Fix: choose an output path in a writable directory."
             ) from None
         try:
