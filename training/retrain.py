@@ -63,6 +63,7 @@ from training.ranker import (
 log = logging.getLogger(__name__)
 
 REPORT_JSON = "retrain_report.json"
+NEW_ROW = "__new_row"  # merged events: whether the row came from the new files (data checks)
 REPORT_MD = "retrain_report.md"
 METRICS = ("ndcg@10", "recall@10", "matcher_ndcg@10")
 # Columns prepare adds; dropped before re-validating the base tables.
@@ -162,12 +163,13 @@ def merge_items(base_items: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, dic
 
 def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence[Path],
                  context: Sequence[str], items: Path | None = None, *,
-                 fixed_holdout: bool = False) -> tuple[RawTables, dict[str, int]]:
+                 fixed_holdout: bool = False, mark_new: bool = False) -> tuple[RawTables, dict[str, int]]:
     """Base events + new events + exposures as one raw table, base catalogue + item updates (all
     re-validated by the caller).
 
     Keeps the canonical columns plus the base's request-context columns; new files may lack them.
-    `fixed_holdout`: leave out the base's global test window, the fixed holdout neither version trains on."""
+    `fixed_holdout`: leave out the base's global test window, the fixed holdout neither version trains on;
+    `mark_new`: a boolean column NEW_ROW says which rows came from the new files."""
     keep = [*EVENT_COLUMNS, *[c for c in context if c not in EVENT_COLUMNS]]
     base_events = base.events().collect()
     if fixed_holdout:
@@ -182,6 +184,8 @@ def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence
         frame = exposure_events(Path(directory))
         frames.append(frame)
         counts[f"exposures:{Path(directory).name}"] = frame.height
+    if mark_new:  # which rows came from the new files (for the data checks; dropped before prepare)
+        frames = [f.with_columns(pl.lit(i > 0).alias(NEW_ROW)) for i, f in enumerate(frames)]
     # Text ids and UTC timestamps everywhere, so frames from different writers concatenate.
     frames = [f.with_columns(pl.col(c).cast(pl.Utf8) for c in ("user_id", "item_id", "request_id", "event_type")
                              if c in f.columns) for f in frames]
@@ -242,11 +246,11 @@ def retrain_cutoffs(events: pl.DataFrame, base_end: Any, prep: PrepareConfig,
 
 
 def run_data_checks(base: PreparedData, config: RetrainConfig, clean: Any, report: Any,
-                    counts: dict[str, int], base_end: Any) -> dict[str, Any]:
-    """recsys.data.checks on the new window; writes the refusal report and raises DataCheckError
-    (exit 2) naming the failed checks, unless they are skipped."""
+                    counts: dict[str, int]) -> dict[str, Any]:
+    """recsys.data.checks on the rows of the new files; writes the refusal report and raises
+    DataCheckError (exit 2) naming the failed checks, unless they are skipped."""
     new_rows = sum(v for k, v in counts.items() if k.startswith(("events:", "exposures:")))
-    checks = check_new_data(clean.events, base_end, base_users=base.users["user_id"],
+    checks = check_new_data(clean.events, clean.events[NEW_ROW], base_users=base.users["user_id"],
                             unknown_item_rows=report.dropped.get("unknown_item", 0), new_input_rows=new_rows,
                             has_exposures=bool(config.exposures))
     skipped = set(CHECKS) if "all" in config.skip_checks else set(config.skip_checks)
@@ -281,13 +285,15 @@ def _fixed_holdout_used(base: PreparedData, config: RetrainConfig) -> bool:
 
 def prepare_fresh(base: PreparedData, config: RetrainConfig, context: Sequence[str]) -> tuple[PreparedData, dict[str, Any]]:
     fixed = _fixed_holdout_used(base, config)
-    raw, counts = merge_tables(base, config.events, config.exposures, context, config.items, fixed_holdout=fixed)
+    raw, counts = merge_tables(base, config.events, config.exposures, context, config.items, fixed_holdout=fixed,
+                               mark_new=True)
     clean, report = validate(raw, on_invalid=config.on_invalid)
     known = {f.name for f in fields(PrepareConfig)}
     settings = {k: v for k, v in base.manifest.get("config", {}).items() if k in known}
     prep = replace(PrepareConfig(**settings), valid_start=None, test_start=None)
     base_end = base.events().select(pl.col("timestamp").max()).collect().item()
-    checks = run_data_checks(base, config, clean, report, counts, base_end)
+    checks = run_data_checks(base, config, clean, report, counts)
+    clean.events = clean.events.drop(NEW_ROW)
     valid_start, test_start, why = retrain_cutoffs(clean.events, base_end, prep, config.holdout_start)
     if test_start is not None:
         prep = replace(prep, valid_start=valid_start.isoformat(), test_start=test_start.isoformat())

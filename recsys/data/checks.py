@@ -3,7 +3,7 @@
 `recsys retrain` learns from new events and then compares the candidate with the current version on
 the newest share of those same events, so data that is broken in a consistent way (every click on one
 item, shuffled item ids, a remapped catalogue) would look like an improvement. These checks compare
-the new window (events after the base data's last event) with the base data and refuse the retrain
+the rows of the new files (what validation kept of them) with the base data and refuse the retrain
 before anything is trained (exit 2, the report names the failed checks). Each can be overridden with
 `recsys retrain --skip-data-check NAME` (or `all`) when the change is real.
 
@@ -54,7 +54,7 @@ def _top_and_entropy(positives: pl.DataFrame) -> tuple[float, str, float]:
     counts = positives.group_by("item_id").len().sort("len", descending=True)
     p = counts["len"].to_numpy() / max(positives.height, 1)
     nz = p[p > 0]
-    entropy = float(-(nz * np.log(nz)).sum())
+    entropy = float(-(nz * np.log(nz)).sum()) + 0.0  # no "-0.00"
     return float(p[0]) if len(p) else 0.0, str(counts["item_id"][0]) if len(p) else "", entropy
 
 
@@ -67,7 +67,7 @@ def _span_days(ts: pl.Series) -> float:
 
 def check_new_data(
     events: pl.DataFrame,
-    base_end: Any,
+    is_new: pl.Series,
     *,
     base_users: pl.Series,
     unknown_item_rows: int,
@@ -75,17 +75,17 @@ def check_new_data(
     has_exposures: bool,
     limits: CheckLimits | None = None,
 ) -> dict[str, Any]:
-    """Compare the new window (`timestamp > base_end`) of validated events with the base part.
+    """Compare the rows that came from the new files (`is_new`, after validation dropped exact
+    duplicates of base rows) with the base rows.
 
     `events`: clean merged events (user_id, item_id, event_type, timestamp, request_id, strength);
     `unknown_item_rows`: new rows validation dropped for an unknown item; `new_input_rows`: rows read
     from the new files. -> {"checks": [rows], "failed": [names], "limits": ...}."""
     limits = limits or CheckLimits()
-    new = events.filter(pl.col("timestamp") > base_end)
-    base = events.filter(pl.col("timestamp") <= base_end)
+    new, base = events.filter(is_new), events.filter(~is_new)
     new_pos, base_pos = new.filter(pl.col("strength") > 0), base.filter(pl.col("strength") > 0)
     rows = [
-        _exposure_coverage(new, new_pos, has_exposures, limits),
+        _exposure_coverage(events, new_pos, has_exposures, limits),
         _item_overlap(unknown_item_rows, new_input_rows, limits),
         _user_overlap(new_pos, base_users, limits),
         *_sampled(new_pos, base_pos, limits),
@@ -94,9 +94,11 @@ def check_new_data(
             "new_positive_events": new_pos.height, "limits": asdict(limits)}
 
 
-def _exposure_coverage(new: pl.DataFrame, new_pos: pl.DataFrame, has_exposures: bool, limits: CheckLimits) -> dict[str, Any]:
+def _exposure_coverage(events: pl.DataFrame, new_pos: pl.DataFrame, has_exposures: bool,
+                       limits: CheckLimits) -> dict[str, Any]:
+    """New positives against every served list on record (base impressions and the new exposure logs)."""
     name, limit = "exposure_coverage", f"<= {limits.max_unexposed_share:.0%} unexposed"
-    shown = new.filter(pl.col("event_type") == "impression")
+    shown = events.filter(pl.col("event_type") == "impression")
     if not has_exposures or not shown.height or not new_pos.height:
         return _row(name, None, limit, None, "no exposure log or no new positive events")
     by_request = new_pos.join(shown.select("request_id", "item_id").unique(), on=["request_id", "item_id"], how="semi")
