@@ -375,3 +375,34 @@ def test_retrain_flags(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture
         pytest.importorskip("torch")
         pytest.importorskip("lightgbm")
     run_case(case, tmp_path, capsys, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------ serve / publish
+
+
+def test_a_second_server_cannot_open_the_same_exposure_log(tmp_path: Path) -> None:
+    from recsys.errors import InputError
+    from recsys.serving.exposure import ExposureLog
+
+    first = ExposureLog(tmp_path / "exp")
+    with pytest.raises(InputError, match=r"exposure log .* is locked by another run"):
+        ExposureLog(tmp_path / "exp")
+    first.close()
+    ExposureLog(tmp_path / "exp").close()  # released on close
+    assert not list(tmp_path.glob(".*.lock"))
+
+
+def test_publish_warns_when_a_trivial_alternative_wins(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from training.pipeline import quality_warnings
+
+    manifest = {"ranker": {"metrics": {"holdout": {"ndcg@10/ranker": 0.41, "ndcg@10/match_score": 0.45}}}}
+    (tmp_path / "training_report.json").write_text(json.dumps({
+        "fine_tuned": {"valid": {"recall@10": 0.05, "ndcg@10": 0.03}},
+        "popularity": {"valid": {"recall@10": 0.09, "ndcg@10": 0.05}}}))
+    warnings = quality_warnings(manifest, tmp_path)
+    assert len(warnings) == 2
+    assert "blender loses to its own match_score feature" in warnings[0] and "0.4100 < 0.4500" in warnings[0]
+    assert "fine-tuned matcher loses to popularity" in warnings[1] and "recall@10 0.0500 < 0.0900" in warnings[1]
+    fine = {"ranker": {"metrics": {"holdout": {"ndcg@10/ranker": 0.5, "ndcg@10/match_score": 0.45}}}}
+    assert quality_warnings(fine, tmp_path / "none") == []

@@ -477,6 +477,46 @@ def _apply_row_checks(
     return df.filter(pl.col("__reason").is_null()).drop("__reason")
 
 
+def _event_checks(
+    accepted: list[str], item_ids: pl.Series, now: datetime, note: str | None, items_name: str
+) -> tuple[tuple[str, str, pl.Expr, str, str], ...]:
+    """Row-level checks of the events, in order: (reason, column, bad-row mask, what, fix)."""
+    ts_col = pl.col("timestamp")
+    nulls = tuple(
+        ("null_required", c, (ts_col.is_null() & ~pl.col("__unparseable")) if c == "timestamp" else pl.col(c).is_null(),
+         "empty values", "fill in user_id, item_id, event_type and timestamp on every row.")
+        for c in EVENT_REQUIRED
+    )  # fmt: skip
+    checks = (
+        *nulls,
+        ("unparseable_timestamp", "timestamp", pl.col("__unparseable"), "timestamps that cannot be parsed",
+         "write ISO-8601 text such as 2024-05-01T12:30:00Z, a datetime, or unix seconds."),
+        ("mixed_timestamp_unit", "timestamp", pl.col("__foreign_unit"),
+         f"unix timestamps in another unit than the column's ({note or 'read as unix seconds'}; e.g. "
+         "milliseconds among seconds)",
+         "write every timestamp in one unit (or as ISO-8601 text); mixed units would put events in 1970."),
+        ("unknown_event_type", "event_type",
+         pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(accepted), "unknown event types",
+         f"use one of {', '.join(accepted)} (case-insensitive; aliases such as "
+         f"{', '.join(sorted(EVENT_ALIASES)[:6])} are accepted)."),
+        ("missing_rating_value", "value", (pl.col("event_type") == "rating") & pl.col("value").is_null(),
+         "'rating' events without a value", "put the rating in the 'value' column."),
+        ("rating_out_of_range", "value", (pl.col("event_type") == "rating") & (pl.col("value").abs() > RATING_LIMIT),
+         f"ratings outside [-{RATING_LIMIT:g}, {RATING_LIMIT:g}] (a rating's strength grows with it, so one such "
+         "row would outweigh thousands of purchases)",
+         "check the column (a price or a timestamp in 'value'?) or rescale the ratings."),
+        ("negative_timestamp", "timestamp", ts_col < pl.lit(_EPOCH), "timestamps before 1970-01-01",
+         "check the timestamp unit and format (unix seconds, or ISO-8601 with a year after 1970)."),
+        ("future_timestamp", "timestamp", ts_col > pl.lit(now + timedelta(days=1)),
+         f"timestamps after {(now + timedelta(days=1)).isoformat(timespec='seconds')} (more than a day in the future)",
+         "check the timestamp unit (seconds vs milliseconds) and the clock that wrote them."),
+        ("unknown_item", "item_id", pl.col("item_id").is_not_null() & ~pl.col("item_id").is_in(item_ids.implode()),
+         f"item ids that are not in the items file {items_name}",
+         "add those items to the items file or remove their events."),
+    )  # fmt: skip
+    return checks
+
+
 def _events(
     raw: RawTables,
     item_ids: pl.Series,
@@ -518,40 +558,7 @@ def _events(
         foreign.alias("__foreign_unit"),
     )
 
-    ts_col = pl.col("timestamp")
-    nulls = tuple(
-        ("null_required", c, (ts_col.is_null() & ~pl.col("__unparseable")) if c == "timestamp" else pl.col(c).is_null(),
-         "empty values", "fill in user_id, item_id, event_type and timestamp on every row.")
-        for c in EVENT_REQUIRED
-    )  # fmt: skip
-    items_name = raw.sources.get("items", "the items table")
-    checks = (
-        *nulls,
-        ("unparseable_timestamp", "timestamp", pl.col("__unparseable"), "timestamps that cannot be parsed",
-         "write ISO-8601 text such as 2024-05-01T12:30:00Z, a datetime, or unix seconds."),
-        ("mixed_timestamp_unit", "timestamp", pl.col("__foreign_unit"),
-         f"unix timestamps in another unit than the column's ({note or 'read as unix seconds'}; e.g. "
-         "milliseconds among seconds)",
-         "write every timestamp in one unit (or as ISO-8601 text); mixed units would put events in 1970."),
-        ("unknown_event_type", "event_type",
-         pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(accepted), "unknown event types",
-         f"use one of {', '.join(accepted)} (case-insensitive; aliases such as "
-         f"{', '.join(sorted(EVENT_ALIASES)[:6])} are accepted)."),
-        ("missing_rating_value", "value", (pl.col("event_type") == "rating") & pl.col("value").is_null(),
-         "'rating' events without a value", "put the rating in the 'value' column."),
-        ("rating_out_of_range", "value", (pl.col("event_type") == "rating") & (pl.col("value").abs() > RATING_LIMIT),
-         f"ratings outside [-{RATING_LIMIT:g}, {RATING_LIMIT:g}] (a rating's strength grows with it, so one such "
-         "row would outweigh thousands of purchases)",
-         "check the column (a price or a timestamp in 'value'?) or rescale the ratings."),
-        ("negative_timestamp", "timestamp", ts_col < pl.lit(_EPOCH), "timestamps before 1970-01-01",
-         "check the timestamp unit and format (unix seconds, or ISO-8601 with a year after 1970)."),
-        ("future_timestamp", "timestamp", ts_col > pl.lit(now + timedelta(days=1)),
-         f"timestamps after {(now + timedelta(days=1)).isoformat(timespec='seconds')} (more than a day in the future)",
-         "check the timestamp unit (seconds vs milliseconds) and the clock that wrote them."),
-        ("unknown_item", "item_id", pl.col("item_id").is_not_null() & ~pl.col("item_id").is_in(item_ids.implode()),
-         f"item ids that are not in the items file {items_name}",
-         "add those items to the items file or remove their events."),
-    )  # fmt: skip
+    checks = _event_checks(accepted, item_ids, now, note, raw.sources.get("items", "the items table"))
     df = _apply_row_checks(df, checks, where, src, drop, report)
     if df.height == 0:
         dropped = ", ".join(f"{n:,} {REASONS.get(r, r)}" for r, n in report.dropped.items())
