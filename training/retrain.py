@@ -2,8 +2,10 @@
 
     1. data     base prepared events + new event files + exposure logs (served lists = impressions)
                 + catalogue updates (new and changed items, merged over the base catalogue by item_id),
-                validated together and prepared into WORKDIR/data with the base's settings and the
-                retrain split (`retrain_cutoffs`):
+                validated together, checked against the base (recsys/data/checks.py: refused before
+                training when implausible), and prepared into WORKDIR/data with the base's settings and
+                the retrain split (`retrain_cutoffs`), leaving out the base's own test window (the
+                fixed holdout):
                     train    everything up to the end of the base data: the warm-started matcher;
                     valid    new events before the holdout: the blender (out-of-sample match scores);
                     holdout  the newest share of the new events (or from --holdout-start): comparison;
@@ -14,9 +16,11 @@
     4. compare  candidate vs current on the same holdout, both scored by the same code:
                 blend NDCG@10 over the holdout's request groups (point-in-time features from
                 recsys/features.py, each version's matcher and LightGBM ranker) and matcher Recall@10
-                in full ranking over the holdout users; paired bootstrap intervals of the deltas;
-    5. decide   promote iff no gated metric drops by more than `tolerance` (absolute); the registry
-                pointer moves, and a server with `watch_s > 0` hot-reloads it.
+                in full ranking over the holdout users; paired bootstrap intervals of the deltas; and
+                on the fixed holdout (the base's test window), which the new events cannot fabricate;
+    5. decide   promote iff no gated metric drops by more than `tolerance` (absolute) on either holdout
+                (a metric 0 for both is not measurable); the registry pointer moves, and a server with
+                `watch_s > 0` hot-reloads it. A refused candidate is retired from the registry.
 Writes WORKDIR/retrain_report.json and .md saying what was compared and why it was (not) promoted.
 
 The feature definitions are pinned to the current version's ranker, so a running server (whose live
@@ -115,6 +119,13 @@ class RetrainConfig:
     @property
     def gated(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.promote_metric, *self.guard_metrics)))
+
+    @property
+    def fixed_gated(self) -> tuple[str, ...]:
+        """What the fixed holdout (the base's own test window) gates: the guards (else the primary
+        metric). The blender is re-fit to the new traffic, which may legitimately differ from the base
+        window's; the guards (the matcher's full ranking by default) must not get worse on clean data."""
+        return self.guard_metrics or (self.promote_metric,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -534,7 +545,8 @@ def _evaluate(config: RetrainConfig, registry: Registry, versions: tuple[Path, s
               datasets: tuple[PreparedData, PreparedData], label_gain: Sequence[float],
               fixed_used: bool) -> tuple[dict[str, Any], dict[str, Any], VersionScores]:
     """Both versions on the fresh holdout (newest new events) and on the fixed holdout (the base data's
-    global test window, which the retrain left out of training: the new events cannot fabricate it)."""
+    global test window, which the retrain left out of training: the new events cannot fabricate it;
+    gated on `config.fixed_gated`)."""
     current_dir, candidate = versions
     data, base = datasets
     events = data.events().sort("timestamp", maintain_order=True).collect()
@@ -550,7 +562,7 @@ def _evaluate(config: RetrainConfig, registry: Registry, versions: tuple[Path, s
         fixed.update(compare(
             score_version(current_dir, base, base_events, label_gain=label_gain, seed=config.seed),
             score_version(registry.path(candidate), base, base_events, label_gain=label_gain, seed=config.seed),
-            config.gated, config.tolerance, config.bootstrap, config.seed))
+            config.fixed_gated, config.tolerance, config.bootstrap, config.seed))
     else:
         fixed.update(promote=True, metrics={}, reasons=["the base data has no test window: not measurable"])
     return verdict, fixed, cand
