@@ -377,6 +377,19 @@ def test_retrain_flags(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture
     run_case(case, tmp_path, capsys, monkeypatch)
 
 
+def test_retrain_refuses_a_locked_work_directory(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("lightgbm")
+    from recsys.files import file_lock, lock_path_for
+
+    tiny_registry(tmp_path)
+    with file_lock(lock_path_for(tmp_path / "w"), what="test holder", command="recsys retrain (the first run)"):
+        code = main(["retrain", "--registry", str(tmp_path / "reg"), "--out", str(tmp_path / "w")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "retrain work directory" in err and "the first run" in err, err
+    assert not (tmp_path / "w").exists()
+
+
 # ------------------------------------------------------------------------------------------ serve / publish
 
 
