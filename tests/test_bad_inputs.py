@@ -347,6 +347,25 @@ def test_score(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], m
     run_case(case, tmp_path, capsys, monkeypatch)
 
 
+def test_score_overwrite_never_deletes_files_it_did_not_write(tmp_path: Path) -> None:
+    """--out pointing at a directory of someone else's files (parquet parts included) is refused, even with
+    --overwrite, and every file stays as it was."""
+    from recsys.batch.manifest import RunManifest
+    from recsys.errors import InputError
+
+    out = tmp_path / "out"
+    for name in ("part-00000.parquet", "notes.txt"):
+        write(f"out/{name}", "not ours")(tmp_path)
+    before = tree(tmp_path)
+    for overwrite in (False, True):
+        with pytest.raises(InputError, match="holds no batch run"):
+            RunManifest.open(out, {"input": "x"}, overwrite=overwrite)
+    assert tree(tmp_path) == before
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    assert RunManifest.open(empty, {"input": "x"}).data["settings"] == {"input": "x"}
+
+
 def test_score_refuses_a_locked_output(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     from recsys.files import file_lock, lock_path_for
 
