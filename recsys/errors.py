@@ -15,6 +15,10 @@ class InputError(RecsysError):
     """Bad user input: a missing file or column, an unparseable value, unknown ids, a bad flag."""
 
 
+class NotFoundError(InputError):
+    """A named thing that does not exist (a model version, a serving variant): gRPC NOT_FOUND."""
+
+
 class ConfigError(RecsysError):
     """A configuration that cannot be honoured (bad YAML/JSON, out-of-range values)."""
 
