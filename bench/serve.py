@@ -360,7 +360,8 @@ def naive(paths: dict[str, Path], users: list[str], items: list[str], n_requests
                 vec = encode(text or texts[item_id])
                 match = float(vec @ u)
                 idx = index.get(item_id, 0)
-                features = state.compute(user, [idx], t_us, [match], None, {"device": None} if "ctx_device" in ranker.feature_names else {}, {})
+                context = {"device": None} if "ctx_device" in ranker.feature_names else {}
+                features = state.compute(user, [idx], t_us, match_scores=[match], context=context)
                 scores.append(float(ranker.score(features)[0]))
             sorted(zip(scores, [c[0] for c in cands], strict=True), reverse=True)[:20]
             latencies.append(time.perf_counter() - start)

@@ -26,6 +26,10 @@ class DataCheckError(InputError):
     """Input data that reads fine but fails a plausibility check (e.g. retrain's data checks)."""
 
 
+class NotFoundError(InputError):
+    """A named thing that does not exist (a model version, a serving variant): gRPC NOT_FOUND."""
+
+
 class ConfigError(RecsysError):
     """A configuration that cannot be honoured (bad YAML/JSON, out-of-range values)."""
 

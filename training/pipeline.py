@@ -24,8 +24,9 @@ from typing import Any
 from recsys.data.prepared import PreparedData
 from recsys.files import fault_point
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
+from recsys.scoring.registry_matcher import registry_matcher
 from training.export import ExportConfig, export_checkpoint
-from training.ranker import RankerConfig, load_registry_matcher, train_ranker
+from training.ranker import RankerConfig, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +101,11 @@ def publish_version(
     staging = registry.staging_dir()
     try:
         result = export_checkpoint(checkpoint, staging, export_config, prepared.root)
-        # A provisional manifest, so the staged directory reads like a version (load_registry_matcher).
+        # A provisional manifest, so the staged directory reads like a version (registry_matcher).
         provisional = {"format": FORMAT, "version": None, **result.manifest,
                        "files": hash_files(staging, result.hashed)}
         (staging / MANIFEST).write_text(json.dumps(provisional, indent=1))
-        matcher = load_registry_matcher(staging, prepared)
+        matcher = registry_matcher(staging, prepared)
         trained = train_ranker(prepared, staging / RANKER_DIR, matcher, ranker_config,
                                matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)",
                                init_model=ranker_init)

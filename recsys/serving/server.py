@@ -15,6 +15,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +24,7 @@ import grpc
 import polars as pl
 
 from recsys.data.prepared import PreparedData
-from recsys.errors import ConfigError, ModelError
+from recsys.errors import ConfigError, InputError, ModelError, NotFoundError
 from recsys.experiments.config import ExperimentConfig, RankerSpec, load_config
 from recsys.experiments.router import ConfigWatcher, ExperimentRouter, build_router
 from recsys.features import FeatureState
@@ -48,7 +49,7 @@ from recsys.serving.model import (
 )
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
-from recsys.serving.servicer import AdminServicer, RankingServicer, reload_model
+from recsys.serving.servicer import AdminServicer, RankingServicer
 
 log = logging.getLogger("recsys.serving")
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("RankingService", "ModelAdmin"))
@@ -153,8 +154,8 @@ class ServingApp:
             return BaselineModel(spec.baseline)
         version = cfg.version if spec is None else (None if spec.model == "current" else spec.model)
         return load_model(
-            self.registry, version, self.catalogue, state, self._ranker_dir(spec),
-            cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
+            self.registry, version, self.catalogue, state, ranker_dir=self._ranker_dir(spec),
+            provider=cfg.provider, precision=cfg.precision, threads=cfg.ort_threads, cold_cache=cfg.cold_cache,
         )
 
     def _load_all(
@@ -269,7 +270,37 @@ class ServingApp:
     # ---------------------------------------------------------------- timers
 
     async def reload(self, variant: str, version: str | None) -> tuple[str, str, float]:
-        return await reload_model(self, variant, version)
+        """Load `version` (None: registry current) beside the serving model, then swap. Serialised; a
+        failure leaves the serving model in place and is reported (FAILED_PRECONDITION / NOT_FOUND).
+        With --experiments a variant is a ranker name of the config; baselines have nothing to reload."""
+        holder = self.holders.get(variant)
+        if holder is None:
+            raise NotFoundError(f"unknown variant {variant!r}: serving {sorted(self.holders)}")
+        if isinstance(holder.current, BaselineModel):
+            raise ModelError(f"{variant!r} serves the {holder.current.kind} baseline: there is no model version to reload")
+        async with self.reload_lock:
+            started = time.perf_counter()
+            cfg, ranker_dir = self.config, self.ranker_dir(variant)
+            try:
+                model: ServingModel = await asyncio.get_running_loop().run_in_executor(
+                    self.reload_executor,
+                    lambda: load_model(
+                        self.registry, version, self.live.catalogue, self.live.state, ranker_dir=ranker_dir,
+                        provider=cfg.provider, precision=cfg.precision, threads=cfg.ort_threads, cold_cache=cfg.cold_cache,
+                    ),
+                )
+            except InputError as exc:  # unknown version / no current version
+                self.metrics.reloads.labels(variant, "refused").inc()
+                raise NotFoundError(str(exc)) from exc
+            except Exception:
+                self.metrics.reloads.labels(variant, "refused").inc()
+                raise
+            old = holder.swap(model)
+            seconds = time.perf_counter() - started
+            self.metrics.set_model(variant, model.version, old.version)
+            self.metrics.reloads.labels(variant, "ok").inc()
+            log.info("variant %s: %s -> %s (loaded in %.2fs)", variant, old.version, model.version, seconds)
+            return old.version, model.version, seconds
 
     async def background(self) -> None:
         """Timers: exposure flush deadline, registry watch, cold-batch metrics."""

@@ -229,6 +229,26 @@ def _check_warm_start(ckpt: Path, cfg: TrainConfig, tokenizer: Any) -> None:
         )
 
 
+def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
+    """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build."""
+    model_kwargs = dict(
+        temperature=cfg.temperature, dropout=cfg.dropout, max_history=cfg.max_history,
+        max_text_tokens=cfg.max_text_tokens,
+    )
+    torch.manual_seed(cfg.seed)  # the user tower's (and LoRA's) initial weights
+    if not cfg.warm_start:
+        return build_model(cfg.base_model, item_head=cfg.item_head, **model_kwargs)
+    ckpt = Path(cfg.warm_start)
+    model, tokenizer = load_checkpoint(ckpt)
+    _check_warm_start(ckpt, cfg, tokenizer)
+    model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
+    model.user_tower.dropout.p = cfg.dropout
+    if cfg.item_head and model.item_tower.head is None:  # add a fresh (identity) head
+        model.item_tower.head = ItemHead(model.config.dim, cfg.item_head)
+        model.config = replace(model.config, item_head=cfg.item_head)
+    return model, tokenizer
+
+
 class _Trainer:
     """State of one training run (kept in one object so steps, eval and checkpointing share it)."""
 
@@ -252,22 +272,7 @@ class _Trainer:
 
         # Cheap input checks first: a bad dataset should not wait for a model load.
         self.pairs = load_pairs(self.data, cfg.protocol, "train", cfg.max_history, cfg.weight_by_strength)
-        model_kwargs = dict(
-            temperature=cfg.temperature, dropout=cfg.dropout, max_history=cfg.max_history,
-            max_text_tokens=cfg.max_text_tokens,
-        )
-        torch.manual_seed(cfg.seed)  # the user tower's (and LoRA's) initial weights
-        if cfg.warm_start:
-            ckpt = Path(cfg.warm_start)
-            model, tokenizer = load_checkpoint(ckpt)
-            _check_warm_start(ckpt, cfg, tokenizer)
-            model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-            model.user_tower.dropout.p = cfg.dropout
-            if cfg.item_head and model.item_tower.head is None:  # add a fresh (identity) head
-                model.item_tower.head = ItemHead(model.config.dim, cfg.item_head)
-                model.config = replace(model.config, item_head=cfg.item_head)
-        else:
-            model, tokenizer = build_model(cfg.base_model, item_head=cfg.item_head, **model_kwargs)
+        model, tokenizer = _initial_model(cfg)
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg)
         self.model = model.to(self.device)
