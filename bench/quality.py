@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -99,14 +100,15 @@ def model_tokenizer(model: Any) -> Any:
 
 
 def zero_shot_matcher(data: Any, threads: int) -> Any:
-    """Pretrained MiniLM item embeddings, weight-free recency-weighted mean over the history."""
+    """Pretrained MiniLM item embeddings, the plain mean over the history: exactly the user tower that
+    `recsys publish --base-model` exports (training/zero_shot.py), so bench and service agree."""
     from recsys.features import EmbeddingMatcher, mean_pool_encoder
     from training.matcher.model import build_model
 
     model, tokenizer = build_model(None, max_history=data.max_history)
     _TOKENIZERS[id(model)] = tokenizer
     item_emb = torch_matcher(model, data, threads).item_embeddings
-    return EmbeddingMatcher(item_emb, mean_pool_encoder(item_emb))
+    return EmbeddingMatcher(item_emb, mean_pool_encoder(item_emb, half_life_s=math.inf))
 
 
 def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:

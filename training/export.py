@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import load_file
 
 from recsys.data.prepared import Histories, PreparedData
+from recsys.data.window import read_window
 from recsys.errors import InputError, ModelError
 from recsys.evaluation.metrics import bootstrap_ci, per_user_metrics, top_k
 from recsys.files import utc_now
@@ -318,7 +319,7 @@ class EvalSet:
             texts=[str(t) for t in items["text"].to_list()],
             hist=Histories.from_frame(frame),
             targets=[np.asarray(t, dtype=np.int64) for t in frame["target_item_idx"].to_list()],
-            seen=data.seen_items(frame),
+            seen=data.seen_items(frame, config.protocol, config.split),
         )
 
     def recall(self, item_emb: np.ndarray, users: UserEncoder, k: int) -> np.ndarray:
@@ -484,6 +485,7 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
         "export_config": asdict(config),
         "metrics": metrics,
         "source": {"checkpoint": str(Path(ckpt_path).resolve()), "data": str(Path(data).resolve()) if data else None},
+        "training_window": read_window(ckpt_path),  # None: an untrained (zero-shot) checkpoint
         "runtime": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort().__version__,
                     "opset": config.opset, "exporter": "torch.onnx TorchScript (dynamo=False)"},
     }

@@ -203,7 +203,7 @@ def load_window(data: PreparedData, protocol: str, split: str, fit_splits: Seque
         cutoff_us=np.asarray(cutoff_us, np.int64),
         history=Histories.from_frame(frame),
         targets=[np.asarray(t, np.int64) for t in frame["target_item_idx"].to_list()],
-        seen=data.seen_items(frame),
+        seen=data.seen_items(frame, protocol, split),
         fit_user=fit["user_idx"].to_numpy().astype(np.int64),
         fit_item=fit["item_idx"].to_numpy().astype(np.int64),
     )

@@ -58,6 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
+    from recsys.data.window import check_window, version_window
     from recsys.errors import ConfigError
     from recsys.evaluation.evaluate import EvalConfig, evaluate, write_holdout, write_scores
     from recsys.evaluation.report import main_table, paired_table, write_report
@@ -82,6 +83,11 @@ def run(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         seed=args.seed,
     )
+    splits = ("valid", "test") if config.blend else ("test",)  # the blend learns from valid's match scores
+    for name, path in args.matcher:
+        check_window(version_window(path), data, args.protocol, splits, what=f"--matcher {name}={path}",
+                     fix=f"train the matcher on {data.root} with --protocol {args.protocol} (recsys train matcher "
+                     f"--protocol {args.protocol}), export it, and evaluate that.")
     matchers = {name: registry_matcher(path, data) for name, path in args.matcher}
     ranker = None
     if args.ranker:

@@ -33,6 +33,7 @@ import torch
 from torch import nn
 
 from recsys.data.prepared import PreparedData
+from recsys.data.window import read_window, training_window, write_window
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.evaluation.baselines import Popularity
 from training.matcher.data import ItemTokens, item_texts, load_pairs, positive_keys
@@ -272,6 +273,9 @@ class _Trainer:
 
         # Cheap input checks first: a bad dataset should not wait for a model load.
         self.pairs = load_pairs(self.data, cfg.protocol, "train", cfg.max_history, cfg.weight_by_strength)
+        if self.dist.main:  # what this checkpoint learns from: export, publish and evaluate check it
+            inherited = read_window(cfg.warm_start) if cfg.warm_start else None
+            write_window(self.out, training_window(self.data, cfg.protocol, inherited=[inherited] if inherited else []))
         model, tokenizer = _initial_model(cfg)
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg)
