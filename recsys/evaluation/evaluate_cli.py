@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         n_boot=args.n_boot,
         seed=args.seed,
     )
-    splits = ("valid", "test") if config.blend else ("test",)  # the blend learns from valid's match scores
+    splits = ("test", "valid") if config.blend else ("test",)  # the blend learns from valid's match scores
     for name, path in args.matcher:
         check_window(version_window(path), data, args.protocol, splits, what=f"--matcher {name}={path}",
                      fix=f"train the matcher on {data.root} with --protocol {args.protocol} (recsys train matcher "
