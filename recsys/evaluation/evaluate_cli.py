@@ -47,6 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
     parser.add_argument("--scores-top", type=int, default=100, help="also write each system's top-N test scores as parquet (0: no)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument(
+        "--cold-slots", type=int, default=0, metavar="N",
+        help="cold-item exploration: also report blend_explore, the blend with the last N of the top --k places "
+        "given to the items without behaviour that the matcher scores highest, and every system's cold share (0)",
+    )
     hold = parser.add_argument_group("cold-start hold-out")
     hold.add_argument(
         "--write-holdout", type=Path, metavar="DIR",
@@ -60,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
     from recsys.data.window import check_window, version_window
     from recsys.errors import ConfigError
-    from recsys.evaluation.evaluate import EvalConfig, evaluate, write_holdout, write_scores
+    from recsys.evaluation.evaluate import BlendConfig, EvalConfig, evaluate, write_holdout, write_scores
     from recsys.evaluation.report import main_table, paired_table, write_report
     from recsys.scoring.registry_matcher import registry_matcher
 
@@ -82,6 +87,7 @@ def run(args: argparse.Namespace) -> int:
         sampled_negatives=args.negatives,
         n_boot=args.n_boot,
         seed=args.seed,
+        blend_config=BlendConfig(cold_slots=args.cold_slots),
     )
     splits = ("test", "valid") if config.blend else ("test",)  # the blend learns from valid's match scores
     for name, path in args.matcher:

@@ -32,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="full fine-tuning of only the top N transformer layers (0: all)")
     model.add_argument("--item-head", type=int, default=0, metavar="H",
                        help="residual MLP head of hidden width H after the item tower's pooling (0: none)")
+    model.add_argument("--head-dropout", type=float, default=0.0, metavar="P",
+                       help="share of items per step that skip the item head, so the text-only embedding "
+                       "(what a cold item starts from) stays matched by the user tower (0)")
     model.add_argument("--freeze-encoder", action="store_true",
                        help="train only the item head (needs --item-head) and the user tower; encoder outputs cached")
     opt = parser.add_argument_group("optimisation")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature,
         max_history=args.max_history, max_text_tokens=args.max_text_tokens, dropout=args.dropout,
         hard_negatives=args.hard_negatives, logq=args.logq, cache_negatives=args.cache_negatives,
-        train_layers=args.train_layers, item_head=args.item_head, freeze_encoder=args.freeze_encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
+        train_layers=args.train_layers, item_head=args.item_head, head_dropout=args.head_dropout, freeze_encoder=args.freeze_encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
         head_lr=args.head_lr, weight_decay=args.weight_decay, warmup=args.warmup,
         max_grad_norm=args.max_grad_norm, patience=args.patience, cache_refresh=args.cache_refresh,
         max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,

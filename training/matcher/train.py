@@ -94,6 +94,7 @@ class TrainConfig:
     encode_chunk: int = 128
     train_layers: int = 0  # >0: train only the top N transformer layers (embeddings + rest frozen)
     item_head: int = 0  # >0: residual MLP head (this hidden width) after the item tower's pooling
+    head_dropout: float = 0.0  # share of items per step that skip the item head (text-only embedding)
     freeze_encoder: bool = False  # train only the item head and the user tower (encoder outputs cached)
     layer_cache: bool = True  # with train_layers: cache the frozen layers' outputs, run only the top N
     max_grad_norm: float = 1.0
@@ -127,6 +128,7 @@ class TrainConfig:
             "dropout": 0 <= self.dropout < 1,
             "lora_r": self.lora_r >= 1,
             "item_head": self.item_head >= 0,
+            "head_dropout": 0 <= self.head_dropout < 1 and (self.head_dropout == 0 or self.item_head > 0),
             "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),
         }
         bad = [k for k, ok in checks.items() if not ok]
@@ -279,6 +281,7 @@ class _Trainer:
         model, tokenizer = _initial_model(cfg)
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg)
+        model.item_tower.head_dropout = cfg.head_dropout
         self.model = model.to(self.device)
         self.mcfg = model.config
         self.n_items = self.data.n_items
