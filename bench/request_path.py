@@ -1,0 +1,83 @@
+"""Before/after table for the one-request-path refactor (issue 14): serve, batch and quality benches
+run back to back on the same machine, once on the starting commit and once on the refactor.
+
+    python bench/request_path.py --before DIR --after DIR [--out bench/results]
+
+Each DIR holds the outputs of one side: serve/serve.json (bench/serve.py --out DIR/serve),
+batch.log (bench/batch.py's stdout: one JSON row per engine) and quality/quality.json
+(bench/quality.py --out DIR/quality). Writes request_path.{md,json}.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+from typing import Any
+
+
+def serve_figures(path: Path) -> dict[str, Any]:
+    report = json.loads(path.read_text())
+    warm = [r for r in report["rows"] if r["scenario"] == "warm" and r["mode"] == "concurrency"]
+    one = next(r for r in warm if r["level"] == 1)
+    return {
+        "rank100_c1_p50_ms": one["p50_ms"],
+        "rank100_c1_p99_ms": one["p99_ms"],
+        "rank100_c1_server_p50_ms": one["server_p50_ms"],
+        "rank100_saturated_qps": max(r["qps"] for r in warm),
+        "load_average": report["load_average"],
+    }
+
+
+def batch_figures(path: Path) -> dict[str, Any]:
+    rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
+    local = next(r for r in rows if r["engine"] == "local")
+    return {"batch_pairs": local["pairs"], "batch_pairs_per_s": local["pairs_per_s"], "batch_peak_rss_mb": local["peak_rss_mb"],
+            "batch_score_s": local.get("score_s")}
+
+
+def quality_figures(path: Path) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for run in json.loads(path.read_text())["runs"]:
+        key = f"{run['name']}_{run['protocol']}"
+        blend = run["metrics"]["all"]["blend"]
+        out[f"{key}_blend_ndcg@10"] = round(blend["ndcg@10"], 4)
+        out[f"{key}_blend_ndcg@10_ci"] = [round(x, 4) for x in blend["ndcg@10_ci"]]
+        ease = run["paired_bootstrap"]["all"]["ease"]
+        out[f"{key}_blend_minus_ease"] = [round(ease[k], 4) for k in ("diff", "lo", "hi")]
+    return out
+
+
+def side(directory: Path) -> dict[str, Any]:
+    figures: dict[str, Any] = {}
+    figures.update(serve_figures(directory / "serve" / "serve.json"))
+    figures.update(batch_figures(directory / "batch.log"))
+    figures.update(quality_figures(directory / "quality2" / "quality.json"))
+    return figures
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--before", type=Path, required=True)
+    parser.add_argument("--after", type=Path, required=True)
+    parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
+    parser.add_argument("--note", default="")
+    args = parser.parse_args()
+    before, after = side(args.before), side(args.after)
+    payload = {"before": before, "after": after, "note": args.note}
+    args.out.mkdir(parents=True, exist_ok=True)
+    (args.out / "request_path.json").write_text(json.dumps(payload, indent=1))
+    lines = ["# One request path (issue 14): before / after", "", args.note, "",
+             "| figure | before (170c560) | after |", "|---|---:|---:|"]
+    for key in before:
+        if key in ("load_average",):
+            continue
+        lines.append(f"| {key} | {before[key]} | {after.get(key)} |")
+    lines += ["", f"Load average at the serve runs' start: before {before['load_average']}, after {after['load_average']}.", ""]
+    (args.out / "request_path.md").write_text("\n".join(lines))
+    print("\n".join(lines))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
