@@ -183,10 +183,14 @@ class RequestScorer:
             lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
             if hi == lo:
                 continue
-            request_match = self._match(batch, source, cold_row, vectors, r) if self.matcher is not None else None
+            request_match = (
+                self._match(batch, r, source=source, cold_row=cold_row, vectors=vectors) if self.matcher is not None else None
+            )
             if request_match is not None:
                 match[lo:hi] = request_match
-            block = self._compute(batch, r, request_match, histories[r], {k: v[lo:hi] for k, v in extra.items()})
+            block = self._compute(
+                batch, r, match=request_match, history=histories[r], extra={k: v[lo:hi] for k, v in extra.items()}
+            )
             if names is not None and block.names != names:
                 raise InputError(
                     f"request {r} has features {block.names}, the batch {names}: give every request the "
@@ -201,7 +205,7 @@ class RequestScorer:
         return Features(matrix, names), match.astype(np.float64), source
 
     def _compute(
-        self, batch: RequestBatch, r: int, match: np.ndarray | None, history: Histories, extra: Mapping[str, np.ndarray]
+        self, batch: RequestBatch, r: int, *, match: np.ndarray | None, history: Histories, extra: Mapping[str, np.ndarray]
     ) -> Features:
         """FeatureState.compute for request r (its only caller); cold candidates masked."""
         lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
@@ -215,7 +219,7 @@ class RequestScorer:
         return features
 
     def _match(
-        self, batch: RequestBatch, source: np.ndarray, cold_row: np.ndarray, vectors: np.ndarray, r: int
+        self, batch: RequestBatch, r: int, *, source: np.ndarray, cold_row: np.ndarray, vectors: np.ndarray
     ) -> np.ndarray:
         """Match scores [n] of request r: catalogue embeddings, cold text vectors, 0.0 without text."""
         assert self.matcher is not None
@@ -324,11 +328,11 @@ class RequestScorer:
         if self.matcher is None:
             raise ModelError("retrieval needs a matcher")
         scores = self.matcher.item_embeddings @ vector
-        return top_k(scores, k, exclusions(self.state, user, history, exclude, include_seen))
+        return top_k(scores, k, exclusions(self.state, user, history, exclude=exclude, include_seen=include_seen))
 
 
 def exclusions(
-    state: FeatureState, user: int, history: Histories, exclude: np.ndarray | None, include_seen: bool
+    state: FeatureState, user: int, history: Histories, *, exclude: np.ndarray | None, include_seen: bool
 ) -> np.ndarray:
     """item_idx never to recommend: `exclude`, and unless include_seen the items the user interacted
     with (stored) and the items of its history (stored or override)."""

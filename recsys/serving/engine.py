@@ -291,7 +291,7 @@ def recommend_baseline(model: BaselineModel, live: LiveState, request: Recommend
     with live.lock.read():
         hist = _history(live, history, t_us)
         stored = hist[0] if hist and hist[0] is not None else live.state.history(user, t_us)
-        drop = exclusions(live.state, user, stored, banned[banned >= 0], request.include_seen)
+        drop = exclusions(live.state, user, stored, exclude=banned[banned >= 0], include_seen=request.include_seen)
         if model.kind == "random":
             scores = _draws(user_id, request_id, n_items)
         else:

@@ -150,7 +150,7 @@ class Handler:
 
 
 def _items(
-    ranked: engine.Ranked, served: list[str], scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
+    ranked: engine.Ranked, served: list[str], *, scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
 ) -> list[Any]:
     """ScoredItems of the served list (ids, scores, match scores, sources in served order)."""
     rows = zip(served, scores.tolist(), match.tolist(), source.tolist(), strict=True)
@@ -205,7 +205,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         order = ranked.order  # the served list, best first: gathered once for the reply and the log
         served = [ids[i] for i in order.tolist()]
         scores, match, source = ranked.scores[order], ranked.match[order], ranked.source[order]
-        items = _items(ranked, served, scores, match, source, inp.explain)
+        items = _items(ranked, served, scores=scores, match=match, source=source, explain=inp.explain)
         response = cls(request_id=request_id, items=items, model_version=version, variant=variant)
         if app.exposure is not None:
             session = context.get(SESSION_KEY)
