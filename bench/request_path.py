@@ -4,8 +4,9 @@ run back to back on the same machine, once on the starting commit and once on th
     python bench/request_path.py --before DIR --after DIR [--out bench/results]
 
 Each DIR holds the outputs of one side: serve/serve.json (bench/serve.py --out DIR/serve),
-batch.log (bench/batch.py's stdout: one JSON row per engine) and quality/quality.json
-(bench/quality.py --out DIR/quality). Writes request_path.{md,json}.
+batch.log (JSON rows of bench/batch.py's local-engine child, one per repetition: `run_child([...,
+"--child", "local", ...])`, the process-tree peak RSS included) and quality2/quality.json
+(bench/quality.py --out DIR/quality2). Writes request_path.{md,json}.
 """
 
 from __future__ import annotations
@@ -31,9 +32,12 @@ def serve_figures(path: Path) -> dict[str, Any]:
 
 def batch_figures(path: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
-    local = next(r for r in rows if r["engine"] == "local")
-    return {"batch_pairs": local["pairs"], "batch_pairs_per_s": local["pairs_per_s"], "batch_peak_rss_mb": local["peak_rss_mb"],
-            "batch_score_s": local.get("score_s")}
+    local = [r for r in rows if r["engine"] == "local"]  # one row per repetition
+    return {
+        "batch_pairs": local[0]["pairs"],
+        "batch_pairs_per_s (each run)": [round(r["pairs_per_s"]) for r in local],
+        "batch_peak_rss_mb (each run)": [r["peak_rss_mb"] for r in local],
+    }
 
 
 def quality_figures(path: Path) -> dict[str, Any]:

@@ -198,7 +198,8 @@ def rank(
     """Score a validated Rank request's candidates item_idx [n] (-1 = not in the catalogue; the
     vectors of the ones with text in `cold_vectors` [m, D], in order) and order them.
     blocking=False: StateBusy rather than wait while events are being applied."""
-    has_text = np.fromiter(map(bool, request.texts), bool, len(request.texts))
+    cold = bool(len(item_idx)) and int(item_idx.min()) < 0
+    has_text = np.fromiter(map(bool, request.texts), bool, len(request.texts)) if cold else None
     batch = RequestBatch(
         users=np.asarray([live.user_idx(request.user_id)], np.int64),
         times=np.asarray([request.time_us], np.int64),
