@@ -3,7 +3,8 @@ run back to back on the same machine, once on the starting commit and once on th
 
     python bench/request_path.py --before DIR --after DIR [--out bench/results]
 
-Each DIR holds the outputs of one side: serve/serve.json (bench/serve.py --out DIR/serve),
+Each DIR holds the outputs of one side: serve*/serve.json (bench/serve.py --out DIR/serveN, one per
+repetition),
 batch.log (JSON rows of bench/batch.py's local-engine child, one per repetition: `run_child([...,
 "--child", "local", ...])`, the process-tree peak RSS included) and quality2/quality.json
 (bench/quality.py --out DIR/quality2). Writes request_path.{md,json}.
@@ -17,26 +18,31 @@ from pathlib import Path
 from typing import Any
 
 
-def serve_figures(path: Path) -> dict[str, Any]:
-    report = json.loads(path.read_text())
-    warm = [r for r in report["rows"] if r["scenario"] == "warm" and r["mode"] == "concurrency"]
-    one = next(r for r in warm if r["level"] == 1)
-    return {
-        "rank100_c1_p50_ms": one["p50_ms"],
-        "rank100_c1_p99_ms": one["p99_ms"],
-        "rank100_c1_server_p50_ms": one["server_p50_ms"],
-        "rank100_saturated_qps": max(r["qps"] for r in warm),
-        "load_average": report["load_average"],
-    }
+def serve_figures(paths: list[Path]) -> dict[str, Any]:
+    """Rank, 100 candidates, warm: per run (bench/serve.py repetitions, alternating sides)."""
+    out: dict[str, list[Any]] = {}
+    for path in paths:
+        report = json.loads(path.read_text())
+        warm = [r for r in report["rows"] if r["scenario"] == "warm" and r["mode"] == "concurrency"]
+        one = next(r for r in warm if r["level"] == 1)
+        for key, value in (
+            ("Rank 100, 1 concurrent: p50 ms", one["p50_ms"]),
+            ("Rank 100, 1 concurrent: p99 ms", one["p99_ms"]),
+            ("Rank 100, 1 concurrent: server p50 ms", one["server_p50_ms"]),
+            ("Rank 100, saturated (16 concurrent): QPS", max(r["qps"] for r in warm)),
+            ("load average at the run's start (1 min)", float(str(report["load_average"]).split(",")[0])),
+        ):
+            out.setdefault(key, []).append(value)
+    return out
 
 
 def batch_figures(path: Path) -> dict[str, Any]:
     rows = [json.loads(line) for line in path.read_text().splitlines() if line.startswith("{")]
     local = [r for r in rows if r["engine"] == "local"]  # one row per repetition
     return {
-        "batch_pairs": local[0]["pairs"],
-        "batch_pairs_per_s (each run)": [round(r["pairs_per_s"]) for r in local],
-        "batch_peak_rss_mb (each run)": [r["peak_rss_mb"] for r in local],
+        "batch: pairs per run": local[0]["pairs"],
+        "batch: pairs/s (each run)": [round(r["pairs_per_s"]) for r in local],
+        "batch: peak RSS MB, process tree (each run)": [r["peak_rss_mb"] for r in local],
     }
 
 
@@ -45,16 +51,18 @@ def quality_figures(path: Path) -> dict[str, Any]:
     for run in json.loads(path.read_text())["runs"]:
         key = f"{run['name']}_{run['protocol']}"
         blend = run["metrics"]["all"]["blend"]
-        out[f"{key}_blend_ndcg@10"] = round(blend["ndcg@10"], 4)
-        out[f"{key}_blend_ndcg@10_ci"] = [round(x, 4) for x in blend["ndcg@10_ci"]]
+        ci = [round(x, 4) for x in blend["ndcg@10_ci"]]
+        out[f"{key}: blend NDCG@10 [95% CI]"] = f"{blend['ndcg@10']:.4f} [{ci[0]}, {ci[1]}]"
         ease = run["paired_bootstrap"]["all"]["ease"]
-        out[f"{key}_blend_minus_ease"] = [round(ease[k], 4) for k in ("diff", "lo", "hi")]
+        out[f"{key}: blend - EASE [paired CI]"] = f"{ease['diff']:+.4f} [{ease['lo']:+.4f}, {ease['hi']:+.4f}]"
+        pop = run["metrics"]["all"]["popularity"]["ndcg@10"]
+        out[f"{key}: popularity NDCG@10"] = f"{pop:.4f}"
     return out
 
 
 def side(directory: Path) -> dict[str, Any]:
     figures: dict[str, Any] = {}
-    figures.update(serve_figures(directory / "serve" / "serve.json"))
+    figures.update(serve_figures(sorted(directory.glob("serve*/serve.json"))))
     figures.update(batch_figures(directory / "batch.log"))
     figures.update(quality_figures(directory / "quality2" / "quality.json"))
     return figures
@@ -74,10 +82,8 @@ def main() -> int:
     lines = ["# One request path (issue 14): before / after", "", args.note, "",
              "| figure | before (170c560) | after |", "|---|---:|---:|"]
     for key in before:
-        if key in ("load_average",):
-            continue
         lines.append(f"| {key} | {before[key]} | {after.get(key)} |")
-    lines += ["", f"Load average at the serve runs' start: before {before['load_average']}, after {after['load_average']}.", ""]
+    lines.append("")
     (args.out / "request_path.md").write_text("\n".join(lines))
     print("\n".join(lines))
     return 0
