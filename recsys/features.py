@@ -49,6 +49,8 @@ import polars as pl
 from recsys.data.prepared import Histories
 from recsys.data.schema import EVENT_CODES, EVENT_COLUMNS
 from recsys.errors import ConfigError, InputError, ModelError
+from recsys.timestamps import MAX_US, MIN_US, out_of_range
+from recsys.timestamps import RANGE_TEXT as TIME_RANGE
 
 STATE_FORMAT = 1
 DAY_US = 86_400_000_000
@@ -84,7 +86,15 @@ MATCH_FEATURES = ("match_score", "match_rank", "match_z", "match_gap_top")
 
 
 def to_us(t: Any) -> int:
-    """A timestamp (datetime, np.datetime64, ISO text, or int epoch microseconds) -> epoch µs."""
+    """A timestamp (datetime, np.datetime64, ISO text, or int epoch microseconds) -> epoch µs, in
+    the accepted range (recsys.timestamps); anything else is an InputError, never an OverflowError."""
+    us = _to_us(t)
+    if out_of_range(us):
+        raise InputError(f"request time {t!r} is outside the accepted range {TIME_RANGE}")
+    return us
+
+
+def _to_us(t: Any) -> int:
     if isinstance(t, bool):
         raise InputError(f"request time must be a timestamp, got {t!r}")
     if isinstance(t, int | np.integer):
@@ -95,10 +105,15 @@ def to_us(t: Any) -> int:
         delta = t - datetime(1970, 1, 1, tzinfo=timezone.utc)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     if isinstance(t, np.datetime64):
+        if np.isnat(t):
+            raise InputError("request time is NaT (not a time): pass a timestamp")
+        days = int(t.astype("datetime64[D]").astype(np.int64))
+        if abs(days) > 10**6:  # far outside the accepted range; in µs it could wrap int64
+            return MAX_US if days > 0 else MIN_US - 1
         return int(t.astype("datetime64[us]").astype(np.int64))
     if isinstance(t, str):
         try:
-            return to_us(datetime.fromisoformat(t.replace("Z", "+00:00")))
+            return _to_us(datetime.fromisoformat(t.replace("Z", "+00:00")))
         except ValueError as exc:
             raise InputError(
                 f"cannot parse request time {t!r}: use ISO-8601, e.g. 2026-01-31T12:00:00Z"

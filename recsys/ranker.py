@@ -22,6 +22,7 @@ from typing import Any
 
 import numpy as np
 
+from recsys.candidate import check_model_text
 from recsys.compat import require
 from recsys.errors import InputError, ModelError
 from recsys.features import EmbeddingMatcher, FeatureConfig, Features, FeatureState
@@ -124,6 +125,8 @@ class Ranker:
         if meta.get("format") != RANKER_FORMAT:
             raise ModelError(f"{meta_path} has format {meta.get('format')}, this code reads {RANKER_FORMAT}")
         lgb = require("lightgbm")
+        # LightGBM's parser can abort the process on a malformed file: check its structure first.
+        check_model_text(model_path, meta.get("feature_names"))
         try:
             booster = lgb.Booster(model_file=str(model_path))
         except Exception as exc:  # LightGBM raises its own LightGBMError for corrupt files

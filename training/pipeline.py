@@ -21,7 +21,9 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from recsys.candidate import vet_version
 from recsys.data.prepared import PreparedData
+from recsys.errors import ModelError
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
 from training.export import ExportConfig, export_checkpoint
 from training.ranker import RankerConfig, load_registry_matcher, train_ranker
@@ -101,6 +103,10 @@ def publish_version(
         registry.discard(staging)
         raise
     log.info("published %s (matcher + ranker + checkpoint) in %s", version, registry.root)
+    try:  # the check `models promote` and the server's Reload run: a child process loads and scores it
+        vet_version(registry.root, version, data=prepared.root)
+    except ModelError as exc:
+        raise ModelError(f"registered {version}, but it is not usable and was not promoted: {exc}") from exc
     if promote:
         registry.promote(version)
     return version

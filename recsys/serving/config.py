@@ -58,7 +58,8 @@ class ServeConfig:
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by it
     auth_token: str | None = None  # required on ModelAdmin RPCs (and all RPCs with auth_all)
     auth_all: bool = False
-    grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
+    drain_s: float = 5.0  # SIGTERM: NOT_SERVING but still serving this long, so load balancers move away
+    grace_s: float = 10.0  # SIGTERM: then the time admitted requests get to finish
     watch_s: float = 0.0  # > 0: poll the registry pointer and hot-reload when it moves
     # A/B experiments: the config routing requests to rankers (docs/experiments.md), re-read every
     # experiments_poll_s seconds (a malformed edit is refused and the running config keeps serving).
@@ -86,8 +87,8 @@ class ServeConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if min(self.workers, self.cold_wait_ms, self.cold_cache, self.max_features, self.inline_candidates) < 0:
             raise ConfigError("workers, cold_wait_ms, cold_cache, max_features and inline_candidates must be >= 0")
-        if self.exposure_flush_s <= 0 or self.grace_s < 0 or self.watch_s < 0:
-            raise ConfigError("exposure_flush_s must be > 0; grace_s and watch_s >= 0")
+        if self.exposure_flush_s <= 0 or self.grace_s < 0 or self.watch_s < 0 or self.drain_s < 0:
+            raise ConfigError("exposure_flush_s must be > 0; drain_s, grace_s and watch_s >= 0")
         if self.experiments is not None and self.version is not None:
             raise ConfigError(
                 "--version and --experiments exclude each other: the experiment config names each ranker's "

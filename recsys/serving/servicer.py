@@ -31,7 +31,14 @@ from recsys.serving.metrics import variant_series
 from recsys.serving.model import BaselineModel, ServingModel, load_model
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
-from recsys.serving.validation import FieldError, assignment_input, events_input, rank_input, recommend_input
+from recsys.serving.validation import (
+    FieldError,
+    assignment_input,
+    events_input,
+    rank_input,
+    recommend_input,
+    reload_version,
+)
 
 if TYPE_CHECKING:
     from recsys.serving.server import ServingApp
@@ -56,6 +63,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request was scored"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as event-loop time (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def _timestamp(t_us: float) -> Any:
@@ -184,7 +197,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         else:
             has_text = np.fromiter(map(bool, inp.texts), bool, len(inp.texts))
             cold = np.flatnonzero((idx < 0) & has_text)
-            vectors = await app.batcher.encode(model, [inp.texts[i] for i in cold]) if len(cold) else None
+            vectors = (
+                await app.batcher.encode(model, [inp.texts[i] for i in cold], _deadline(context)) if len(cold) else None
+            )
             ranked = await self.handler.run(
                 context, engine.rank, model, app.live, inp.user_id, idx, inp.time_us, inp.context, inp.extra,
                 inp.history, vectors, has_text, inp.top_k, inp.explain, inline=inline,
@@ -301,6 +316,7 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
                         variant=name, model_version=m.version, ranker=str(m.ranker_path),
                         feature_names=list(m.ranker.feature_names), catalogue_items=len(m.item_emb),
                         loaded_at=_timestamp(m.loaded_at * 1e6), providers=list(m.providers),
+                        pinned=name in app.pinned,
                     )
                 variants.append(info)
             response = pb.GetModelInfoResponse(
@@ -324,8 +340,11 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
     async def Reload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> tuple[Any, str]:
             variant = request.variant or self.app.default_variant
-            old, new, seconds = await self.app.reload(variant, request.version or None)
-            return pb.ReloadResponse(variant=variant, previous_version=old, model_version=new, load_seconds=seconds), variant
+            old, new, seconds = await self.app.reload(variant, reload_version(request))
+            return pb.ReloadResponse(
+                variant=variant, previous_version=old, model_version=new, load_seconds=seconds,
+                pinned=variant in self.app.pinned,
+            ), variant
 
         return await self.handler.call("Reload", context, work, shed=False)
 
@@ -345,28 +364,41 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
         return await self.handler.call("ExplainAssignment", context, work, shed=False)
 
 
-async def reload_model(app: ServingApp, variant: str, version: str | None) -> tuple[str, str, float]:
-    """Load `version` (None: registry current) beside the serving model, then swap. Serialised; a
-    failure leaves the serving model in place and is reported (FAILED_PRECONDITION / NOT_FOUND).
-    With --experiments a variant is a ranker name of the config; baselines have nothing to reload."""
+async def reload_model(
+    app: ServingApp, variant: str, version: str | None, *, by_watcher: bool = False
+) -> tuple[str, str, float]:
+    """Vet `version` (None: registry current) in a child process, load it beside the serving model,
+    then swap. Serialised; a failure leaves the serving model in place and is reported
+    (FAILED_PRECONDITION / NOT_FOUND). With --experiments a variant is a ranker name of the config;
+    baselines have nothing to reload.
+
+    The pin rule (with --watch-registry): an admin Reload naming a version pins the variant there and
+    the registry watcher leaves it alone; an admin Reload without a version loads the registry's
+    current version and follows the registry again. The watcher (`by_watcher`) never pins, and gives
+    way to a pin set while it waited for the lock."""
     holder = app.holders.get(variant)
     if holder is None:
         raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown variant {variant!r}: serving {sorted(app.holders)}")
     if isinstance(holder.current, BaselineModel):
         raise ModelError(f"{variant!r} serves the {holder.current.kind} baseline: there is no model version to reload")
     async with app.reload_lock:
+        if by_watcher and variant in app.pinned:
+            return holder.current.version, holder.current.version, 0.0
         started = time.perf_counter()
         cfg = app.config
         ranker_dir = app.ranker_dir(variant)
         loop = asyncio.get_running_loop()
-        try:
-            model: ServingModel = await loop.run_in_executor(
-                app.reload_executor,
-                lambda: load_model(
-                    app.registry, version, app.live.catalogue, app.live.state, ranker_dir,
-                    cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
-                ),
+
+        def vet_and_load() -> ServingModel:
+            name = app.registry.resolve(version)
+            app.vet(name, ranker_dir)
+            return load_model(
+                app.registry, name, app.live.catalogue, app.live.state, ranker_dir,
+                cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
             )
+
+        try:
+            model = await loop.run_in_executor(app.reload_executor, vet_and_load)
         except InputError as exc:  # unknown version / no current version
             app.metrics.reloads.labels(variant, "refused").inc()
             raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
@@ -374,8 +406,13 @@ async def reload_model(app: ServingApp, variant: str, version: str | None) -> tu
             app.metrics.reloads.labels(variant, "refused").inc()
             raise
         old = holder.swap(model)
+        if not by_watcher:
+            (app.pinned.add if version else app.pinned.discard)(variant)
         seconds = time.perf_counter() - started
         app.metrics.set_model(variant, model.version, old.version)
         app.metrics.reloads.labels(variant, "ok").inc()
-        log.info("variant %s: %s -> %s (loaded in %.2fs)", variant, old.version, model.version, seconds)
+        log.info(
+            "variant %s: %s -> %s (loaded in %.2fs%s)", variant, old.version, model.version, seconds,
+            ", pinned" if variant in app.pinned else "",
+        )
         return old.version, model.version, seconds
