@@ -49,8 +49,8 @@ import polars as pl
 from recsys.data.prepared import Histories
 from recsys.data.schema import EVENT_CODES, EVENT_COLUMNS
 from recsys.errors import ConfigError, InputError, ModelError
-from recsys.timestamps import MAX_US, MIN_US, out_of_range
 from recsys.timestamps import RANGE_TEXT as TIME_RANGE
+from recsys.timestamps import REPRESENTABLE_MAX_US, REPRESENTABLE_MIN_US, unrepresentable
 
 STATE_FORMAT = 1
 DAY_US = 86_400_000_000
@@ -86,11 +86,11 @@ MATCH_FEATURES = ("match_score", "match_rank", "match_z", "match_gap_top")
 
 
 def to_us(t: Any) -> int:
-    """A timestamp (datetime, np.datetime64, ISO text, or int epoch microseconds) -> epoch µs, in
-    the accepted range (recsys.timestamps); anything else is an InputError, never an OverflowError."""
+    """A timestamp (datetime, np.datetime64, ISO text, or int epoch microseconds) -> epoch µs. One
+    beyond what a datetime can hold (years 1..9999) is an InputError, never an OverflowError later."""
     us = _to_us(t)
-    if out_of_range(us):
-        raise InputError(f"request time {t!r} is outside the accepted range {TIME_RANGE}")
+    if unrepresentable(us):
+        raise InputError(f"time {t!r} is outside years 1..9999: pass a real timestamp ({TIME_RANGE} for requests)")
     return us
 
 
@@ -109,7 +109,7 @@ def _to_us(t: Any) -> int:
             raise InputError("request time is NaT (not a time): pass a timestamp")
         days = int(t.astype("datetime64[D]").astype(np.int64))
         if abs(days) > 10**6:  # far outside the accepted range; in µs it could wrap int64
-            return MAX_US if days > 0 else MIN_US - 1
+            return REPRESENTABLE_MAX_US + 1 if days > 0 else REPRESENTABLE_MIN_US - 1
         return int(t.astype("datetime64[us]").astype(np.int64))
     if isinstance(t, str):
         try:
@@ -234,6 +234,12 @@ class SparseMap:
         if new.any():
             self.keys = np.insert(self.keys, pos[new], uniq[new])
             self.values = np.insert(self.values, pos[new], sums[new])
+
+    def drop_rows(self, rows: np.ndarray) -> None:
+        """Remove every entry of `rows` (an evicted user's affinities)."""
+        keep = ~np.isin(self.keys >> _SHIFT, np.asarray(rows, np.int64))
+        if not keep.all():
+            self.keys, self.values = self.keys[keep], self.values[keep]
 
     def get(self, rows: np.ndarray | int, cols: np.ndarray | int) -> np.ndarray:
         """Values for broadcast (rows, cols); 0 where absent. Shape of the broadcast."""
@@ -646,6 +652,17 @@ class FeatureState:
             for name in _USER_ARRAYS:
                 setattr(self, name, _grow(getattr(self, name), capacity, _USER_FILL.get(name, 0)))
         self.n_users = max(self.n_users, n)
+
+    def forget_users(self, rows: np.ndarray) -> None:
+        """Reset user rows to a brand-new user's state (bounded user state reuses evicted rows:
+        recsys.serving.users). Item-side statistics the users contributed are kept."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return
+        for name in _USER_ARRAYS:
+            getattr(self, name)[rows] = _USER_FILL.get(name, 0)
+        for sparse in (self.user_cat, self.user_tag, self.user_item, self.user_item_impr):
+            sparse.drop_rows(rows)
 
     # ---------------------------------------------------------------- updates
 

@@ -16,8 +16,18 @@ MAX_US = int(datetime(2100, 1, 1, tzinfo=timezone.utc).timestamp()) * 1_000_000 
 RANGE_TEXT = "1990-01-01T00:00:00Z <= t < 2100-01-01T00:00:00Z"
 
 
+# What internal conversions accept (`recsys.features.to_us`): any time a datetime can hold (years
+# 1..9999), so µs never overflow int64; the narrower range above is the API's contract.
+REPRESENTABLE_MIN_US = int(datetime(1, 1, 1, tzinfo=timezone.utc).timestamp()) * 1_000_000
+REPRESENTABLE_MAX_US = int(datetime(9999, 12, 31, 23, 59, 59, tzinfo=timezone.utc).timestamp()) * 1_000_000
+
+
 def out_of_range(t_us: int) -> bool:
     return not MIN_US <= t_us < MAX_US
+
+
+def unrepresentable(t_us: int) -> bool:
+    return not REPRESENTABLE_MIN_US <= t_us <= REPRESENTABLE_MAX_US
 
 
 def range_problem(seconds: int, nanos: int) -> str | None:

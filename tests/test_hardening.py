@@ -282,10 +282,11 @@ def test_internal_time_conversion_never_overflows() -> None:
     from recsys.errors import InputError
     from recsys.features import to_us
 
-    for value in (2**62, -(2**63), np.int64(2**62), np.datetime64(2**62, "s"), "9999-01-01", np.datetime64("NaT")):
+    for value in (2**62, -(2**63), np.int64(2**62), np.datetime64(2**62, "s"), np.datetime64("NaT"), "10000-01-01"):
         with pytest.raises(InputError):
             to_us(value)
     assert to_us("2026-01-31T12:00:00Z") == 1_769_860_800_000_000
+    assert to_us(0) == 0  # internal times may be anything a datetime holds; the API range is narrower
 
 
 def test_undecodable_request_bytes_are_invalid_argument(server: ServerThread) -> None:
@@ -454,3 +455,85 @@ def test_sigterm_finishes_every_admitted_request_including_queued_ones(artifacts
     finally:
         output = proc.communicate(timeout=60)[0].decode()
     assert proc.returncode == 0, output[-2000:]
+
+
+# ------------------------------------------------------------------------------------------ bounded user state
+
+
+def _events(users: list[str], t_us: int, item: str = "i1") -> Any:
+    request = pb.LogEventsRequest()
+    for k, user in enumerate(users):
+        event = request.events.add(user_id=user, item_id=item, event_type="click")
+        event.timestamp.FromMicroseconds(t_us + k)
+    return request
+
+
+def test_user_state_is_bounded_evicting_the_least_recently_active(artifacts: dict[str, Any]) -> None:
+    """max_users = known + 10: 25 new users evict the 15 least recently active ones (deterministic in
+    event time), who are then served exactly as never-seen users (cold start)."""
+    import numpy as np
+
+    from recsys.data.prepared import PreparedData
+
+    n0 = PreparedData.load(artifacts["data"]).users.height
+    srv = ServerThread(_config(artifacts, max_users=n0 + 10))
+    try:
+        live = srv.app.live
+        assert len(live.users) == n0
+        state = live.state
+        order = np.lexsort((np.arange(n0), state.user_last_us[:n0]))
+        expected_out = {live.users.ids[r] for r in order[:15].tolist()}  # the 15 least recently active
+        t0 = int(state.as_of_us) + 3_600_000_000
+        srv.stub.LogEvents(_events([f"new-{k}" for k in range(20)], t0))
+        srv.stub.LogEvents(_events([f"new-{k}" for k in range(20, 25)], t0 + 1000))
+        assert len(live.users) == n0 + 10 and live.users.evicted == 15
+        assert {u for u in expected_out if live.user_idx(u) >= 0} == set()
+        assert all(live.user_idx(f"new-{k}") >= 0 for k in range(25))
+        assert state.n_users == n0 + 10  # evicted rows are reused: the arrays stopped growing
+        srv.app._count_drops()
+        text = srv.app.metrics.exposition().decode()
+        assert "recsys_users_evicted_total 15.0" in text and f"recsys_users_known {n0 + 10}.0" in text
+
+        evicted = sorted(expected_out)[0]
+        when = _at(int(t0 // 1_000_000) + 60)
+        stranger = srv.stub.Rank(_rank(user="never-seen-anyone", request_id="a", request_time=when))
+        gone = srv.stub.Rank(_rank(user=evicted, request_id="a", request_time=when))
+        assert [(i.item_id, i.score) for i in gone.items] == [(i.item_id, i.score) for i in stranger.items]
+        row = live.user_idx("new-0")
+        assert state.user_count[row] == 1 and int((state.hist_item[row] >= 0).sum()) == 1  # a fresh row
+    finally:
+        srv.stop()
+
+
+def test_eviction_is_deterministic_across_replicas(artifacts: dict[str, Any]) -> None:
+    """Two replicas folding the same batches from the same saved state evict the same users and end
+    with identical user state; a long stream of one-off users keeps memory at the bound."""
+    import numpy as np
+
+    from recsys.ranker import Ranker
+    from recsys.serving.engine import LiveState
+    from recsys.serving.model import ItemCatalogue
+    from recsys.serving.validation import EventsInput
+
+    ranker = Ranker.load(artifacts["ranker"])
+    catalogue = ItemCatalogue.from_lists([f"i{j}" for j in range(200)], [""] * 200)
+    state = ranker.load_state()
+    users = [f"u{j}" for j in range(state.n_users)]
+    replicas = [LiveState(ranker.load_state(), users, catalogue, max_users=250) for _ in range(2)]
+    assert all(len(r.users) == 250 and r.users.evicted == state.n_users - 250 for r in replicas)  # trimmed at start
+    rng = np.random.default_rng(0)
+    t = int(replicas[0].state.as_of_us)
+    for batch in range(12):
+        names = [f"one-off-{batch}-{k}" for k in range(40)] + [f"u{j}" for j in rng.integers(0, 250, 10)]
+        n = len(names)
+        events = EventsInput(names, [f"i{j}" for j in rng.integers(0, 200, n)], ["click"] * n,
+                             t + np.arange(n, dtype=np.int64) * 1000, [None] * n, np.full(n, np.nan))
+        t += 10**9
+        for replica in replicas:
+            replica.apply(events)
+    a, b = replicas
+    assert a.users.rows == b.users.rows and len(a.users) == 250 and a.state.n_users <= state.n_users
+    for name in ("user_count", "hist_item", "hist_ts", "user_last_us"):
+        np.testing.assert_array_equal(getattr(a.state, name)[:250], getattr(b.state, name)[:250])
+    np.testing.assert_array_equal(a.state.user_item.keys, b.state.user_item.keys)
+    assert max(a.state.user_item.keys >> 32) < a.state.n_users

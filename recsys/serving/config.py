@@ -37,6 +37,8 @@ class ServeConfig:
     max_history: int = 200
     max_events: int = 10_000
     max_features: int = 64
+    # Live user state: at most this many users; the least recently active are evicted (cold start again).
+    max_users: int = 1_000_000
     retrieve_k: int = 200  # Recommend: embedding-search candidates blended by the ranker
     # Rank requests with at most this many candidates (and no explain) run on the event loop: ~1 ms of
     # vectorised work, cheaper than the hop to a worker thread. Cold text is still encoded on the pool;
@@ -75,6 +77,7 @@ class ServeConfig:
             "max_text_chars": self.max_text_chars,
             "max_history": self.max_history,
             "max_events": self.max_events,
+            "max_users": self.max_users,
             "retrieve_k": self.retrieve_k,
             "cold_batch": self.cold_batch,
             "exposure_flush_records": self.exposure_flush_records,

@@ -127,6 +127,7 @@ class ServingApp:
             if config.exposure_dir is not None
             else None
         )
+        self._counted: dict[str, int] = {}  # totals already added to the drop counters
         self.inflight = 0
         self.draining = False
         self.reload_lock = asyncio.Lock()
@@ -194,7 +195,7 @@ class ServingApp:
         if self._live is None:
             if state is None:  # only baselines: the feature state comes from a ranker directory
                 state = self._saved_state()
-            self._live = LiveState(state, self._users, self.catalogue)
+            self._live = LiveState(state, self._users, self.catalogue, self.config.max_users)
         return staged
 
     def vet(self, version: str, ranker_dir: Path | None) -> None:
@@ -305,6 +306,7 @@ class ServingApp:
             for size in self.batcher.batch_sizes:
                 self.metrics.cold_batches.observe(size)
             self.batcher.batch_sizes.clear()
+            self._count_drops()
             if self.config.watch_s and loop.time() >= next_watch:
                 next_watch = loop.time() + self.config.watch_s
                 current: str | None = None
@@ -317,6 +319,16 @@ class ServingApp:
                     except Exception as exc:  # keep serving
                         failed[name] = current
                         log.error("registry watch: version %s refused for %s: %s", current, name, exc)
+
+    def _count_drops(self) -> None:
+        """Evicted users and dropped cold texts since the last tick -> their counters (on the loop)."""
+        users = self.live.users
+        self.metrics.users.set(len(users))
+        for counter, total, key in (
+            (self.metrics.users_evicted, users.evicted, "users"), (self.metrics.cold_dropped, self.batcher.dropped, "cold"),
+        ):
+            counter.inc(total - self._counted.get(key, 0))
+            self._counted[key] = total
 
     async def watch_experiments(self) -> None:
         """Re-read the experiment config every experiments_poll_s (file I/O and model loads in a
