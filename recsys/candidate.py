@@ -7,8 +7,11 @@ path that makes a version live runs two checks first:
 
 * `check_model_text`: a cheap structural check of a LightGBM text model in pure Python (header
   fields, `tree_sizes` against the `Tree=` blocks byte for byte, each tree's arrays against its
-  `num_leaves`, split features and child indices in range, `end of trees`, feature names). `Ranker.load`
-  runs it before LightGBM sees the file, so even a direct load refuses what it can recognise.
+  `num_leaves`, split features and child indices in range, `end of trees`, a whole parameters block,
+  feature names). `Ranker.load` runs it before LightGBM sees the file, so even a direct load refuses
+  a truncated or partial copy. It is a pre-filter, not a parser: a file can pass it and still abort
+  LightGBM (e.g. a tree claiming categorical splits without their boundaries), which is what the
+  child process is for.
 * `vet_version`: a short-lived child process (`python -m recsys.candidate`) that verifies the
   version's hashes, loads every artifact the server would (ONNX towers, embedding store, LightGBM
   ranker through recsys' loader, feature state) and scores a fixed request. Exit 0 means the version
@@ -37,6 +40,8 @@ from recsys.errors import ModelError, RecsysError
 
 _HEADER_KEYS = ("version", "num_class", "num_tree_per_iteration", "max_feature_idx", "feature_names", "tree_sizes")
 _TREE_RE = re.compile(rb"^Tree=(\d+)\n", re.M)
+_NODE_ARRAYS = ("split_gain", "threshold", "decision_type", "internal_value", "internal_weight", "internal_count")
+_LEAF_ARRAYS = ("leaf_weight", "leaf_count")
 _END = b"end of trees"
 
 
@@ -56,7 +61,7 @@ def _fields(block: bytes) -> dict[str, str]:
     return out
 
 
-def _ints(fields: dict[str, str], key: str, n: int, low: int, high: int, where: str, path: Path) -> None:
+def _ints(fields: dict[str, str], key: str, *, n: int, low: int, high: int, where: str, path: Path) -> None:
     try:
         values = [int(v) for v in fields.get(key, "").split()]
     except ValueError:
@@ -76,9 +81,16 @@ def _check_tree(block: bytes, index: int, n_features: int, path: Path) -> None:
     if leaves < 1 or len(values) != leaves or not all(math.isfinite(v) for v in values):
         raise _bad(path, f"{where}: leaf_value needs {leaves} finite values")
     if leaves > 1:
-        _ints(fields, "split_feature", leaves - 1, 0, n_features - 1, where, path)
+        _ints(fields, "split_feature", n=leaves - 1, low=0, high=n_features - 1, where=where, path=path)
         for key in ("left_child", "right_child"):  # an internal node (1..L-2) or ~leaf (-L..-1)
-            _ints(fields, key, leaves - 1, -leaves, leaves - 2, where, path)
+            _ints(fields, key, n=leaves - 1, low=-leaves, high=leaves - 2, where=where, path=path)
+        if "threshold" not in fields:
+            raise _bad(path, f"{where}: threshold missing")
+    # LightGBM refuses (by aborting) any per-node / per-leaf array of the wrong length.
+    for keys, n in ((_NODE_ARRAYS, leaves - 1), (_LEAF_ARRAYS, leaves)):
+        for key in keys:
+            if key in fields and len(fields[key].split()) != n:
+                raise _bad(path, f"{where}: {key} needs {n} values")
 
 
 def check_model_text(path: Path | str, feature_names: Sequence[str] | None = None) -> int:
@@ -137,7 +149,9 @@ def _ranker_data(ranker: Path | None) -> Path | None:
     return Path(data) if data else None
 
 
-def _score_full(registry: Any, version: str, ranker: Path, data: Path, provider: str, precision: str) -> dict[str, Any]:
+def _score_full(
+    registry: Any, version: str, *, ranker: Path, data: Path, provider: str, precision: str
+) -> dict[str, Any]:
     """Load the version exactly as the server does and rank a fixed request (catalogue head, first user)."""
     import numpy as np
     import polars as pl
@@ -197,7 +211,7 @@ def check_version(
         check_model_text(ranker / "model.txt", meta.get("feature_names"))
     data = data or _ranker_data(ranker)
     if ranker is not None and data is not None:
-        result = _score_full(registry, version, ranker, data, provider, precision)
+        result = _score_full(registry, version, ranker=ranker, data=data, provider=provider, precision=precision)
     else:
         result = _score_parts(registered, ranker, provider, precision)
     return {"version": version, **result}

@@ -22,7 +22,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -43,9 +43,19 @@ ROOT = Path(__file__).resolve().parents[1]
 # ------------------------------------------------------------------------------------------ fixtures
 
 
-def _register(registry_root: Path, ranker: Path | None = None, cut: float | None = None) -> str:
-    """Register a copy of v0001 (optionally with `ranker` as its own ranker/, its model.txt cut to the
-    fraction `cut` BEFORE hashing: a truncated file whose manifest is consistent with it)."""
+def _truncate(text: bytes) -> bytes:
+    return text[: len(text) // 2]
+
+
+def _categorical_without_boundaries(text: bytes) -> bytes:
+    """Tree 0 claims a categorical split but has no cat_boundaries: well-formed to the structural
+    check (sizes, markers, arrays), yet LightGBM's parser aborts the process on it."""
+    return text.replace(b"num_cat=0", b"num_cat=1", 1)
+
+
+def _register(registry_root: Path, ranker: Path | None = None, damage: Callable[[bytes], bytes] | None = None) -> str:
+    """Register a copy of v0001 (optionally with `ranker` as its own ranker/, its model.txt passed
+    through `damage` BEFORE hashing: a broken file whose manifest is consistent with it)."""
     from recsys.registry import Registry
 
     registry = Registry(registry_root)
@@ -57,10 +67,9 @@ def _register(registry_root: Path, ranker: Path | None = None, cut: float | None
     hashed = sorted(manifest["files"])
     if ranker is not None:
         shutil.copytree(ranker, staging / "ranker")
-        if cut is not None:
+        if damage is not None:
             model = staging / "ranker" / "model.txt"
-            text = model.read_bytes()
-            model.write_bytes(text[: int(len(text) * cut)])
+            model.write_bytes(damage(model.read_bytes()))
         hashed += sorted(str(p.relative_to(staging)) for p in (staging / "ranker").rglob("*") if p.is_file())
     fields = {k: v for k, v in manifest.items() if k not in ("files", "version", "created", "format")}
     return registry.register(staging, fields, hashed)
@@ -69,11 +78,13 @@ def _register(registry_root: Path, ranker: Path | None = None, cut: float | None
 @pytest.fixture(scope="module")
 def artifacts(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> dict[str, Any]:
     """v0001 (matcher; ranker via --ranker), v0002 = v0001 + its own ranker/, v0003 = the same with
-    ranker/model.txt truncated to half and re-hashed, v0004 = another good copy."""
+    ranker/model.txt truncated to half and re-hashed, v0004 = another good copy, v0005 = a model.txt
+    only LightGBM itself finds bad (by aborting)."""
     out: dict[str, Any] = build_scoring_artifacts(tmp_path_factory.mktemp("hardening"), prepared_dir)
     out["good"] = _register(out["registry"], out["ranker"])
-    out["broken"] = _register(out["registry"], out["ranker"], cut=0.5)
+    out["broken"] = _register(out["registry"], out["ranker"], _truncate)
     out["good2"] = _register(out["registry"], out["ranker"])
+    out["crashing"] = _register(out["registry"], out["ranker"], _categorical_without_boundaries)
     return out
 
 
@@ -160,6 +171,21 @@ def test_truncated_blender_is_refused_by_reload_and_the_server_keeps_serving(
     assert (reply.previous_version, reply.model_version, reply.pinned) == ("v0001", artifacts["good"], True)
     assert stub.Rank(_rank()).model_version == artifacts["good"]
     admin.Reload(pb.ReloadRequest(version="v0001"))
+
+
+def test_a_version_that_crashes_its_loader_is_refused_by_signal_name(server: ServerThread, artifacts: dict[str, Any]) -> None:
+    """Past the structural check, only loading finds the defect: the child process dies (SIGABRT),
+    the server reports it and keeps serving; the same file aborts any process that parses it."""
+    from recsys.candidate import check_model_text
+    from recsys.registry import Registry
+
+    model = Registry(artifacts["registry"]).path(artifacts["crashing"]) / "ranker" / "model.txt"
+    assert check_model_text(model) > 0  # well-formed as far as the cheap check can tell
+    code = "import lightgbm, sys; lightgbm.Booster(model_file=sys.argv[1])"
+    assert subprocess.run([sys.executable, "-c", code, str(model)], capture_output=True, timeout=120).returncode < 0
+    err = _expect(grpc.StatusCode.FAILED_PRECONDITION, lambda: server.admin.Reload(pb.ReloadRequest(version=artifacts["crashing"])))
+    assert "crashed" in err.details() and "SIGABRT" in err.details(), err.details()
+    assert _serving(server.target) and server.stub.Rank(_rank()).model_version == "v0001"
 
 
 def test_reload_takes_version_names_never_paths(server: ServerThread, artifacts: dict[str, Any]) -> None:
@@ -409,15 +435,20 @@ def test_cold_texts_past_their_deadline_are_dropped_not_encoded(server: ServerTh
     assert model.cold_cache.get("never encoded text") is None and model.cold_cache.get("cancelled before encoding") is None
 
 
-def test_sigterm_finishes_every_admitted_request_including_queued_ones(artifacts: dict[str, Any], tmp_path: Path) -> None:
-    """One worker thread and every request on it: slow cold-text requests with plain ones queued
-    behind them when SIGTERM arrives. Health turns NOT_SERVING at once; during --drain-seconds new
-    requests are still served; every request sent before the signal completes OK; after the drain,
-    requests are refused UNAVAILABLE (never CANCELLED); the process exits 0."""
+@pytest.mark.parametrize("inline", ["0", "256"], ids=["pool", "inline"])
+def test_sigterm_finishes_every_admitted_request_including_queued_ones(
+    artifacts: dict[str, Any], tmp_path: Path, inline: str
+) -> None:
+    """One worker thread: slow cold-text requests with plain ones queued behind them (on the worker,
+    or on the event loop when small Ranks run inline) when SIGTERM arrives. Health turns NOT_SERVING
+    at once; during --drain-seconds new requests are still served; every request sent before the
+    signal completes OK; after the drain, requests are refused UNAVAILABLE (never CANCELLED); the
+    process exits 0."""
     from grpc_health.v1 import health_pb2
 
-    proc, target = spawn_serve(artifacts, tmp_path, "--workers", "1", "--inline-candidates", "0", "--drain-seconds", "1.5")
+    proc, target = spawn_serve(artifacts, tmp_path, "--workers", "1", "--inline-candidates", inline, "--drain-seconds", "1.5")
     results: dict[str, str] = {}
+    finished: dict[str, float] = {}
     lock = threading.Lock()
 
     def send(name: str, request: Any) -> None:
@@ -428,12 +459,12 @@ def test_sigterm_finishes_every_admitted_request_including_queued_ones(artifacts
             except grpc.RpcError as exc:
                 outcome = exc.code().name
         with lock:
-            results[name] = outcome
+            results[name], finished[name] = outcome, time.monotonic()
 
     threads = []
-    for k in range(4):  # slow: 300 cold texts each, encoded on the single worker
+    for k in range(6):  # slow: 400 cold texts each, encoded on the single worker
         slow = _rank(n=0)
-        slow.candidates.extend(pb.Candidate(item_id=f"s{k}-{j}", text=f"slow {k} text {j} " * 30) for j in range(300))
+        slow.candidates.extend(pb.Candidate(item_id=f"s{k}-{j}", text=f"slow {k} text {j} " * 30) for j in range(400))
         threads.append(threading.Thread(target=send, args=(f"slow{k}", slow)))
     threads += [threading.Thread(target=send, args=(f"plain{k}", _rank(n=200))) for k in range(12)]
     for t in threads:
@@ -447,7 +478,8 @@ def test_sigterm_finishes_every_admitted_request_including_queued_ones(artifacts
     during.start()
     for t in [*threads, during]:
         t.join(120)
-    assert results == {name: "OK" for name in results} and len(results) == 17, results
+    assert results == {name: "OK" for name in results} and len(results) == 19, results
+    assert sum(t > signalled for t in finished.values()) >= 5  # they really were queued at the signal
     time.sleep(max(0.0, signalled + 1.8 - time.monotonic()))  # past the drain period
     try:
         with grpc.insecure_channel(target) as channel:

@@ -432,10 +432,10 @@ class RankingServer:
 def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
     """Server reflection as both grpc.reflection.v1 and v1alpha (grpcurl and newer clients ask v1,
     older ones v1alpha). The two protos are wire-identical, so one servicer answers both names."""
-    from grpc_reflection.v1alpha import _async, reflection_pb2
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
 
     names = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
-    servicer = _async.ReflectionServicer((*services, *names))
+    servicer = reflection.aio.ReflectionServicer((*services, *names))
     handler = grpc.stream_stream_rpc_method_handler(
         servicer.ServerReflectionInfo,
         request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
