@@ -234,6 +234,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecsysError as exc:
         print(str(exc), file=sys.stderr)
         return 2
+    except Exception as exc:  # anything else an artifact provokes (a manifest missing a key, ...)
+        print(f"cannot load it: {type(exc).__name__}: {exc}", file=sys.stderr)
+        return 2
     print(json.dumps(result))
     return 0
 
