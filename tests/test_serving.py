@@ -288,7 +288,10 @@ def test_load_shedding_and_deadlines(server: ServerThread, stub: Any) -> None:
         _expect(grpc.StatusCode.RESOURCE_EXHAUSTED, lambda: stub.Rank(_rank_request("u1", _items(5))))
     finally:
         server.call(shift(-app.config.max_inflight))
-    _expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: stub.Rank(_rank_request("u1", _items(100)), timeout=1e-5))
+    # gRPC rounds deadlines to the millisecond: an inline 100-item Rank (~1 ms) could beat it, so the
+    # request is one that cannot (explain over 300 items, on the worker pool).
+    slow = _rank_request("u1", _items(300), explain=True)
+    _expect(grpc.StatusCode.DEADLINE_EXCEEDED, lambda: stub.Rank(slow, timeout=1e-5))
     assert len(stub.Rank(_rank_request("u1", _items(5)), timeout=5).items) == 5
 
 
