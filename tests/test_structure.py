@@ -19,10 +19,8 @@ MAX_LINES = 80
 LONG_ALLOWED = {
     "recsys/batch/io.py:normalize",
     "recsys/data/importers.py:load_mind",
-    "recsys/data/prepare.py:prepare_tables",
     "recsys/data/synthetic.py:generate",
     "training/export.py:export_checkpoint",
-    "training/retrain.py:retrain",
 }
 
 
