@@ -145,10 +145,10 @@ def child_naive(paths: dict[str, Path], input_path: Path, n_pairs: int, kind: st
     from recsys.features import FeatureState, to_us
     from recsys.ranker import Ranker
     from recsys.scoring.store import EmbeddingStore
-    from training.export import load_checkpoint
+    from training.matcher.checkpoint import load_towers
 
     torch.set_num_threads(1)
-    ckpt = load_checkpoint(paths["ckpt"])
+    ckpt = load_towers(paths["ckpt"])
     tok = AutoTokenizer.from_pretrained(paths["ckpt"] / "item_encoder")
     max_len = ckpt.config.max_text_tokens
     ranker = Ranker.load(paths["ranker"])

@@ -29,6 +29,7 @@ import numpy as np
 from recsys.compat import require
 from recsys.errors import InputError, ModelError
 from recsys.features import FeatureConfig, Features, FeatureState
+from recsys.model_text import check_model_text
 
 RANKER_FORMAT = 1
 MODEL_FILE = "model.txt"
@@ -128,6 +129,8 @@ class Ranker:
         if meta.get("format") != RANKER_FORMAT:
             raise ModelError(f"{meta_path} has format {meta.get('format')}, this code reads {RANKER_FORMAT}")
         lgb = require("lightgbm")
+        # LightGBM's parser can abort the process on a malformed file: check its structure first.
+        check_model_text(model_path, meta.get("feature_names"))
         try:
             booster = lgb.Booster(model_file=str(model_path))
         except Exception as exc:  # LightGBM raises its own LightGBMError for corrupt files

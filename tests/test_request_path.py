@@ -327,7 +327,7 @@ class TestEvaluationFeatures(RequestPathContract):
         window = Window("test", users, np.asarray([r.time_us for r in requests]), env["state"].history(0, T0_US),
                         [c[:1] for c in cands], [empty] * len(cands), empty, empty)
         ranker = env["ranker"]
-        blocks, names = window_features(env["data"], window, cands, env["matcher"], {}, config=ranker.feature_config,
+        blocks, names = window_features(env["data"], window, cands, env["matcher"], extra={}, config=ranker.feature_config,
                                         drop_items=empty, context_names=ranker.context_names)
         return [
             Result(list(r.items), ranker.score(x, names), x[:, names.index("match_score")], x)

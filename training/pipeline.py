@@ -21,8 +21,10 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from recsys.candidate import vet_version
 from recsys.data.prepared import PreparedData
 from recsys.data.window import check_window, read_window, training_window
+from recsys.errors import ModelError
 from recsys.files import fault_point
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
 from recsys.scoring.registry_matcher import registry_matcher
@@ -139,6 +141,10 @@ def publish_version(
     for warning in manifest["warnings"]:
         log.warning("%s: %s", version, warning)
     log.info("published %s (matcher + ranker + checkpoint) in %s", version, registry.root)
+    try:  # the check `models promote` and the server's Reload run: a child process loads and scores it
+        vet_version(registry.root, version, data=prepared.root)
+    except ModelError as exc:
+        raise ModelError(f"registered {version}, but it is not usable and was not promoted: {exc}") from exc
     if promote:
         registry.promote(version)
     return version

@@ -342,7 +342,9 @@ def train_ranker(
     booster, best = train_lambdamart(params, fit, stop, table.names)
     selection: dict[str, Any] | None = None
     if init_model is not None:
-        booster, best, selection = _select_blender(params, fit, stop, (booster, best), Path(init_model), table.names)
+        booster, best, selection = _select_blender(
+            params, fit, stop, fresh=(booster, best), init_model=Path(init_model), names=table.names
+        )
     metrics = {name: _group_metrics(part, booster, best, config) for name, part in (("holdout", stop), ("test", test))
                if len(part.sizes)}
     importance = dict(zip(table.names, booster.feature_importance("gain", iteration=best).tolist(), strict=True))
@@ -368,7 +370,7 @@ def train_ranker(
         "matcher": matcher_ref,
         "seconds": round(time.perf_counter() - started, 2),
     }
-    _save(out_dir, booster, best, meta, importance, state)
+    _save(out_dir, booster, best, meta=meta, importance=importance, state=state)
     return TrainResult(out_dir, metrics, best, table.names, importance, table, selection)
 
 
@@ -420,7 +422,7 @@ def _group_metrics(part: GroupTable, booster: Any, best: int, config: RankerConf
 
 
 def _save(
-    out_dir: Path, booster: Any, best: int, meta: dict[str, Any], importance: dict[str, float], state: FeatureState
+    out_dir: Path, booster: Any, best: int, *, meta: dict[str, Any], importance: dict[str, float], state: FeatureState
 ) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out_dir / MODEL_FILE), num_iteration=best)
@@ -433,6 +435,7 @@ def _select_blender(
     params: LambdaMARTParams,
     fit: GroupTable,
     stop: GroupTable,
+    *,
     fresh: tuple[Any, int],
     init_model: Path,
     names: tuple[str, ...],

@@ -12,7 +12,8 @@ from pathlib import Path
 
 import torch
 
-from training.matcher.model import UserTower, build_model, save_checkpoint
+from training.matcher.checkpoint import save_checkpoint
+from training.matcher.model import UserTower, build_model
 
 
 @torch.no_grad()

@@ -397,8 +397,8 @@ def window_features(
     window: Window,
     candidates: list[np.ndarray],
     matcher: EmbeddingMatcher | None,
-    extra: Mapping[str, np.ndarray],
     *,
+    extra: Mapping[str, np.ndarray],
     config: FeatureConfig,
     drop_items: np.ndarray,
     context_names: Sequence[str] = (),
@@ -677,7 +677,7 @@ def evaluate(
     cand_scores: dict[str, np.ndarray] = {}
     if config.blend:
         blend_full, blend_cand, blend_info = _run_blend(
-            data, config, test, test_scores, sampled, matcher_name=blend_matcher,
+            data, config, test, test_scores, sampled=sampled, matcher_name=blend_matcher,
             matcher=matchers[blend_matcher] if blend_matcher else None, ranker=ranker, cold=cold, timings=timings,
         )
         blend_info["matcher"] = blend_matcher
@@ -695,7 +695,9 @@ def evaluate(
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
     new_users = np.flatnonzero(fit_counts <= config.new_user_max)
     slices = slice_targets(test.targets, test.users, cold, new_users)
-    metrics, per_user, paired = _slice_metrics(config, test, slices, systems, (test_scores, cand_scores, sampled))
+    metrics, per_user, paired = _slice_metrics(
+        config, test, slices, systems=systems, scores=(test_scores, cand_scores, sampled)
+    )
     for system in systems:  # exposure the items without behaviour get
         metrics["all"][system][f"cold_share@{config.k}"] = cold_share(test_scores[system], no_behaviour, test.seen, config.k)
     started = _stage(timings, "metrics", started)
@@ -706,7 +708,7 @@ def evaluate(
         notes.append("no items are held out (evaluate a dataset made by write_holdout / --write-holdout for the cold-start slice)")
     return EvalResult(
         config=config.to_dict(),
-        dataset=_dataset_info(data, config, test, cold, test_fit),
+        dataset=_dataset_info(data, config, test, cold=cold, test_fit=test_fit),
         systems=systems,
         metrics=metrics,
         paired=paired,
@@ -731,7 +733,7 @@ def _cf_needed(config: EvalConfig) -> list[str]:
 
 
 def _dataset_info(
-    data: PreparedData, config: EvalConfig, test: Window, cold: np.ndarray, test_fit: Sequence[str]
+    data: PreparedData, config: EvalConfig, test: Window, *, cold: np.ndarray, test_fit: Sequence[str]
 ) -> dict[str, Any]:
     return {
         "root": str(data.root),
@@ -767,6 +769,7 @@ def _slice_metrics(
     config: EvalConfig,
     test: Window,
     slices: dict[str, tuple[np.ndarray, list[np.ndarray]]],
+    *,
     systems: list[str],
     scores: tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[np.ndarray]],
 ) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, np.ndarray]], dict[str, dict[str, dict[str, float]]]]:
@@ -806,7 +809,7 @@ def _retrieval(config: EvalConfig, scores: Mapping[str, np.ndarray], match: np.n
 
 def _fit_blend(
     data: PreparedData, config: EvalConfig, cf_names: Sequence[str], matcher: EmbeddingMatcher | None,
-    cold: np.ndarray, timings: dict[str, float],
+    *, cold: np.ndarray, timings: dict[str, float],
 ) -> tuple[Ranker, dict[str, Any]]:
     """The blend's LambdaMART on the valid window (CF and popularity fit on train) as a Ranker."""
     started = time.perf_counter()
@@ -816,7 +819,7 @@ def _fit_blend(
     match_v = matcher_scores(matcher, valid.history) if matcher is not None else None
     cands_v = candidate_union(_retrieval(config, valid_scores, match_v), valid.seen)
     extra_v = retriever_extras(valid_scores, bc.features_from, valid.seen)
-    blocks_v, names = window_features(data, valid, cands_v, matcher, extra_v, config=config.feature_config, drop_items=cold)
+    blocks_v, names = window_features(data, valid, cands_v, matcher, extra=extra_v, config=config.feature_config, drop_items=cold)
     started = _stage(timings, "blend_valid_features", started)
     trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
     _stage(timings, "blend_train", started)
@@ -837,8 +840,8 @@ def _run_blend(
     config: EvalConfig,
     test: Window,
     test_scores: dict[str, np.ndarray],
-    sampled: list[np.ndarray],
     *,
+    sampled: list[np.ndarray],
     matcher_name: str | None,
     matcher: EmbeddingMatcher | None,
     ranker: Ranker | None,
@@ -849,7 +852,9 @@ def _run_blend(
     bc = config.blend_config
     info: dict[str, Any] = {"features_from": list(bc.features_from)}
     if ranker is None:
-        ranker, trained_info = _fit_blend(data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, cold, timings)
+        ranker, trained_info = _fit_blend(
+            data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, cold=cold, timings=timings
+        )
         info.update(trained_info)
     else:
         info.update({"trained_on": f"given ranker {getattr(ranker, 'path', None)}", "features": list(ranker.feature_names)})
@@ -864,7 +869,7 @@ def _run_blend(
     extra_t = {k: v for k, v in extras.items() if k in set(ranker.feature_names)}
     scored = [np.union1d(c, s) for c, s in zip(cands_t, sampled, strict=True)]
     blocks_t, names_t = window_features(
-        data, test, scored, matcher, extra_t, config=ranker.feature_config, drop_items=cold,
+        data, test, scored, matcher, extra=extra_t, config=ranker.feature_config, drop_items=cold,
         context_names=ranker.context_names,
     )
     full = np.full((len(test), data.n_items), -np.inf, np.float32)

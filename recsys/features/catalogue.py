@@ -21,6 +21,8 @@ import polars as pl
 
 from recsys.data.schema import EVENT_CODES, EVENT_COLUMNS
 from recsys.errors import ConfigError, InputError
+from recsys.timestamps import RANGE_TEXT as TIME_RANGE
+from recsys.timestamps import REPRESENTABLE_MAX_US, REPRESENTABLE_MIN_US, unrepresentable
 
 DAY_US = 86_400_000_000
 NEVER = np.iinfo(np.int64).min  # "no event yet" for last-seen times
@@ -46,7 +48,15 @@ MAX_CONTEXT_VALUES = 1000  # text columns with more distinct values are ids, not
 
 
 def to_us(t: Any) -> int:
-    """A timestamp (datetime, np.datetime64, ISO text, or int epoch microseconds) -> epoch µs."""
+    """A timestamp (datetime, np.datetime64, ISO text, or int epoch microseconds) -> epoch µs. One
+    beyond what a datetime can hold (years 1..9999) is an InputError, never an OverflowError later."""
+    us = _to_us(t)
+    if unrepresentable(us):
+        raise InputError(f"time {t!r} is outside years 1..9999: pass a real timestamp ({TIME_RANGE} for requests)")
+    return us
+
+
+def _to_us(t: Any) -> int:
     if isinstance(t, bool):
         raise InputError(f"request time must be a timestamp, got {t!r}")
     if isinstance(t, int | np.integer):
@@ -57,10 +67,15 @@ def to_us(t: Any) -> int:
         delta = t - datetime(1970, 1, 1, tzinfo=timezone.utc)
         return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
     if isinstance(t, np.datetime64):
+        if np.isnat(t):
+            raise InputError("request time is NaT (not a time): pass a timestamp")
+        days = int(t.astype("datetime64[D]").astype(np.int64))
+        if abs(days) > 10**6:  # far outside the accepted range; in µs it could wrap int64
+            return REPRESENTABLE_MAX_US + 1 if days > 0 else REPRESENTABLE_MIN_US - 1
         return int(t.astype("datetime64[us]").astype(np.int64))
     if isinstance(t, str):
         try:
-            return to_us(datetime.fromisoformat(t.replace("Z", "+00:00")))
+            return _to_us(datetime.fromisoformat(t.replace("Z", "+00:00")))
         except ValueError as exc:
             raise InputError(
                 f"cannot parse request time {t!r}: use ISO-8601, e.g. 2026-01-31T12:00:00Z"

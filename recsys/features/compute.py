@@ -80,8 +80,8 @@ def layout(
 class _Columns:
     """The output matrix [n, F] being filled, addressed by feature name, as of request time `now_us`."""
 
-    def __init__(self, state: FeatureState, names: tuple[str, ...], index: dict[str, int], n: int, now_us: int) -> None:
-        self.matrix = np.empty((n, len(names)), np.float32)
+    def __init__(self, state: FeatureState, index: dict[str, int], *, n: int, now_us: int) -> None:
+        self.matrix = np.empty((n, len(index)), np.float32)
         self.index = index
         self.now_us = now_us
         self.taus = np.asarray(state.config.decay_days) * DAY_US
@@ -128,7 +128,7 @@ def compute(
     if len(index) < len(names):
         clash = next(name for name in sorted(extra) if names.count(name) > 1)
         raise InputError(f"extra feature {clash!r} clashes with a built-in feature: rename it")
-    out = _Columns(state, names, index, n, now_us)
+    out = _Columns(state, index, n=n, now_us=now_us)
     if match_scores is not None:
         _match_columns(out, _numeric("match_score", match_scores, n))
     item_count = _item_columns(out, state, cand)

@@ -49,6 +49,12 @@ class SparseMap:
             self.keys = np.insert(self.keys, pos[new], uniq[new])
             self.values = np.insert(self.values, pos[new], sums[new])
 
+    def drop_rows(self, rows: np.ndarray) -> None:
+        """Remove every entry of `rows` (an evicted user's affinities)."""
+        keep = ~np.isin(self.keys >> _SHIFT, np.asarray(rows, np.int64))
+        if not keep.all():
+            self.keys, self.values = self.keys[keep], self.values[keep]
+
     def get(self, rows: np.ndarray | int, cols: np.ndarray | int) -> np.ndarray:
         """Values for broadcast (rows, cols); 0 where absent. Shape of the broadcast."""
         keys = self.key(rows, cols)

@@ -227,6 +227,17 @@ class FeatureState:
                 setattr(self, name, _grow(getattr(self, name), capacity, _USER_FILL.get(name, 0)))
         self.n_users = max(self.n_users, n)
 
+    def forget_users(self, rows: np.ndarray) -> None:
+        """Reset user rows to a brand-new user's state (bounded user state reuses evicted rows:
+        recsys.serving.users). Item-side statistics the users contributed are kept."""
+        rows = np.asarray(rows, np.int64)
+        if not len(rows):
+            return
+        for name in _USER_ARRAYS:
+            getattr(self, name)[rows] = _USER_FILL.get(name, 0)
+        for sparse in (self.user_cat, self.user_tag, self.user_item, self.user_item_impr):
+            sparse.drop_rows(rows)
+
     # ---------------------------------------------------------------- updates
 
     def apply(self, events: EventBatch | pl.DataFrame) -> None:

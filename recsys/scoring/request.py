@@ -158,8 +158,8 @@ class RequestScorer:
         """One user-tower call for the batch: [R, D]."""
         if self.matcher is None:
             return np.zeros((len(histories), 0), np.float32)
-        if not histories:
-            return np.zeros((0, self.matcher.dim), np.float32)
+        if len(histories) <= 1:
+            return self.matcher.user_vectors(histories[0]) if histories else np.zeros((0, self.matcher.dim), np.float32)
         stacked = Histories(
             np.concatenate([h.item_idx for h in histories]),
             np.concatenate([h.event_code for h in histories]),
@@ -178,15 +178,20 @@ class RequestScorer:
         match = np.zeros(len(batch.items), np.float32)
         blocks: list[np.ndarray] = []
         names: tuple[str, ...] | None = None
-        cold_row = np.cumsum(source == ENCODED) - 1  # row of cold_vectors for each ENCODED candidate
+        # Row of cold_vectors for each ENCODED candidate.
+        cold_row = np.cumsum(source == ENCODED) - 1 if batch.cold_vectors is not None else None
         for r in range(len(batch)):
             lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
             if hi == lo:
                 continue
-            request_match = self._match(batch, source, cold_row, vectors, r) if self.matcher is not None else None
+            request_match = (
+                self._match(batch, r, source=source, cold_row=cold_row, vectors=vectors) if self.matcher is not None else None
+            )
             if request_match is not None:
                 match[lo:hi] = request_match
-            block = self._compute(batch, r, request_match, histories[r], {k: v[lo:hi] for k, v in extra.items()})
+            block = self._compute(
+                batch, r, match=request_match, history=histories[r], extra={k: v[lo:hi] for k, v in extra.items()}
+            )
             if names is not None and block.names != names:
                 raise InputError(
                     f"request {r} has features {block.names}, the batch {names}: give every request the "
@@ -197,39 +202,39 @@ class RequestScorer:
         if names is None:  # no candidates at all
             context = self._context(batch, 0) if len(batch) else {}
             names = self.state.feature_names(self.matcher is not None, tuple(context), tuple(extra))
-        matrix = np.concatenate(blocks) if blocks else np.zeros((0, len(names)), np.float32)
+        matrix = (blocks[0] if len(blocks) == 1 else np.concatenate(blocks)) if blocks else np.zeros((0, len(names)), np.float32)
         return Features(matrix, names), match.astype(np.float64), source
 
     def _compute(
-        self, batch: RequestBatch, r: int, match: np.ndarray | None, history: Histories, extra: Mapping[str, np.ndarray]
+        self, batch: RequestBatch, r: int, *, match: np.ndarray | None, history: Histories, extra: Mapping[str, np.ndarray]
     ) -> Features:
         """FeatureState.compute for request r (its only caller); cold candidates masked."""
         lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
         items = batch.items[lo:hi]
-        known = items >= 0
+        cold = np.flatnonzero(items < 0)
         features = self.state.compute(
-            int(batch.users[r]), np.where(known, items, 0) if not known.all() else items, int(batch.times[r]),
+            int(batch.users[r]), np.where(items >= 0, items, 0) if len(cold) else items, int(batch.times[r]),
             match_scores=match, history=history, context=self._context(batch, r), extra=extra,
         )
-        self.state.mask_unseen_items(features, np.flatnonzero(~known), in_catalogue=False)
+        self.state.mask_unseen_items(features, cold, in_catalogue=False)
         return features
 
     def _match(
-        self, batch: RequestBatch, source: np.ndarray, cold_row: np.ndarray, vectors: np.ndarray, r: int
+        self, batch: RequestBatch, r: int, *, source: np.ndarray, cold_row: np.ndarray | None, vectors: np.ndarray
     ) -> np.ndarray:
         """Match scores [n] of request r: catalogue embeddings, cold text vectors, 0.0 without text."""
         assert self.matcher is not None
         lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
         items, user = batch.items[lo:hi], vectors[r]
         emb = self.matcher.item_embeddings
-        if (items >= 0).all():
+        if not len(items) or items.min() >= 0:
             return np.asarray(emb[items] @ user, np.float32)
         match = np.zeros(hi - lo, np.float32)
         known = items >= 0
         match[known] = emb[items[known]] @ user
         encoded = np.flatnonzero(source[lo:hi] == ENCODED)
         if len(encoded):
-            if batch.cold_vectors is None:
+            if batch.cold_vectors is None or cold_row is None:
                 raise InputError("cold candidates with text need their vectors (cold_vectors)")
             match[encoded] = batch.cold_vectors[cold_row[lo + encoded]] @ user
         return match
@@ -264,7 +269,8 @@ class RequestScorer:
     def score(
         self, batch: RequestBatch, *, top_k: int = 0, explain: bool = False, vectors: np.ndarray | None = None
     ) -> ScoredBatch:
-        """Features, one LightGBM call, each request's list best first (top_k 0: all candidates)."""
+        """Features, one LightGBM call, each request's list best first (top_k 0: all candidates; ties
+        by position: a stable sort, as LightGBM's piecewise-constant scores tie often)."""
         if self.ranker is None:
             raise ModelError("this scorer has no ranker: it computes features only")
         features, match, source = self.features(batch, vectors=vectors)
@@ -272,7 +278,7 @@ class RequestScorer:
         order = []
         for r in range(len(batch)):
             lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
-            order.append(_best_first(scores[lo:hi], hi - lo if top_k <= 0 else min(top_k, hi - lo)))
+            order.append(np.argsort(-scores[lo:hi], kind="stable")[: hi - lo if top_k <= 0 else top_k])
         scored = ScoredBatch(batch.indptr, batch.items, features, match, source, np.asarray(scores, np.float64), order)
         if explain:
             self._explain(scored)
@@ -324,11 +330,11 @@ class RequestScorer:
         if self.matcher is None:
             raise ModelError("retrieval needs a matcher")
         scores = self.matcher.item_embeddings @ vector
-        return top_k(scores, k, exclusions(self.state, user, history, exclude, include_seen))
+        return top_k(scores, k, exclusions(self.state, user, history, exclude=exclude, include_seen=include_seen))
 
 
 def exclusions(
-    state: FeatureState, user: int, history: Histories, exclude: np.ndarray | None, include_seen: bool
+    state: FeatureState, user: int, history: Histories, *, exclude: np.ndarray | None, include_seen: bool
 ) -> np.ndarray:
     """item_idx never to recommend: `exclude`, and unless include_seen the items the user interacted
     with (stored) and the items of its history (stored or override)."""
@@ -337,10 +343,3 @@ def exclusions(
         seen = state.user_item.row(user)[0] if user >= 0 else np.zeros(0, np.int64)
         drop += [seen, history.item_idx[history.item_idx >= 0].astype(np.int64)]
     return np.concatenate(drop).astype(np.int64)
-
-
-def _best_first(scores: np.ndarray, k: int) -> np.ndarray:
-    """A request's list: positions of the k best scores, ties by position."""
-    if k >= len(scores):
-        return np.argsort(-scores, kind="stable")
-    return top_k(scores, k)

@@ -34,6 +34,7 @@ from recsys.features import DAY_US, NEVER, EventBatch, Features, FeatureState, r
 from recsys.scoring.request import CATALOGUE, ENCODED, NO_TEXT, RequestBatch, ScoredBatch, exclusions
 from recsys.scoring.topk import top_k
 from recsys.serving.model import BaselineModel, ItemCatalogue, ServingModel
+from recsys.serving.users import UserIndex
 from recsys.serving.validation import EventsInput, FieldError, HistoryInput, RankInput, RecommendInput
 
 __all__ = ["CATALOGUE", "ENCODED", "NO_TEXT", "LiveState", "Ranked", "StateBusy", "rank", "recommend"]
@@ -90,12 +91,16 @@ class LiveState:
     """The feature state the server keeps current from the events RPCs, with the id maps.
 
     Owned by the server, not by a model: a hot reload swaps models and keeps everything learned from
-    live events. New users get the next user_idx on their first event."""
+    live events. New users get a row on their first event; beyond `max_users` the least recently
+    active users are evicted and served as unknown users again (recsys.serving.users)."""
 
-    def __init__(self, state: FeatureState, user_ids: Sequence[str], catalogue: ItemCatalogue) -> None:
+    def __init__(
+        self, state: FeatureState, user_ids: Sequence[str], catalogue: ItemCatalogue, max_users: int | None = None
+    ) -> None:
         self.state = state
         self.catalogue = catalogue
-        self.users = {u: i for i, u in enumerate(user_ids)}
+        self.users = UserIndex(user_ids, state, max_users)  # bounded: least recently active evicted
+        state.forget_users(self.users.trim())
         self.lock = RWLock()
         self.events_applied = 0
 
@@ -106,16 +111,9 @@ class LiveState:
         """-> (accepted, skipped for unknown items, new users). Runs in a worker thread."""
         items = self.catalogue.lookup(events.item_ids)
         keep = np.flatnonzero(items >= 0)
-        new_users = 0
         with self.lock.write():
-            users = np.empty(len(keep), np.int64)
-            for j, i in enumerate(keep):
-                uid = events.user_ids[i]
-                idx = self.users.get(uid)
-                if idx is None:
-                    idx = self.users[uid] = max(len(self.users), self.state.n_users)
-                    new_users += 1
-                users[j] = idx
+            users, evicted, new_users = self.users.assign([events.user_ids[i] for i in keep], events.ts_us[keep])
+            self.state.forget_users(evicted)
             if len(keep):
                 types = [events.event_types[i] for i in keep]
                 frame = pl.DataFrame(
@@ -198,7 +196,8 @@ def rank(
     """Score a validated Rank request's candidates item_idx [n] (-1 = not in the catalogue; the
     vectors of the ones with text in `cold_vectors` [m, D], in order) and order them.
     blocking=False: StateBusy rather than wait while events are being applied."""
-    has_text = np.fromiter(map(bool, request.texts), bool, len(request.texts))
+    cold = bool(len(item_idx)) and int(item_idx.min()) < 0
+    has_text = np.fromiter(map(bool, request.texts), bool, len(request.texts)) if cold else None
     batch = RequestBatch(
         users=np.asarray([live.user_idx(request.user_id)], np.int64),
         times=np.asarray([request.time_us], np.int64),
@@ -291,7 +290,7 @@ def recommend_baseline(model: BaselineModel, live: LiveState, request: Recommend
     with live.lock.read():
         hist = _history(live, history, t_us)
         stored = hist[0] if hist and hist[0] is not None else live.state.history(user, t_us)
-        drop = exclusions(live.state, user, stored, banned[banned >= 0], request.include_seen)
+        drop = exclusions(live.state, user, stored, exclude=banned[banned >= 0], include_seen=request.include_seen)
         if model.kind == "random":
             scores = _draws(user_id, request_id, n_items)
         else:

@@ -42,6 +42,14 @@ class ServingMetrics:
         self.events = prom.Counter("recsys_events_total", "Events received by outcome", ["outcome"], registry=r)
         self.exposures = prom.Counter("recsys_exposures_total", "Served items appended to the exposure log", registry=r)
         self.reloads = prom.Counter("recsys_reloads_total", "Model reloads by outcome", ["variant", "outcome"], registry=r)
+        self.users = prom.Gauge("recsys_users_known", "Users with live feature state (bounded by --max-users)", registry=r)
+        self.users_evicted = prom.Counter(
+            "recsys_users_evicted_total", "Least recently active users evicted from the live state (--max-users)", registry=r
+        )
+        self.cold_dropped = prom.Counter(
+            "recsys_cold_dropped_total", "Cold-text encodings dropped unencoded: request cancelled or past its deadline",
+            registry=r,
+        )
 
     def set_model(self, variant: str, version: str, previous: str | None = None) -> None:
         if previous is not None and previous != version:

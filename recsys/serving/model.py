@@ -94,14 +94,19 @@ class ServingModel:
     ranker_path: Path
     matcher: EmbeddingMatcher  # catalogue embeddings + the ONNX user tower (`tower_encoder`)
     initial_state: FeatureState | None = None
+    _scorer: RequestScorer | None = field(default=None, repr=False)
 
     @property
     def providers(self) -> tuple[str, ...]:
         return tuple(self.runtime.user_encoder.info.active)
 
     def scorer(self, state: FeatureState) -> RequestScorer:
-        """The one request path over `state` (the live one in the service, the saved one in batch)."""
-        return RequestScorer(state, ranker=self.ranker, matcher=self.matcher, extra_names=self.extra_names)
+        """The one request path over `state` (the live one in the service, the saved one in batch);
+        built once per state (the service's live state object lives as long as the server)."""
+        scorer = self._scorer
+        if scorer is None or scorer.state is not state:
+            scorer = self._scorer = RequestScorer(state, ranker=self.ranker, matcher=self.matcher, extra_names=self.extra_names)
+        return scorer
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Cold items: texts -> [n, D] through the ONNX item tower (one length-bucketed pass)."""

@@ -39,6 +39,7 @@ from recsys.serving.validation import (
     events_input,
     rank_input,
     recommend_input,
+    reload_version,
 )
 
 if TYPE_CHECKING:
@@ -66,6 +67,12 @@ def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, asyncio.TimeoutError | TimeoutError):
         return grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline passed before the request was scored"
     return grpc.StatusCode.INTERNAL, f"internal error ({type(exc).__name__}); see the server log"
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    """The caller's deadline as event-loop time (None: no deadline)."""
+    remaining = context.time_remaining()
+    return None if remaining is None else asyncio.get_running_loop().time() + remaining
 
 
 def _timestamp(t_us: float) -> Any:
@@ -150,7 +157,7 @@ class Handler:
 
 
 def _items(
-    ranked: engine.Ranked, served: list[str], scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
+    ranked: engine.Ranked, served: list[str], *, scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
 ) -> list[Any]:
     """ScoredItems of the served list (ids, scores, match scores, sources in served order)."""
     rows = zip(served, scores.tolist(), match.tolist(), source.tolist(), strict=True)
@@ -190,7 +197,9 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             ranked = await self.handler.run(context, engine.rank_baseline, model, app.live, inp, idx, inline=inline)
         else:
             cold = np.flatnonzero((idx < 0) & np.fromiter(map(bool, inp.texts), bool, len(inp.texts)))
-            vectors = await app.batcher.encode(model, [inp.texts[i] for i in cold]) if len(cold) else None
+            vectors = (
+                await app.batcher.encode(model, [inp.texts[i] for i in cold], _deadline(context)) if len(cold) else None
+            )
             ranked = await self.handler.run(context, engine.rank, model, app.live, inp, idx, vectors, inline=inline)
         return self._respond(pb.RankResponse, inp, inp.item_ids, ranked, version=model.version, variant=variant, started=started)
 
@@ -205,7 +214,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         order = ranked.order  # the served list, best first: gathered once for the reply and the log
         served = [ids[i] for i in order.tolist()]
         scores, match, source = ranked.scores[order], ranked.match[order], ranked.source[order]
-        items = _items(ranked, served, scores, match, source, inp.explain)
+        items = _items(ranked, served, scores=scores, match=match, source=source, explain=inp.explain)
         response = cls(request_id=request_id, items=items, model_version=version, variant=variant)
         if app.exposure is not None:
             session = context.get(SESSION_KEY)
@@ -287,6 +296,7 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
                         variant=name, model_version=m.version, ranker=str(m.ranker_path),
                         feature_names=list(m.ranker.feature_names), catalogue_items=len(m.item_emb),
                         loaded_at=_timestamp(m.loaded_at * 1e6), providers=list(m.providers),
+                        pinned=name in app.pinned,
                     )
                 variants.append(info)
             response = pb.GetModelInfoResponse(
@@ -310,8 +320,11 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
     async def Reload(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> tuple[Any, str]:
             variant = request.variant or self.app.default_variant
-            old, new, seconds = await self.app.reload(variant, request.version or None)
-            return pb.ReloadResponse(variant=variant, previous_version=old, model_version=new, load_seconds=seconds), variant
+            old, new, seconds = await self.app.reload(variant, reload_version(request))
+            return pb.ReloadResponse(
+                variant=variant, previous_version=old, model_version=new, load_seconds=seconds,
+                pinned=variant in self.app.pinned,
+            ), variant
 
         return await self.handler.call("Reload", context, work, shed=False)
 
