@@ -98,6 +98,8 @@ def _with_keys(root: Path, frame: pl.LazyFrame) -> pl.LazyFrame:
 
 def _overlap_one(window: Mapping[str, Any], data: PreparedData, protocol: str, split: str) -> tuple[int, str]:
     """(scored interactions the window trained on, how that was counted)."""
+    if not window.get("interactions"):
+        return 0, "exact"
     scored = _scored(data, protocol, split)
     trained_col = SPLIT_COLUMN[window["protocol"]]
     if window["dataset_id"] == dataset_id(data.root):

@@ -685,11 +685,7 @@ def evaluate(
         cand_scores[BLEND] = blend_cand
         started = time.perf_counter()
     no_behaviour = np.bincount(test.fit_item, minlength=n_items) == 0  # the service's "cold": unseen items
-    explore = config.blend and blend_matcher is not None and config.blend_config.cold_slots > 0
-    if explore:
-        test_scores[EXPLORE] = reserve_cold_slots(
-            test_scores[BLEND], test_scores[str(blend_matcher)], no_behaviour, test.seen, k=config.k,
-            slots=config.blend_config.cold_slots)
+    explore = _explore(config, test, test_scores, blend_matcher, no_behaviour)
 
     systems = [s for s in config.systems] + list(matchers) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
@@ -720,6 +716,16 @@ def evaluate(
         users=test.users,
         seen=test.seen,
     )
+
+
+def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray], blend_matcher: str | None,
+             no_behaviour: np.ndarray) -> bool:
+    """Add the blend with reserved cold-item places (BlendConfig.cold_slots > 0) as EXPLORE; -> added."""
+    if not (config.blend and blend_matcher is not None and config.blend_config.cold_slots > 0):
+        return False
+    test_scores[EXPLORE] = reserve_cold_slots(test_scores[BLEND], test_scores[blend_matcher], no_behaviour, test.seen,
+                                              k=config.k, slots=config.blend_config.cold_slots)
+    return True
 
 
 def _cf_needed(config: EvalConfig) -> list[str]:
