@@ -51,7 +51,7 @@ from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
 from recsys.files import fault_point, output_lock, write_json_atomic
-from recsys.ranker import MODEL_FILE, Ranker, grouped_ndcg
+from recsys.ranker import MODEL_FILE, LambdaMARTParams, Ranker, grouped_ndcg
 from recsys.registry import Registry
 from recsys.scoring.registry_matcher import registry_matcher
 from recsys.serving.exposure import read_exposures
@@ -369,7 +369,7 @@ class VersionScores:
 
 
 def score_version(version_dir: Path, data: PreparedData, events: pl.DataFrame, k: int = 10,
-                  label_gain: Sequence[float] = RankerConfig().label_gain, seed: int = 0) -> VersionScores:
+                  label_gain: Sequence[float] = LambdaMARTParams().label_gain, seed: int = 0) -> VersionScores:
     """Holdout = the global "test" window of `data` (after everything either version trained on)."""
     matcher = registry_matcher(version_dir, data)
     frame = data.eval_set("global", "test")
@@ -509,7 +509,7 @@ def _retrain(config: RetrainConfig) -> dict[str, Any]:
     t = lap("publish", t)
 
     verdict, fixed, cand_scores = _evaluate(config, registry, (current_dir, candidate), (data, base),
-                                            ranker_cfg.label_gain, data_report["fixed_holdout"])
+                                            ranker_cfg.lambdamart.label_gain, data_report["fixed_holdout"])
     lap("evaluate", t)
     promoted, removed = _decide(config, registry, candidate, verdict, fixed)
     timings["total"] = round(time.perf_counter() - started, 2)
