@@ -69,6 +69,9 @@ def _config(artifacts: dict[str, Path], **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "registry": artifacts["registry"], "ranker": artifacts["ranker"], "data": artifacts["data"],
         "host": "127.0.0.1", "port": 0, "workers": 2, "exposure_flush_s": 0.2,
+        # Served lists not folded as impressions: these tests compare scores with the batch scorer's
+        # state, which has not seen them (tests/test_state_serving.py covers folding).
+        "fold_exposures": False,
     }
     values.update(overrides)
     return ServeConfig(**values)
@@ -558,12 +561,13 @@ def test_mutual_tls_and_token_auth(artifacts: dict[str, Path], tmp_path: Path) -
 # ------------------------------------------------------------------------------------------ process lifecycle
 
 
-def _spawn(artifacts: dict[str, Path], tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    ready = tmp / "ready.json"
+def _spawn(artifacts: dict[str, Path], tmp: Path, *extra: str, ready_name: str = "ready.json") -> tuple[subprocess.Popen[bytes], str]:
+    ready = tmp / ready_name
+    ready.unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "recsys.cli", "serve", "--registry", str(artifacts["registry"]), "--version", "v0001",
         "--ranker", str(artifacts["ranker"]), "--data", str(artifacts["data"]), "--host", "127.0.0.1", "--port", "0",
-        "--exposure-dir", str(tmp / "exposures"), "--ready-file", str(ready), "--workers", "2", *extra,
+        "--exposure-dir", str(tmp / "exposures"), "--ready-file", str(ready), "--threads", "2", *extra,
     ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
     deadline = time.monotonic() + 60

@@ -55,6 +55,7 @@ class EventLog:
     def append(self, payload: bytes) -> Future[Position]:
         """Queue one record; the Future resolves to its position once durable (or to the error)."""
         future: Future[Position] = Future()
+        future.set_running_or_notify_cancel()  # a caller giving up cannot cancel a record already queued
         with self._cond:
             if self._closed:
                 raise StateUnavailable(f"the {self.kind} event log is closed")

@@ -93,7 +93,7 @@ class DirSnapshots:
 
     def save(self, position: Position, blob: bytes) -> None:
         final = self.dir / f"snap-{format_position(position)}.npz"
-        tmp = self.dir / f".snap-{format_position(position)}.tmp"
+        tmp = self.dir / f".snap-{format_position(position)}-{os.getpid()}.tmp"
         with open(tmp, "wb") as fh:
             fh.write(blob)
             fh.flush()
