@@ -192,6 +192,7 @@ def test_kill_9_of_the_journal_server_replays_every_acknowledged_event(artifacts
         assert info.events_applied == logged.height  # ... and the restarted server folded all of it
         assert info.state.backend.startswith("journal")
         assert any((tmp_path / "state" / "snapshots").glob("snap-*.npz"))  # start-up used a snapshot
+        _export_feeds_retrain(artifacts, ["--state-dir", state], tmp_path, acked)
     finally:
         if proc2.poll() is None:
             proc2.kill()
@@ -210,6 +211,7 @@ def test_kill_9_of_a_redis_replica_restarts_with_every_acknowledged_event(
         with grpc.insecure_channel(target2) as channel:
             info = _info(pb_grpc.ModelAdminStub(channel))
         assert info.events_applied == len(logged)
+        _export_feeds_retrain(artifacts, ["--state", url], tmp_path, acked)
     finally:
         proc2.kill()
         proc2.wait(10)
@@ -302,3 +304,24 @@ def test_workers_without_a_shared_log_is_refused(artifacts: dict[str, Path], tmp
         cwd=ROOT, capture_output=True, text=True, timeout=60,
     )
     assert out.returncode == 2 and "--state redis://" in out.stderr and "Traceback" not in out.stderr
+
+
+def _export_feeds_retrain(artifacts: dict[str, Path], source: list[str], tmp: Path, acked: list[str]) -> None:
+    """`recsys state export` -> an events table that retrain's merge + validation take as --events."""
+    import polars as pl
+
+    from recsys.data.prepared import PreparedData
+    from recsys.data.validate import validate
+    from training.retrain import merge_tables
+
+    out = tmp / "export" / "events.parquet"
+    done = subprocess.run([sys.executable, "-m", "recsys.cli", "state", "export", *source, "--out", str(out)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-2000:]
+    exported = pl.read_parquet(out)
+    assert set(acked) <= set(exported["user_id"].to_list())
+    base = PreparedData.load(artifacts["data"])
+    raw, counts = merge_tables(base, [out], [], ())
+    clean, _ = validate(raw, on_invalid="drop")
+    assert counts["events:events.parquet"] == exported.height
+    assert set(acked) <= set(clean.events["user_id"].cast(pl.Utf8).to_list())

@@ -20,7 +20,7 @@ import threading
 import zlib
 from pathlib import Path
 
-from recsys.errors import ModelError
+from recsys.errors import InputError, ModelError
 from recsys.state.log import START, EventLog, Position, StateUnavailable
 
 MAGIC = b"RSJ1"
@@ -32,11 +32,23 @@ CHUNK = 4 << 20
 class Journal(EventLog):
     kind = "journal"
 
-    def __init__(self, state_dir: Path | str) -> None:
+    def __init__(self, state_dir: Path | str, readonly: bool = False) -> None:
+        """readonly: a reader beside the writing server (`recsys state export`): no lock, no appends,
+        whole valid records up to the current end of the file."""
         super().__init__()
         self.dir = Path(state_dir)
-        self.dir.mkdir(parents=True, exist_ok=True)
         self.path = self.dir / JOURNAL
+        self._end: int | None = None  # end of the valid records, known after recover()
+        self._durable = threading.Condition()
+        self._durable_end = 0
+        self._lock_fd = -1
+        if readonly:
+            if not self.path.is_file():
+                raise InputError(f"{self.path} does not exist: pass the --state-dir a server wrote its journal to")
+            self._fd = os.open(self.path, os.O_RDONLY)
+            self._closed = True
+            return
+        self.dir.mkdir(parents=True, exist_ok=True)
         self._lock_fd = os.open(self.dir / "journal.lock", os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(self._lock_fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -52,9 +64,6 @@ class Journal(EventLog):
             dir_fd = os.open(self.dir, os.O_RDONLY)
             os.fsync(dir_fd)
             os.close(dir_fd)
-        self._end: int | None = None  # end of the valid records, known after recover()
-        self._durable = threading.Condition()
-        self._durable_end = 0
 
     def describe(self) -> str:
         return f"journal {self.path}"
@@ -170,4 +179,5 @@ class Journal(EventLog):
     def close(self) -> None:
         super().close()
         os.close(self._fd)
-        os.close(self._lock_fd)
+        if self._lock_fd >= 0:
+            os.close(self._lock_fd)
