@@ -73,15 +73,31 @@ def test_events_sent_to_replica_a_change_replica_b_within_the_consistency_wait(
         assert reply.accepted == 5 and reply.consistency_token
         after = _scores(b.stub, "fresh-user", items, consistency_token=reply.consistency_token)
         assert after != before  # B folded A's events before scoring
-        assert after == _scores(a.stub, "fresh-user", items)  # and both replicas compute the same scores
+        on_a = _scores(a.stub, "fresh-user", items)  # both replicas compute the same scores
+        assert after.keys() == on_a.keys() and all(abs(after[i] - on_a[i]) < 1e-9 for i in items)
         state = _info(b.admin).state
         assert state.backend.startswith("redis") and state.error == "" and state.records_folded >= 1
+        _round_robin_client_reads_its_writes(a, b, items)
         with pytest.raises(grpc.RpcError) as err:
             b.stub.Rank(_rank_request("u1", items, consistency_token="not-a-token"), timeout=10)
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "consistency_token" in err.value.details()
     finally:
         a.stop()
         b.stop()
+
+
+def _round_robin_client_reads_its_writes(a: ServerThread, b: ServerThread, items: list[str]) -> None:
+    """The README's client: round_robin over both replicas; each Rank carries the last LogEvents token."""
+    from recsys.serving.client import RankingClient
+
+    with RankingClient(f"ipv4:127.0.0.1:{a.port},127.0.0.1:{b.port}", round_robin=True, timeout=10) as client:
+        cold = {i.item_id: i.score for i in client.rank("rr-user", items).items}
+        for k in range(4):  # calls alternate between the replicas
+            client.log_events([{"user_id": "rr-user", "item_id": items[10 + k], "event_type": "purchase"}])
+            assert client.token
+            seen = {i.item_id: i.score for i in client.rank("rr-user", items).items}
+            assert seen != cold
+            cold = seen
 
 
 def test_served_lists_are_impressions_on_every_replica(artifacts: dict[str, Path], redis_server: Any, tmp_path: Path) -> None:

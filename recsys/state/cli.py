@@ -39,7 +39,8 @@ def run_export(args: argparse.Namespace) -> int:
 
         log = Journal(args.state_dir, readonly=True)
     try:
-        payloads, position = [], START
+        payloads: list[bytes] = []
+        position = START
         while True:
             chunk = log.read(position, 10_000)
             if not chunk:

@@ -4,9 +4,11 @@ Every server process runs one (a thread: applying a batch is NumPy work that rel
 parts, and a blocking read must not sit on the event loop). Start-up: the newest usable snapshot
 (same feature config and catalogue size as the served model's state) replaces the initial state, the
 journal's torn tail is truncated, and the log is replayed from the snapshot's position before the
-server answers. Then the thread reads on, applying each record as one batch (the same grouping on
-every replica, so replicas compute the same features), resolves `wait_for` waiters, and stores a
-snapshot every `snapshot_events` events or `snapshot_s` seconds. A record whose idempotency key was
+server answers. Then the thread reads on and folds everything one read returned as one batch (the
+cost of a fold hardly grows with its size, so a busy log is folded in fewer, larger batches; how
+events are split into batches does not change the state, `tests/test_features.py` checks that
+incremental batches equal a rebuild), resolves `wait_for` waiters, and stores a snapshot every
+`snapshot_events` events or `snapshot_s` seconds. A record whose idempotency key was
 already folded is skipped: a retried StreamEvents lands twice in the log and counts once.
 
 Log errors (Redis down) do not stop serving: `error` is set (health and metrics report it), the
@@ -22,7 +24,10 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
+import numpy as np
+
 from recsys.serving.engine import LiveState
+from recsys.serving.validation import EventsInput
 from recsys.state.codec import decode
 from recsys.state.log import START, EventLog, Position, StateUnavailable
 from recsys.state.snapshot import Snapshot, pack, unpack
@@ -116,19 +121,22 @@ class Follower:
 
     def step(self, block_s: float, limit: int = 1000) -> int:
         records = self.log.read(self.position, limit, block_s)
-        for position, payload in records:
+        batches = []
+        for _, payload in records:
             events, key = decode(payload)
             if key and key in self._keys:
                 self.duplicates += 1
-            else:
-                if key:
-                    self._keys[key] = None
-                    if len(self._keys) > MAX_KEYS:
-                        self._keys.popitem(last=False)
-                self.live.apply(events)
-                self._since_snapshot += len(events)
-            self.position = position
+                continue
+            if key:
+                self._keys[key] = None
+                if len(self._keys) > MAX_KEYS:
+                    self._keys.popitem(last=False)
+            batches.append(events)
+        if batches:
+            self.live.apply(_concat(batches))
+            self._since_snapshot += sum(len(b) for b in batches)
         if records:
+            self.position = records[-1][0]
             self.records += len(records)
             self._wake()
         return len(records)
@@ -211,6 +219,16 @@ class Follower:
     def status(self) -> dict[str, Any]:
         return {"backend": self.log.describe(), "position": self.position, "records": self.records,
                 "lag": self.lag, "error": self.error or "", "duplicates": self.duplicates}
+
+
+def _concat(batches: list[EventsInput]) -> EventsInput:
+    if len(batches) == 1:
+        return batches[0]
+    return EventsInput(
+        [u for b in batches for u in b.user_ids], [i for b in batches for i in b.item_ids],
+        [e for b in batches for e in b.event_types], np.concatenate([b.ts_us for b in batches]),
+        [r for b in batches for r in b.request_ids], np.concatenate([b.values for b in batches]),
+    )
 
 
 def _resolve(future: asyncio.Future[None]) -> None:
