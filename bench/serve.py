@@ -410,7 +410,8 @@ def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int
         .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
     )
     items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
-    return compare_workers(paths, args.work, args.compare_workers, args.duration, max(args.clients, 2), warm, items, args.out)
+    return compare_workers(paths, args.work, args.compare_workers, duration=args.duration, clients=max(args.clients, 2),
+                           users=warm, items=items, out=args.out)
 
 
 def main(argv: list[str] | None = None) -> int:

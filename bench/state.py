@@ -72,7 +72,7 @@ def start_server(paths: dict[str, Path], work: Path, state: list[str], *extra: s
     return proc, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
 
-def log_events_load(target: str, concurrency: int, duration: float, users: list[str], items: list[str]) -> dict[str, Any]:
+def log_events_load(target: str, concurrency: int, duration: float, *, users: list[str], items: list[str]) -> dict[str, Any]:
     import grpc
 
     from recsys.serving.proto import ranking_pb2 as pb
@@ -111,7 +111,7 @@ def log_events_load(target: str, concurrency: int, duration: float, users: list[
     return row
 
 
-def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argparse.Namespace,
+def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argparse.Namespace, *,
                  users: list[str], items: list[str]) -> list[dict[str, Any]]:
     rows = []
     backends = {
@@ -129,7 +129,7 @@ def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argpa
             print(rows[-1], file=sys.stderr)
             for level in (1, 16):
                 rows.append({"backend": name, "rpc": "LogEvents x10", "concurrency": level,
-                             **log_events_load(target, level, args.duration, users, items)})
+                             **log_events_load(target, level, args.duration, users=users, items=items)})
                 print(rows[-1], file=sys.stderr)
         finally:
             proc.terminate()
@@ -155,7 +155,7 @@ def base_live(paths: dict[str, Path]) -> Any:
     return LiveState(Ranker.load(paths["ranker"]).load_state(), users, catalogue)
 
 
-def synthetic_record(rng: np.random.Generator, items: list[str], n_users: int, t_us: int, size: int) -> bytes:
+def synthetic_record(rng: np.random.Generator, items: list[str], *, n_users: int, t_us: int, size: int) -> bytes:
     """`size` events of power-law users (a quarter of them new) on power-law items, one second apart."""
     from recsys.serving.validation import EventsInput
     from recsys.state.codec import encode
@@ -188,7 +188,7 @@ def startup_rows(paths: dict[str, Path], work: Path, sizes: list[int]) -> list[d
         t_us = 1_769_900_000_000_000
         futures = []
         for k in range(n // 1000):
-            futures.append(journal.append(synthetic_record(rng, items, 50_000, t_us + k * 1_000_000_000, 1000)))
+            futures.append(journal.append(synthetic_record(rng, items, n_users=50_000, t_us=t_us + k * 1_000_000_000, size=1000)))
             if len(futures) >= 256:
                 [f.result() for f in futures]
                 futures.clear()
@@ -213,7 +213,7 @@ def startup_rows(paths: dict[str, Path], work: Path, sizes: list[int]) -> list[d
         snapshot_s = time.perf_counter() - t0
         snap_mb = sum(p.stat().st_size for p in (state_dir / "snapshots").glob("snap-*.npz")) / 1e6
         for k in range(10):  # a 10,000-event tail after the snapshot
-            journal.append_wait(synthetic_record(rng, items, 50_000, t_us + (n + k * 1000) * 1_000_000, 1000))
+            journal.append_wait(synthetic_record(rng, items, n_users=50_000, t_us=t_us + (n + k * 1000) * 1_000_000, size=1000))
         journal.close()
         journal = Journal(state_dir)
         again = Follower(journal, fresh(), snapshots=DirSnapshots(state_dir))
@@ -275,7 +275,7 @@ def lag_rows(paths: dict[str, Path], redis_url: str, rate: float, seconds: float
         due = start + k * period
         if due > time.monotonic():
             time.sleep(due - time.monotonic())
-        payload = synthetic_record(rng, items, 5000, 1_769_900_000_000_000 + k * 10_000_000, 10)
+        payload = synthetic_record(rng, items, n_users=5000, t_us=1_769_900_000_000_000 + k * 10_000_000, size=10)
         position = writer.append_wait(payload)
         acked.append((position, time.monotonic()))
         k += 1
@@ -338,7 +338,7 @@ def main(argv: list[str] | None = None) -> int:
     load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     redis = start_redis(args.work)
     try:
-        serving = serving_rows(paths, args.work, redis.url, args, warm, items)
+        serving = serving_rows(paths, args.work, redis.url, args, users=warm, items=items)
         lag = lag_rows(paths, redis.url, args.lag_rate, args.lag_seconds)
         print(lag, file=sys.stderr)
     finally:

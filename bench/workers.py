@@ -75,7 +75,7 @@ def _client(args: tuple[str, str, float, float, list[str], list[str], int]) -> d
     return asyncio.run(run())
 
 
-def _level(target: str, mode: str, level: float, duration: float, clients: int, users: list[str], items: list[str]) -> dict[str, Any]:
+def _level(target: str, mode: str, level: float, *, duration: float, clients: int, users: list[str], items: list[str]) -> dict[str, Any]:
     procs = max(1, min(clients, int(level))) if mode == "concurrency" else clients
     share = [level / procs] * procs if mode == "rate" else [level // procs + (1 if i < level % procs else 0) for i in range(procs)]
     jobs = [(target, mode, s, duration, users, items, 7000 + 100 * int(level) + i) for i, s in enumerate(share)]
@@ -88,7 +88,7 @@ def _level(target: str, mode: str, level: float, duration: float, clients: int, 
     return {"mode": mode, "level": level, **summarise([x for p in parts for x in p["latencies"]], duration, errors)}
 
 
-def compare_workers(paths: dict[str, Path], work: Path, n: int, duration: float, clients: int,
+def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: float, clients: int,
                     users: list[str], items: list[str], out: Path) -> int:
     sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     import subprocess
@@ -116,9 +116,10 @@ def compare_workers(paths: dict[str, Path], work: Path, n: int, duration: float,
                         raise SystemExit(f"server --workers {workers} failed to start")
                     time.sleep(0.1)
                 target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
-                sat = _level(target, "concurrency", 32, duration, clients, users, items)
-                one = _level(target, "concurrency", 1, duration, 1, users, items)
-                half = _level(target, "rate", round(sat["qps"] / 2, 1), duration, clients, users, items)
+                load = {"duration": duration, "users": users, "items": items}
+                sat = _level(target, "concurrency", 32, clients=clients, **load)
+                one = _level(target, "concurrency", 1, clients=1, **load)
+                half = _level(target, "rate", round(sat["qps"] / 2, 1), clients=clients, **load)
                 for name, row in (("saturated (32 callers)", sat), ("concurrency 1", one), ("half saturation (open loop)", half)):
                     rows.append({"workers": workers, "load": name, **row})
                     print(rows[-1], file=sys.stderr)
@@ -127,10 +128,10 @@ def compare_workers(paths: dict[str, Path], work: Path, n: int, duration: float,
                 server.wait(90)
     finally:
         redis.stop()
-    return _report(rows, n, duration, clients, out)
+    return _report(rows, n, duration=duration, clients=clients, out=out)
 
 
-def _report(rows: list[dict[str, Any]], n: int, duration: float, clients: int, out: Path) -> int:
+def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int, out: Path) -> int:
     def get(workers: int, load: str) -> dict[str, Any]:
         return next(r for r in rows if r["workers"] == workers and r["load"].startswith(load))
 

@@ -275,6 +275,8 @@ def test_serve_config_refuses_bad_values_naming_them(artifacts: dict[str, Path])
 
     for field, value, message in (
         ("inline_candidates", -1, "inline_candidates"), ("max_inflight", 0, "max_inflight"), ("port", 70000, "port"),
+        ("state", "localhost:6379", "redis://HOST:PORT/DB"), ("consistency_wait_ms", -1, "consistency_wait_ms"),
+        ("snapshot_events", 0, "snapshot_events"),
     ):
         with pytest.raises(ConfigError, match=message):
             _config(artifacts, **{field: value})

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -240,3 +241,25 @@ def test_export_table_reads_back_as_events(tmp_path: Path) -> None:
     frame = to_frame(payloads)
     assert frame.height == 3 and frame["event_type"].to_list() == ["click", "click", "purchase"]
     assert frame.schema["timestamp"] == pl.Datetime("us", "UTC")
+
+
+def test_a_log_that_stopped_answering_refuses_appends_beyond_the_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    import recsys.state.log as log_module
+
+    monkeypatch.setattr(log_module, "MAX_PENDING", 5)
+    gate = threading.Event()
+
+    class Stuck(MemoryLog):
+        def _commit(self, payloads: list[bytes]) -> list[Any]:
+            gate.wait(10)
+            return super()._commit(payloads)
+
+    stuck = Stuck()
+    first = stuck.append(b"0")  # taken by the committer, which hangs
+    time.sleep(0.1)
+    queued = [stuck.append(str(i).encode()) for i in range(5)]
+    with pytest.raises(StateUnavailable, match="waiting to be stored"):
+        stuck.append(b"refused")
+    gate.set()
+    assert [f.result(5) for f in [first, *queued]] == [(i, 0) for i in range(1, 7)]
+    stuck.close()

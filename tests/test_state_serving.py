@@ -151,7 +151,7 @@ def _spawn(artifacts: dict[str, Path], tmp: Path, *extra: str, name: str = "read
     return proc, target, json.loads((tmp / name).read_text())
 
 
-def _log_events_until(target: str, stop: threading.Event, acked: list[str], refused: list[str], tag: str) -> None:
+def _log_events_until(target: str, stop: threading.Event, *, acked: list[str], refused: list[str], tag: str) -> None:
     """Each LogEvents makes one new user: acknowledged users must all come back."""
     with grpc.insecure_channel(target) as channel:
         stub = pb_grpc.RankingServiceStub(channel)
@@ -172,7 +172,7 @@ def _load_and_kill(proc: subprocess.Popen[bytes], target: str, tag: str) -> list
     acked: list[str] = []
     refused: list[str] = []
     stop = threading.Event()
-    threads = [threading.Thread(target=_log_events_until, args=(target, stop, acked, refused, tag)) for _ in range(3)]
+    threads = [threading.Thread(target=_log_events_until, args=(target, stop), kwargs={"acked": acked, "refused": refused, "tag": tag}) for _ in range(3)]
     for t in threads:
         t.start()
     time.sleep(1.5)
@@ -257,7 +257,7 @@ def test_redis_stopped_mid_load_loses_nothing_acknowledged_and_rank_keeps_answer
             srv.stub.Rank(_rank_request("u2", _items(20)), timeout=5)  # must never fail
             ranked.append(1)
 
-    threads = [threading.Thread(target=_log_events_until, args=(srv.target, stop, acked, refused, "d")) for _ in range(2)]
+    threads = [threading.Thread(target=_log_events_until, args=(srv.target, stop), kwargs={"acked": acked, "refused": refused, "tag": "d"}) for _ in range(2)]
     threads.append(threading.Thread(target=rank_loop))
     try:
         for t in threads:

@@ -80,8 +80,8 @@ def serve_workers(config: ServeConfig, workers: int, ready_file: Path | None) ->
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
     try:
-        _await_ready(procs, queue, ready_file, port, stop)
-        _supervise(procs, configs, queue, ctx, stop)
+        _await_ready(procs, queue, ready_file=ready_file, port=port, stop=stop)
+        _supervise(procs, configs, queue, ctx=ctx, stop=stop)
     finally:
         for p in procs:
             if p.is_alive():
@@ -92,7 +92,7 @@ def serve_workers(config: ServeConfig, workers: int, ready_file: Path | None) ->
     return 0
 
 
-def _await_ready(procs: list[Any], queue: Any, ready_file: Path | None, port: int, stop: threading.Event) -> None:
+def _await_ready(procs: list[Any], queue: Any, *, ready_file: Path | None, port: int, stop: threading.Event) -> None:
     metrics: dict[int, int | None] = {}
     deadline = time.monotonic() + READY_TIMEOUT_S
     while len(metrics) < len(procs):
@@ -114,7 +114,7 @@ def _await_ready(procs: list[Any], queue: Any, ready_file: Path | None, port: in
                                  "metrics_ports": [metrics[i] for i in range(len(procs))], "pid": procs[0].pid})
 
 
-def _supervise(procs: list[Any], configs: list[ServeConfig], queue: Any, ctx: Any, stop: threading.Event) -> None:
+def _supervise(procs: list[Any], configs: list[ServeConfig], queue: Any, *, ctx: Any, stop: threading.Event) -> None:
     """Restart a worker that died (kill -9, OOM): it replays the log and rejoins the port."""
     while not stop.wait(0.5):
         for i, p in enumerate(procs):

@@ -18,6 +18,7 @@ from recsys.errors import InputError, RecsysError
 Position = tuple[int, int]  # comparable: (byte offset, 0) in a journal, (ms, seq) of a Redis stream id
 START: Position = (0, 0)
 MAX_GROUP = 4096  # records per commit
+MAX_PENDING = 100_000  # records waiting for a commit before appends are refused (a log that stopped answering)
 
 
 class StateUnavailable(RecsysError):
@@ -59,6 +60,9 @@ class EventLog:
         with self._cond:
             if self._closed:
                 raise StateUnavailable(f"the {self.kind} event log is closed")
+            if len(self._pending) >= MAX_PENDING:
+                raise StateUnavailable(f"the {self.kind} event log has {len(self._pending)} records waiting to be "
+                                       "stored (it stopped answering); nothing was acknowledged")
             if self._committer is None:
                 self._committer = threading.Thread(target=self._commit_loop, name=f"{self.kind}-commit", daemon=True)
                 self._committer.start()

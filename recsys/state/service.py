@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from concurrent.futures import Future
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +19,7 @@ from recsys.serving.validation import EventsInput
 from recsys.state import open_log
 from recsys.state.codec import encode
 from recsys.state.follower import Follower, SnapshotStore
-from recsys.state.log import EventLog, Position, format_position, parse_position
+from recsys.state.log import EventLog, Position, StateUnavailable, format_position, parse_position
 from recsys.state.snapshot import DirSnapshots, RedisSnapshots
 
 log = logging.getLogger(__name__)
@@ -74,7 +75,11 @@ class StateService:
 
     def append_exposure(self, events: EventsInput) -> None:
         """A served list as impression events, not awaited (the parquet exposure log keeps the rows too)."""
-        future = self.log.append(encode(events))
+        try:
+            future = self.log.append(encode(events))
+        except StateUnavailable as exc:
+            future = Future()
+            future.set_exception(exc)
         future.add_done_callback(self._exposure_done)
 
     def _exposure_done(self, future: Any) -> None:
