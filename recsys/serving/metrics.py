@@ -41,7 +41,7 @@ class ServingMetrics:
         )
         self.events = prom.Counter("recsys_events_total", "Events received by outcome", ["outcome"], registry=r)
         self.exposures = prom.Counter("recsys_exposures_total", "Served items appended to the exposure log", registry=r)
-        self.state_lag = prom.Gauge("recsys_state_lag_records", "Event-log records not folded into this process's state yet", registry=r)
+        self.state_lag = prom.Gauge("recsys_state_lag_records", "Event-log records not folded into this process's state yet (counted up to 1000)", registry=r)
         self.state_degraded = prom.Gauge("recsys_state_degraded", "1 while the event log is unreachable (Rank serves, LogEvents refused)", registry=r)
         self.consistency_timeouts = prom.Counter(
             "recsys_consistency_wait_timeouts_total", "Requests scored before the state reached their consistency token", registry=r

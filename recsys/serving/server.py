@@ -363,15 +363,18 @@ class RankingServer:
         if cfg.metrics_port is not None:
             self.metrics_http, self.metrics_port = self.app.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
 
-    async def _watch_state(self, period_s: float = 1.0) -> None:
+    async def _watch_state(self, period_s: float = 0.25) -> None:
         """Replica lag and log reachability -> metrics and the `recsys.state` health name."""
         from grpc_health.v1 import health_pb2
 
         follower, metrics = self.app.state.follower, self.app.metrics
         serving: bool | None = None
+        tick = 0
         while True:
-            lag = await asyncio.to_thread(follower.refresh_lag)
-            metrics.state_lag.set(lag)
+            self.app.state.flush_exposures()  # served lists of a quiet moment
+            tick += 1
+            if tick % 4 == 1:
+                metrics.state_lag.set(await asyncio.to_thread(follower.refresh_lag))
             ok = follower.error is None
             metrics.state_degraded.set(0 if ok else 1)
             if ok != serving:

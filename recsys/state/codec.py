@@ -41,6 +41,17 @@ def decode(payload: bytes) -> tuple[EventsInput, str]:
     return events, r.get("k", "")
 
 
+def concat(batches: list[EventsInput]) -> EventsInput:
+    """Several batches as one (in order)."""
+    if len(batches) == 1:
+        return batches[0]
+    return EventsInput(
+        [u for b in batches for u in b.user_ids], [i for b in batches for i in b.item_ids],
+        [e for b in batches for e in b.event_types], np.concatenate([b.ts_us for b in batches]),
+        [r for b in batches for r in b.request_ids], np.concatenate([b.values for b in batches]),
+    )
+
+
 def to_frame(payloads: Iterable[bytes]) -> pl.DataFrame:
     """Records -> the events table of the data contract (user_id, item_id, event_type, timestamp UTC,
     request_id, value), duplicates by idempotency key dropped as the follower drops them."""

@@ -24,16 +24,14 @@ import time
 from collections import OrderedDict
 from typing import Any, Protocol
 
-import numpy as np
-
 from recsys.serving.engine import LiveState
-from recsys.serving.validation import EventsInput
-from recsys.state.codec import decode
+from recsys.state.codec import concat, decode
 from recsys.state.log import START, EventLog, Position, StateUnavailable
 from recsys.state.snapshot import Snapshot, pack, unpack
 
 log = logging.getLogger(__name__)
 MAX_KEYS = 100_000  # idempotency keys remembered (the most recent)
+LAG_CAP = 1000
 
 
 class SnapshotStore(Protocol):
@@ -133,7 +131,7 @@ class Follower:
                     self._keys.popitem(last=False)
             batches.append(events)
         if batches:
-            self.live.apply(_concat(batches))
+            self.live.apply(concat(batches))
             self._since_snapshot += sum(len(b) for b in batches)
         if records:
             self.position = records[-1][0]
@@ -209,9 +207,10 @@ class Follower:
             return False
 
     def refresh_lag(self) -> int:
-        """Records in the log after what this process folded (capped); keeps the last value on errors."""
+        """Records in the log after what this process folded, counted up to LAG_CAP (a count beyond
+        it would cost a read of the records); keeps the last value on errors."""
         try:
-            self.lag = self.log.count_after(self.position, 100_000)
+            self.lag = self.log.count_after(self.position, LAG_CAP)
         except StateUnavailable as exc:
             self.error = str(exc)
         return self.lag
@@ -219,16 +218,6 @@ class Follower:
     def status(self) -> dict[str, Any]:
         return {"backend": self.log.describe(), "position": self.position, "records": self.records,
                 "lag": self.lag, "error": self.error or "", "duplicates": self.duplicates}
-
-
-def _concat(batches: list[EventsInput]) -> EventsInput:
-    if len(batches) == 1:
-        return batches[0]
-    return EventsInput(
-        [u for b in batches for u in b.user_ids], [i for b in batches for i in b.item_ids],
-        [e for b in batches for e in b.event_types], np.concatenate([b.ts_us for b in batches]),
-        [r for b in batches for r in b.request_ids], np.concatenate([b.values for b in batches]),
-    )
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import threading
 import time
 from concurrent.futures import Future
 from pathlib import Path
@@ -17,12 +18,14 @@ from typing import Any
 from recsys.serving.engine import LiveState
 from recsys.serving.validation import EventsInput
 from recsys.state import open_log
-from recsys.state.codec import encode
+from recsys.state.codec import concat, encode
 from recsys.state.follower import Follower, SnapshotStore
 from recsys.state.log import EventLog, Position, StateUnavailable, format_position, parse_position
 from recsys.state.snapshot import DirSnapshots, RedisSnapshots
 
 log = logging.getLogger(__name__)
+EXPOSURE_FLUSH_S = 0.1
+EXPOSURE_FLUSH_LISTS = 256
 
 
 class StateService:
@@ -30,6 +33,9 @@ class StateService:
         self.log = event_log
         self.follower = follower
         self.exposure_errors = 0
+        self._exposures: list[EventsInput] = []  # served lists not appended yet
+        self._exposure_lock = threading.Lock()
+        self._exposure_flushed = time.monotonic()
 
     @classmethod
     def open(
@@ -66,6 +72,7 @@ class StateService:
         self.follower.start()
 
     def close(self) -> None:
+        self.flush_exposures()
         self.follower.close()
         self.log.close()
 
@@ -74,9 +81,23 @@ class StateService:
         return await asyncio.wrap_future(self.log.append(encode(events, key)))
 
     def append_exposure(self, events: EventsInput) -> None:
-        """A served list as impression events, not awaited (the parquet exposure log keeps the rows too)."""
+        """A served list as impression events, buffered and appended as one record per EXPOSURE_FLUSH_S
+        (or EXPOSURE_FLUSH_LISTS lists): a Rank never waits for it, and the log and every follower see
+        a few records a second, not one per request. The parquet exposure log keeps the rows too."""
+        with self._exposure_lock:
+            self._exposures.append(events)
+            due = len(self._exposures) >= EXPOSURE_FLUSH_LISTS or time.monotonic() - self._exposure_flushed >= EXPOSURE_FLUSH_S
+        if due:
+            self.flush_exposures()
+
+    def flush_exposures(self) -> None:
+        with self._exposure_lock:
+            lists, self._exposures = self._exposures, []
+            self._exposure_flushed = time.monotonic()
+        if not lists:
+            return
         try:
-            future = self.log.append(encode(events))
+            future = self.log.append(encode(concat(lists)))
         except StateUnavailable as exc:
             future = Future()
             future.set_exception(exc)
