@@ -44,6 +44,7 @@ sys.path.insert(0, str(ROOT))
 from serve import build, client_process, summarise  # noqa: E402
 
 LOG_METHOD = "/recsys.v1.RankingService/LogEvents"
+ROUNDS = 3
 KINDS = ("view", "click", "click", "add_to_cart", "purchase")
 
 
@@ -63,16 +64,17 @@ def start_server(paths: dict[str, Path], work: Path, state: list[str], *extra: s
         [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
          "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready), "--threads", "2",
          "--max-inflight", "512", "--exposure-dir", str(work / "exposures"), *state, *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"),  # noqa: SIM115 (lives with the server)
     )
     while not ready.exists():
         if proc.poll() is not None:
-            raise SystemExit(f"server failed: {proc.stderr.read().decode()[-2000:] if proc.stderr else ''}")
+            raise SystemExit(f"server failed: {(work / 'serve.log').read_text()[-2000:]}")
         time.sleep(0.1)
     return proc, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
 
 def log_events_load(target: str, concurrency: int, duration: float, *, users: list[str], items: list[str]) -> dict[str, Any]:
+    """Closed loop of LogEvents calls of 10 events -> {"latencies", "errors"}."""
     import grpc
 
     from recsys.serving.proto import ranking_pb2 as pb
@@ -104,36 +106,56 @@ def log_events_load(target: str, concurrency: int, duration: float, *, users: li
                         errors[exc.code().name] = errors.get(exc.code().name, 0) + 1
 
             await asyncio.gather(*(caller() for _ in range(concurrency)))
-        return summarise(latencies, duration, errors)
+        return {"latencies": latencies, "errors": errors}
 
-    row = asyncio.run(run())
-    row["events_per_s"] = round(row["qps"] * 10, 1)
-    return row
+    return asyncio.run(run())
 
 
 def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argparse.Namespace, *,
                  users: list[str], items: list[str]) -> list[dict[str, Any]]:
-    rows = []
+    """The three servers run side by side and are measured in interleaved rounds (ROUNDS x
+    duration/ROUNDS each), so a change in the shared machine's load hits every backend alike."""
     backends = {
         "memory (in-process only)": [],
         "journal (--state-dir)": ["--state-dir", str(work / "journal")],
         "redis (--state)": ["--state", redis_url + "?stream=bench:serve"],
     }
+    shutil.rmtree(work / "journal", ignore_errors=True)
+    servers = {}
     for name, flags in backends.items():
-        shutil.rmtree(work / "journal", ignore_errors=True)
-        proc, target = start_server(paths, work, flags)
-        try:
-            out = client_process((target, "warm", "concurrency", 1, args.duration, users, items, 1))
-            rank = summarise(out["latencies"], args.duration, out["errors"])
-            rows.append({"backend": name, "rpc": "Rank", "concurrency": 1, **rank})
-            print(rows[-1], file=sys.stderr)
+        (work / name.split()[0]).mkdir(exist_ok=True)
+        servers[name] = start_server(paths, work / name.split()[0], flags)
+    share = args.duration / ROUNDS
+    rank: dict[str, list[float]] = {n: [] for n in backends}
+    errors: dict[str, dict[str, int]] = {n: {} for n in backends}
+    events: dict[tuple[str, int], list[dict[str, Any]]] = {(n, c): [] for n in backends for c in (1, 16)}
+    try:
+        for r in range(ROUNDS):
+            for name, (_, target) in servers.items():
+                out = client_process((target, "warm", "concurrency", 1, share, users, items, r))
+                rank[name] += out["latencies"]
+                for code, k in out["errors"].items():
+                    errors[name][code] = errors[name].get(code, 0) + k
             for level in (1, 16):
-                rows.append({"backend": name, "rpc": "LogEvents x10", "concurrency": level,
-                             **log_events_load(target, level, args.duration, users=users, items=items)})
-                print(rows[-1], file=sys.stderr)
-        finally:
+                for name, (_, target) in servers.items():
+                    events[name, level].append(log_events_load(target, level, share, users=users, items=items))
+    finally:
+        for proc, _ in servers.values():
             proc.terminate()
+        for proc, _ in servers.values():
             proc.wait(60)
+    rows = [{"backend": n, "rpc": "Rank", "concurrency": 1, **summarise(rank[n], args.duration, errors[n])} for n in backends]
+    for (name, level), parts in events.items():
+        lat = [x for p in parts for x in p["latencies"]]
+        failed: dict[str, int] = {}
+        for p in parts:
+            for code, k in p["errors"].items():
+                failed[code] = failed.get(code, 0) + k
+        row = {"backend": name, "rpc": "LogEvents x10", "concurrency": level, **summarise(lat, args.duration, failed)}
+        row["events_per_s"] = round(row["qps"] * 10, 1)
+        rows.append(row)
+    for row in rows:
+        print(row, file=sys.stderr)
     return rows
 
 
