@@ -21,9 +21,11 @@ import time
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 from serve import RANK_METHOD, _requests, summarise
 
 CHANNELS = 4  # connections per load-generator process
+ROUNDS = 2
 
 
 def _client(args: tuple[str, str, float, float, list[str], list[str], int]) -> dict[str, Any]:
@@ -88,56 +90,67 @@ def _level(target: str, mode: str, level: float, *, duration: float, clients: in
     return {"mode": mode, "level": level, **summarise([x for p in parts for x in p["latencies"]], duration, errors)}
 
 
-def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: float, clients: int,
-                    users: list[str], items: list[str], out: Path) -> int:
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+def _start(paths: dict[str, Path], work: Path, workers: int, redis_url: str) -> tuple[Any, str]:
     import subprocess
 
+    ready = work / f"ready-workers{workers}.json"
+    ready.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
+         "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
+         "--workers", str(workers), "--threads", "2", "--max-inflight", "512", "--state",
+         f"{redis_url}?stream=bench:workers{workers}", "--exposure-dir", str(work / f"exposures-w{workers}")],
+        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )
+    while not ready.exists():
+        if server.poll() is not None:
+            raise SystemExit(f"server --workers {workers} failed to start")
+        time.sleep(0.1)
+    return server, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+
+
+def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: float, clients: int,
+                    users: list[str], items: list[str], out: Path) -> int:
+    """Both servers run side by side; each load is measured for --workers 1 then N, in ROUNDS
+    alternating rounds, so a change in the shared machine's load hits both alike."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
     from tests.redis_server import RedisServer
 
-    root = Path(__file__).resolve().parents[1]
     redis = RedisServer(work / "redis-workers")
     redis.start()
     rows: list[dict[str, Any]] = []
+    servers: dict[int, tuple[Any, str]] = {}
+    load = {"duration": duration / ROUNDS, "users": users, "items": items}
     try:
         for workers in (1, n):
-            ready = work / "ready-workers.json"
-            ready.unlink(missing_ok=True)
-            server = subprocess.Popen(
-                [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
-                 "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
-                 "--workers", str(workers), "--threads", "2", "--max-inflight", "512", "--state",
-                 f"{redis.url}?stream=bench:workers{workers}", "--exposure-dir", str(work / f"exposures-w{workers}")],
-                cwd=root, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-            )
-            try:
-                while not ready.exists():
-                    if server.poll() is not None:
-                        raise SystemExit(f"server --workers {workers} failed to start")
-                    time.sleep(0.1)
-                target = f"127.0.0.1:{json.loads(ready.read_text())['port']}"
-                load = {"duration": duration, "users": users, "items": items}
-                sat = _level(target, "concurrency", 32, clients=clients, **load)
-                one = _level(target, "concurrency", 1, clients=1, **load)
-                half = _level(target, "rate", round(sat["qps"] / 2, 1), clients=clients, **load)
-                for name, row in (("saturated (32 callers)", sat), ("concurrency 1", one), ("half saturation (open loop)", half)):
-                    rows.append({"workers": workers, "load": name, **row})
+            servers[workers] = _start(paths, work, workers, redis.url)
+        sat: dict[int, list[float]] = {1: [], n: []}
+        for name, mode, level in (("saturated (32 callers)", "concurrency", 32), ("concurrency 1", "concurrency", 1),
+                                  ("half saturation (open loop)", "rate", 0)):
+            for r in range(ROUNDS):
+                for workers, (_, target) in servers.items():
+                    rate = round(float(np.mean(sat[workers])) / 2, 1) if mode == "rate" else level
+                    row = _level(target, mode, rate, clients=1 if level == 1 else clients, **load)
+                    if level == 32:
+                        sat[workers].append(row["qps"])
+                    rows.append({"workers": workers, "load": name, "round": r, **row})
                     print(rows[-1], file=sys.stderr)
-            finally:
-                server.terminate()
-                server.wait(90)
     finally:
+        for server, _ in servers.values():
+            server.terminate()
+            server.wait(90)
         redis.stop()
     return _report(rows, n, duration=duration, clients=clients, out=out)
 
 
 def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int, out: Path) -> int:
-    def get(workers: int, load: str) -> dict[str, Any]:
-        return next(r for r in rows if r["workers"] == workers and r["load"].startswith(load))
+    def mean(workers: int, load: str, key: str) -> float:
+        return float(np.mean([r[key] for r in rows if r["workers"] == workers and r["load"].startswith(load)]))
 
     ratios = {
-        f"saturated Rank/s, --workers {n} / --workers 1 (target >= 1.7x)": f"{get(n, 'saturated')['qps'] / get(1, 'saturated')['qps']:.2f}x",
-        f"p99 at concurrency 1, --workers {n} / 1": f"{get(n, 'concurrency 1')['p99_ms'] / get(1, 'concurrency 1')['p99_ms']:.2f}x",
+        f"saturated Rank/s, --workers {n} / --workers 1 (target >= 1.7x)": f"{mean(n, 'saturated', 'qps') / mean(1, 'saturated', 'qps'):.2f}x",
+        f"p99 at concurrency 1 (mean of rounds), --workers {n} / 1": f"{mean(n, 'concurrency 1', 'p99_ms') / mean(1, 'concurrency 1', 'p99_ms'):.2f}x",
+        f"p99 at half saturation (mean of rounds), --workers {n} / 1": f"{mean(n, 'half', 'p99_ms') / mean(1, 'half', 'p99_ms'):.2f}x",
     }
     report = {"machine": f"{os.cpu_count()} CPU cores shared by the servers and the load generator", "duration_s": duration,
               "client_processes": clients, "channels_per_client": CHANNELS, "load_average": os.getloadavg(), "rows": rows,
@@ -146,8 +159,9 @@ def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int
              f"{report['machine']}; {clients} load-generator processes x {CHANNELS} connections; {duration:.0f} s per row; "
              "both servers fold a local Redis stream (--state). Command: `python bench/serve.py --compare-workers "
              f"{n} --clients {clients}`.", "",
-             "| workers | load | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['load']} | {r['qps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or ''} |" for r in rows]
+             "| workers | load | round | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['workers']} | {r['load']} | {r['round']} | {r['qps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or ''} |"
+              for r in rows]
     lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_workers.json").write_text(json.dumps(report, indent=1))
