@@ -30,6 +30,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("models", "list"), "recsys.registry_cli:list", "list registered model versions"),
     (("models", "promote"), "recsys.registry_cli:promote", "make a model version current"),
     (("models", "rollback"), "recsys.registry_cli:rollback", "return to the previous current model version"),
+    (("models", "gc"), "recsys.registry_cli:gc", "remove old model versions (never the current one or rollback targets)"),
     (("serve",), "recsys.serving.serve_cli", "serve Rank/Recommend over gRPC with hot reload and an exposure log"),
     (("state", "export"), "recsys.state.cli:export", "write the event log (journal or Redis stream) as an events table"),
     (("score",), "recsys.batch.score_cli", "score pairs, candidate lists or every user's top K offline (local or Ray)"),
@@ -84,7 +85,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     except RecsysError as exc:
         message = "\n".join(textwrap.wrap(str(exc), width=100)) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
-        return 2
+        return exc.exit_code
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130

@@ -16,7 +16,6 @@ and carries its own hash in its index (see recsys.scoring.store), so it is check
 from __future__ import annotations
 
 import contextlib
-import fcntl
 import json
 import os
 import re
@@ -28,10 +27,11 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import InputError, ModelError
-from recsys.files import sha256_file, utc_now, write_json_atomic
+from recsys.files import fault_point, file_lock, sha256_file, utc_now, write_json_atomic
 
 MANIFEST = "manifest.json"
 POINTER = "current.json"
+RETIRED = "retired.json"  # left in a deleted version's directory: its number is never handed out again
 FORMAT = 1
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
@@ -149,7 +149,7 @@ class Registry:
 
     def staging_dir(self) -> Path:
         """A fresh directory on the registry's filesystem to build a version in (renamed by register)."""
-        path = self.root / ".staging" / uuid.uuid4().hex
+        path = self.root / ".staging" / f"{os.getpid()}-{uuid.uuid4().hex}"
         path.mkdir(parents=True)
         return path
 
@@ -158,16 +158,18 @@ class Registry:
         version (os.rename: atomic, and it fails rather than overwrite if the name was taken)."""
         manifest = {"format": FORMAT, **manifest, "files": hash_files(staging, hashed)}
         self.versions_dir.mkdir(parents=True, exist_ok=True)
-        for _ in range(100):
-            existing = [int(m.group(1)) for p in self.versions_dir.iterdir() if (m := _VERSION_RE.match(p.name))]
-            version = f"v{max(existing, default=0) + 1:04d}"
-            manifest.update(version=version, created=manifest.get("created") or utc_now())
-            (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
-            try:
-                os.rename(staging, self.versions_dir / version)
-            except OSError:  # another writer took this number
-                continue
-            return version
+        fault_point("registry:register")
+        with self._lock():  # writers of other processes (publish, retrain, gc) take turns
+            for _ in range(100):
+                existing = [int(m.group(1)) for p in self.versions_dir.iterdir() if (m := _VERSION_RE.match(p.name))]
+                version = f"v{max(existing, default=0) + 1:04d}"
+                manifest.update(version=version, created=manifest.get("created") or utc_now())
+                (staging / MANIFEST).write_text(json.dumps(manifest, indent=1))
+                try:
+                    os.rename(staging, self.versions_dir / version)
+                except OSError:  # a writer without the lock (an older release) took this number
+                    continue
+                return version
         raise ModelError(f"could not allocate a version number in {self.versions_dir}")
 
     def discard(self, staging: Path) -> None:
@@ -175,13 +177,53 @@ class Registry:
 
     @contextlib.contextmanager
     def _lock(self) -> Iterator[None]:
-        self.root.mkdir(parents=True, exist_ok=True)
-        with (self.root / ".lock").open("w") as fh:
-            fcntl.flock(fh, fcntl.LOCK_EX)
-            try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+        """The registry's writer lock (recsys.files.file_lock; pointer moves and gc wait for it)."""
+        with file_lock(self.root / ".lock", what=f"model registry {self.root}", wait=True):
+            yield
+
+    def protected(self) -> list[str]:
+        """Versions gc never removes: the current one and every rollback target."""
+        pointer = self._pointer()
+        return [v for v in dict.fromkeys([*pointer["history"], pointer["version"]]) if v]
+
+    def retire(self, version: str, reason: str) -> int:
+        """Delete a version's files, keeping its directory with a `retired.json` tombstone (so its
+        number is never reused). Refused for the current version and rollback targets. -> bytes freed."""
+        with self._lock():
+            return self._retire(version, reason)
+
+    def _retire(self, version: str, reason: str) -> int:
+        if version in self.protected():
+            raise InputError(f"model version {version} is current or a rollback target in {self.root}: not removed")
+        path = self.path(version)
+        trash = self.root / ".staging" / f"{os.getpid()}-retire-{version}"
+        trash.parent.mkdir(parents=True, exist_ok=True)
+        freed = sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        os.rename(path, trash)  # the version disappears at once, never half-deleted
+        path.mkdir()
+        write_json_atomic(path / RETIRED, {"version": version, "retired": utc_now(), "reason": reason})
+        shutil.rmtree(trash, ignore_errors=True)
+        return freed
+
+    def gc(self, keep: int, dry_run: bool = False) -> dict[str, Any]:
+        """Remove all but the newest `keep` versions, never the current one or a rollback target, and
+        staging directories of publishes that died (their process is gone). -> what was (or would be) removed."""
+        if keep < 0:
+            raise InputError(f"--keep must be >= 0, got {keep}")
+        with self._lock():
+            protected = set(self.protected())
+            versions = self.versions()
+            newest = set(versions[len(versions) - keep:]) if keep else set()
+            doomed = [v for v in versions if v not in newest and v not in protected]
+            freed = 0
+            for version in doomed:
+                freed += 0 if dry_run else self._retire(version, f"recsys models gc --keep {keep}")
+            stale = [p for p in (self.root / ".staging").glob("*") if not _alive(p.name.split("-", 1)[0])]
+            if not dry_run:
+                for path in stale:
+                    shutil.rmtree(path, ignore_errors=True)
+        return {"removed": doomed, "kept": [v for v in versions if v not in doomed], "protected": sorted(protected),
+                "bytes_freed": freed, "stale_staging": [p.name for p in stale], "dry_run": dry_run}
 
     def promote(self, version: str, verify: bool = True) -> str:
         """Make `version` current (after checking its files); the old current goes on the history."""
@@ -219,3 +261,16 @@ class Registry:
                 return candidate
         detail = f" ({'; '.join(problems)})" if problems else ""
         raise InputError(f"nothing to roll back to in {self.root}: no earlier usable current version{detail}")
+
+
+def _alive(pid_text: str) -> bool:
+    """Whether a staging directory's writer (pid in its name) still runs on this host."""
+    if not pid_text.isdigit():
+        return False
+    try:
+        os.kill(int(pid_text), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

@@ -1,14 +1,18 @@
-"""`recsys models list|promote|rollback`: inspect the registry and move its current-version pointer."""
+"""`recsys models list|promote|rollback|gc`: inspect the registry, move its current-version pointer, free disk.
+
+`models list` exits 3 (recsys.errors.EXIT_CHECK_FAILED) when a version is CORRUPT, so scripts and CI
+notice; the table is printed either way."""
 
 from __future__ import annotations
 
 import argparse
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
-from recsys.errors import InputError, ModelError
+from recsys.errors import EXIT_CHECK_FAILED, EXIT_OK, InputError, ModelError
 from recsys.registry import Registry
 
 
@@ -54,12 +58,14 @@ def run_list(args: argparse.Namespace) -> int:
         rows.append({"version": version, "current": version == current, "created": manifest.get("created"),
                      "dim": manifest.get("dim"), "variants": variants, "recall@10": recall,
                      "items": (manifest.get("embeddings") or {}).get("count"), "integrity": status})
+    corrupt = [r["version"] for r in rows if r["integrity"].startswith("CORRUPT")]
+    code = EXIT_CHECK_FAILED if corrupt else EXIT_OK
     if args.json:
         print(json.dumps({"current": current, "history": registry.history(), "versions": rows}, indent=1))
-        return 0
+        return code
     if not rows:
         print(f"no versions in {registry.root}")
-        return 0
+        return code
     print(f"{'':2}{'version':8}  {'created':20}  {'dim':>4}  {'items':>7}  {'recall@10':>9}  variants")
     for r in rows:
         recall = f"{r['recall@10']:.4f}" if r["recall@10"] is not None else "-"
@@ -68,7 +74,9 @@ def run_list(args: argparse.Namespace) -> int:
         shown = args.verify or r["integrity"].startswith("CORRUPT")
         print(line + (f"  [{r['integrity']}]" if shown else ""))
     print(f"current: {current or 'none'}; rollback history: {', '.join(registry.history()) or 'empty'}")
-    return 0
+    if corrupt:
+        print(f"error: {len(corrupt)} CORRUPT version(s): {', '.join(corrupt)} (exit code {code})", file=sys.stderr)
+    return code
 
 
 def configure_promote(parser: argparse.ArgumentParser) -> None:
@@ -93,4 +101,23 @@ def run_rollback(args: argparse.Namespace) -> int:
     before = registry.current()
     version = registry.rollback()
     print(f"current: {version} (was {before or 'none'})")
+    return 0
+
+
+def configure_gc(parser: argparse.ArgumentParser) -> None:
+    _registry_arg(parser)
+    parser.add_argument("--keep", type=int, required=True,
+                        help="keep the newest N versions; the current version and rollback targets are always kept")
+    parser.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+
+
+def run_gc(args: argparse.Namespace) -> int:
+    registry = _open(args)
+    done = registry.gc(args.keep, dry_run=args.dry_run)
+    verb = "would remove" if args.dry_run else "removed"
+    print(f"{verb} {len(done['removed'])} version(s): {', '.join(done['removed']) or 'none'}"
+          + ("" if args.dry_run else f" ({done['bytes_freed'] / 1e6:,.1f} MB freed)"))
+    print(f"kept: {', '.join(done['kept']) or 'none'} (current and rollback targets: {', '.join(done['protected']) or 'none'})")
+    if done["stale_staging"]:
+        print(f"{verb} {len(done['stale_staging'])} staging director(ies) of publishes that died")
     return 0

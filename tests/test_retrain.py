@@ -51,6 +51,11 @@ def test_decision_gates_every_metric_with_the_tolerance() -> None:
     assert compare(_scores("v1", g, u), _scores("v2", g, u - 0.05), ("ndcg@10",), 0.005)["promote"]
     blind = compare(_scores("v1", None, u), _scores("v2", g, u), ("ndcg@10",), 0.005)  # type: ignore[arg-type]
     assert not blind["promote"] and "not promoting blind" in blind["reasons"][-1]
+    # A guard that is 0 for both versions is "not measurable", not "passed".
+    zero = compare(_scores("v1", g, 0 * u), _scores("v2", g - 0.01, 0 * u), ("ndcg@10", "recall@10"), 0.005)
+    assert "recall@10: not comparable (0 for both versions: not measurable" in " ".join(zero["reasons"])
+    only_zero = compare(_scores("v1", g, 0 * u), _scores("v2", g, 0 * u), ("recall@10",), 0.005)
+    assert not only_zero["promote"] and "not promoting blind" in only_zero["reasons"][-1]
 
 
 def test_exposures_merge_as_impressions_without_serving_columns(prepared_dir: Path, tmp_path: Path) -> None:
@@ -252,6 +257,7 @@ def test_corrupted_catalogue_makes_a_worse_candidate_that_is_not_promoted(loop: 
     assert recall["candidate"] < recall["current"] - 0.05, recall  # genuinely worse, not a coin flip
     assert recall["bootstrap95"]["hi"] < 0
     assert any("recall@10 dropped by" in r for r in report["decision"]["reasons"]), report["decision"]
+    assert report["candidate_removed"] and report["candidate"] not in registry.versions()  # refused: disk freed
     assert "recall@10 dropped by" in (out / "retrain_report.md").read_text()
     fresh = PreparedData.load(out / "data")  # the update was applied: the candidate read the broken texts
     assert fresh.items["text"].to_list() != PreparedData.load(registry.manifest(keep)["data"]["path"]).items["text"].to_list()
@@ -259,3 +265,79 @@ def test_corrupted_catalogue_makes_a_worse_candidate_that_is_not_promoted(loop: 
     request = pb.RankRequest(request_id="after-bad", user_id="u1", top_k=3)
     request.candidates.extend(pb.Candidate(item_id=f"i{j}") for j in range(10))
     assert loop["stub"].Rank(request, timeout=10).model_version == keep
+
+
+# ------------------------------------------------------------------------------------------ damaged data
+
+
+def _corrupt(env: dict[str, Any], kind: str) -> tuple[Path, Path]:
+    """(events file, exposure dir) damaged the three ways the issue tried: every new click on one item,
+    item ids shuffled in the clicks, a catalogue id remap in both clicks and exposures."""
+    from recsys.serving.exposure import read_exposures
+
+    clicks = pl.read_parquet(env["clicks"])
+    exposures = env["exposures"]
+    if kind == "one_item":
+        clicks = clicks.with_columns(pl.lit("i7").alias("item_id"))
+    elif kind == "shuffled":
+        clicks = clicks.with_columns(pl.Series("item_id", clicks["item_id"].shuffle(seed=5)))
+    else:  # remap: "i12" -> "sku-12" everywhere in the new logs
+        remap = pl.col("item_id").str.replace("^i", "sku-")
+        clicks = clicks.with_columns(remap)
+        exposures = env["base"] / f"exposures_{kind}"
+        exposures.mkdir(exist_ok=True)
+        read_exposures(env["exposures"]).with_columns(remap).write_parquet(exposures / "part-remapped.parquet")
+    path = env["base"] / f"clicks_{kind}.parquet"
+    clicks.write_parquet(path)
+    return path, exposures
+
+
+@pytest.mark.parametrize(("kind", "check"), [("one_item", "concentration"), ("shuffled", "exposure_coverage"),
+                                             ("remap", "item_overlap")])
+def test_damaged_new_data_is_refused_before_training(loop: dict[str, Any], kind: str, check: str,
+                                                     capsys: pytest.CaptureFixture[str]) -> None:
+    registry = loop["registry"]
+    before = (registry.versions(), registry.current(), registry.history())
+    events, exposures = _corrupt(loop, kind)
+    out = loop["base"] / f"work_{kind}"
+    code = main(["retrain", "--registry", str(registry.root), "--out", str(out), "--exposures", str(exposures),
+                 "--events", str(events), *FAST])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and "retrain refused before training" in err and check in err, err
+    assert f"--skip-data-check {check}" in err or "--skip-data-check" in err
+    assert (registry.versions(), registry.current(), registry.history()) == before  # nothing trained or registered
+    report = json.loads((out / "retrain_report.json").read_text())
+    assert report["refused"] and check in report["failed_checks"]
+    assert f"| {check} | FAILED |" in (out / "retrain_report.md").read_text()
+    assert not (out / "matcher").exists() and not (out / "data").exists()
+
+
+def test_killed_retrain_leaves_the_registry_serving_and_the_next_run_succeeds(loop: dict[str, Any]) -> None:
+    """SIGKILL after the fresh data is prepared, and after the candidate is registered but before the
+    comparison: the current version and the rollback history are untouched; the next run completes."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    registry = loop["registry"]
+    current, history = registry.current(), registry.history()
+    out = loop["base"] / "work_killed"
+    argv = ["retrain", "--registry", str(registry.root), "--out", str(out), "--exposures", str(loop["exposures"]),
+            "--events", str(loop["clicks"]), *FAST, "--keep-refused"]
+    root = Path(__file__).resolve().parents[1]
+    for point in ("retrain:prepared", "retrain:published"):
+        env = {**os.environ, "RECSYS_FAULT_AT": point, "PYTHONPATH": str(root)}
+        proc = subprocess.run([sys.executable, "-m", "recsys.cli", *argv], env=env, capture_output=True, text=True,
+                              timeout=600, cwd=root)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr[-2000:]
+        assert (registry.current(), registry.history()) == (current, history), point
+        registry.verify(current)
+    orphan = registry.versions()[-1]  # registered by the run killed after publishing, never promoted
+    assert orphan != current and registry.manifest(orphan)["lineage"]["retrain_out"] == str(out)
+    assert main(argv) == 0
+    report = json.loads((out / "retrain_report.json").read_text())
+    assert report["current"] == current and report["candidate"] not in (orphan, current)
+    assert report["fixed_holdout"]["metrics"] and report["data"]["data_checks"]["failed"] == []
+    assert main(["models", "gc", "--registry", str(registry.root), "--keep", "1"]) == 0  # the orphan goes
+    assert orphan not in registry.versions() and registry.current() in registry.versions()

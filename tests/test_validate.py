@@ -174,20 +174,26 @@ def test_empty_tables() -> None:
     assert US_SRC in _error(_raw(_events(), users=pl.DataFrame({"user_id": []}, schema={"user_id": pl.Utf8})))
 
 
-def test_wrong_types_raise_even_in_drop_mode() -> None:
+def test_non_numbers_raise_or_are_dropped_and_counted() -> None:
+    """--on-invalid drop drops a non-numeric value/position row and counts it (as documented);
+    error mode names the rows. Wrong column types (Boolean timestamps) raise in both modes."""
     raw = _raw(_events(4, value=["1.5", "", "abc", "x2"]))
-    for mode in ("error", "drop"):
-        msg = _error(raw, on_invalid=mode)
-        assert EV_SRC in msg and "column 'value'" in msg and "2 values that are not numbers" in msg
-        assert "data rows 3 ('abc'), 4 ('x2')" in msg
-    msg = _error(_raw(_events(4, position=[0.0, 1.0, 2.5, -1.0])), on_invalid="drop")
+    msg = _error(raw, on_invalid="error")
+    assert EV_SRC in msg and "column 'value'" in msg and "2 values that are not numbers" in msg
+    assert "data rows 3 ('abc'), 4 ('x2')" in msg
+    clean, report = validate(raw, on_invalid="drop")
+    assert clean.events.height == 2 and report.dropped == {"unparseable_value": 2}
+    clean, report = validate(_raw(_events(4, position=[0.0, 1.0, 2.5, -1.0])), on_invalid="drop")
+    assert clean.events.height == 2 and report.dropped == {"unparseable_position": 2}
+    msg = _error(_raw(_events(4, position=[0.0, 1.0, 2.5, -1.0])))
     assert "column 'position'" in msg and "data rows 3 (2.5), 4 (-1.0)" in msg and "whole numbers" in msg
     msg = _error(_raw(_events(2, position=["3", "first"])))
     assert "data rows 2 ('first')" in msg
     msg = _error(_raw(_events(2, item_id=[1.0, 2.5])))
     assert "column 'item_id'" in msg and "fractional" in msg and "data rows 2 (2.5)" in msg
-    msg = _error(_raw(_events(2, timestamp=[True, False])))
-    assert "column 'timestamp'" in msg and "Boolean" in msg
+    for mode in ("error", "drop"):
+        msg = _error(_raw(_events(2, timestamp=[True, False])), on_invalid=mode)
+        assert "column 'timestamp'" in msg and "Boolean" in msg
 
 
 def test_duplicate_item_ids_raise_even_in_drop_mode() -> None:

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.data.prepared import PreparedData
+from recsys.files import fault_point
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
 from training.export import ExportConfig, export_checkpoint
 from training.ranker import RankerConfig, load_registry_matcher, train_ranker
@@ -48,6 +49,29 @@ def copy_checkpoint(src: Path, dst: Path) -> None:
 
 def _files_under(root: Path, sub: str) -> list[str]:
     return sorted(str(p.relative_to(root)) for p in (root / sub).rglob("*") if p.is_file())
+
+
+def quality_warnings(manifest: Mapping[str, Any], checkpoint: Path) -> list[str]:
+    """Loud, recorded warnings when a published model loses to a trivial alternative on validation data:
+    the blender to its own match_score feature (on its held-out request groups), the fine-tuned matcher
+    to popularity (on the matcher's validation window, from its training report)."""
+    out = []
+    holdout = (manifest.get("ranker") or {}).get("metrics", {}).get("holdout", {})
+    blend, match = holdout.get("ndcg@10/ranker"), holdout.get("ndcg@10/match_score")
+    if blend is not None and match is not None and blend < match:
+        out.append(f"the blender loses to its own match_score feature on its held-out request groups "
+                   f"(NDCG@10 {blend:.4f} < {match:.4f}): serving the match score alone would rank better")
+    report_path = checkpoint / "training_report.json"
+    if report_path.is_file():
+        report = json.loads(report_path.read_text())
+        fine = (report.get("fine_tuned") or {}).get("valid") or {}
+        pop = (report.get("popularity") or {}).get("valid") or {}
+        for metric in ("recall@10", "ndcg@10"):
+            if metric in fine and metric in pop and fine[metric] < pop[metric]:
+                out.append(f"the fine-tuned matcher loses to popularity on the validation window "
+                           f"({metric} {fine[metric]:.4f} < {pop[metric]:.4f}): train longer or on more data")
+                break
+    return out
 
 
 def publish_version(
@@ -96,10 +120,14 @@ def publish_version(
                      "rows": prepared.manifest.get("rows")},
             **(dict(extra) if extra else {}),
         }
+        manifest["warnings"] = quality_warnings(manifest, staging / CHECKPOINT_DIR)
+        fault_point("publish:staged")
         version = registry.register(staging, manifest, hashed)
     except BaseException:
         registry.discard(staging)
         raise
+    for warning in manifest["warnings"]:
+        log.warning("%s: %s", version, warning)
     log.info("published %s (matcher + ranker + checkpoint) in %s", version, registry.root)
     if promote:
         registry.promote(version)

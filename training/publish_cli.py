@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import tempfile
 from pathlib import Path
 
@@ -60,6 +61,8 @@ def run(args: argparse.Namespace) -> int:
             f"{key.split('/', 1)[1]} {value:.3f}" for key, value in holdout.items() if key.startswith("ndcg@10/")
         )
         print(f"  blender NDCG@10 on its held-out request groups: {compared}")
+    for warning in manifest.get("warnings", []):
+        print(f"WARNING: {version}: {warning}", file=sys.stderr)
     return 0
 
 

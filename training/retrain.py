@@ -2,8 +2,10 @@
 
     1. data     base prepared events + new event files + exposure logs (served lists = impressions)
                 + catalogue updates (new and changed items, merged over the base catalogue by item_id),
-                validated together and prepared into WORKDIR/data with the base's settings and the
-                retrain split (`retrain_cutoffs`):
+                validated together, checked against the base (recsys/data/checks.py: refused before
+                training when implausible), and prepared into WORKDIR/data with the base's settings and
+                the retrain split (`retrain_cutoffs`), leaving out the base's own test window (the
+                fixed holdout):
                     train    everything up to the end of the base data: the warm-started matcher;
                     valid    new events before the holdout: the blender (out-of-sample match scores);
                     holdout  the newest share of the new events (or from --holdout-start): comparison;
@@ -14,9 +16,11 @@
     4. compare  candidate vs current on the same holdout, both scored by the same code:
                 blend NDCG@10 over the holdout's request groups (point-in-time features from
                 recsys/features.py, each version's matcher and LightGBM ranker) and matcher Recall@10
-                in full ranking over the holdout users; paired bootstrap intervals of the deltas;
-    5. decide   promote iff no gated metric drops by more than `tolerance` (absolute); the registry
-                pointer moves, and a server with `watch_s > 0` hot-reloads it.
+                in full ranking over the holdout users; paired bootstrap intervals of the deltas; and
+                on the fixed holdout (the base's test window), which the new events cannot fabricate;
+    5. decide   promote iff no gated metric drops by more than `tolerance` (absolute) on either holdout
+                (a metric 0 for both is not measurable); the registry pointer moves, and a server with
+                `watch_s > 0` hot-reloads it. A refused candidate is retired from the registry.
 Writes WORKDIR/retrain_report.json and .md saying what was compared and why it was (not) promoted.
 
 The feature definitions are pinned to the current version's ranker, so a running server (whose live
@@ -36,15 +40,17 @@ from typing import Any
 import numpy as np
 import polars as pl
 
+from recsys.data.checks import CHECKS, check_new_data, markdown_rows
 from recsys.data.prepare import PrepareConfig, prepare_tables, split_time
 from recsys.data.prepared import Histories, PreparedData
 from recsys.data.readers import RawTables, read_table
 from recsys.data.schema import EVENT_COLUMNS
 from recsys.data.validate import validate
-from recsys.errors import ConfigError, InputError
+from recsys.errors import ConfigError, DataCheckError, InputError
 from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
+from recsys.files import fault_point, output_lock, write_json_atomic
 from recsys.ranker import MODEL_FILE, Ranker, grouped_ndcg
 from recsys.registry import Registry
 from recsys.serving.exposure import read_exposures
@@ -61,6 +67,7 @@ from training.ranker import (
 log = logging.getLogger(__name__)
 
 REPORT_JSON = "retrain_report.json"
+NEW_ROW = "__new_row"  # merged events: whether the row came from the new files (data checks)
 REPORT_MD = "retrain_report.md"
 METRICS = ("ndcg@10", "recall@10", "matcher_ndcg@10")
 # Columns prepare adds; dropped before re-validating the base tables.
@@ -88,8 +95,13 @@ class RetrainConfig:
     export: ExportConfig = field(default_factory=ExportConfig)
     bootstrap: int = 1000
     seed: int = 0
+    skip_checks: tuple[str, ...] = ()  # data checks to skip (names in recsys.data.checks.CHECKS, or "all")
+    keep_refused: bool = False  # keep a candidate that is not promoted (default: retire it, freeing the disk)
 
     def __post_init__(self) -> None:
+        for name in self.skip_checks:
+            if name not in (*CHECKS, "all"):
+                raise ConfigError(f"--skip-data-check {name!r}: use one of {', '.join(CHECKS)} or all")
         for name in (self.promote_metric, *self.guard_metrics):
             if name not in METRICS:
                 raise ConfigError(f"unknown promotion metric {name!r}: use one of {', '.join(METRICS)}")
@@ -107,6 +119,13 @@ class RetrainConfig:
     @property
     def gated(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys((self.promote_metric, *self.guard_metrics)))
+
+    @property
+    def fixed_gated(self) -> tuple[str, ...]:
+        """What the fixed holdout (the base's own test window) gates: the guards (else the primary
+        metric). The blender is re-fit to the new traffic, which may legitimately differ from the base
+        window's; the guards (the matcher's full ranking by default) must not get worse on clean data."""
+        return self.guard_metrics or (self.promote_metric,)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -154,13 +173,18 @@ def merge_items(base_items: pl.DataFrame, path: Path) -> tuple[pl.DataFrame, dic
 
 
 def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence[Path],
-                 context: Sequence[str], items: Path | None = None) -> tuple[RawTables, dict[str, int]]:
+                 context: Sequence[str], items: Path | None = None, *,
+                 fixed_holdout: bool = False, mark_new: bool = False) -> tuple[RawTables, dict[str, int]]:
     """Base events + new events + exposures as one raw table, base catalogue + item updates (all
     re-validated by the caller).
 
-    Keeps the canonical columns plus the base's request-context columns; new files may lack them."""
+    Keeps the canonical columns plus the base's request-context columns; new files may lack them.
+    `fixed_holdout`: leave out the base's global test window, the fixed holdout neither version trains on;
+    `mark_new`: a boolean column NEW_ROW says which rows came from the new files."""
     keep = [*EVENT_COLUMNS, *[c for c in context if c not in EVENT_COLUMNS]]
     base_events = base.events().collect()
+    if fixed_holdout:
+        base_events = base_events.filter(pl.col("split_global") != "test")
     frames = [base_events.select([c for c in keep if c in base_events.columns])]
     counts = {"base": base_events.height}
     for path in events:
@@ -171,6 +195,8 @@ def merge_tables(base: PreparedData, events: Sequence[Path], exposures: Sequence
         frame = exposure_events(Path(directory))
         frames.append(frame)
         counts[f"exposures:{Path(directory).name}"] = frame.height
+    if mark_new:  # which rows came from the new files (for the data checks; dropped before prepare)
+        frames = [f.with_columns(pl.lit(i > 0).alias(NEW_ROW)) for i, f in enumerate(frames)]
     # Text ids and UTC timestamps everywhere, so frames from different writers concatenate.
     frames = [f.with_columns(pl.col(c).cast(pl.Utf8) for c in ("user_id", "item_id", "request_id", "event_type")
                              if c in f.columns) for f in frames]
@@ -230,20 +256,63 @@ def retrain_cutoffs(events: pl.DataFrame, base_end: Any, prep: PrepareConfig,
     return valid_start, test_start, why
 
 
+def run_data_checks(base: PreparedData, config: RetrainConfig, clean: Any, report: Any,
+                    counts: dict[str, int]) -> dict[str, Any]:
+    """recsys.data.checks on the rows of the new files; writes the refusal report and raises
+    DataCheckError (exit 2) naming the failed checks, unless they are skipped."""
+    new_rows = sum(v for k, v in counts.items() if k.startswith(("events:", "exposures:")))
+    checks = check_new_data(clean.events, clean.events[NEW_ROW], base_users=base.users["user_id"],
+                            unknown_item_rows=report.dropped.get("unknown_item", 0), new_input_rows=new_rows,
+                            has_exposures=bool(config.exposures))
+    skipped = set(CHECKS) if "all" in config.skip_checks else set(config.skip_checks)
+    checks["skipped_by_flag"] = sorted(skipped)
+    failed = [name for name in checks["failed"] if name not in skipped]
+    if failed:
+        details = "; ".join(f"{r['check']}: {r['detail']}" for r in checks["checks"] if r["check"] in failed)
+        refusal = {"refused": True, "failed_checks": failed, "data_checks": checks, "input_rows": counts,
+                   "validation": report.to_dict()}
+        write_json_atomic(config.out / REPORT_JSON, refusal)
+        (config.out / REPORT_MD).write_text("\n".join(
+            [f"# Retrain refused: data check(s) failed: {', '.join(failed)}", "", *markdown_rows(checks), ""]))
+        raise DataCheckError(
+            f"retrain refused before training: the new data failed the check(s) {', '.join(failed)} ({details}). "
+            f"Nothing was trained or registered; report: {config.out / REPORT_MD}. Fix the data, or if the change "
+            f"is real, pass --skip-data-check {failed[0]} (or all)."
+        )
+    return checks
+
+
+def _fixed_holdout_used(base: PreparedData, config: RetrainConfig) -> bool:
+    """Whether the base's global test window is kept out of training as the fixed holdout: yes, unless
+    --holdout-start pins the holdout at or before it (then the pinned holdout is that fixed slice)."""
+    base_test = base.manifest.get("cutoffs", {}).get("test_start")
+    if base_test in (None, "None"):
+        return False
+    if config.holdout_start is None:
+        return True
+    pinned = pl.Series([config.holdout_start]).str.to_datetime(time_zone="UTC").item()
+    return bool(pinned > pl.Series([base_test]).str.to_datetime(time_zone="UTC").item())
+
+
 def prepare_fresh(base: PreparedData, config: RetrainConfig, context: Sequence[str]) -> tuple[PreparedData, dict[str, Any]]:
-    raw, counts = merge_tables(base, config.events, config.exposures, context, config.items)
+    fixed = _fixed_holdout_used(base, config)
+    raw, counts = merge_tables(base, config.events, config.exposures, context, config.items, fixed_holdout=fixed,
+                               mark_new=True)
     clean, report = validate(raw, on_invalid=config.on_invalid)
     known = {f.name for f in fields(PrepareConfig)}
     settings = {k: v for k, v in base.manifest.get("config", {}).items() if k in known}
     prep = replace(PrepareConfig(**settings), valid_start=None, test_start=None)
     base_end = base.events().select(pl.col("timestamp").max()).collect().item()
+    checks = run_data_checks(base, config, clean, report, counts)
+    clean.events = clean.events.drop(NEW_ROW)
     valid_start, test_start, why = retrain_cutoffs(clean.events, base_end, prep, config.holdout_start)
     if test_start is not None:
         prep = replace(prep, valid_start=valid_start.isoformat(), test_start=test_start.isoformat())
     manifest = prepare_tables(clean.events, clean.items, clean.users, config.out / "data", prep,
                               inputs=raw.sources, validation=report.to_dict())
     return PreparedData.load(config.out / "data"), {
-        "input_rows": counts, "validation": report.to_dict(), "split": why, "base_end": str(base_end),
+        "input_rows": counts, "validation": report.to_dict(), "data_checks": checks, "fixed_holdout": fixed, "split": why,
+        "base_end": str(base_end),
         "prepared": {"rows": manifest["rows"], "cutoffs": manifest["cutoffs"]}}
 
 
@@ -342,6 +411,8 @@ def compare(current: VersionScores, candidate: VersionScores, gated: Sequence[st
             row["units"] = int(ok.sum())
             if n_boot and ok.any():
                 row["bootstrap95"] = paired_bootstrap(a[ok], b[ok], n_boot, seed)
+        if row["delta"] is not None and not cur[metric] and not cand[metric]:
+            row.update(delta=None, note="0 for both versions: not measurable on this holdout")
         if metric in gated:
             if row["delta"] is None:
                 reasons.append(f"{metric}: not comparable ({row.get('note', 'no holdout units')}), not gated")
@@ -381,7 +452,15 @@ def _base_data(config: RetrainConfig, manifest: dict[str, Any]) -> Path:
 
 
 def retrain(config: RetrainConfig) -> dict[str, Any]:
-    """Run the loop (see the module docstring); returns the report (also written to config.out)."""
+    """Run the loop (see the module docstring); returns the report (also written to config.out).
+
+    The work directory is locked for the run (a second retrain into it exits 2 naming the holder)."""
+    with output_lock(config.out, what=f"retrain work directory {config.out}"):
+        config.out.mkdir(parents=True, exist_ok=True)
+        return _retrain(config)
+
+
+def _retrain(config: RetrainConfig) -> dict[str, Any]:
     started = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -405,10 +484,10 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
     if features is not None and ranker_cfg.features == FeatureConfig():
         ranker_cfg = replace(ranker_cfg, features=features)  # same definitions as the live server
     base = PreparedData.load(_base_data(config, manifest))
-    config.out.mkdir(parents=True, exist_ok=True)
     t = time.perf_counter()
 
     data, data_report = prepare_fresh(base, config, list(ranker_cfg.features.context_columns or ()))
+    fault_point("retrain:prepared")
     t = lap("prepare", t)
 
     from training.matcher.train import train
@@ -425,31 +504,26 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         extra={"lineage": {"parent": current, "warm_start": str(warm), "retrain_out": str(config.out),
                            "ranker_init": None if ranker_init is None else str(ranker_init)}},
     )
-    selection = registry.manifest(candidate).get("ranker", {}).get("selection")
+    fault_point("retrain:published")
+    cand_manifest = registry.manifest(candidate)
     t = lap("publish", t)
 
-    events = data.events().sort("timestamp", maintain_order=True).collect()
-    cur_scores = score_version(current_dir, data, events, label_gain=ranker_cfg.label_gain, seed=config.seed)
-    cand_scores = score_version(registry.path(candidate), data, events, label_gain=ranker_cfg.label_gain,
-                                seed=config.seed)
-    verdict = compare(cur_scores, cand_scores, config.gated, config.tolerance, config.bootstrap, config.seed)
-    t = lap("evaluate", t)
-
-    promoted = False
-    if verdict["promote"] and config.promote:
-        registry.promote(candidate)
-        promoted = True
-    elif verdict["promote"]:
-        verdict["reasons"].append("would promote, but promotion is off (--no-promote)")
+    verdict, fixed, cand_scores = _evaluate(config, registry, (current_dir, candidate), (data, base),
+                                            ranker_cfg.label_gain, data_report["fixed_holdout"])
+    lap("evaluate", t)
+    promoted, removed = _decide(config, registry, candidate, verdict, fixed)
     timings["total"] = round(time.perf_counter() - started, 2)
     report = {
         "current": current,
         "candidate": candidate,
         "promoted": promoted,
+        "candidate_removed": removed,
         "registry_current": registry.current(),
         "decision": {"tolerance": config.tolerance, "promote_metric": config.promote_metric,
                      "gated": list(config.gated), "reasons": verdict["reasons"]},
         "metrics": verdict["metrics"],
+        "fixed_holdout": fixed,
+        "warnings": cand_manifest.get("warnings", []),
         "holdout": {"window": data_report["split"], "from": data.manifest["cutoffs"]["test_start"],
                     "blender_window_from": data.manifest["cutoffs"]["valid_start"],
                     "request_groups": None if cand_scores.group_ndcg is None else len(cand_scores.group_ndcg),
@@ -458,13 +532,60 @@ def retrain(config: RetrainConfig) -> dict[str, Any]:
         "matcher": {"warm_start": str(warm), "config": asdict(train_cfg),
                     "valid": train_report.get("fine_tuned", {}).get("valid"),
                     "best_epoch": train_report.get("best_epoch")},
-        "blender": selection,
+        "blender": cand_manifest.get("ranker", {}).get("selection"),
         "seconds": timings,
     }
-    (config.out / REPORT_JSON).write_text(json.dumps(report, indent=2, default=str))
+    write_json_atomic(config.out / REPORT_JSON, json.loads(json.dumps(report, default=str)))
     (config.out / REPORT_MD).write_text(markdown(report))
     log.info("retrain: candidate %s %s (current %s)", candidate, "PROMOTED" if promoted else "not promoted", current)
     return report
+
+
+def _evaluate(config: RetrainConfig, registry: Registry, versions: tuple[Path, str],
+              datasets: tuple[PreparedData, PreparedData], label_gain: Sequence[float],
+              fixed_used: bool) -> tuple[dict[str, Any], dict[str, Any], VersionScores]:
+    """Both versions on the fresh holdout (newest new events) and on the fixed holdout (the base data's
+    global test window, which the retrain left out of training: the new events cannot fabricate it;
+    gated on `config.fixed_gated`)."""
+    current_dir, candidate = versions
+    data, base = datasets
+    events = data.events().sort("timestamp", maintain_order=True).collect()
+    cur = score_version(current_dir, data, events, label_gain=label_gain, seed=config.seed)
+    cand = score_version(registry.path(candidate), data, events, label_gain=label_gain, seed=config.seed)
+    verdict = compare(cur, cand, config.gated, config.tolerance, config.bootstrap, config.seed)
+    fixed: dict[str, Any] = {"window_from": base.manifest.get("cutoffs", {}).get("test_start")}
+    if not fixed_used:
+        fixed.update(promote=True, metrics={}, reasons=["not used: --holdout-start pins the holdout at or before "
+                                                        "the base's test window, so the holdout above is fixed"])
+    elif base.eval_set("global", "test").height:
+        base_events = base.events().sort("timestamp", maintain_order=True).collect()
+        fixed.update(compare(
+            score_version(current_dir, base, base_events, label_gain=label_gain, seed=config.seed),
+            score_version(registry.path(candidate), base, base_events, label_gain=label_gain, seed=config.seed),
+            config.fixed_gated, config.tolerance, config.bootstrap, config.seed))
+    else:
+        fixed.update(promote=True, metrics={}, reasons=["the base data has no test window: not measurable"])
+    return verdict, fixed, cand
+
+
+def _decide(config: RetrainConfig, registry: Registry, candidate: str, verdict: dict[str, Any],
+            fixed: dict[str, Any]) -> tuple[bool, bool]:
+    """Promote iff both holdouts pass; retire a refused candidate unless --keep-refused. -> (promoted, removed)."""
+    if not fixed["promote"]:
+        verdict["promote"] = False
+    verdict["reasons"] += [f"fixed holdout (base test window): {r}" for r in fixed["reasons"]]
+    if verdict["promote"] and config.promote:
+        registry.promote(candidate)
+        return True, False
+    if verdict["promote"]:
+        verdict["reasons"].append("would promote, but promotion is off (--no-promote)")
+        return False, False
+    if config.keep_refused:
+        return False, False
+    freed = registry.retire(candidate, "not promoted by recsys retrain")
+    verdict["reasons"].append(f"candidate {candidate} removed from the registry ({freed / 1e6:,.1f} MB; "
+                              "--keep-refused keeps it)")
+    return False, True
 
 
 def markdown(report: dict[str, Any]) -> str:
@@ -485,6 +606,8 @@ def markdown(report: dict[str, Any]) -> str:
                      f"{fmt(row['candidate'])} | {fmt(row['delta'], '+')} | {interval} |")
     lines += ["", f"Decision (tolerance {report['decision']['tolerance']}):", ""]
     lines += [f"- {r}" for r in report["decision"]["reasons"]]
+    lines += [f"- WARNING: {w}" for w in report.get("warnings", [])]
+    lines += ["", *markdown_rows(report["data"]["data_checks"])] if report["data"].get("data_checks") else []
     rows = report["data"]["prepared"]["rows"]
     dropped = report["data"]["validation"].get("dropped") or {}
     lines += ["", f"Data: {rows['events']:,} events ({rows['interactions']:,} interactions) from "

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -57,6 +58,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--on-invalid", choices=["error", "drop"], default="drop",
                         help="bad rows in the merged logs: drop and count them (default) or stop")
     parser.add_argument("--bootstrap", type=int, default=1000, help="paired bootstrap resamples (0: none)")
+    parser.add_argument("--skip-data-check", action="append", default=[], metavar="CHECK",
+                        help="skip one of the data checks run before training (repeatable): exposure_coverage, "
+                             "item_overlap, user_overlap, concentration, event_mix, volume, or all. Use only when "
+                             "the change they flag is real (see the README)")
+    parser.add_argument("--keep-refused", action="store_true",
+                        help="keep a candidate that is not promoted in the registry (default: remove it)")
     parser.add_argument("--seed", type=int, default=0)
 
 
@@ -92,9 +99,12 @@ def run(args: argparse.Namespace) -> int:
         exposures=tuple(args.exposures), items=args.items, holdout_start=args.holdout_start, tolerance=args.tolerance, promote_metric=args.promote_metric,
         guard_metrics=() if args.no_guard else tuple(args.guard or ("recall@10",)), promote=not args.no_promote,
         on_invalid=args.on_invalid, warm_start=args.warm_start, ranker_warm_start=not args.fresh_ranker, matcher_overrides=overrides, ranker=ranker,
-        bootstrap=args.bootstrap, seed=args.seed,
+        bootstrap=args.bootstrap, seed=args.seed, skip_checks=tuple(args.skip_data_check),
+        keep_refused=args.keep_refused,
     )
     report = retrain(config)
     print(markdown(report))
+    for warning in report.get("warnings", []):
+        print(f"WARNING: {report['candidate']}: {warning}", file=sys.stderr)
     print(f"report: {args.out / 'retrain_report.json'}")
     return 0

@@ -31,6 +31,7 @@ from recsys.batch.scorer import (
     resolve_data_dir,
 )
 from recsys.errors import InputError
+from recsys.files import fault_point, output_lock
 
 log = logging.getLogger(__name__)
 ENGINES = ("local", "ray")
@@ -197,6 +198,11 @@ def _open_manifest(out: Path, settings: dict[str, Any], overwrite: bool) -> RunM
 
 def run_batch(config: BatchConfig, scorer: ChunkScorer | None = None) -> BatchReport:
     """Score `config.input` into `config.out`; `scorer` reuses a loaded model (local engine only)."""
+    with output_lock(Path(config.out), what=f"batch output {config.out}"):
+        return _run_locked(config, scorer)
+
+
+def _run_locked(config: BatchConfig, scorer: ChunkScorer | None) -> BatchReport:
     started = time.perf_counter()
     prep = prepare(config)
     per_user = prep.params.retrieve_k if prep.params.spec.mode == "topk" else 1
@@ -215,6 +221,7 @@ def run_batch(config: BatchConfig, scorer: ChunkScorer | None = None) -> BatchRe
             bar(result)
             continue
         prep.manifest.commit(result.index, result.start, result.scored, result.rejects, result.stats)
+        fault_point("score:chunk")
         committed += 1
         bar(result.stats["input_rows"])
         if config.stop_after is not None and committed >= config.stop_after:

@@ -48,8 +48,17 @@ class RunManifest:
         """Start a run in `out`, or resume the one there when its settings are the same."""
         import json
 
-        out.mkdir(parents=True, exist_ok=True)
         path = out / MANIFEST
+        foreign = sorted(p.name for p in out.iterdir() if not p.name.startswith(".")) if out.is_dir() else []
+        if foreign and not path.exists():  # --overwrite replaces a batch run's own files, never someone else's
+            raise InputError(
+                f"--out {out} is not empty ({', '.join(foreign[:3])}{', ...' if len(foreign) > 3 else ''}) and holds "
+                f"no batch run (no {MANIFEST}): score writes only into a new or empty directory or one of its own "
+                f"earlier runs; choose another --out"
+            )
+        out.mkdir(parents=True, exist_ok=True)
+        for stale in [*out.glob(".*.tmp"), *out.glob("rejects/.*.tmp")]:  # parts of a killed run (we hold the lock)
+            stale.unlink(missing_ok=True)
         if path.exists() and not overwrite:
             try:
                 old = json.loads(path.read_text())

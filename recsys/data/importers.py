@@ -255,7 +255,13 @@ def _load_ml_latest(d: Path) -> RawTables:
 
 def _add_user_tags(items: pl.DataFrame, tags_path: Path) -> pl.DataFrame:
     """Append each movie's most used free-text tags (by distinct users) to its genre tags."""
-    tags = pl.read_csv(tags_path, schema_overrides={"userId": pl.Utf8, "movieId": pl.Utf8, "tag": pl.Utf8})
+    try:
+        tags = pl.read_csv(tags_path, schema_overrides={"userId": pl.Utf8, "movieId": pl.Utf8, "tag": pl.Utf8})
+    except pl.exceptions.PolarsError as exc:
+        raise InputError(
+            f"Could not read the MovieLens tags file '{tags_path}': {str(exc).strip().splitlines()[0]}. Fix: use the "
+            "original tags.csv (header userId,movieId,tag,timestamp; quoted tags), or remove it (tags are optional)."
+        ) from None
     _require_columns(tags, ("userId", "movieId", "tag"), tags_path)
     clean = pl.col("tag").str.to_lowercase().str.replace_all(r"[|,;\s]+", " ").str.strip_chars()
     top = (
@@ -320,8 +326,14 @@ def _require_columns(df: pl.DataFrame, cols: tuple[str, ...], path: Path) -> Non
 
 def _read_atomic(path: Path) -> tuple[pl.DataFrame, dict[str, str]]:
     """A RecBole atomic file: names with the ':type' suffix stripped, float fields as Float64."""
-    with path.open(encoding="utf-8") as fh:
-        header = fh.readline().rstrip("\r\n").split("\t")
+    try:
+        with path.open(encoding="utf-8") as fh:
+            header = fh.readline().rstrip("\r\n").split("\t")
+    except UnicodeDecodeError as exc:
+        raise InputError(
+            f"'{path}' is not UTF-8 text (byte {exc.start}: {exc.reason}). Fix: convert it, e.g. "
+            f"iconv -f latin1 -t utf-8 '{path}' > fixed; RecBole atomic files are UTF-8."
+        ) from None
     df = _read_sep(path, "\t", None, f"'{path}'")
     types: dict[str, str] = {}
     names = []

@@ -23,6 +23,7 @@ import polars as pl
 from recsys.data.prepared import PROTOCOLS, SPLIT_COLUMN
 from recsys.data.schema import EVENT_CODES, SCHEMA_VERSION
 from recsys.errors import ConfigError, InputError
+from recsys.files import fault_point, output_lock, replace_path, temp_path
 
 log = logging.getLogger(__name__)
 
@@ -53,6 +54,20 @@ class PrepareConfig:
         for field_name in ("{title}",):
             if field_name not in self.text_template:
                 raise ConfigError(f"text_template must contain {field_name}, got {self.text_template!r}")
+        for name in ("valid_start", "test_start"):
+            parse_cutoff(getattr(self, name), name)
+
+
+def parse_cutoff(text: str | None, name: str) -> Any:
+    """An ISO-8601 split boundary as a UTC datetime (None stays None); ConfigError naming the flag."""
+    if text is None:
+        return None
+    try:
+        return pl.Series([text]).str.to_datetime(time_zone="UTC").item()
+    except Exception:  # polars raises several types for unparseable text
+        flag = "--" + name.replace("_", "-")
+        raise ConfigError(f"{flag} {text!r} is not an ISO-8601 time: write e.g. 2026-01-15 or "
+                          f"2026-01-15T00:00:00Z") from None
 
 
 def build_item_text(items: pl.DataFrame, template: str, max_words: int) -> pl.Series:
@@ -89,10 +104,19 @@ def _global_cutoffs(positive_ts: pl.Series, config: PrepareConfig) -> tuple[Any,
     if config.valid_start or config.test_start:
         if not (config.valid_start and config.test_start):
             raise ConfigError("give both --valid-start and --test-start, or neither (fractions are used)")
-        valid_start = pl.Series([config.valid_start]).str.to_datetime(time_zone="UTC").item()
-        test_start = pl.Series([config.test_start]).str.to_datetime(time_zone="UTC").item()
+        valid_start = parse_cutoff(config.valid_start, "valid_start")
+        test_start = parse_cutoff(config.test_start, "test_start")
         if test_start < valid_start:
             raise ConfigError(f"test_start {test_start} is before valid_start {valid_start}")
+        n_valid = int(((positive_ts >= valid_start) & (positive_ts < test_start)).sum())
+        n_test = int((positive_ts >= test_start).sum())
+        if not n_valid or not n_test:
+            raise ConfigError(
+                f"--valid-start {config.valid_start} / --test-start {config.test_start} leave {n_valid:,} positive "
+                f"events in the validation window and {n_test:,} in the test window (the positives run from "
+                f"{positive_ts.min()!s} to {positive_ts.max()!s}, {positive_ts.len():,} in all): both must hold some. "
+                "Fix: pick boundaries inside the data, or drop the flags to split by --valid-frac/--test-frac."
+            )
         return valid_start, test_start
     valid_start = positive_ts.quantile(1.0 - config.valid_frac - config.test_frac, "lower")
     test_start = positive_ts.quantile(1.0 - config.test_frac, "lower")
@@ -196,29 +220,10 @@ def _eval_sets(pairs: pl.DataFrame) -> dict[str, pl.DataFrame]:
     return out
 
 
-def prepare_tables(
-    events: pl.DataFrame,
-    items: pl.DataFrame,
-    users: pl.DataFrame | None,
-    out_dir: Path,
-    config: PrepareConfig | None = None,
-    *,
-    inputs: dict[str, str] | None = None,
-    validation: dict[str, Any] | None = None,
-) -> dict[str, Any]:
-    """Write the prepared dataset for clean canonical tables (events carry `strength`).
-
-    Returns the manifest. Writes atomically: a temp sibling directory renamed over `out_dir`.
-    """
-    config = config or PrepareConfig()
-    started = time.perf_counter()
-    positives_total = events.filter(pl.col("strength") > 0).height
-    if positives_total == 0:
-        raise InputError(
-            "no positive events to learn from: every event has strength 0 (impressions, or ratings "
-            "below the rating threshold). Lower --rating-threshold or include clicks/purchases."
-        )
-
+def _indexed(
+    events: pl.DataFrame, items: pl.DataFrame, users: pl.DataFrame | None, config: PrepareConfig
+) -> tuple[pl.DataFrame, pl.DataFrame, pl.DataFrame, pl.DataFrame]:
+    """Dense item/user indices, item texts, and one positive row per (user, item, interaction)."""
     items = items.with_row_index("item_idx").with_columns(pl.col("item_idx").cast(pl.Int32))
     items = items.with_columns(build_item_text(items, config.text_template, config.max_text_words))
     first_seen = events.group_by("item_id").agg(pl.col("timestamp").min().alias("first_seen"))
@@ -255,6 +260,89 @@ def prepare_tables(
         )
         .sort("user_idx", "timestamp", "strength", "item_idx")
     )
+    return events, items, user_frame, positive
+
+
+def _manifest(
+    config: PrepareConfig, *, events: pl.DataFrame, pairs: pl.DataFrame, items: pl.DataFrame, users: pl.DataFrame,
+    eval_sets: dict[str, pl.DataFrame], cutoffs: tuple[Any, Any], inputs: dict[str, str] | None,
+    validation: dict[str, Any] | None, started: float,
+) -> dict[str, Any]:
+    valid_start, test_start = cutoffs
+    user_frame = users
+    def split_counts(column: str) -> dict[str, int]:
+        counts = pairs.group_by(column).len()
+        return dict(zip(counts[column].to_list(), counts["len"].to_list(), strict=True))
+
+    manifest: dict[str, Any] = {
+        "schema_version": SCHEMA_VERSION,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "inputs": inputs or {},
+        "config": asdict(config),
+        "cutoffs": {"valid_start": str(valid_start), "test_start": str(test_start)},
+        "rows": {
+            "events": events.height,
+            "positive_events": int((events["strength"] > 0).sum()),
+            "interactions": pairs.height,
+            "items": items.height,
+            "users": user_frame.height,
+            "pairs_with_hard_negatives": int((pairs["neg_item_idx"].list.len() > 0).sum()),
+        },
+        "splits": {protocol: split_counts(SPLIT_COLUMN[protocol]) for protocol in PROTOCOLS},
+        "eval_users": {name: frame.height for name, frame in eval_sets.items()},
+        "validation": validation or {},
+        "seconds": round(time.perf_counter() - started, 3),
+    }
+    return manifest
+
+
+def is_prepared(path: Path) -> bool:
+    """Whether `path` holds a prepared dataset (its manifest names a schema version): what --out may replace."""
+    try:
+        return "schema_version" in json.loads((Path(path) / "manifest.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
+
+
+def write_prepared(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any]) -> None:
+    """Write into a temp sibling, manifest last, then move it over `out_dir` (the caller holds the lock)."""
+    tmp_dir = temp_path(out_dir)
+    shutil.rmtree(tmp_dir, ignore_errors=True)
+    (tmp_dir / "eval").mkdir(parents=True)
+    for name, frame in tables.items():
+        frame.write_parquet(tmp_dir / name)
+    fault_point("prepare:written")
+    # The manifest last: a directory with a manifest is a complete prepared dataset.
+    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
+    replace_path(tmp_dir, out_dir)
+
+
+def prepare_tables(
+    events: pl.DataFrame,
+    items: pl.DataFrame,
+    users: pl.DataFrame | None,
+    out_dir: Path,
+    config: PrepareConfig | None = None,
+    *,
+    inputs: dict[str, str] | None = None,
+    validation: dict[str, Any] | None = None,
+    locked: bool = False,
+) -> dict[str, Any]:
+    """Write the prepared dataset for clean canonical tables (events carry `strength`).
+
+    Returns the manifest. Writes atomically under `out_dir`'s output lock (`locked`: the caller holds
+    it): a temp sibling directory renamed over `out_dir`.
+    """
+    config = config or PrepareConfig()
+    started = time.perf_counter()
+    positives_total = events.filter(pl.col("strength") > 0).height
+    if positives_total == 0:
+        raise InputError(
+            "no positive events to learn from: every event has strength 0 (impressions, or ratings "
+            "below the rating threshold). Lower --rating-threshold or include clicks/purchases."
+        )
+
+    events, items, user_frame, positive = _indexed(events, items, users, config)
     valid_start, test_start = _global_cutoffs(positive["_split_ts"], config)
     split_global = (
         pl.when(pl.col("_split_ts") >= test_start)
@@ -294,48 +382,14 @@ def prepare_tables(
     )
     eval_sets = _eval_sets(pairs)
 
-    tmp_dir = out_dir.with_name(f".{out_dir.name}.tmp")
-    shutil.rmtree(tmp_dir, ignore_errors=True)
-    (tmp_dir / "eval").mkdir(parents=True)
-    items.write_parquet(tmp_dir / "items.parquet")
-    user_frame.write_parquet(tmp_dir / "users.parquet")
-    events.write_parquet(tmp_dir / "events.parquet")
-    pairs.write_parquet(tmp_dir / "pairs.parquet")
-    for name, frame in eval_sets.items():
-        frame.write_parquet(tmp_dir / "eval" / f"{name}.parquet")
-
-    def split_counts(column: str) -> dict[str, int]:
-        counts = pairs.group_by(column).len()
-        return dict(zip(counts[column].to_list(), counts["len"].to_list(), strict=True))
-
-    manifest: dict[str, Any] = {
-        "schema_version": SCHEMA_VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "inputs": inputs or {},
-        "config": asdict(config),
-        "cutoffs": {"valid_start": str(valid_start), "test_start": str(test_start)},
-        "rows": {
-            "events": events.height,
-            "positive_events": int((events["strength"] > 0).sum()),
-            "interactions": pairs.height,
-            "items": items.height,
-            "users": user_frame.height,
-            "pairs_with_hard_negatives": int((pairs["neg_item_idx"].list.len() > 0).sum()),
-        },
-        "splits": {protocol: split_counts(SPLIT_COLUMN[protocol]) for protocol in PROTOCOLS},
-        "eval_users": {name: frame.height for name, frame in eval_sets.items()},
-        "validation": validation or {},
-        "seconds": round(time.perf_counter() - started, 3),
-    }
-    (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
-    if out_dir.exists():
-        backup = out_dir.with_name(f".{out_dir.name}.old")
-        shutil.rmtree(backup, ignore_errors=True)
-        out_dir.rename(backup)
-        tmp_dir.rename(out_dir)
-        shutil.rmtree(backup, ignore_errors=True)
+    manifest = _manifest(config, events=events, pairs=pairs, items=items, users=user_frame, eval_sets=eval_sets,
+                         cutoffs=(valid_start, test_start), inputs=inputs, validation=validation, started=started)
+    tables = {"items.parquet": items, "users.parquet": user_frame, "events.parquet": events, "pairs.parquet": pairs,
+              **{f"eval/{name}.parquet": frame for name, frame in eval_sets.items()}}
+    if locked:
+        write_prepared(out_dir, tables, manifest)
     else:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-        tmp_dir.rename(out_dir)
+        with output_lock(out_dir, what=f"prepared dataset {out_dir}"):
+            write_prepared(out_dir, tables, manifest)
     log.debug("prepared %s: %s", out_dir, manifest["rows"])
     return manifest

@@ -35,13 +35,18 @@ ITEM_TEXT = ("title", "description", "tags", "category")
 _ROW = "__row"
 _SHOWN = 5
 _EPOCH = datetime(1970, 1, 1, tzinfo=timezone.utc)
+RATING_LIMIT = 100.0  # |rating| above this is refused (row-level): 0-5, 1-10 and 0-100 scales all fit
 
 # Row-level reasons, in the order they are checked (a row is counted under the first that applies).
 REASONS: dict[str, str] = {
     "null_required": "empty required values",
     "unparseable_timestamp": "timestamps that cannot be parsed",
+    "mixed_timestamp_unit": "unix timestamps in another unit than the rest of the column",
+    "unparseable_value": "values that are not numbers",
+    "unparseable_position": "positions that are not non-negative whole numbers",
     "unknown_event_type": "unknown event types",
     "missing_rating_value": "'rating' events without a value",
+    "rating_out_of_range": f"ratings outside [-{RATING_LIMIT:g}, {RATING_LIMIT:g}]",
     "negative_timestamp": "timestamps before 1970-01-01",
     "future_timestamp": "timestamps more than a day in the future",
     "unknown_item": "item ids that are not in the items table",
@@ -189,23 +194,39 @@ def _normalise_tags() -> pl.Expr:
     )
 
 
-def _numeric(
-    df: pl.DataFrame, col: str, dtype: pl.DataType, where: str, raw: pl.DataFrame, integer: bool
-) -> pl.Expr:
-    """A numeric column (`value`, `position`); raises on text that is not a number (table-level)."""
+def _numeric_parts(df: pl.DataFrame, col: str, integer: bool) -> tuple[pl.Expr, pl.Expr]:
+    """(the column as Float64, mask of values that are not numbers of the required kind)."""
     src = df.schema[col]
     s = pl.col(col)
     if src == pl.Utf8:
         s = pl.when(s.str.strip_chars() == "").then(None).otherwise(s.str.strip_chars())
-    if src == pl.Utf8 or src.is_numeric() or src == pl.Boolean:
-        f = s.cast(pl.Float64, strict=False)
-        bad = s.is_not_null() & (f.is_null() | ~f.is_finite())
-        if integer:
-            bad = bad | (f.is_not_null() & ((f != f.floor()) | (f < 0)))
-        n, rows = _first_rows(df, bad)
-    else:
-        f = s
-        n, rows = _first_rows(df, pl.lit(True))
+    if not (src == pl.Utf8 or src.is_numeric() or src == pl.Boolean):
+        return s, pl.lit(True)
+    f = s.cast(pl.Float64, strict=False)
+    bad = s.is_not_null() & (f.is_null() | ~f.is_finite())
+    if integer:
+        bad = bad | (f.is_not_null() & ((f != f.floor()) | (f < 0)))
+    return f, bad
+
+
+def _drop_non_numeric(df: pl.DataFrame, report: ValidationReport) -> pl.DataFrame:
+    """--on-invalid drop: rows whose value/position is not a number of the right kind are dropped and counted."""
+    for col, integer in (("value", False), ("position", True)):
+        if col in df.columns:
+            _, bad = _numeric_parts(df, col, integer)
+            n = df.select(bad.sum()).item()
+            if n:
+                report._drop(f"unparseable_{col}", int(n))
+                df = df.filter(~bad)
+    return df
+
+
+def _numeric(
+    df: pl.DataFrame, col: str, dtype: pl.DataType, where: str, raw: pl.DataFrame, integer: bool
+) -> pl.Expr:
+    """A numeric column (`value`, `position`); raises on text that is not a number (table-level)."""
+    f, bad = _numeric_parts(df, col, integer)
+    n, rows = _first_rows(df, bad)
     if n:
         kind = "non-negative whole numbers (0-based slots)" if integer else "numbers"
         raise _error(where, col, n, f"values that are not {kind}", raw, rows,
@@ -228,8 +249,12 @@ def _event_types(s: pl.Series, accepted: list[str]) -> pl.Series:
     return cat.replace_strict(names, canon, default=None, return_dtype=enum).alias("event_type")
 
 
-def _epoch_to_utc(s: pl.Series) -> tuple[pl.Series, str | None]:
-    """Unix epoch numbers -> UTC datetimes; the unit is chosen by magnitude and reported."""
+def _epoch_to_utc(s: pl.Series) -> tuple[pl.Series, str | None, pl.Series]:
+    """Unix epoch numbers -> UTC datetimes, a note and the `foreign` mask.
+
+    The unit is chosen by the magnitude of the column's median and reported; values whose own
+    magnitude says another unit (seconds mixed with milliseconds) are flagged in `foreign` rather than
+    read in the column's unit, where they would land in 1970 or far in the future."""
     f = s.cast(pl.Float64)
     sample = f.gather_every(max(1, f.len() // 100_000))  # the unit is a column property: a sample decides
     sample = sample.filter(sample.is_finite())
@@ -255,7 +280,12 @@ def _epoch_to_utc(s: pl.Series) -> tuple[pl.Series, str | None]:
     micros_s = frame.select(micros.alias("s")).to_series()
     out = micros_s.cast(pl.Datetime("us")).dt.replace_time_zone("UTC").cast(TIMESTAMP_DTYPE)
     note = None if unit == "seconds" else f"read as unix {unit} (median value {median:.3g})"
-    return out, note
+    magnitude = f.abs()
+    bounds = [limit for limit, _, _ in _EPOCH_UNITS]
+    own = next((i for i, (_, name, _) in enumerate(_EPOCH_UNITS) if name == unit), len(bounds))
+    lo, hi = (bounds[own - 1] if own else 0.0), (bounds[own] if own < len(bounds) else float("inf"))
+    foreign = (f.is_finite() & ((magnitude < lo) | (magnitude >= hi))).fill_null(False)
+    return out, note, foreign
 
 
 def _arrow_iso(text: pl.Series) -> pl.Series | None:
@@ -310,32 +340,34 @@ def _text_to_utc(text: pl.Series) -> pl.Series:
     return out
 
 
-def _to_utc(s: pl.Series, where: str, raw: pl.DataFrame) -> tuple[pl.Series, pl.Series, str | None]:
-    """(timestamps, unparseable mask, note). Nulls in -> nulls out, not counted as unparseable."""
+def _to_utc(s: pl.Series, where: str, raw: pl.DataFrame) -> tuple[pl.Series, pl.Series, str | None, pl.Series]:
+    """(timestamps, unparseable mask, note, mixed-unit mask). Nulls in -> nulls out, not counted."""
     dtype = s.dtype
+    none = pl.repeat(False, s.len(), eager=True)
     if isinstance(dtype, pl.Datetime):
         conv = s.dt.replace_time_zone("UTC") if dtype.time_zone is None else s.dt.convert_time_zone("UTC")
         out = conv.cast(TIMESTAMP_DTYPE)
-        return out, pl.repeat(False, s.len(), eager=True), None
+        return out, none, None, none
     if dtype == pl.Date:
         out = s.cast(pl.Datetime("us")).dt.replace_time_zone("UTC").cast(TIMESTAMP_DTYPE)
-        return out, pl.repeat(False, s.len(), eager=True), None
+        return out, none, None, none
     if dtype.is_numeric():
-        out, note = _epoch_to_utc(s)
-        return out, s.is_not_null() & out.is_null(), note
+        out, note, foreign = _epoch_to_utc(s)
+        return out, s.is_not_null() & out.is_null(), note, foreign
     if dtype == pl.Utf8 or isinstance(dtype, pl.Categorical | pl.Enum):
         raw_text = s.cast(pl.Utf8)
         sample = raw_text.drop_nulls().head(1000).str.strip_chars()
         sample = sample.filter(sample != "")
         numeric = sample.cast(pl.Float64, strict=False).is_not_null().sum() > sample.len() / 2
         if not numeric and (fast := _arrow_iso(raw_text)) is not None:
-            return fast, pl.repeat(False, s.len(), eager=True), None  # clean ISO column: one pass
+            return fast, none, None, none  # clean ISO column: one pass
         text = raw_text.str.strip_chars().replace("", None)
+        foreign = none
         if numeric:  # unix epoch numbers written as text
-            out, note = _epoch_to_utc(text.cast(pl.Float64, strict=False))
+            out, note, foreign = _epoch_to_utc(text.cast(pl.Float64, strict=False))
         else:
             out, note = _text_to_utc(text), None
-        return out, text.is_not_null() & out.is_null(), note
+        return out, text.is_not_null() & out.is_null(), note, foreign
     rows = list(range(1, min(_SHOWN, s.len()) + 1))
     raise _error(where, s.name, s.len(), f"values of type {dtype}, not timestamps", raw, rows,
                  "write datetimes, ISO-8601 text such as 2024-05-01T12:30:00Z, or unix seconds.")  # fmt: skip
@@ -373,7 +405,8 @@ def _items(raw: RawTables, drop: bool, report: ValidationReport) -> pl.DataFrame
     df = df.with_columns(_id_column(df, "item_id", where, src), *(_text_column(df, c) for c in ITEM_TEXT))
     df = df.with_columns(_normalise_tags())
     if "created_at" in df.columns:
-        ts, bad, note = _to_utc(df["created_at"], where, src)
+        ts, bad, note, foreign = _to_utc(df["created_at"], where, src)
+        bad = bad | foreign
         n, rows = _first_rows(df, pl.lit(bad))
         if n and not drop:
             raise _error(where, "created_at", n, "timestamps that cannot be parsed", src, rows,
@@ -444,6 +477,46 @@ def _apply_row_checks(
     return df.filter(pl.col("__reason").is_null()).drop("__reason")
 
 
+def _event_checks(
+    accepted: list[str], item_ids: pl.Series, now: datetime, note: str | None, items_name: str
+) -> tuple[tuple[str, str, pl.Expr, str, str], ...]:
+    """Row-level checks of the events, in order: (reason, column, bad-row mask, what, fix)."""
+    ts_col = pl.col("timestamp")
+    nulls = tuple(
+        ("null_required", c, (ts_col.is_null() & ~pl.col("__unparseable")) if c == "timestamp" else pl.col(c).is_null(),
+         "empty values", "fill in user_id, item_id, event_type and timestamp on every row.")
+        for c in EVENT_REQUIRED
+    )  # fmt: skip
+    checks = (
+        *nulls,
+        ("unparseable_timestamp", "timestamp", pl.col("__unparseable"), "timestamps that cannot be parsed",
+         "write ISO-8601 text such as 2024-05-01T12:30:00Z, a datetime, or unix seconds."),
+        ("mixed_timestamp_unit", "timestamp", pl.col("__foreign_unit"),
+         f"unix timestamps in another unit than the column's ({note or 'read as unix seconds'}; e.g. "
+         "milliseconds among seconds)",
+         "write every timestamp in one unit (or as ISO-8601 text); mixed units would put events in 1970."),
+        ("unknown_event_type", "event_type",
+         pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(accepted), "unknown event types",
+         f"use one of {', '.join(accepted)} (case-insensitive; aliases such as "
+         f"{', '.join(sorted(EVENT_ALIASES)[:6])} are accepted)."),
+        ("missing_rating_value", "value", (pl.col("event_type") == "rating") & pl.col("value").is_null(),
+         "'rating' events without a value", "put the rating in the 'value' column."),
+        ("rating_out_of_range", "value", (pl.col("event_type") == "rating") & (pl.col("value").abs() > RATING_LIMIT),
+         f"ratings outside [-{RATING_LIMIT:g}, {RATING_LIMIT:g}] (a rating's strength grows with it, so one such "
+         "row would outweigh thousands of purchases)",
+         "check the column (a price or a timestamp in 'value'?) or rescale the ratings."),
+        ("negative_timestamp", "timestamp", ts_col < pl.lit(_EPOCH), "timestamps before 1970-01-01",
+         "check the timestamp unit and format (unix seconds, or ISO-8601 with a year after 1970)."),
+        ("future_timestamp", "timestamp", ts_col > pl.lit(now + timedelta(days=1)),
+         f"timestamps after {(now + timedelta(days=1)).isoformat(timespec='seconds')} (more than a day in the future)",
+         "check the timestamp unit (seconds vs milliseconds) and the clock that wrote them."),
+        ("unknown_item", "item_id", pl.col("item_id").is_not_null() & ~pl.col("item_id").is_in(item_ids.implode()),
+         f"item ids that are not in the items file {items_name}",
+         "add those items to the items file or remove their events."),
+    )  # fmt: skip
+    return checks
+
+
 def _events(
     raw: RawTables,
     item_ids: pl.Series,
@@ -457,6 +530,8 @@ def _events(
     df = _check_table(src, EVENT_REQUIRED, where)
     report.input_rows["events"] = df.height
     accepted = sorted({*rule.event_strength, "rating"})
+    if drop:
+        df = _drop_non_numeric(df, report)
 
     etype = _event_types(df["event_type"], accepted)
     optional = [
@@ -470,7 +545,7 @@ def _events(
         if "position" in df.columns
         else pl.lit(None, pl.Int32).alias("position"),
     ]
-    ts, unparseable, note = _to_utc(df["timestamp"], where, src)
+    ts, unparseable, note, foreign = _to_utc(df["timestamp"], where, src)
     if note:
         report.notes.append(f"events.timestamp {note}")
     df = df.with_columns(
@@ -480,34 +555,10 @@ def _events(
         *optional,
         ts.alias("timestamp"),
         unparseable.alias("__unparseable"),
+        foreign.alias("__foreign_unit"),
     )
 
-    ts_col = pl.col("timestamp")
-    nulls = tuple(
-        ("null_required", c, (ts_col.is_null() & ~pl.col("__unparseable")) if c == "timestamp" else pl.col(c).is_null(),
-         "empty values", "fill in user_id, item_id, event_type and timestamp on every row.")
-        for c in EVENT_REQUIRED
-    )  # fmt: skip
-    items_name = raw.sources.get("items", "the items table")
-    checks = (
-        *nulls,
-        ("unparseable_timestamp", "timestamp", pl.col("__unparseable"), "timestamps that cannot be parsed",
-         "write ISO-8601 text such as 2024-05-01T12:30:00Z, a datetime, or unix seconds."),
-        ("unknown_event_type", "event_type",
-         pl.col("event_type").is_not_null() & ~pl.col("event_type").is_in(accepted), "unknown event types",
-         f"use one of {', '.join(accepted)} (case-insensitive; aliases such as "
-         f"{', '.join(sorted(EVENT_ALIASES)[:6])} are accepted)."),
-        ("missing_rating_value", "value", (pl.col("event_type") == "rating") & pl.col("value").is_null(),
-         "'rating' events without a value", "put the rating in the 'value' column."),
-        ("negative_timestamp", "timestamp", ts_col < pl.lit(_EPOCH), "timestamps before 1970-01-01",
-         "check the timestamp unit and format (unix seconds, or ISO-8601 with a year after 1970)."),
-        ("future_timestamp", "timestamp", ts_col > pl.lit(now + timedelta(days=1)),
-         f"timestamps after {(now + timedelta(days=1)).isoformat(timespec='seconds')} (more than a day in the future)",
-         "check the timestamp unit (seconds vs milliseconds) and the clock that wrote them."),
-        ("unknown_item", "item_id", pl.col("item_id").is_not_null() & ~pl.col("item_id").is_in(item_ids.implode()),
-         f"item ids that are not in the items file {items_name}",
-         "add those items to the items file or remove their events."),
-    )  # fmt: skip
+    checks = _event_checks(accepted, item_ids, now, note, raw.sources.get("items", "the items table"))
     df = _apply_row_checks(df, checks, where, src, drop, report)
     if df.height == 0:
         dropped = ", ".join(f"{n:,} {REASONS.get(r, r)}" for r, n in report.dropped.items())
@@ -520,7 +571,7 @@ def _events(
     report._drop("duplicate_event", before - df.height)
     df = df.with_columns(rule.expr()).with_columns(pl.col("event_type").cast(pl.Utf8))
     report.output_rows["events"] = df.height
-    rest = [c for c in df.columns if c not in (*CLEAN_EVENT_COLUMNS, _ROW, "__unparseable")]
+    rest = [c for c in df.columns if c not in (*CLEAN_EVENT_COLUMNS, _ROW, "__unparseable", "__foreign_unit")]
     return df.select(*CLEAN_EVENT_COLUMNS, *rest)
 
 

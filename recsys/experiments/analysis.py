@@ -432,4 +432,25 @@ def analyze(
             f"no exposures of the config's experiments in the log (experiment labels found: {names}). "
             "Fix: pass the exposure log of the service that ran this config."
         )
+    if attribution.events and not attribution.events - attribution.unattributed:
+        raise InputError(
+            f"none of the {attribution.events:,} click/conversion events matches one of the {rows.height:,} exposures "
+            f"(by request_id + item_id, or user_id + item_id within {cfg.window_s:g} s after the exposure), so every "
+            "metric would be 0 and the comparison meaningless. Fix: pass the events of the same users, items and "
+            "time range as the exposure log (check the id columns and the time zone)."
+        )
+    for result in results:
+        _check_config_version(rows, result, config.version)
     return AnalysisResult(results, attribution, cfg, config.version)
+
+
+def _check_config_version(rows: pl.DataFrame, result: ExperimentResult, version: str) -> None:
+    """A warning with the counts when the log's labels carry another config version than --config."""
+    mine = rows.filter(pl.col("group") == result.experiment)
+    other = mine.filter(pl.col("config_version").is_not_null() & (pl.col("config_version") != version))
+    if other.height:
+        seen = ", ".join(sorted(set(other["config_version"].to_list())))
+        result.warnings.append(
+            f"{other.height:,} of {mine.height:,} exposure rows were served under config version(s) {seen}, not "
+            f"{version} (the --config given): their weights or arms may differ; pass the config that ran"
+        )

@@ -9,6 +9,8 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recsys.errors import EXIT_CHECK_FAILED
+
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
 
@@ -39,16 +41,21 @@ def _context(pairs: list[str]) -> dict[str, str]:
 def configure_validate(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("config", type=Path, help="experiment config (YAML; see docs/experiments.md)")
     parser.add_argument("--json", action="store_true", help="print the normalised config as JSON")
+    parser.add_argument("--registry", type=Path,
+                        help="also check that every ranker's model version is registered there ('current' resolves)")
 
 
 def run_validate(args: argparse.Namespace) -> int:
-    from recsys.experiments.config import load_config
+    from recsys.experiments.config import check_models, load_config
 
     config = load_config(args.config)
+    checked = check_models(config, args.registry) if args.registry is not None else []
     if args.json:
         print(json.dumps({"version": config.version, **config.to_dict()}, indent=2))
         return 0
     print(f"{args.config}: valid (config version {config.version})")
+    for line in checked:
+        print(line)
     print(f"rankers: {', '.join(f'{k} ({_spec(v.to_dict())})' for k, v in config.rankers.items())}; default: {config.default_ranker}")
     for h in config.holdouts:
         print(f"holdout {h.name}: {h.coverage:.2%} of {h.unit}s -> {h.ranker or config.default_ranker}")
@@ -222,4 +229,9 @@ def run_analyze(args: argparse.Namespace) -> int:
         for arm, verdict in e.verdicts().items():
             print(f"{e.experiment}/{arm}: {verdict}")
     print(f"report: {paths['markdown']} ({paths['json'].name}, {paths['plot'].name})")
+    mismatched = [e.experiment for e in result.experiments if e.srm.mismatch]
+    if mismatched:
+        print(f"error: sample-ratio mismatch in {', '.join(mismatched)}: the results are not trustworthy "
+              f"(exit code {EXIT_CHECK_FAILED}); see the report", file=sys.stderr)
+        return EXIT_CHECK_FAILED
     return 0

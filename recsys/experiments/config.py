@@ -138,12 +138,29 @@ class Experiment:
             if v.name in seen:
                 raise ConfigFieldError(f"variants[{i}].name", f"duplicate variant {v.name!r}")
             seen.add(v.name)
+        self._check_weights()
         for key, allowed in self.targeting.items():
             if not allowed:
                 raise ConfigFieldError(f"targeting.{key}", "needs at least one allowed value")
         for unit_id, variant in self.force.items():
             if variant not in seen:
                 raise ConfigFieldError(f"force.{unit_id}", f"unknown variant {variant!r}: use one of {', '.join(seen)}")
+
+    def _check_weights(self) -> None:
+        """Weights must sum to a finite number, and every variant must own at least one bucket
+        (a weight that rounds to 0 of BUCKETS would validate and then never be served)."""
+        total = sum(v.weight for v in self.variants)
+        if not math.isfinite(total):
+            raise ConfigFieldError("variants", f"the weights sum to {total} (overflow): use relative weights such as 50/50 or 1/1")
+        lo = 0
+        for i, (v, hi) in enumerate(zip(self.variants, self.variant_thresholds, strict=True)):
+            if hi <= lo:
+                raise ConfigFieldError(
+                    f"variants[{i}].weight",
+                    f"{v.weight:g} of {total:g} gives variant {v.name!r} 0 of the {BUCKETS} assignment buckets "
+                    f"(share {v.weight / total:.2e} < {1 / BUCKETS:g}), so it would never be served: raise its weight",
+                )
+            lo = hi
 
     @cached_property
     def segment_share(self) -> float:
@@ -497,12 +514,57 @@ def config_from_dict(raw: Any) -> ExperimentConfig:
     )
 
 
+def _unique_key_loader() -> Any:
+    """A yaml SafeLoader that refuses duplicate mapping keys (plain YAML keeps the last one silently)."""
+    import yaml
+
+    class UniqueKeyLoader(yaml.SafeLoader):
+        pass
+
+    def construct_mapping(loader: Any, node: Any, deep: bool = False) -> dict[Any, Any]:
+        seen: dict[Any, int] = {}
+        for key_node, _ in node.value:
+            key = loader.construct_object(key_node, deep=deep)
+            line = key_node.start_mark.line + 1
+            if key in seen:
+                raise yaml.constructor.ConstructorError(
+                    None, None, f"duplicate key {key!r} (first at line {seen[key]}): keep one", key_node.start_mark)
+            seen[key] = line
+        return dict(loader.construct_mapping(node, deep=deep))
+
+    UniqueKeyLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, construct_mapping)
+    return UniqueKeyLoader
+
+
+def check_models(config: ExperimentConfig, registry: Path | str) -> list[str]:
+    """Every ranker's model version (and blender directory) checked against a registry; -> lines.
+    Raises ConfigError naming the ranker when a version is not registered."""
+    from recsys.registry import Registry  # lazy: only `validate --registry` needs it
+
+    reg = Registry(registry)
+    if not reg.root.is_dir():
+        raise ConfigError(f"--registry {registry} does not exist")
+    lines = []
+    for name, spec in config.rankers.items():
+        if spec.model is None:
+            continue
+        version = reg.current() if spec.model == "current" else spec.model
+        if version is None or version not in reg.versions():
+            known = ", ".join(reg.versions()) or "none"
+            raise ConfigError(f"rankers.{name}.model: {spec.model!r} is not a version in the registry {reg.root} "
+                              f"(registered: {known}; current: {reg.current() or 'none'}). Fix: name a registered version")
+        if spec.blender is not None and not Path(spec.blender).is_dir():
+            raise ConfigError(f"rankers.{name}.blender: {spec.blender} is not a directory")
+        lines.append(f"rankers.{name}: {spec.model} -> {version} (registered)")
+    return lines
+
+
 def parse_config(text: str, source: str = "<config>") -> ExperimentConfig:
     """YAML (or JSON) text -> a validated config; errors name `source` and the path inside it."""
     import yaml
 
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_unique_key_loader())  # a SafeLoader subclass
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f" line {mark.line + 1}, column {mark.column + 1}" if mark is not None else ""

@@ -21,6 +21,7 @@ partial .parquet file (leftover temp files do not match *.parquet and are remove
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import threading
@@ -32,6 +33,8 @@ from typing import Any
 
 import numpy as np
 import polars as pl
+
+from recsys.files import output_lock
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +61,8 @@ class ExposureLog:
 
     def __init__(self, directory: Path | str, flush_records: int = 2000, flush_s: float = 1.0) -> None:
         self.directory = Path(directory)
+        self._owner = contextlib.ExitStack()  # one server owns the directory: a second one is refused (exit 2)
+        self._owner.enter_context(output_lock(self.directory, what=f"exposure log {self.directory}"))
         self.directory.mkdir(parents=True, exist_ok=True)
         for stale in self.directory.glob(".part-*.tmp"):
             stale.unlink(missing_ok=True)
@@ -181,6 +186,7 @@ class ExposureLog:
             self._closed = True
         self._writer.submit(self.flush).result()
         self._writer.shutdown(wait=True)
+        self._owner.close()
         return self.written
 
 
