@@ -438,3 +438,24 @@ def test_publish_warns_when_a_trivial_alternative_wins(tmp_path: Path) -> None:
     assert "fine-tuned matcher loses to popularity" in warnings[1] and "recall@10 0.0500 < 0.0900" in warnings[1]
     fine = {"ranker": {"metrics": {"holdout": {"ndcg@10/ranker": 0.5, "ndcg@10/match_score": 0.45}}}}
     assert quality_warnings(fine, tmp_path / "none") == []
+
+
+# ------------------------------------------------------------------------------------------ online state
+
+STATE = [
+    Case("export-no-journal", ["state", "export", "--state-dir", "{d}/nothing", "--out", "{d}/ev.parquet"], 2,
+         ("events.journal does not exist", "--state-dir")),
+    Case("export-not-parquet", ["state", "export", "--state-dir", "{d}", "--out", "{d}/ev.csv"], 2, (".parquet",)),
+    Case("export-bad-url", ["state", "export", "--state", "http://localhost:6379", "--out", "{d}/ev.parquet"], 2,
+         ("redis://HOST:PORT/DB",)),
+    Case("serve-bad-url", ["serve", "--registry", "{d}/reg", "--state", "localhost:6379"], 2, ("redis://HOST:PORT/DB",)),
+    Case("serve-workers-journal", ["serve", "--registry", "{d}/reg", "--workers", "2", "--state-dir", "{d}/s"], 2,
+         ("--workers 2 needs a shared event log", "--state redis://")),
+    Case("serve-workers-zero", ["serve", "--registry", "{d}/reg", "--workers", "0", "--state", "redis://127.0.0.1:1/0"], 2,
+         ("--workers must be >= 1",)),
+]
+
+
+@pytest.mark.parametrize("case", STATE, ids=lambda c: c.id)
+def test_state(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_case(case, tmp_path, capsys, monkeypatch)

@@ -311,6 +311,10 @@ def test_serve_workers_share_the_port_and_the_stream(artifacts: dict[str, Path],
         proc.send_signal(signal.SIGTERM)
         proc.communicate(timeout=60)
         assert proc.returncode == 0
+        from recsys.serving.exposure import read_exposures
+
+        parts = [read_exposures(tmp_path / "exposures" / f"worker-{i}") for i in range(2)]
+        assert sum(p.height for p in parts) > 0  # each worker owns its exposure folder
     finally:
         if proc.poll() is None:
             proc.kill()

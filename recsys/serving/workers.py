@@ -6,7 +6,9 @@ machine is a small replica set. The embedded journal has one writer, hence N > 1
 The parent reserves the port (bound with SO_REUSEPORT, never listening), starts the children
 (multiprocessing spawn: no state shared by fork), writes the ready file once every child serves
 ({"port", "pids", "metrics_ports"}), restarts a child that dies (it replays from the log), and on
-SIGTERM/SIGINT passes the signal on and waits for every child's graceful drain.
+SIGTERM/SIGINT passes the signal on and waits for every child's graceful drain. With --exposure-dir
+DIR, worker i owns DIR/worker-<i> (an exposure directory has one writer): pass each to `recsys
+retrain --exposures`; a served list is written once, by the worker that served it.
 """
 
 from __future__ import annotations
@@ -70,6 +72,7 @@ def serve_workers(config: ServeConfig, workers: int, ready_file: Path | None) ->
         dataclasses.replace(
             config, port=port, reuse_port=True,
             metrics_port=None if config.metrics_port is None else (config.metrics_port + i if config.metrics_port else 0),
+            exposure_dir=None if config.exposure_dir is None else config.exposure_dir / f"worker-{i}",
         )
         for i in range(workers)
     ]
