@@ -381,7 +381,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model: {report['model']}; catalogue {report['catalogue_items']} items; {report['duration_s']} s per row; "
         f"{report['client_processes']} load-generator process(es) (asyncio, grpc.aio, pre-serialized requests) on the "
-        f"same 2 cores as the server (`--workers {report['server_workers']}`). Load average when the run started: "
+        f"same 2 cores as the server (`--threads {report['server_workers']}`). Load average when the run started: "
         f"{report['load_average']}.",
         "",
         "| scenario | load | QPS | p50 ms | p95 ms | p99 ms | server p50 / p99 ms | send lag p99 ms | errors |",
