@@ -102,7 +102,11 @@ def _round_robin_client_reads_its_writes(a: ServerThread, b: ServerThread, items
 
 def test_served_lists_are_impressions_on_every_replica(artifacts: dict[str, Path], redis_server: Any, tmp_path: Path) -> None:
     url = redis_server.url + "?stream=test:exposures"
-    a = ServerThread(_config(artifacts, state=url, exposure_dir=tmp_path / "exp", fold_exposures=True))
+    from recsys.serving.config import ServeConfig
+
+    reg = artifacts["registry"]
+    assert ServeConfig(registry=reg, state_dir=tmp_path).folds_exposures and not ServeConfig(registry=reg).folds_exposures
+    a = ServerThread(_config(artifacts, state=url, exposure_dir=tmp_path / "exp", fold_exposures=None))  # default: on
     b = ServerThread(_config(artifacts, state=url))
     try:
         pair = b.app.live.catalogue.lookup(["i7", "i8"])

@@ -74,7 +74,8 @@ class ServeConfig:
     snapshot_s: float = 300.0  # ... or this many seconds with new events
     # Served lists logged as exposures (--exposure-dir) also go through the event log as impressions, so
     # every replica's impression/CTR features count them (as `recsys prepare` does with the parquet log).
-    fold_exposures: bool = True
+    # None: on when an event log is configured (state or state_dir), off for the in-memory default.
+    fold_exposures: bool | None = None
     reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (recsys serve --workers N)
 
     def __post_init__(self) -> None:
@@ -117,6 +118,12 @@ class ServeConfig:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.auth_all and not self.auth_token:
             raise ConfigError("--auth-all needs a token (--auth-token-file or RECSYS_SERVE_TOKEN)")
+
+    @property
+    def folds_exposures(self) -> bool:
+        if self.fold_exposures is not None:
+            return self.fold_exposures
+        return self.state is not None or self.state_dir is not None
 
     @property
     def threads(self) -> int:

@@ -60,8 +60,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                     help="Rank/Recommend with a consistency token wait at most this long for this replica to fold it (50)")
     st.add_argument("--snapshot-events", type=int, default=100_000, help="snapshot the folded state every N events (100000)")
     st.add_argument("--snapshot-s", type=float, default=300.0, help="... or every S seconds with new events (300)")
-    st.add_argument("--no-fold-exposures", dest="fold_exposures", action="store_false",
-                    help="do not fold logged served lists into the state as impressions")
+    st.add_argument("--fold-exposures", action=argparse.BooleanOptionalAction, default=None,
+                    help="fold served lists logged with --exposure-dir into every replica's state as impressions "
+                         "(default: on with --state or --state-dir, off in memory)")
     sec = parser.add_argument_group("security")
     sec.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     sec.add_argument("--tls-key", type=Path, help="server private key (PEM)")

@@ -225,7 +225,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
                 latency_ms=latency_ms, session_id=context_text(session) if session not in (None, "") else None,
             )
             app.metrics.exposures.inc(len(order))
-            if app.config.fold_exposures:  # logged served lists are impressions every replica's features see
+            if app.config.folds_exposures:  # logged served lists are impressions every replica's features see
                 n = len(served)
                 app.state.append_exposure(EventsInput(
                     [user_id] * n, served, ["impression"] * n, np.full(n, t_us, np.int64), [request_id] * n,
