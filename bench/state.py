@@ -385,8 +385,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": ("Memory = events folded in-process only (what every server did before: lost on restart, not seen by "
                   "other replicas). Journal = one fsync per group commit before the reply. Redis = XADD acknowledged "
                   "by a local redis-server with appendonly yes and appendfsync always (fsync before reply). Rank rows: "
-                  "served lists go to the same log as impressions (--exposure-dir set), so the Rank path pays for "
-                  "an append it does not wait on. The load generator shares the machine's cores with the server."),
+                  "with journal and Redis the served lists go to the same log as impressions (--exposure-dir set; "
+                  "the in-memory default does not fold them), so the Rank path pays for an append it does not wait "
+                  "on and the follower folds them. The load generator shares the machine's cores with the server."),
     }
     args.out.mkdir(parents=True, exist_ok=True)
     (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
