@@ -221,7 +221,7 @@ def startup_rows(paths: dict[str, Path], work: Path, sizes: list[int]) -> list[d
 
         def fresh() -> Any:
             live = copy.copy(base)
-            live.state, live.users = copy.deepcopy(base.state), dict(base.users)
+            live.state, live.users = copy.deepcopy(base.state), copy.deepcopy(base.users)
             return live
 
         journal = Journal(state_dir)

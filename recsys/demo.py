@@ -154,7 +154,8 @@ def _print_matcher_report(ckpt: Path) -> None:
 def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path) -> dict:
     ready = demo.out / "serve.ready.json"
     argv = ["serve", "--registry", str(registry), "--data", str(data), "--port", "0", "--ready-file", str(ready),
-            "--exposure-dir", str(exposures), "--exposure-flush-records", "50", "--watch-registry", "1"]
+            "--exposure-dir", str(exposures), "--exposure-flush-records", "50", "--watch-registry", "1",
+            "--drain-seconds", "1"]
     print("$ recsys " + " ".join(argv) + " &", flush=True)
     log = open(demo.out / "serve.log", "w")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *argv], env=demo.env, stdout=log, stderr=subprocess.STDOUT)
@@ -237,7 +238,7 @@ def _flush_and_simulate(demo: _Demo, server: dict, raw: Path, exposures: Path, o
           f"{responses.height - clicks} carts/purchases -> {out}")
 
 
-def _await_version_change(port: int, before: str, timeout_s: float = 30.0) -> None:
+def _await_version_change(port: int, before: str, timeout_s: float = 90.0) -> None:
     from recsys.serving.client import RankingClient
 
     deadline = time.monotonic() + timeout_s

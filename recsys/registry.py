@@ -36,6 +36,11 @@ FORMAT = 1
 _VERSION_RE = re.compile(r"^v(\d{4,})$")
 
 
+def is_version_name(name: str) -> bool:
+    """`v` + at least four digits, nothing else: a version is looked up under versions/ by name only."""
+    return _VERSION_RE.fullmatch(name) is not None
+
+
 def hash_files(root: Path, names: list[str]) -> dict[str, dict[str, Any]]:
     return {name: {"sha256": sha256_file(root / name), "bytes": (root / name).stat().st_size} for name in names}
 
@@ -88,6 +93,11 @@ class Registry:
         return list(self._pointer()["history"])
 
     def path(self, version: str) -> Path:
+        if not is_version_name(version):
+            raise InputError(
+                f"{version!r} is not a model version name: versions are names like v0001 under "
+                f"{self.versions_dir}, never paths (registered: {', '.join(self.versions()) or 'none'})"
+            )
         path = self.versions_dir / version
         if not (path / MANIFEST).is_file():
             known = ", ".join(self.versions()) or "none"

@@ -82,11 +82,20 @@ def run_list(args: argparse.Namespace) -> int:
 def configure_promote(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("version", help="version to make current, e.g. v0003")
     _registry_arg(parser)
+    parser.add_argument("--ranker", type=Path,
+                        help="the ranker servers use with this version when it has no ranker/ of its own")
+    parser.add_argument("--data", type=Path,
+                        help="prepared dataset for the load-and-score check (default: the one in ranker.json)")
 
 
 def run_promote(args: argparse.Namespace) -> int:
+    from recsys.candidate import vet_version
+
     registry = _open(args)
     before = registry.current()
+    # Servers watching the registry load what this points to: the version must load and score first,
+    # in a child process (a malformed LightGBM model crashes the process that parses it).
+    vet_version(registry.root, args.version, ranker=args.ranker, data=args.data)
     registry.promote(args.version)
     print(f"current: {args.version} (was {before or 'none'})")
     return 0

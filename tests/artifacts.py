@@ -70,6 +70,31 @@ class ServerThread:
 
     def stop(self) -> None:
         self.channel.close()
-        self.call(self.server.stop(2.0))
+        self.call(self.server.stop(2.0, drain=0.0))
         self.loop.call_soon_threadsafe(self.loop.stop)
         self.thread.join(10)
+
+
+def spawn_serve(artifacts: dict[str, Any], tmp: Path, *extra: str, ready_name: str = "ready.json") -> tuple[Any, str]:
+    """A real `recsys serve` process on v0001 with the artifacts' ranker and data, port 0 -> (process,
+    target) once its ready file is written (stdout+stderr piped)."""
+    import json
+    import subprocess
+    import sys
+    import time
+
+    ready = tmp / ready_name
+    ready.unlink(missing_ok=True)
+    cmd = [
+        sys.executable, "-m", "recsys.cli", "serve", "--registry", str(artifacts["registry"]), "--version", "v0001",
+        "--ranker", str(artifacts["ranker"]), "--data", str(artifacts["data"]), "--host", "127.0.0.1", "--port", "0",
+        "--ready-file", str(ready), *extra,
+    ]
+    proc = subprocess.Popen(cmd, cwd=Path(__file__).resolve().parents[1], stdout=subprocess.PIPE, stderr=subprocess.STDOUT)
+    deadline = time.monotonic() + 120
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            raise AssertionError(f"server did not start: {proc.communicate()[0].decode()[-2000:]}")
+        time.sleep(0.05)
+    return proc, f"127.0.0.1:{json.loads(ready.read_text())['port']}"

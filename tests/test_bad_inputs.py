@@ -305,6 +305,10 @@ MODELS = [
          registry_with),
     Case("promote_unknown_version", ["models", "promote", "v0009", "--registry", "{d}/reg"], 2,
          ("'v0009' is not in the registry",), registry_with),
+    Case("promote_a_path_not_a_version_name", ["models", "promote", "../versions/v0001", "--registry", "{d}/reg"], 2,
+         ("is not a model version name", "never paths"), registry_with),
+    Case("promote_a_version_that_cannot_load", ["models", "promote", "v0002", "--registry", "{d}/reg"], 2,
+         ("model version v0002 refused by the load-and-score check", "tokenizer"), registry_with),
 ]
 
 

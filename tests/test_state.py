@@ -199,7 +199,7 @@ def test_follower_folds_dedupes_keys_and_restores_snapshots(base_state: Any, tmp
     follower = Follower(mem, live, snapshots=DirSnapshots(tmp_path))
     assert follower.catch_up() == 3
     assert follower.duplicates == 1 and live.events_applied == 4
-    user = live.users["new-user"]
+    user = live.users.get("new-user")
     assert live.state.user_count[user] == 3
     follower.snapshot()
 
@@ -207,7 +207,7 @@ def test_follower_folds_dedupes_keys_and_restores_snapshots(base_state: Any, tmp
     again = Follower(mem, fresh, snapshots=DirSnapshots(tmp_path))
     assert again.restore() and again.position == follower.position
     assert again.catch_up() == 0
-    assert fresh.users == live.users
+    assert fresh.users.rows == live.users.rows and np.array_equal(fresh.users.active, live.users.active)
     for name, arr in live.state.arrays().items():
         assert np.array_equal(arr, fresh.state.arrays()[name]), name
     mem.append_wait(encode(_events(["new-user"] * 3, items[:3]), "batch-1"))  # key survives the snapshot
@@ -230,7 +230,7 @@ def test_follower_thread_wakes_waiters_and_reports_lag(base_state: Any) -> None:
             return await follower.wait_for(position, 5.0), await follower.wait_for((position[0] + 5, 0), 0.05)
 
         assert asyncio.run(wait()) == (True, False)
-        assert live.users["w"] >= 0 and follower.refresh_lag() == 0
+        assert live.users.get("w") >= 0 and follower.refresh_lag() == 0
     finally:
         follower.stop()
 
@@ -263,3 +263,27 @@ def test_a_log_that_stopped_answering_refuses_appends_beyond_the_backlog(monkeyp
     gate.set()
     assert [f.result(5) for f in [first, *queued]] == [(i, 0) for i in range(1, 7)]
     stuck.close()
+
+
+def test_folding_near_the_user_bound_evicts_as_record_by_record_folding_does(base_state: Any) -> None:
+    """Replicas may read the log in different chunks: near --max-users, where eviction depends on
+    batch boundaries, the follower folds record by record, so every grouping evicts the same users."""
+    from recsys.serving.engine import LiveState
+    from recsys.state.follower import Follower
+
+    first = _live(base_state)
+    capacity = len(first.users) + 3
+    mem = MemoryLog()
+    items = _item_ids(first, 4)
+    for k in range(6):  # two new users per record: evictions start at the second record
+        mem.append_wait(encode(_events([f"n{k}a", f"n{k}b"], items[:2], t=T0_US + k * 1_000_000)))
+    lives = []
+    for limit in (1000, 1):  # one read of everything vs one record per read
+        live = _live(base_state)
+        live = LiveState(live.state, list(live.users.ids), live.catalogue, capacity)
+        Follower(mem, live).catch_up(limit)
+        lives.append(live)
+    a, b = lives
+    assert a.users.evicted == b.users.evicted > 0 and a.users.rows == b.users.rows
+    for name, arr in a.state.arrays().items():
+        assert np.array_equal(arr, b.state.arrays()[name]), name

@@ -21,11 +21,14 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from recsys.candidate import vet_version
 from recsys.data.prepared import PreparedData
+from recsys.errors import ModelError
 from recsys.files import fault_point
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
+from recsys.scoring.registry_matcher import registry_matcher
 from training.export import ExportConfig, export_checkpoint
-from training.ranker import RankerConfig, load_registry_matcher, train_ranker
+from training.ranker import RankerConfig, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -100,11 +103,11 @@ def publish_version(
     staging = registry.staging_dir()
     try:
         result = export_checkpoint(checkpoint, staging, export_config, prepared.root)
-        # A provisional manifest, so the staged directory reads like a version (load_registry_matcher).
+        # A provisional manifest, so the staged directory reads like a version (registry_matcher).
         provisional = {"format": FORMAT, "version": None, **result.manifest,
                        "files": hash_files(staging, result.hashed)}
         (staging / MANIFEST).write_text(json.dumps(provisional, indent=1))
-        matcher = load_registry_matcher(staging, prepared)
+        matcher = registry_matcher(staging, prepared)
         trained = train_ranker(prepared, staging / RANKER_DIR, matcher, ranker_config,
                                matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)",
                                init_model=ranker_init)
@@ -129,6 +132,10 @@ def publish_version(
     for warning in manifest["warnings"]:
         log.warning("%s: %s", version, warning)
     log.info("published %s (matcher + ranker + checkpoint) in %s", version, registry.root)
+    try:  # the check `models promote` and the server's Reload run: a child process loads and scores it
+        vet_version(registry.root, version, data=prepared.root)
+    except ModelError as exc:
+        raise ModelError(f"registered {version}, but it is not usable and was not promoted: {exc}") from exc
     if promote:
         registry.promote(version)
     return version

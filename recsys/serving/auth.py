@@ -15,13 +15,40 @@ from typing import Any
 
 import grpc
 
+from recsys.errors import ConfigError
+
 ADMIN_PREFIX = "/recsys.v1.ModelAdmin/"
 OPEN_PREFIXES = ("/grpc.health.v1.Health/", "/grpc.reflection.")
+
+
+def check_tls_files(cert: Path, key: Path, client_ca: Path | None = None) -> None:
+    """Each PEM file readable and the key the certificate's own, checked with the ssl module before
+    gRPC sees them (gRPC only says "Failed to bind to address"); ConfigError names the file."""
+    import ssl
+
+    for flag, path in (("--tls-cert", cert), ("--tls-key", key), ("--tls-client-ca", client_ca)):
+        if path is not None and not path.is_file():
+            raise ConfigError(f"{flag} {path} does not exist")
+    for flag, path in (("--tls-cert", cert), ("--tls-client-ca", client_ca)):
+        if path is not None:
+            try:
+                ssl.create_default_context().load_verify_locations(cafile=str(path))
+            except ssl.SSLError as exc:
+                raise ConfigError(f"{flag} {path} is not a PEM certificate ({exc.reason or exc})") from exc
+    try:
+        ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER).load_cert_chain(str(cert), str(key))
+    except ssl.SSLError as exc:
+        problem = "does not match the certificate" if "MISMATCH" in str(exc).upper() else "cannot be used with the certificate"
+        raise ConfigError(
+            f"--tls-key {key} {problem} --tls-cert {cert} ({exc.reason or exc}): pass the private key the "
+            "certificate was issued for (unencrypted PEM)"
+        ) from exc
 
 
 def server_credentials(cert: Path, key: Path, client_ca: Path | None = None) -> grpc.ServerCredentials:
     """TLS with the server's certificate chain; with client_ca, clients must present a certificate
     signed by it (mutual TLS)."""
+    check_tls_files(cert, key, client_ca)
     return grpc.ssl_server_credentials(
         [(key.read_bytes(), cert.read_bytes())],
         root_certificates=client_ca.read_bytes() if client_ca else None,

@@ -37,6 +37,8 @@ class ServeConfig:
     max_history: int = 200
     max_events: int = 10_000
     max_features: int = 64
+    # Live user state: at most this many users; the least recently active are evicted (cold start again).
+    max_users: int = 1_000_000
     retrieve_k: int = 200  # Recommend: embedding-search candidates blended by the ranker
     # Rank requests with at most this many candidates (and no explain) run on the event loop: ~1 ms of
     # vectorised work, cheaper than the hop to a worker thread. Cold text is still encoded on the pool;
@@ -58,7 +60,8 @@ class ServeConfig:
     tls_client_ca: Path | None = None  # mutual TLS: clients must present a certificate signed by it
     auth_token: str | None = None  # required on ModelAdmin RPCs (and all RPCs with auth_all)
     auth_all: bool = False
-    grace_s: float = 10.0  # SIGTERM: time in-flight requests get to finish
+    drain_s: float = 5.0  # SIGTERM: NOT_SERVING but still serving this long, so load balancers move away
+    grace_s: float = 10.0  # SIGTERM: then the time admitted requests get to finish
     watch_s: float = 0.0  # > 0: poll the registry pointer and hot-reload when it moves
     # A/B experiments: the config routing requests to rankers (docs/experiments.md), re-read every
     # experiments_poll_s seconds (a malformed edit is refused and the running config keeps serving).
@@ -87,6 +90,7 @@ class ServeConfig:
             "max_text_chars": self.max_text_chars,
             "max_history": self.max_history,
             "max_events": self.max_events,
+            "max_users": self.max_users,
             "retrieve_k": self.retrieve_k,
             "cold_batch": self.cold_batch,
             "exposure_flush_records": self.exposure_flush_records,
@@ -99,8 +103,8 @@ class ServeConfig:
             raise ConfigError(f"port must be in [0, 65535], got {self.port}")
         if min(self.workers, self.cold_wait_ms, self.cold_cache, self.max_features, self.inline_candidates) < 0:
             raise ConfigError("workers, cold_wait_ms, cold_cache, max_features and inline_candidates must be >= 0")
-        if self.exposure_flush_s <= 0 or self.grace_s < 0 or self.watch_s < 0:
-            raise ConfigError("exposure_flush_s must be > 0; grace_s and watch_s >= 0")
+        if self.exposure_flush_s <= 0 or self.grace_s < 0 or self.watch_s < 0 or self.drain_s < 0:
+            raise ConfigError("exposure_flush_s must be > 0; drain_s, grace_s and watch_s >= 0")
         if self.experiments is not None and self.version is not None:
             raise ConfigError(
                 "--version and --experiments exclude each other: the experiment config names each ranker's "

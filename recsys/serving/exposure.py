@@ -112,7 +112,7 @@ class ExposureLog:
             self.flush_async()
 
     def flush_async(self) -> Future[int]:
-        return self._writer.submit(self.flush)
+        return self._writer.submit(self._write_pending)
 
     def flush_if_due(self) -> None:
         """Timer tick: flush when rows have waited `flush_s`."""
@@ -155,7 +155,14 @@ class ExposureLog:
         return frame.with_columns(pl.lit("impression", pl.Utf8).alias("event_type")).select(list(SCHEMA))
 
     def flush(self) -> int:
-        """Write pending rows as one part file (temp + fsync + rename + directory fsync)."""
+        """Make every row appended so far durable, and return how many rows this call wrote. Runs on the
+        writer thread, after any flush already in flight there: a caller that flushes and then reads the
+        directory sees every row it appended before the call (a flush on its own thread could return while
+        the writer still held rows it had taken but not yet renamed into place)."""
+        return self._writer.submit(self._write_pending).result()
+
+    def _write_pending(self) -> int:
+        """Write pending rows as one part file (temp + fsync + rename + directory fsync); writer thread only."""
         frame = self._take()
         self._last_flush = time.monotonic()
         if frame is None:
@@ -184,7 +191,7 @@ class ExposureLog:
         """Flush everything still buffered and stop the writer (shutdown path)."""
         with self._lock:
             self._closed = True
-        self._writer.submit(self.flush).result()
+        self._writer.submit(self._write_pending).result()
         self._writer.shutdown(wait=True)
         self._owner.close()
         return self.written

@@ -47,6 +47,14 @@ class ServingMetrics:
             "recsys_consistency_wait_timeouts_total", "Requests scored before the state reached their consistency token", registry=r
         )
         self.reloads = prom.Counter("recsys_reloads_total", "Model reloads by outcome", ["variant", "outcome"], registry=r)
+        self.users = prom.Gauge("recsys_users_known", "Users with live feature state (bounded by --max-users)", registry=r)
+        self.users_evicted = prom.Counter(
+            "recsys_users_evicted_total", "Least recently active users evicted from the live state (--max-users)", registry=r
+        )
+        self.cold_dropped = prom.Counter(
+            "recsys_cold_dropped_total", "Cold-text encodings dropped unencoded: request cancelled or past its deadline",
+            registry=r,
+        )
 
     def set_model(self, variant: str, version: str, previous: str | None = None) -> None:
         if previous is not None and previous != version:

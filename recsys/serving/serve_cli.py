@@ -39,10 +39,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--max-inflight", type=int, default=64, help="in-flight requests before shedding (64)")
     net.add_argument("--max-candidates", type=int, default=1000, help="candidates per Rank request (1000)")
     net.add_argument("--max-top-k", type=int, default=1000, help="largest top_k (1000)")
+    net.add_argument("--max-users", type=int, default=1_000_000,
+                     help="users with live state; beyond it the least recently active are evicted (cold start again) (1000000)")
     net.add_argument("--retrieve-k", type=int, default=200, help="Recommend: embedding-search candidates to blend (200)")
     net.add_argument("--inline-candidates", type=int, default=256,
                      help="Rank requests up to this size run on the event loop, not a worker thread (256; 0 = never)")
-    net.add_argument("--grace-s", type=float, default=10.0, help="SIGTERM: seconds in-flight requests get (10)")
+    net.add_argument("--drain-seconds", type=float, default=5.0,
+                     help="SIGTERM: report NOT_SERVING but keep serving this long so load balancers move away (5)")
+    net.add_argument("--grace-s", type=float, default=10.0,
+                     help="SIGTERM: then seconds the admitted requests get to finish; later ones get UNAVAILABLE (10)")
     net.add_argument("--ready-file", type=Path, help="write {'port': N, 'metrics_port': M} here once serving (for scripts using --port 0)")
     logs = parser.add_argument_group("logs and metrics")
     logs.add_argument("--exposure-dir", type=Path, help="write served lists here as parquet parts (recsys prepare reads them)")
@@ -105,12 +110,12 @@ def run(args: argparse.Namespace) -> int:
         registry=args.registry, version=args.version, ranker=args.ranker, data=args.data,
         host=args.host, port=args.port, workers=args.threads, ort_threads=args.ort_threads,
         provider=args.provider, precision=args.precision, max_inflight=args.max_inflight,
-        max_candidates=args.max_candidates, max_top_k=args.max_top_k, retrieve_k=args.retrieve_k,
+        max_candidates=args.max_candidates, max_top_k=args.max_top_k, max_users=args.max_users, retrieve_k=args.retrieve_k,
         inline_candidates=args.inline_candidates,
         exposure_dir=args.exposure_dir, exposure_flush_records=args.exposure_flush_records,
         exposure_flush_s=args.exposure_flush_s, metrics_port=args.metrics_port,
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
-        auth_token=token or None, auth_all=args.auth_all, grace_s=args.grace_s, watch_s=args.watch_registry,
+        auth_token=token or None, auth_all=args.auth_all, drain_s=args.drain_seconds, grace_s=args.grace_s, watch_s=args.watch_registry,
         experiments=args.experiments, experiments_poll_s=args.experiments_poll_s,
         state=args.state, state_dir=args.state_dir, consistency_wait_ms=args.consistency_wait_ms,
         snapshot_events=args.snapshot_events, snapshot_s=args.snapshot_s, fold_exposures=args.fold_exposures,

@@ -2,8 +2,10 @@
 
 Request work (feature computation, ONNX, LightGBM) runs on a thread pool, so the event loop only
 parses, admits and answers; in-flight requests are bounded (RESOURCE_EXHAUSTED beyond the bound).
-SIGTERM/SIGINT: health goes NOT_SERVING, new RPCs get UNAVAILABLE, in-flight ones get `grace_s` to
-finish, then the exposure log is flushed and the process exits 0.
+SIGTERM/SIGINT drains in three steps (`RankingServer.stop`): health goes NOT_SERVING and the server
+keeps serving for `drain_s` (--drain-seconds) so load balancers move traffic away; then new RPCs are
+refused with UNAVAILABLE (retryable elsewhere, never CANCELLED); every RPC already admitted finishes
+(up to `grace_s`) before the transport stops, the exposure log is flushed and the process exits 0.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -23,7 +26,7 @@ import grpc
 import polars as pl
 
 from recsys.data.prepared import PreparedData
-from recsys.errors import ConfigError, ModelError
+from recsys.errors import ConfigError, InputError, ModelError, NotFoundError
 from recsys.experiments.config import ExperimentConfig, RankerSpec, load_config
 from recsys.experiments.router import ConfigWatcher, ExperimentRouter, build_router
 from recsys.features import FeatureState
@@ -48,7 +51,8 @@ from recsys.serving.model import (
 )
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
-from recsys.serving.servicer import AdminServicer, RankingServicer, reload_model
+from recsys.serving.servicer import AdminServicer, RankingServicer
+from recsys.serving.validation import add_guarded
 from recsys.state.service import StateService
 
 log = logging.getLogger("recsys.serving")
@@ -87,7 +91,8 @@ class ServingApp:
             if router is not None:
                 raise ConfigError("pass either an experiment config or a router, not both")
             experiments = load_config(config.experiments)  # fail fast, before any model loads
-        data = PreparedData.load(_data_dir(config, self.registry, _state_version(config, experiments)))
+        self.data_dir = _data_dir(config, self.registry, _state_version(config, experiments))
+        data = PreparedData.load(self.data_dir)
         items = data.items.sort("item_idx")
         self.catalogue = ItemCatalogue.from_lists(
             items["item_id"].cast(pl.Utf8).to_list(), items["text"].cast(pl.Utf8).fill_null("").to_list()
@@ -99,6 +104,7 @@ class ServingApp:
         self.specs: dict[str, RankerSpec | None] = {}  # what each holder was loaded from (None: --version)
         self._models_lock = threading.Lock()  # one config's rankers load at a time
         self._idle: set[str] = set()  # holders no config traffic reached at the last prune
+        self.pinned: set[str] = set()  # variants an admin Reload{version} pinned: the registry watcher skips them
         self.experiments: ExperimentRouter[AnyModel] | None = None
         self.watcher: ConfigWatcher | None = None
         if experiments is None:
@@ -129,6 +135,7 @@ class ServingApp:
             if config.exposure_dir is not None
             else None
         )
+        self._counted: dict[str, int] = {}  # totals already added to the drop counters
         self.inflight = 0
         self.draining = False
         self.reload_lock = asyncio.Lock()
@@ -159,9 +166,12 @@ class ServingApp:
         if spec is not None and spec.baseline is not None:
             return BaselineModel(spec.baseline)
         version = cfg.version if spec is None else (None if spec.model == "current" else spec.model)
+        if self._live is not None:  # a running server: vet the version out of process first
+            version = self.registry.resolve(version)
+            self.vet(version, self._ranker_dir(spec))
         return load_model(
-            self.registry, version, self.catalogue, state, self._ranker_dir(spec),
-            cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
+            self.registry, version, self.catalogue, state, ranker_dir=self._ranker_dir(spec),
+            provider=cfg.provider, precision=cfg.precision, threads=cfg.ort_threads, cold_cache=cfg.cold_cache,
         )
 
     def _load_all(
@@ -193,8 +203,20 @@ class ServingApp:
         if self._live is None:
             if state is None:  # only baselines: the feature state comes from a ranker directory
                 state = self._saved_state()
-            self._live = LiveState(state, self._users, self.catalogue)
+            self._live = LiveState(state, self._users, self.catalogue, self.config.max_users)
         return staged
+
+    def vet(self, version: str, ranker_dir: Path | None) -> None:
+        """Load and smoke-score `version` in a child process (recsys.candidate): a version that would
+        crash or fail to score is refused (ModelError) before this process parses any of it."""
+        from recsys.candidate import vet_version
+
+        cfg = self.config
+        result = vet_version(
+            self.registry.root, version, ranker=ranker_dir, data=self.data_dir, provider=cfg.provider,
+            precision=cfg.precision,
+        )
+        log.info("version %s passed the load-and-score check in %.1fs", version, result["seconds"])
 
     def _saved_state(self) -> FeatureState:
         from recsys.ranker import Ranker
@@ -260,8 +282,9 @@ class ServingApp:
         return self.experiments.config.default_ranker if self.experiments is not None else CONTROL
 
     def follows_registry(self, name: str) -> bool:
-        """Does holder `name` track the registry's current pointer (--watch-registry)?"""
-        if name not in self.specs:
+        """Does holder `name` track the registry's current pointer (--watch-registry)? Not while an
+        admin Reload{version} pins it; a Reload without a version follows the registry again."""
+        if name not in self.specs or name in self.pinned:
             return False
         spec = self.specs[name]
         return spec is None or spec.model == "current"
@@ -275,8 +298,55 @@ class ServingApp:
 
     # ---------------------------------------------------------------- timers
 
-    async def reload(self, variant: str, version: str | None) -> tuple[str, str, float]:
-        return await reload_model(self, variant, version)
+    async def reload(self, variant: str, version: str | None, by_watcher: bool = False) -> tuple[str, str, float]:
+        """Vet `version` (None: registry current) in a child process, load it beside the serving
+        model, then swap. Serialised; a failure leaves the serving model in place and is reported
+        (FAILED_PRECONDITION / NOT_FOUND). With --experiments a variant is a ranker name of the config;
+        baselines have nothing to reload.
+
+        The pin rule (with --watch-registry): an admin Reload naming a version pins the variant there
+        and the registry watcher leaves it alone; an admin Reload without a version loads the
+        registry's current version and follows the registry again. The watcher (`by_watcher`) never
+        pins, and gives way to a pin set while it waited for the lock."""
+        holder = self.holders.get(variant)
+        if holder is None:
+            raise NotFoundError(f"unknown variant {variant!r}: serving {sorted(self.holders)}")
+        if isinstance(holder.current, BaselineModel):
+            raise ModelError(f"{variant!r} serves the {holder.current.kind} baseline: there is no model version to reload")
+        async with self.reload_lock:
+            if by_watcher and variant in self.pinned:
+                return holder.current.version, holder.current.version, 0.0
+            started = time.perf_counter()
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(
+                    self.reload_executor, self._vet_and_load, version, self.ranker_dir(variant)
+                )
+            except InputError as exc:  # unknown version / no current version
+                self.metrics.reloads.labels(variant, "refused").inc()
+                raise NotFoundError(str(exc)) from exc
+            except Exception:
+                self.metrics.reloads.labels(variant, "refused").inc()
+                raise
+            old = holder.swap(model)
+            if not by_watcher:
+                (self.pinned.add if version else self.pinned.discard)(variant)
+            seconds = time.perf_counter() - started
+            self.metrics.set_model(variant, model.version, old.version)
+            self.metrics.reloads.labels(variant, "ok").inc()
+            log.info(
+                "variant %s: %s -> %s (loaded in %.2fs%s)", variant, old.version, model.version, seconds,
+                ", pinned" if variant in self.pinned else "",
+            )
+            return old.version, model.version, seconds
+
+    def _vet_and_load(self, version: str | None, ranker_dir: Path | None) -> ServingModel:
+        name = self.registry.resolve(version)
+        self.vet(name, ranker_dir)
+        cfg = self.config
+        return load_model(
+            self.registry, name, self.live.catalogue, self.live.state, ranker_dir=ranker_dir,
+            provider=cfg.provider, precision=cfg.precision, threads=cfg.ort_threads, cold_cache=cfg.cold_cache,
+        )
 
     async def background(self) -> None:
         """Timers: exposure flush deadline, registry watch, cold-batch metrics."""
@@ -291,6 +361,7 @@ class ServingApp:
             for size in self.batcher.batch_sizes:
                 self.metrics.cold_batches.observe(size)
             self.batcher.batch_sizes.clear()
+            self._count_drops()
             if self.config.watch_s and loop.time() >= next_watch:
                 next_watch = loop.time() + self.config.watch_s
                 current: str | None = None
@@ -299,10 +370,20 @@ class ServingApp:
                         current = self.registry.current()
                         holder = self.holders.get(name)
                         if holder and current and current not in (holder.current.version, failed.get(name)):
-                            await self.reload(name, current)
+                            await self.reload(name, current, by_watcher=True)
                     except Exception as exc:  # keep serving
                         failed[name] = current
                         log.error("registry watch: version %s refused for %s: %s", current, name, exc)
+
+    def _count_drops(self) -> None:
+        """Evicted users and dropped cold texts since the last tick -> their counters (on the loop)."""
+        users = self.live.users
+        self.metrics.users.set(len(users))
+        for counter, total, key in (
+            (self.metrics.users_evicted, users.evicted, "users"), (self.metrics.cold_dropped, self.batcher.dropped, "cold"),
+        ):
+            counter.inc(total - self._counted.get(key, 0))
+            self._counted[key] = total
 
     async def watch_experiments(self) -> None:
         """Re-read the experiment config every experiments_poll_s (file I/O and model loads in a
@@ -383,16 +464,35 @@ class RankingServer:
                 await self.health.set(STATE_HEALTH, status)
             await asyncio.sleep(period_s)
 
-    async def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING -> refuse new RPCs -> let in-flight ones finish -> flush the exposure log."""
+    async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
+        """NOT_SERVING, still serving for `drain` s -> refuse new RPCs (UNAVAILABLE) -> admitted ones
+        finish (up to `grace` s) -> stop the transport -> flush the exposure log.
+
+        grpc.aio's own `stop(grace)` cancels calls that reached the transport but whose handler has
+        not run yet (queued behind inline work on the event loop): they would get CANCELLED, which
+        retry policies do not retry. So the transport stops only once the handlers have drained: by
+        then every late arrival was answered UNAVAILABLE by `Handler.call`."""
         if self._stopped.is_set():
             return
         from grpc_health.v1 import health_pb2
 
+        cfg = self.app.config
         for name in ("", *SERVICES):
             await self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        await asyncio.sleep(cfg.drain_s if drain is None else drain)
         self.app.draining = True
-        await self.grpc.stop(self.app.config.grace_s if grace is None else grace)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + (cfg.grace_s if grace is None else grace)
+        quiet_since: float | None = None
+        while loop.time() < deadline:  # admitted RPCs finish; queued ones run and are refused
+            if self.app.inflight:
+                quiet_since = None
+            elif quiet_since is None:
+                quiet_since = loop.time()
+            elif loop.time() - quiet_since >= 0.05:
+                break
+            await asyncio.sleep(0.005)
+        await self.grpc.stop(max(deadline - loop.time(), 0.0))
         for task in self._tasks:
             task.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -407,11 +507,32 @@ class RankingServer:
         await self._stopped.wait()
 
 
+def _enable_reflection(server: grpc.aio.Server, services: tuple[str, ...]) -> None:
+    """Server reflection as both grpc.reflection.v1 and v1alpha (grpcurl and newer clients ask v1,
+    older ones v1alpha). The two protos are wire-identical, so one servicer answers both names."""
+    from grpc_reflection.v1alpha import reflection, reflection_pb2
+
+    names = ("grpc.reflection.v1.ServerReflection", "grpc.reflection.v1alpha.ServerReflection")
+    servicer = reflection.aio.ReflectionServicer((*services, *names))
+    handler = grpc.stream_stream_rpc_method_handler(
+        servicer.ServerReflectionInfo,
+        request_deserializer=reflection_pb2.ServerReflectionRequest.FromString,
+        response_serializer=reflection_pb2.ServerReflectionResponse.SerializeToString,
+    )
+    server.add_generic_rpc_handlers(
+        tuple(grpc.method_handlers_generic_handler(name, {"ServerReflectionInfo": handler}) for name in names)
+    )
+
+
 async def create_server(config: ServeConfig, router: VariantRouter | None = None) -> tuple[RankingServer, int]:
     """Load the model, build the server, bind the port (0 = any free one); call `start()` to serve."""
     from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-    from grpc_reflection.v1alpha import reflection
 
+    credentials = (  # checked before the model loads: a mismatched key fails fast, naming the file
+        server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca)
+        if config.tls_cert is not None and config.tls_key is not None
+        else None
+    )
     loop = asyncio.get_running_loop()
     app = await loop.run_in_executor(None, lambda: ServingApp(config, router))
     interceptors = [TokenAuthInterceptor(config.auth_token, config.auth_all)] if config.auth_token else []
@@ -419,16 +540,16 @@ async def create_server(config: ServeConfig, router: VariantRouter | None = None
         interceptors=interceptors,
         options=[("grpc.so_reuseport", int(config.reuse_port)), ("grpc.max_receive_message_length", 16 * 1024 * 1024)],
     )
-    pb_grpc.add_RankingServiceServicer_to_server(RankingServicer(app), server)
-    pb_grpc.add_ModelAdminServicer_to_server(AdminServicer(app), server)
+    add_guarded(server, pb_grpc.add_RankingServiceServicer_to_server, RankingServicer(app))
+    add_guarded(server, pb_grpc.add_ModelAdminServicer_to_server, AdminServicer(app))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     for name in ("", *SERVICES):
         await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
-    reflection.enable_server_reflection((*SERVICES, health.SERVICE_NAME, reflection.SERVICE_NAME), server)
+    _enable_reflection(server, (*SERVICES, health.SERVICE_NAME))
     address = f"{config.host}:{config.port}"
-    if config.tls_cert is not None and config.tls_key is not None:
-        port = server.add_secure_port(address, server_credentials(config.tls_cert, config.tls_key, config.tls_client_ca))
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
     else:
         port = server.add_insecure_port(address)
     if port == 0:
@@ -462,5 +583,5 @@ async def serve(config: ServeConfig, ready: Any = None) -> None:
     if ready is not None:
         ready(port, server.metrics_port)
     await stop.wait()
-    log.info("signal received: draining (grace %.1fs)", config.grace_s)
+    log.info("signal received: NOT_SERVING, draining (drain %.1fs, grace %.1fs)", config.drain_s, config.grace_s)
     await server.stop()

@@ -17,7 +17,9 @@ import numpy as np
 
 from recsys.data.schema import EVENT_ALIASES, EVENT_CODES
 from recsys.errors import InputError
+from recsys.registry import is_version_name
 from recsys.serving.config import ServeConfig
+from recsys.timestamps import range_problem
 
 
 class FieldError(InputError):
@@ -80,10 +82,14 @@ def now_us() -> int:
     return time.time_ns() // 1000
 
 
-def _ts(message: Any, name: str, default: int) -> int:
+def _ts(message: Any, name: str, default: int, field: str | None = None) -> int:
+    """A Timestamp field -> epoch µs; out of the documented range (recsys.timestamps) is refused."""
     if not message.HasField(name):
         return default
     ts = getattr(message, name)
+    problem = range_problem(int(ts.seconds), int(ts.nanos))
+    if problem is not None:
+        raise FieldError(field or name, problem)
     return int(ts.seconds) * 1_000_000 + int(ts.nanos) // 1000
 
 
@@ -92,6 +98,8 @@ def _id(value: str, field: str, limit: int, required: bool = True) -> str:
         if required:
             raise FieldError(field, "is required")
         return value
+    if required and value.isspace():
+        raise FieldError(field, "is only whitespace: pass a real id")
     if len(value) > limit:
         raise FieldError(field, f"is {len(value)} characters, the limit is {limit}")
     return value
@@ -132,7 +140,7 @@ def _history(request: Any, cfg: ServeConfig, t_us: int) -> HistoryInput | None:
     for i, event in enumerate(events):
         ids.append(_id(event.item_id, f"history.events[{i}].item_id", cfg.max_id_chars))
         codes.append(event_code(event.event_type or "click", f"history.events[{i}].event_type")[1])
-        stamps.append(_ts(event, "timestamp", t_us))
+        stamps.append(_ts(event, "timestamp", t_us, f"history.events[{i}].timestamp"))
     return HistoryInput(ids, codes, stamps)
 
 
@@ -269,7 +277,97 @@ def events_input(requests: list[Any], cfg: ServeConfig) -> EventsInput:
         if not math.isfinite(e.value):
             raise FieldError(f"events[{i}].value", "must be finite")
         types.append(name)
-        stamps.append(_ts(e, "timestamp", now))
+        stamps.append(_ts(e, "timestamp", now, f"events[{i}].timestamp"))
         reqs.append(_id(e.request_id, f"events[{i}].request_id", cfg.max_id_chars, required=False) or None)
         values.append(e.value if e.value else math.nan)
     return EventsInput(users, items, types, np.asarray(stamps, np.int64), reqs, np.asarray(values, np.float64))
+
+
+def reload_version(request: Any) -> str | None:
+    """ReloadRequest.version: empty (the registry's current version) or a version name, never a path."""
+    version = request.version
+    if not version:
+        return None
+    if not is_version_name(version):
+        raise FieldError("version", f"{version[:80]!r} is not a version name: pass one like v0003 (versions are looked up under the registry's versions/ only)")
+    return str(version)
+
+
+# ------------------------------------------------------------------------------------------ undecodable bytes
+
+
+class UndecodableRequest(FieldError):
+    """The request bytes are not a valid message (truncated, or invalid UTF-8 in a string field)."""
+
+    def __init__(self, type_name: str, exc: BaseException) -> None:
+        reason = str(exc).rpartition(": ")[2] or "unreadable bytes"
+        super().__init__(
+            "request", f"cannot decode the bytes as {type_name} ({reason}): send a well-formed {type_name} message"
+        )
+
+
+def _guard(handler: Any) -> Any:
+    """A method handler whose deserializer never raises: undecodable bytes become an
+    `UndecodableRequest` value, answered INVALID_ARGUMENT (grpc.aio would answer UNKNOWN with the
+    Python exception's class name)."""
+    import grpc
+
+    parse = handler.request_deserializer
+    type_name = parse.__self__.DESCRIPTOR.full_name
+
+    def deserialize(data: bytes) -> Any:
+        try:
+            return parse(data)
+        except Exception as exc:  # protobuf's DecodeError (and nothing else is possible here)
+            return UndecodableRequest(type_name, exc)
+
+    kwargs = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
+    if handler.unary_unary is not None:
+        inner = handler.unary_unary
+
+        async def unary(request: Any, context: Any) -> Any:
+            if isinstance(request, UndecodableRequest):
+                context.set_trailing_metadata((("invalid-field", request.field),))
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request))
+            return await inner(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(unary, **kwargs)
+    if handler.stream_unary is not None:
+        inner_stream = handler.stream_unary
+
+        async def checked(requests: Any) -> Any:
+            async for request in requests:
+                if isinstance(request, UndecodableRequest):
+                    raise request  # inside Handler.call: INVALID_ARGUMENT naming the field
+                yield request
+
+        async def stream(requests: Any, context: Any) -> Any:
+            return await inner_stream(checked(requests), context)
+
+        return grpc.stream_unary_rpc_method_handler(stream, **kwargs)
+    raise TypeError(f"no decoding guard for {handler!r}")  # the proto has no server-streaming RPCs
+
+
+class _Capture:
+    """Stands in for a server while a generated `add_..._to_server` registers its handlers."""
+
+    def __init__(self) -> None:
+        self.service = ""
+        self.handlers: dict[str, Any] = {}
+
+    def add_generic_rpc_handlers(self, handlers: Any) -> None:
+        pass
+
+    def add_registered_method_handlers(self, service: str, handlers: dict[str, Any]) -> None:
+        self.service, self.handlers = service, handlers
+
+
+def add_guarded(server: Any, add_to_server: Any, servicer: Any) -> None:
+    """`add_to_server(servicer, server)` with every method's request decoding guarded (`_guard`)."""
+    import grpc
+
+    capture = _Capture()
+    add_to_server(servicer, capture)
+    guarded = {name: _guard(handler) for name, handler in capture.handlers.items()}
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, guarded),))
+    server.add_registered_method_handlers(capture.service, guarded)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 from recsys.serving.engine import LiveState
+from recsys.serving.validation import EventsInput
 from recsys.state.codec import concat, decode
 from recsys.state.log import START, EventLog, Position, StateUnavailable
 from recsys.state.snapshot import Snapshot, pack, unpack
@@ -85,6 +86,8 @@ class Follower:
             if snap.state.config != base.config or snap.state.n_items != base.n_items:
                 log.warning("state snapshot at %s was folded for other features or catalogue; replaying the log", snap.position)
                 continue
+            snap.users.capacity = self.live.users.capacity  # this server's --max-users
+            snap.state.forget_users(snap.users.trim())
             self.live.state, self.live.users, self.live.events_applied = snap.state, snap.users, snap.events_applied
             self._keys = OrderedDict.fromkeys(snap.keys)
             self.position = snap.position
@@ -130,14 +133,27 @@ class Follower:
                 if len(self._keys) > MAX_KEYS:
                     self._keys.popitem(last=False)
             batches.append(events)
-        if batches:
+        if batches and self._regroup_safe(batches):
             self.live.apply(concat(batches))
-            self._since_snapshot += sum(len(b) for b in batches)
+        else:
+            for batch in batches:  # near the user bound: eviction depends on batch boundaries
+                self.live.apply(batch)
+        self._since_snapshot += sum(len(b) for b in batches)
         if records:
             self.position = records[-1][0]
             self.records += len(records)
             self._wake()
         return len(records)
+
+    def _regroup_safe(self, batches: list[EventsInput]) -> bool:
+        """May these records be folded as one batch? Only eviction (UserIndex at its bound) depends on
+        batch boundaries; when every user they name fits under the bound, no grouping evicts anyone
+        and one batch gives the state record-by-record folding gives."""
+        users = self.live.users
+        if users.capacity is None:
+            return True
+        new = {u for b in batches for u in b.user_ids if users.get(u) < 0}
+        return len(users) + len(new) <= users.capacity
 
     def _run(self) -> None:
         while not self._stop.is_set():
@@ -167,7 +183,7 @@ class Follower:
         if self.snapshots is None:
             return
         started = time.perf_counter()
-        snap = Snapshot(self.position, self.live.state, dict(self.live.users), self.live.events_applied, list(self._keys))
+        snap = Snapshot(self.position, self.live.state, self.live.users, self.live.events_applied, list(self._keys))
         self.snapshots.save(self.position, pack(snap))
         self._since_snapshot = 0
         self._last_snapshot = time.monotonic()

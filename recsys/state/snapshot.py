@@ -1,7 +1,8 @@
 """Snapshots of the folded state with the log position they include.
 
 A snapshot is one uncompressed .npz blob: the FeatureState as `FeatureState.save` writes it
-(state.npz + state.json, embedded as bytes) and live.json (position, user id -> index map, events
+(state.npz + state.json, embedded as bytes), the user index (row -> user id, free rows, last-active
+times: eviction must continue exactly as before the restart) and live.json (position, events
 applied, recent idempotency keys). Stores: a directory (`<state-dir>/snapshots/`, temp + fsync +
 rename, the newest two kept) and, for a Redis log, one Redis hash beside the stream (written only
 when newer than what it holds), so a new replica on another machine starts from it.
@@ -21,6 +22,7 @@ from typing import Any
 import numpy as np
 
 from recsys.features import FeatureState
+from recsys.serving.users import UserIndex
 from recsys.state.log import Position, format_position
 
 log = logging.getLogger(__name__)
@@ -31,7 +33,7 @@ KEEP = 2
 class Snapshot:
     position: Position
     state: FeatureState
-    users: dict[str, int]
+    users: UserIndex
     events_applied: int
     keys: list[str]
 
@@ -41,10 +43,12 @@ def pack(snapshot: Snapshot) -> bytes:
         snapshot.state.save(tmp)
         state_npz = Path(tmp, "state.npz").read_bytes()
         state_json = Path(tmp, "state.json").read_bytes()
+    users = snapshot.users
     live = {
         "position": list(snapshot.position),
-        "users": list(snapshot.users),
-        "user_idx": list(snapshot.users.values()),
+        "user_ids": users.ids,
+        "free_rows": users.free,
+        "evicted": users.evicted,
         "events_applied": snapshot.events_applied,
         "keys": snapshot.keys,
     }
@@ -54,6 +58,7 @@ def pack(snapshot: Snapshot) -> bytes:
         state_npz=np.frombuffer(state_npz, np.uint8),
         state_json=np.frombuffer(state_json, np.uint8),
         live_json=np.frombuffer(json.dumps(live).encode(), np.uint8),
+        user_active=users.active,
     )
     return buf.getvalue()
 
@@ -65,10 +70,15 @@ def unpack(blob: bytes) -> Snapshot:
         Path(tmp, "state.json").write_bytes(npz["state_json"].tobytes())
         state = FeatureState.load(tmp)
     live = json.loads(npz["live_json"].tobytes())
+    users = UserIndex([], state)
+    users.ids = list(live["user_ids"])
+    users.rows = {u: i for i, u in enumerate(users.ids) if u is not None}
+    users.active = np.asarray(npz["user_active"], np.int64)
+    users.free, users.evicted = [int(r) for r in live["free_rows"]], int(live["evicted"])
     return Snapshot(
         position=(int(live["position"][0]), int(live["position"][1])),
         state=state,
-        users=dict(zip(live["users"], live["user_idx"], strict=True)),
+        users=users,
         events_applied=int(live["events_applied"]),
         keys=list(live["keys"]),
     )

@@ -219,7 +219,7 @@ class GetModelInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class VariantInfo(_message.Message):
-    __slots__ = ("variant", "model_version", "ranker", "feature_names", "catalogue_items", "loaded_at", "providers", "baseline")
+    __slots__ = ("variant", "model_version", "ranker", "feature_names", "catalogue_items", "loaded_at", "providers", "baseline", "pinned")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     RANKER_FIELD_NUMBER: _ClassVar[int]
@@ -228,6 +228,7 @@ class VariantInfo(_message.Message):
     LOADED_AT_FIELD_NUMBER: _ClassVar[int]
     PROVIDERS_FIELD_NUMBER: _ClassVar[int]
     BASELINE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     variant: str
     model_version: str
     ranker: str
@@ -236,7 +237,8 @@ class VariantInfo(_message.Message):
     loaded_at: _timestamp_pb2.Timestamp
     providers: _containers.RepeatedScalarFieldContainer[str]
     baseline: str
-    def __init__(self, variant: _Optional[str] = ..., model_version: _Optional[str] = ..., ranker: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., catalogue_items: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., baseline: _Optional[str] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, variant: _Optional[str] = ..., model_version: _Optional[str] = ..., ranker: _Optional[str] = ..., feature_names: _Optional[_Iterable[str]] = ..., catalogue_items: _Optional[int] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., providers: _Optional[_Iterable[str]] = ..., baseline: _Optional[str] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class ExperimentInfo(_message.Message):
     __slots__ = ("path", "config_version", "loaded_at", "last_error", "last_error_at", "refused", "name")
@@ -299,16 +301,18 @@ class ReloadRequest(_message.Message):
     def __init__(self, version: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class ReloadResponse(_message.Message):
-    __slots__ = ("variant", "previous_version", "model_version", "load_seconds")
+    __slots__ = ("variant", "previous_version", "model_version", "load_seconds", "pinned")
     VARIANT_FIELD_NUMBER: _ClassVar[int]
     PREVIOUS_VERSION_FIELD_NUMBER: _ClassVar[int]
     MODEL_VERSION_FIELD_NUMBER: _ClassVar[int]
     LOAD_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
     variant: str
     previous_version: str
     model_version: str
     load_seconds: float
-    def __init__(self, variant: _Optional[str] = ..., previous_version: _Optional[str] = ..., model_version: _Optional[str] = ..., load_seconds: _Optional[float] = ...) -> None: ...
+    pinned: bool
+    def __init__(self, variant: _Optional[str] = ..., previous_version: _Optional[str] = ..., model_version: _Optional[str] = ..., load_seconds: _Optional[float] = ..., pinned: _Optional[bool] = ...) -> None: ...
 
 class ExplainAssignmentRequest(_message.Message):
     __slots__ = ("user_id", "request_id", "context", "request_time")

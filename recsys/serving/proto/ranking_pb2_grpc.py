@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from recsys.serving.proto import ranking_pb2 as recsys_dot_serving_dot_proto_dot_ranking__pb2
+from recsys.serving.proto import ranking_pb2 as recsys_dot_v1_dot_ranking__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in recsys/serving/proto/ranking_pb2_grpc.py depends on'
+        + ' but the generated code in recsys/v1/ranking_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -37,23 +37,23 @@ class RankingServiceStub:
         """
         self.Rank = channel.unary_unary(
                 '/recsys.v1.RankingService/Rank',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RankRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RankResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.RankResponse.FromString,
                 _registered_method=True)
         self.Recommend = channel.unary_unary(
                 '/recsys.v1.RankingService/Recommend',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RecommendRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RecommendResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.RecommendRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.RecommendResponse.FromString,
                 _registered_method=True)
         self.LogEvents = channel.unary_unary(
                 '/recsys.v1.RankingService/LogEvents',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.LogEventsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.LogEventsResponse.FromString,
                 _registered_method=True)
         self.StreamEvents = channel.stream_unary(
                 '/recsys.v1.RankingService/StreamEvents',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.LogEventsRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.LogEventsResponse.FromString,
                 _registered_method=True)
 
 
@@ -94,23 +94,23 @@ def add_RankingServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Rank': grpc.unary_unary_rpc_method_handler(
                     servicer.Rank,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RankRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RankResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.RankRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.RankResponse.SerializeToString,
             ),
             'Recommend': grpc.unary_unary_rpc_method_handler(
                     servicer.Recommend,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RecommendRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.RecommendResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.RecommendRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.RecommendResponse.SerializeToString,
             ),
             'LogEvents': grpc.unary_unary_rpc_method_handler(
                     servicer.LogEvents,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.LogEventsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.LogEventsResponse.SerializeToString,
             ),
             'StreamEvents': grpc.stream_unary_rpc_method_handler(
                     servicer.StreamEvents,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.LogEventsRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.LogEventsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -139,8 +139,8 @@ class RankingService:
             request,
             target,
             '/recsys.v1.RankingService/Rank',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.RankRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.RankResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.RankRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.RankResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -166,8 +166,8 @@ class RankingService:
             request,
             target,
             '/recsys.v1.RankingService/Recommend',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.RecommendRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.RecommendResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.RecommendRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.RecommendResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -193,8 +193,8 @@ class RankingService:
             request,
             target,
             '/recsys.v1.RankingService/LogEvents',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.LogEventsRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.LogEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -220,8 +220,8 @@ class RankingService:
             request_iterator,
             target,
             '/recsys.v1.RankingService/StreamEvents',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.LogEventsResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.LogEventsRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.LogEventsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -245,18 +245,18 @@ class ModelAdminStub:
         """
         self.GetModelInfo = channel.unary_unary(
                 '/recsys.v1.ModelAdmin/GetModelInfo',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.GetModelInfoResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.GetModelInfoResponse.FromString,
                 _registered_method=True)
         self.Reload = channel.unary_unary(
                 '/recsys.v1.ModelAdmin/Reload',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.ReloadRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.ReloadResponse.FromString,
                 _registered_method=True)
         self.ExplainAssignment = channel.unary_unary(
                 '/recsys.v1.ModelAdmin/ExplainAssignment',
-                request_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentRequest.SerializeToString,
-                response_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentResponse.FromString,
+                request_serializer=recsys_dot_v1_dot_ranking__pb2.ExplainAssignmentRequest.SerializeToString,
+                response_deserializer=recsys_dot_v1_dot_ranking__pb2.ExplainAssignmentResponse.FromString,
                 _registered_method=True)
 
 
@@ -291,18 +291,18 @@ def add_ModelAdminServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.GetModelInfoResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.GetModelInfoResponse.SerializeToString,
             ),
             'Reload': grpc.unary_unary_rpc_method_handler(
                     servicer.Reload,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.ReloadRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.ReloadResponse.SerializeToString,
             ),
             'ExplainAssignment': grpc.unary_unary_rpc_method_handler(
                     servicer.ExplainAssignment,
-                    request_deserializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentRequest.FromString,
-                    response_serializer=recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentResponse.SerializeToString,
+                    request_deserializer=recsys_dot_v1_dot_ranking__pb2.ExplainAssignmentRequest.FromString,
+                    response_serializer=recsys_dot_v1_dot_ranking__pb2.ExplainAssignmentResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -331,8 +331,8 @@ class ModelAdmin:
             request,
             target,
             '/recsys.v1.ModelAdmin/GetModelInfo',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.GetModelInfoRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.GetModelInfoResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.GetModelInfoRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.GetModelInfoResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -358,8 +358,8 @@ class ModelAdmin:
             request,
             target,
             '/recsys.v1.ModelAdmin/Reload',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.ReloadResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.ReloadRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.ReloadResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -385,8 +385,8 @@ class ModelAdmin:
             request,
             target,
             '/recsys.v1.ModelAdmin/ExplainAssignment',
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentRequest.SerializeToString,
-            recsys_dot_serving_dot_proto_dot_ranking__pb2.ExplainAssignmentResponse.FromString,
+            recsys_dot_v1_dot_ranking__pb2.ExplainAssignmentRequest.SerializeToString,
+            recsys_dot_v1_dot_ranking__pb2.ExplainAssignmentResponse.FromString,
             options,
             channel_credentials,
             insecure,
