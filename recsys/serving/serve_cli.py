@@ -85,16 +85,11 @@ class JsonFormatter(logging.Formatter):
         return json.dumps(payload)
 
 
-def write_ready(path: Path, payload: dict[str, object]) -> None:
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(payload))
-    os.replace(tmp, path)
-
-
 def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from recsys.errors import InputError
+    from recsys.files import write_json_atomic
     from recsys.serving.config import ServeConfig
     from recsys.serving.server import serve
 
@@ -127,7 +122,7 @@ def run(args: argparse.Namespace) -> int:
 
     def ready(port: int, metrics_port: int | None) -> None:
         if args.ready_file is not None:
-            write_ready(args.ready_file, {"port": port, "metrics_port": metrics_port, "pid": os.getpid()})
+            write_json_atomic(args.ready_file, {"port": port, "metrics_port": metrics_port, "pid": os.getpid()})
 
     asyncio.run(serve(config, ready))
     return 0

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import ConfigError
+from recsys.files import write_json_atomic
 from recsys.serving.config import ServeConfig
 
 log = logging.getLogger("recsys.serving")
@@ -111,9 +112,7 @@ def _await_ready(procs: list[Any], queue: Any, *, ready_file: Path | None, port:
         metrics[index] = metrics_port
     log.info("%d workers serving on port %d", len(procs), port)
     if ready_file is not None:
-        from recsys.serving.serve_cli import write_ready
-
-        write_ready(ready_file, {"port": port, "pids": [p.pid for p in procs],
+        write_json_atomic(ready_file, {"port": port, "pids": [p.pid for p in procs],
                                  "metrics_ports": [metrics[i] for i in range(len(procs))], "pid": procs[0].pid})
 
 
