@@ -484,3 +484,24 @@ def test_training_windows(case: Case, tmp_path: Path, capsys: pytest.CaptureFixt
         pytest.importorskip("torch")
         pytest.importorskip("lightgbm")
     run_case(case, tmp_path, capsys, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------ online state
+
+STATE = [
+    Case("export-no-journal", ["state", "export", "--state-dir", "{d}/nothing", "--out", "{d}/ev.parquet"], 2,
+         ("events.journal does not exist", "--state-dir")),
+    Case("export-not-parquet", ["state", "export", "--state-dir", "{d}", "--out", "{d}/ev.csv"], 2, (".parquet",)),
+    Case("export-bad-url", ["state", "export", "--state", "http://localhost:6379", "--out", "{d}/ev.parquet"], 2,
+         ("redis://HOST:PORT/DB",)),
+    Case("serve-bad-url", ["serve", "--registry", "{d}/reg", "--state", "localhost:6379"], 2, ("redis://HOST:PORT/DB",)),
+    Case("serve-workers-journal", ["serve", "--registry", "{d}/reg", "--workers", "2", "--state-dir", "{d}/s"], 2,
+         ("--workers 2 needs a shared event log", "--state redis://")),
+    Case("serve-workers-zero", ["serve", "--registry", "{d}/reg", "--workers", "0", "--state", "redis://127.0.0.1:1/0"], 2,
+         ("--workers must be >= 1",)),
+]
+
+
+@pytest.mark.parametrize("case", STATE, ids=lambda c: c.id)
+def test_state(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_case(case, tmp_path, capsys, monkeypatch)

@@ -65,8 +65,13 @@ class RankingClient:
         client_cert: Path | None = None,
         client_key: Path | None = None,
         server_name: str | None = None,
+        round_robin: bool = False,
     ) -> None:
+        """round_robin: spread calls over every address the target resolves to (several replicas:
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051" or a DNS name with several records)."""
         options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        if round_robin:
+            options.append(("grpc.lb_policy_name", "round_robin"))
         if tls_ca is not None or client_cert is not None:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=tls_ca.read_bytes() if tls_ca else None,
@@ -78,6 +83,9 @@ class RankingClient:
             self.channel = grpc.insecure_channel(target, options=options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        # Read-your-writes for this client: the token of its last LogEvents goes with its next Rank /
+        # Recommend, so whichever replica answers waits (bounded) until it folded those events.
+        self.token = ""
         self.ranking = pb_grpc.RankingServiceStub(self.channel)
         self.admin = pb_grpc.ModelAdminStub(self.channel)
 
@@ -104,7 +112,7 @@ class RankingClient:
         items = list(candidates)
         request = pb.RankRequest(
             request_id=request_id or uuid.uuid4().hex, user_id=user_id, top_k=top_k, explain=explain,
-            context=_context(context),
+            context=_context(context), consistency_token=self.token,
         )
         if all(isinstance(c, str) for c in items):
             request.candidate_ids.extend(items)  # the packed form: cheaper on both ends
@@ -129,15 +137,16 @@ class RankingClient:
     ) -> Any:
         request = pb.RecommendRequest(
             request_id=request_id or uuid.uuid4().hex, user_id=user_id, top_k=top_k, exclude_item_ids=list(exclude),
-            include_seen=include_seen, context=_context(context), explain=explain,
+            include_seen=include_seen, context=_context(context), explain=explain, consistency_token=self.token,
         )
         if history is not None:
             request.history.CopyFrom(_history(history))
         return self.ranking.Recommend(request, timeout=self.timeout, metadata=self.metadata)
 
-    def log_events(self, events: Iterable[Mapping[str, Any]]) -> Any:
-        """events: dicts with user_id, item_id, event_type [, timestamp (datetime), request_id, value]."""
-        batch = pb.LogEventsRequest()
+    def log_events(self, events: Iterable[Mapping[str, Any]], idempotency_key: str = "") -> Any:
+        """events: dicts with user_id, item_id, event_type [, timestamp (datetime), request_id, value].
+        idempotency_key: a retry of this call with the same key is folded once."""
+        batch = pb.LogEventsRequest(idempotency_key=idempotency_key)
         for e in events:
             event = batch.events.add(
                 user_id=e["user_id"], item_id=e["item_id"], event_type=e["event_type"],
@@ -145,7 +154,9 @@ class RankingClient:
             )
             if e.get("timestamp") is not None:
                 event.timestamp.FromDatetime(e["timestamp"])
-        return self.ranking.LogEvents(batch, timeout=self.timeout, metadata=self.metadata)
+        reply = self.ranking.LogEvents(batch, timeout=self.timeout, metadata=self.metadata)
+        self.token = reply.consistency_token
+        return reply
 
     def model_info(self) -> Any:
         return self.admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
