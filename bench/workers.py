@@ -16,6 +16,7 @@ import json
 import multiprocessing as mp
 import os
 import random
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -26,6 +27,7 @@ from serve import RANK_METHOD, _requests, summarise
 
 CHANNELS = 4  # connections per load-generator process
 ROUNDS = 2
+H2LOAD_CONNECTIONS = 16  # SO_REUSEPORT hashes connections to processes: enough of them to even out
 
 
 def _client(args: tuple[str, str, float, float, list[str], list[str], int]) -> dict[str, Any]:
@@ -90,6 +92,42 @@ def _level(target: str, mode: str, level: float, *, duration: float, clients: in
     return {"mode": mode, "level": level, **summarise([x for p in parts for x in p["latencies"]], duration, errors)}
 
 
+def _h2load(target: str, work: Path, *, duration: float, users: list[str], items: list[str]) -> dict[str, Any]:
+    """Saturated Rank/s from a C load generator (nghttp2's h2load, one thread, 16 connections x 2 streams).
+    The Python generator above spends about as much CPU per call as the server's own gRPC layer, so on a
+    2-core machine it takes the core a second worker would use; h2load spends tens of microseconds a call.
+    It sends one fixed, gRPC-framed RankRequest and cannot read trailers, so every reply's size is checked
+    against a real reply to the same request: an error status would come back with no message bytes."""
+    import re
+    import struct
+    import subprocess
+
+    import grpc
+
+    body = next(_requests("warm", users, items, 4242))
+    with grpc.insecure_channel(target) as channel:
+        reply = channel.unary_unary(RANK_METHOD)(body, timeout=30)
+    framed = work / "h2load-rank.bin"
+    framed.write_bytes(b"\x00" + struct.pack(">I", len(body)) + body)
+    cmd = ["h2load", "-D", str(int(duration)), "-c", str(H2LOAD_CONNECTIONS), "-m", "2", "-t", "1",
+           "-H", "content-type: application/grpc", "-H", "te: trailers", "-d", str(framed), f"http://{target}{RANK_METHOD}"]
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=duration + 60, check=True).stdout
+    done = re.search(r"requests: \d+ total, \d+ started, (\d+) done, (\d+) succeeded, (\d+) failed, (\d+) errored", out)
+    qps = re.search(r"finished in [\d.]+\w+, ([\d.]+) req/s", out)
+    data = re.search(r"traffic: .*?\(\d+\) total, .*?\(\d+\) headers .*?, .*?\((\d+)\) data", out)
+    mean = re.search(r"time for request:\s+\S+\s+\S+\s+(\S+)", out)
+    if not (done and qps and data and mean):
+        raise SystemExit(f"h2load output not understood:\n{out}")
+    succeeded = int(done.group(2))
+    per_reply = int(data.group(1)) / max(succeeded, 1) - 5  # minus the 5-byte gRPC frame header
+    to_ms = {"us": 1e-3, "ms": 1.0, "s": 1e3}
+    unit = re.match(r"([\d.]+)(\w+)", mean.group(1))
+    return {"mode": "h2load", "level": H2LOAD_CONNECTIONS * 2, "requests": succeeded, "qps": float(qps.group(1)),
+            "mean_ms": round(float(unit.group(1)) * to_ms[unit.group(2)], 2) if unit else None,
+            "reply_bytes": round(per_reply, 1), "expected_reply_bytes": len(reply),
+            "errors": {k: int(v) for k, v in (("failed", done.group(3)), ("errored", done.group(4))) if int(v)}}
+
+
 def _start(paths: dict[str, Path], work: Path, workers: int, redis_url: str) -> tuple[Any, str]:
     import subprocess
 
@@ -135,6 +173,12 @@ def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: flo
                         sat[workers].append(row["qps"])
                     rows.append({"workers": workers, "load": name, "round": r, **row})
                     print(rows[-1], file=sys.stderr)
+        if shutil.which("h2load"):
+            for r in range(ROUNDS):
+                for workers, (_, target) in servers.items():
+                    row = _h2load(target, work, duration=duration / ROUNDS, users=users, items=items)
+                    rows.append({"workers": workers, "load": "saturated, C load generator (h2load)", "round": r, **row})
+                    print(rows[-1], file=sys.stderr)
     finally:
         for server, _ in servers.values():
             server.terminate()
@@ -148,10 +192,14 @@ def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int
         return float(np.mean([r[key] for r in rows if r["workers"] == workers and r["load"].startswith(load)]))
 
     ratios = {
-        f"saturated Rank/s, --workers {n} / --workers 1 (target >= 1.7x)": f"{mean(n, 'saturated', 'qps') / mean(1, 'saturated', 'qps'):.2f}x",
+        f"saturated Rank/s, Python load generator, --workers {n} / --workers 1 (target >= 1.7x)":
+            f"{mean(n, 'saturated (', 'qps') / mean(1, 'saturated (', 'qps'):.2f}x",
         f"p99 at concurrency 1 (mean of rounds), --workers {n} / 1": f"{mean(n, 'concurrency 1', 'p99_ms') / mean(1, 'concurrency 1', 'p99_ms'):.2f}x",
         f"p99 at half saturation (mean of rounds), --workers {n} / 1": f"{mean(n, 'half', 'p99_ms') / mean(1, 'half', 'p99_ms'):.2f}x",
     }
+    if any(r["load"].startswith("saturated, C") for r in rows):
+        ratios[f"saturated Rank/s, C load generator (h2load), --workers {n} / --workers 1 (target >= 1.7x)"] = (
+            f"{mean(n, 'saturated, C', 'qps') / mean(1, 'saturated, C', 'qps'):.2f}x")
     report = {"machine": f"{os.cpu_count()} CPU cores shared by the servers and the load generator", "duration_s": duration,
               "client_processes": clients, "channels_per_client": CHANNELS, "load_average": os.getloadavg(), "rows": rows,
               "ratios": ratios}
@@ -160,8 +208,14 @@ def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int
              "both servers fold a local Redis stream (--state). Command: `python bench/serve.py --compare-workers "
              f"{n} --clients {clients}`.", "",
              "| workers | load | round | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['load']} | {r['round']} | {r['qps']} | {r['p50_ms']} | {r['p99_ms']} | {r['errors'] or ''} |"
-              for r in rows]
+    lines += [f"| {r['workers']} | {r['load']} | {r['round']} | {r['qps']} | {r.get('p50_ms', '')} | {r.get('p99_ms', '')} | "
+              f"{r['errors'] or ''} |" for r in rows]
+    h2 = [r for r in rows if r["mode"] == "h2load"]
+    if h2:
+        lines += ["", "h2load rows: mean latency (h2load reports no percentiles) and the mean reply size against a real reply "
+                  "to the same request (an error status carries no message): "
+                  + "; ".join(f"workers {r['workers']} round {r['round']}: {r['mean_ms']} ms, {r['reply_bytes']} of "
+                              f"{r['expected_reply_bytes']} bytes" for r in h2)]
     lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_workers.json").write_text(json.dumps(report, indent=1))

@@ -452,7 +452,7 @@ class RankingServer:
         serving: bool | None = None
         tick = 0
         while True:
-            self.app.state.flush_exposures()  # served lists of a quiet moment
+            self.app.state.flush_exposures_soon()  # served lists of a quiet moment
             tick += 1
             if tick % 4 == 1:
                 metrics.state_lag.set(await asyncio.to_thread(follower.refresh_lag))

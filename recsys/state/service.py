@@ -11,7 +11,7 @@ import asyncio
 import logging
 import threading
 import time
-from concurrent.futures import Future
+from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -36,6 +36,8 @@ class StateService:
         self._exposures: list[EventsInput] = []  # served lists not appended yet
         self._exposure_lock = threading.Lock()
         self._exposure_flushed = time.monotonic()
+        # Served lists are encoded and appended on this thread, never on the Rank that crossed the bound.
+        self._exposure_writer = ThreadPoolExecutor(1, thread_name_prefix="state-exposures")
 
     @classmethod
     def open(
@@ -72,7 +74,8 @@ class StateService:
         self.follower.start()
 
     def close(self) -> None:
-        self.flush_exposures()
+        self._exposure_writer.submit(self.flush_exposures).result()
+        self._exposure_writer.shutdown(wait=True)
         self.follower.close()
         self.log.close()
 
@@ -87,10 +90,17 @@ class StateService:
         with self._exposure_lock:
             self._exposures.append(events)
             due = len(self._exposures) >= EXPOSURE_FLUSH_LISTS or time.monotonic() - self._exposure_flushed >= EXPOSURE_FLUSH_S
+            if due:
+                self._exposure_flushed = time.monotonic()  # one flush per bound, however many Ranks see it due
         if due:
-            self.flush_exposures()
+            self.flush_exposures_soon()
+
+    def flush_exposures_soon(self) -> None:
+        """Flush on the exposure writer thread (the event loop's quiet-moment timer calls this too)."""
+        self._exposure_writer.submit(self.flush_exposures)
 
     def flush_exposures(self) -> None:
+        """Append the buffered served lists as one record (the exposure writer thread, or close)."""
         with self._exposure_lock:
             lists, self._exposures = self._exposures, []
             self._exposure_flushed = time.monotonic()
