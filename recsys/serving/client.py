@@ -7,10 +7,17 @@
         for item in response.items:
             print(item.position, item.item_id, round(item.score, 3))
         print(response.model_version, response.variant)
+
+Every call has a deadline (`timeout`, 2 s by default; `reload` 120 s). The read-only calls (Rank,
+Recommend, GetModelInfo, ExplainAssignment) are retried by the channel on UNAVAILABLE (a replica
+restarting or draining) with exponential backoff, per gRPC's service-config retry policy. LogEvents and
+Reload are never retried: LogEvents carries no idempotency key, so a retry after a lost reply could
+record the events twice.
 """
 
 from __future__ import annotations
 
+import json
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -25,6 +32,26 @@ from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
 # A candidate: "item_id", (item_id, text) for items the catalogue may not know, or a dict with
 # item_id, text, features.
 CandidateLike = str | tuple[str, str] | Mapping[str, Any]
+
+
+# The read-only calls: safe to send again when the first attempt may or may not have reached a server.
+IDEMPOTENT_METHODS = (
+    ("recsys.v1.RankingService", "Rank"), ("recsys.v1.RankingService", "Recommend"),
+    ("recsys.v1.ModelAdmin", "GetModelInfo"), ("recsys.v1.ModelAdmin", "ExplainAssignment"),
+)
+
+
+def service_config(max_attempts: int = 4) -> str:
+    """gRPC service config (JSON): retry UNAVAILABLE on the idempotent calls, 50 ms backoff doubling to 1 s
+    (max_attempts counts the first call: 2..5).
+
+    The call's own deadline still bounds the attempts together."""
+    policy = {
+        "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": method} for service, method in IDEMPOTENT_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 def _candidate(c: CandidateLike) -> Any:
@@ -59,14 +86,24 @@ class RankingClient:
     def __init__(
         self,
         target: str,
+        *,
         token: str | None = None,
         timeout: float = 2.0,
         tls_ca: Path | None = None,
         client_cert: Path | None = None,
         client_key: Path | None = None,
         server_name: str | None = None,
+        retries: int = 3,
     ) -> None:
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        """timeout: default deadline of every call but `reload` (seconds); retries: extra attempts of the
+        idempotent calls after UNAVAILABLE (0 disables retrying; gRPC caps attempts at 5)."""
+        if retries < 0 or timeout <= 0:
+            raise ValueError("RankingClient: retries must be >= 0 and timeout > 0")
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        if retries:
+            options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(min(retries, 4) + 1))]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         if tls_ca is not None or client_cert is not None:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=tls_ca.read_bytes() if tls_ca else None,
@@ -159,8 +196,6 @@ class RankingClient:
         self, user_id: str, request_id: str = "", context: Mapping[str, str | float] | None = None
     ) -> dict[str, Any]:
         """The experiment assignment of (user, request, context) on the server: buckets, checks, label."""
-        import json
-
         request = pb.ExplainAssignmentRequest(user_id=user_id, request_id=request_id, context=_context(context))
         reply = self.admin.ExplainAssignment(request, timeout=self.timeout, metadata=self.metadata)
         return dict(json.loads(reply.json))
