@@ -11,6 +11,7 @@ import argparse
 import importlib
 import logging
 import os
+import re
 import sys
 import textwrap
 from collections.abc import Sequence
@@ -41,13 +42,23 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
 ]
 
 
+EPILOG = """environment:
+  RECSYS_LOG_LEVEL  log level when -v is not given: DEBUG, INFO, WARNING, ERROR (default INFO)
+  RECSYS_TRT_CACHE  TensorRT engine cache folder for --provider tensorrt (default ~/.cache/recsys/trt)
+
+Run `recsys COMMAND --help` for a command's flags. Exit codes: 0 ok, 2 bad input, 3 a check failed."""
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
-        prog="recsys",
-        description="Text-based recommender ranking engine.",
+        prog="recsys", description="Text-based recommender ranking engine.", epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--version", action="version", version=f"recsys {__version__}")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before or after the command)")
+    # Every command also accepts -v; SUPPRESS keeps a command without it from resetting the top-level value.
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module_name, help_text in _COMMANDS:
@@ -56,15 +67,35 @@ def build_parser() -> argparse.ArgumentParser:
         configure = getattr(module, f"configure_{suffix}" if suffix else "configure")
         run = getattr(module, f"run_{suffix}" if suffix else "run")
         if len(path) == 1:
-            sub = top.add_parser(path[0], help=help_text, description=help_text)
+            sub = top.add_parser(path[0], help=help_text, description=help_text, parents=[common])
         else:
             if path[0] not in groups:
-                group_parser = top.add_parser(path[0], help=f"{path[0]} subcommands")
+                group_parser = top.add_parser(path[0], help=f"{path[0]} subcommands", parents=[common])
+                group_parser.set_defaults(_parser=group_parser)  # `recsys models` alone prints this help
                 groups[path[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
-            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text)
+            sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text, parents=[common])
         configure(sub)
-        sub.set_defaults(_run=run)
+        sub.set_defaults(_run=run, _parser=sub)
     return parser
+
+
+_PYTHON_OPTION = re.compile(r"\b([a-z][a-z0-9]*(?:_[a-z0-9]+)+)(?:=(?:'([^']*)'|\"([^\"]*)\"|([^\s,;)]+)))?")
+
+
+def user_message(message: str, parser: argparse.ArgumentParser | None) -> str:
+    """Speak in the flags the user typed: `valid_frac` -> `--valid-frac`, `on_invalid='drop'` ->
+    `--on-invalid drop`, for the options of the command that ran; then wrap without splitting a flag."""
+    flags = {a.dest: a.option_strings[-1] for a in (parser._actions if parser else []) if a.option_strings}
+
+    def to_flag(m: re.Match[str]) -> str:
+        flag = flags.get(m.group(1))
+        if flag is None:
+            return m.group(0)
+        value = next((v for v in m.group(2, 3, 4) if v is not None), None)
+        return flag if value is None else f"{flag} {value}"
+
+    text = _PYTHON_OPTION.sub(to_flag, message)
+    return "\n".join(textwrap.wrap(text, width=100, break_on_hyphens=False, break_long_words=False))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -76,13 +107,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     run = getattr(args, "_run", None)
+    command_parser: argparse.ArgumentParser | None = getattr(args, "_parser", None)
     if run is None:
-        parser.print_help()
+        (command_parser or parser).print_help(sys.stderr)
         return 2
     try:
         return int(run(args) or 0)
     except RecsysError as exc:
-        message = "\n".join(textwrap.wrap(str(exc), width=100)) or type(exc).__name__
+        message = user_message(str(exc), command_parser) or type(exc).__name__
         print(f"error: {message}", file=sys.stderr)
         return exc.exit_code
     except KeyboardInterrupt:

@@ -101,6 +101,7 @@ def test_bad_input_exits_2_with_one_paragraph(tmp_path: Path) -> None:
     bad_time = _recsys("prepare", "--events", str(tmp_path / "events.csv"), "--items", str(tmp_path / "items.csv"), "--out", str(tmp_path / "o"))
     assert bad_time.returncode == 2 and "Traceback" not in bad_time.stderr
     assert "timestamp" in bad_time.stderr and "not-a-time" in bad_time.stderr
+    assert "--on-invalid drop" in bad_time.stderr and "on_invalid" not in bad_time.stderr  # the flag, not the kwarg
     assert not (tmp_path / "o").exists()
     no_input = _recsys("prepare", "--out", str(tmp_path / "o"))
     assert no_input.returncode == 2 and "--events" in no_input.stderr
@@ -117,3 +118,70 @@ def test_every_help_works_without_heavy_dependencies() -> None:
         done = _recsys(*path, "--help", block_heavy=True)
         assert done.returncode == 0, (path, done.stderr)
         assert "usage: recsys" in done.stdout
+
+
+def test_group_commands_alone_print_their_own_help(capsys: pytest.CaptureFixture[str]) -> None:
+    for group, members in (("models", ("list", "promote", "rollback", "gc")), ("experiment", ("validate", "assign", "analyze"))):
+        assert main([group]) == 2
+        err = capsys.readouterr().err
+        assert f"usage: recsys {group}" in err and all(m in err for m in members), err
+        assert "prepare" not in err  # not the top-level help
+    assert main([]) == 2 and "usage: recsys [-h]" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("argv", "verbose"), [
+    (["-v", "models", "list", "--registry", "r"], True),
+    (["models", "list", "--registry", "r", "-v"], True),
+    (["generate", "--verbose", "--out", "o"], True),
+    (["models", "-v", "list", "--registry", "r"], True),
+    (["models", "list", "--registry", "r"], False),
+])
+def test_verbose_before_or_after_the_command(argv: list[str], verbose: bool) -> None:
+    from recsys.cli import build_parser
+
+    assert build_parser().parse_args(argv).verbose is verbose
+
+
+def test_environment_variables_are_documented() -> None:
+    top = _recsys("--help")
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    for name in ("RECSYS_LOG_LEVEL", "RECSYS_TRT_CACHE"):
+        assert name in top.stdout and name in readme
+
+
+def test_generate_and_evaluate_help_state_every_default() -> None:
+    import argparse
+
+    from recsys.cli import build_parser
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    for action in commands["generate"]._actions:
+        if not action.option_strings or action.dest in ("help", "verbose"):
+            continue
+        assert action.help, action.dest
+        if action.default not in (None, False, argparse.SUPPRESS):
+            assert f"({action.default})" in action.help, (action.dest, action.help)
+    (scores_top,) = [a for a in commands["evaluate"]._actions if a.dest == "scores_top"]
+    assert scores_top.default == 100 and "(100" in str(scores_top.help)
+
+
+def test_messages_name_flags_and_wrapping_keeps_them_whole() -> None:
+    from recsys.cli import build_parser, user_message
+
+    commands = build_parser()._subparsers._group_actions[0].choices  # type: ignore[union-attr]
+    prepare = commands["prepare"]
+    padding = "x" * 93  # puts the flag across the 100-column wrap point
+    text = user_message(f"{padding} bad rows. Or pass on_invalid='drop' to drop them; valid_frac + test_frac must be < 1", prepare)
+    assert "--on-invalid drop" in text and "--valid-frac + --test-frac must be < 1" in text
+    assert all(not line.endswith("-") for line in text.splitlines())
+    assert "on_invalid" not in text and "--on-\n" not in text
+    assert user_message("column user_id is missing", prepare) == "column user_id is missing"  # not a flag: kept
+    assert user_message("on_invalid='drop'", None) == "on_invalid='drop'"
+
+
+def test_prepare_config_errors_name_the_flags(tmp_path: Path) -> None:
+    raw = tmp_path / "raw"
+    assert main(["generate", "--out", str(raw), "--events", "500", "--users", "20", "--items", "20"]) == 0
+    done = _recsys("prepare", "--events", str(raw / "events.parquet"), "--items", str(raw / "items.parquet"),
+                   "--out", str(tmp_path / "o"), "--valid-frac", "0.6", "--test-frac", "0.5")
+    assert done.returncode == 2 and "--valid-frac + --test-frac must be < 1" in done.stderr, done.stderr

@@ -8,14 +8,14 @@ from pathlib import Path
 
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", type=Path, required=True, help="directory for events/items/users files")
-    parser.add_argument("--events", type=int, default=200_000, help="approximate number of events")
-    parser.add_argument("--users", type=int, default=2000)
-    parser.add_argument("--items", type=int, default=1000)
-    parser.add_argument("--days", type=int, default=60)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--file-format", choices=["parquet", "csv", "jsonl"], default="parquet")
+    parser.add_argument("--events", type=int, default=200_000, help="approximate number of events (200000)")
+    parser.add_argument("--users", type=int, default=2000, help="number of users (2000)")
+    parser.add_argument("--items", type=int, default=1000, help="number of items, each with a title, description and tags (1000)")
+    parser.add_argument("--days", type=int, default=60, help="days of activity the log spans (60)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed: the same seed writes the same log (0)")
+    parser.add_argument("--file-format", choices=["parquet", "csv", "jsonl"], default="parquet",
+                        help="format of the written files (parquet)")
     parser.add_argument("--no-impressions", action="store_true", help="only interactions, no exposure events")
-
 
 def run(args: argparse.Namespace) -> int:
     from recsys.data.synthetic import SyntheticConfig, generate
