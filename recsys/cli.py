@@ -56,9 +56,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--version", action="version", version=f"recsys {__version__}")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging (before or after the command)")
-    # Every command also accepts -v; SUPPRESS keeps a command without it from resetting the top-level value.
+    parser.add_argument("--no-progress", action="store_true",
+                        help="no progress bars (they show only when stderr is a terminal; before or after the command)")
+    # Every command also accepts these; SUPPRESS keeps a command without them from resetting the top-level value.
     common = argparse.ArgumentParser(add_help=False)
     common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="debug logging")
+    common.add_argument("--no-progress", action="store_true", default=argparse.SUPPRESS,
+                        help="no progress bars (shown only when stderr is a terminal)")
     top = parser.add_subparsers(dest="command", metavar="COMMAND")
     groups: dict[str, argparse._SubParsersAction] = {}
     for path, module_name, help_text in _COMMANDS:
@@ -106,6 +110,9 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.DEBUG if args.verbose else getattr(logging, default_level, logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
+    from recsys import progress
+
+    progress.configure(enabled=not args.no_progress)
     run = getattr(args, "_run", None)
     command_parser: argparse.ArgumentParser | None = getattr(args, "_parser", None)
     if run is None:

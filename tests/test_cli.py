@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -185,3 +186,35 @@ def test_prepare_config_errors_name_the_flags(tmp_path: Path) -> None:
     done = _recsys("prepare", "--events", str(raw / "events.parquet"), "--items", str(raw / "items.parquet"),
                    "--out", str(tmp_path / "o"), "--valid-frac", "0.6", "--test-frac", "0.5")
     assert done.returncode == 2 and "--valid-frac + --test-frac must be < 1" in done.stderr, done.stderr
+
+
+class _Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _with_stderr(stream: io.StringIO, argv: list[str], monkeypatch: pytest.MonkeyPatch) -> int:
+    monkeypatch.setattr(sys, "stderr", stream)
+    try:
+        return main(argv)
+    finally:
+        from recsys import progress
+
+        progress.configure(enabled=True)
+
+
+@pytest.mark.parametrize("no_progress", [[], ["--no-progress"], ["NO_TTY"]])
+def test_progress_shows_on_a_terminal_only_and_not_with_no_progress(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, no_progress: list[str]
+) -> None:
+    config = tmp_path / "exp.yaml"
+    config.write_text("schema: 1\nname: t\ndefault_ranker: a\nrankers:\n  a: {model: current}\nlayers: []\n")
+    flags = [f for f in no_progress if f != "NO_TTY"]
+    stream = io.StringIO() if "NO_TTY" in no_progress else _Terminal()
+    assert _with_stderr(stream, ["experiment", "assign", str(config), "--count", "3000", *flags], monkeypatch) == 0
+    stream2 = io.StringIO() if "NO_TTY" in no_progress else _Terminal()
+    assert _with_stderr(stream2, [*flags, "generate", "--out", str(tmp_path / "g"), "--events", "300",
+                                  "--users", "10", "--items", "10"], monkeypatch) == 0
+    shown = not no_progress
+    assert ("assign" in stream.getvalue() and "unit" in stream.getvalue()) is shown, stream.getvalue()
+    assert ("generate: " in stream2.getvalue() and "stages" in stream2.getvalue()) is shown, stream2.getvalue()

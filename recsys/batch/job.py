@@ -9,7 +9,6 @@ commits what comes back. Both write the same parts, so a run may even resume on 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -276,12 +275,12 @@ def _report(config: BatchConfig, prep: _Prepared, skipped: int, seconds: float, 
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
-    """A tqdm bar over input rows on stderr (no-op when disabled); call with None to close."""
+    """A bar over input rows on stderr (recsys.progress; no-op when disabled); call with None to close."""
     if not enabled:
         return lambda n: None
-    from tqdm import tqdm
+    from recsys.progress import bar as progress_bar
 
-    bar = tqdm(total=total, unit="row", unit_scale=True, file=sys.stderr, desc="score")
+    bar = progress_bar(desc="score", total=total, unit="row", unit_scale=True)
 
     def update(n: int | None) -> None:
         if n is None:

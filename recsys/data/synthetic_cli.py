@@ -19,13 +19,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from recsys.data.synthetic import SyntheticConfig, generate
+    from recsys.progress import Stages
 
     config = SyntheticConfig(
         n_users=args.users, n_items=args.items, n_events=args.events, days=args.days,
         seed=args.seed, impressions=not args.no_impressions,
     )
-    log = generate(config)
-    paths = log.write(args.out, args.file_format)
+    with Stages("generate", 2) as stages:
+        stages.next("simulate users, items and events")
+        log = generate(config)
+        stages.next(f"write {args.file_format} files")
+        paths = log.write(args.out, args.file_format)
     print(f"wrote {log.events.height:,} events, {log.items.height:,} items, {log.users.height:,} users:")
     for role, path in paths.items():
         print(f"  {role}: {path}")

@@ -124,9 +124,11 @@ def run_assign(args: argparse.Namespace) -> int:
         ctx = {SESSION_KEY: args.debug, **context}
         print(json.dumps(explain(config, args.debug, args.debug, ctx, when), indent=2))
         return 0
+    from recsys.progress import bar
+
     units = _units(args)
     rows: list[dict[str, Any]] = []
-    for uid in units:  # the id stands for the user, the session and the request alike
+    for uid in bar(units, desc="assign", unit="unit", unit_scale=True):  # the id: user, session and request alike
         a = assign(config, uid, uid, {SESSION_KEY: uid, **context}, when)
         rows.append({"unit_id": uid, "label": a.label, "experiment": a.experiment, "variant": a.variant,
                      "holdout": a.holdout, "ranker": a.ranker, "forced": a.forced})  # fmt: skip

@@ -53,7 +53,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run_group.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on GPU")
     run_group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_group.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
 
 
@@ -64,6 +63,7 @@ def run(args: argparse.Namespace) -> int:
         require(module)
     if args.lora:
         require("peft")
+    from recsys.progress import enabled as progress_enabled
     from training.matcher.train import TrainConfig, train
 
     config = TrainConfig(
@@ -76,7 +76,7 @@ def run(args: argparse.Namespace) -> int:
         max_grad_norm=args.max_grad_norm, patience=args.patience, cache_refresh=args.cache_refresh,
         max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,
         warm_start=str(args.warm_start) if args.warm_start else None, resume=args.resume,
-        device=args.device, bf16=not args.no_bf16, threads=args.threads, progress=not args.no_progress,
+        device=args.device, bf16=not args.no_bf16, threads=args.threads, progress=progress_enabled(),
         zero_shot=not args.no_zero_shot,
     )
     report = train(config)
