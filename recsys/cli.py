@@ -36,6 +36,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("score",), "recsys.batch.score_cli", "score pairs, candidate lists or every user's top K offline (local or Ray)"),
     (("experiment", "validate"), "recsys.experiments.cli:validate", "check an experiment config and summarise its traffic"),
     (("experiment", "assign"), "recsys.experiments.cli:assign", "preview experiment assignment for a list of units"),
+    (("experiment", "schema"), "recsys.experiments.cli:schema", "print the config's JSON Schema (docs/experiments.schema.json)"),
     (("experiment", "analyze"), "recsys.experiments.cli:analyze", "analyse an experiment: exposures + events -> lifts, CIs, SRM"),
     (("retrain",), "training.retrain_cli", "retrain on new events + exposure logs, compare with the current version, promote if not worse"),
     (("demo",), "recsys.demo", "run the whole pipeline on generated data"),

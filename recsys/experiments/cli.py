@@ -74,6 +74,21 @@ def _spec(d: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
+# --------------------------------------------------------------------------- schema
+
+
+def configure_schema(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Editors validate and complete a config with it, e.g. for the YAML language server, first line: "
+                     "# yaml-language-server: $schema=docs/experiments.schema.json")
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    from recsys.experiments.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------- assign
 
 
