@@ -197,6 +197,10 @@ def _open_manifest(out: Path, settings: dict[str, Any], overwrite: bool) -> RunM
 
 def run_batch(config: BatchConfig, scorer: ChunkScorer | None = None) -> BatchReport:
     """Score `config.input` into `config.out`; `scorer` reuses a loaded model (local engine only)."""
+    if config.engine == "ray":  # before anything is written: a missing Ray must not leave a manifest behind
+        from recsys.compat import require
+
+        require("ray")
     with output_lock(Path(config.out), what=f"batch output {config.out}"):
         return _run_locked(config, scorer)
 
