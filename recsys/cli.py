@@ -17,6 +17,7 @@ import textwrap
 from collections.abc import Sequence
 
 from recsys import __version__
+from recsys.cli_config import CONFIGURABLE, add_config_flag, apply_config_file
 from recsys.errors import RecsysError
 
 # (command path, module with configure/run, one-line help)
@@ -80,6 +81,8 @@ def build_parser() -> argparse.ArgumentParser:
                 groups[path[0]] = group_parser.add_subparsers(dest="subcommand", metavar="SUBCOMMAND")
             sub = groups[path[0]].add_parser(path[1], help=help_text, description=help_text, parents=[common])
         configure(sub)
+        if path in CONFIGURABLE:
+            add_config_flag(sub)
         sub.set_defaults(_run=run, _parser=sub)
     return parser
 
@@ -105,6 +108,12 @@ def user_message(message: str, parser: argparse.ArgumentParser | None) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        apply_config_file(parser, argv)
+    except RecsysError as exc:
+        print(f"error: {user_message(str(exc), None)}", file=sys.stderr)
+        return exc.exit_code
     args = parser.parse_args(argv)
     default_level = os.environ.get("RECSYS_LOG_LEVEL", "INFO").upper()
     logging.basicConfig(

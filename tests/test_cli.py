@@ -218,3 +218,48 @@ def test_progress_shows_on_a_terminal_only_and_not_with_no_progress(
     shown = not no_progress
     assert ("assign" in stream.getvalue() and "unit" in stream.getvalue()) is shown, stream.getvalue()
     assert ("generate: " in stream2.getvalue() and "stages" in stream2.getvalue()) is shown, stream2.getvalue()
+
+
+def _parsed(argv: list[str]) -> dict[str, object]:
+    from recsys.cli import build_parser
+    from recsys.cli_config import apply_config_file
+
+    parser = build_parser()
+    apply_config_file(parser, argv)
+    values = vars(parser.parse_args(argv))
+    return {k: v for k, v in values.items() if k not in ("config", "_run", "_parser")}
+
+
+def test_config_file_keys_are_flags_and_flags_override_it(tmp_path: Path) -> None:
+    flags = ["--data", "d/prepared", "--out", "r", "--protocol", "tail", "--matcher", "ft=reg/v1", "--matcher",
+             "zs=reg/v2", "--n-boot", "50", "--scores-top", "0", "--no-blend"]
+    (tmp_path / "eval.yaml").write_text(
+        "data: d/prepared\nout: r\nprotocol: tail\nmatcher: [ft=reg/v1, zs=reg/v2]\nn-boot: 50\nscores_top: 0\n"
+        "no-blend: true\n"
+    )
+    from_file = _parsed(["evaluate", "--config", str(tmp_path / "eval.yaml")])
+    assert from_file == _parsed(["evaluate", *flags])  # a required flag (--data) may come from the file
+    overridden = _parsed(["evaluate", "--config", str(tmp_path / "eval.yaml"), "--n-boot", "7"])
+    assert overridden["n_boot"] == 7 and overridden["protocol"] == "tail"
+    (tmp_path / "retrain.json").write_text(json.dumps({"registry": "reg", "data": "d", "events": "e.parquet",
+                                                       "out": "w", "epochs": 2}))
+    retrain = _parsed(["retrain", "--config", str(tmp_path / "retrain.json")])
+    assert retrain == _parsed(["retrain", "--registry", "reg", "--data", "d", "--events", "e.parquet", "--out", "w",
+                               "--epochs", "2"])
+
+
+@pytest.mark.parametrize(("text", "words"), [
+    ("epochz: 3\n", ("unknown key 'epochz'", "without the dashes", "n-boot")),
+    ("n-boot: many\n", ("key 'n-boot'", "invalid literal")),
+    ("protocol: sideways\n", ("key 'protocol'", "not one of")),
+    ("no-blend: yes please\n", ("key 'no-blend'", "true or false")),
+    ("- just a list\n", ("must be a mapping",)),
+])
+def test_bad_config_files_exit_2_naming_the_key(tmp_path: Path, capsys: pytest.CaptureFixture[str], text: str,
+                                                 words: tuple[str, ...]) -> None:
+    (tmp_path / "c.yaml").write_text(text)
+    assert main(["evaluate", "--config", str(tmp_path / "c.yaml"), "--data", "d", "--out", "o"]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert all(w in err for w in words), err
+    assert main(["evaluate", "--config", str(tmp_path / "none.yaml")]) == 2
+    assert "does not exist" in capsys.readouterr().err
