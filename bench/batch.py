@@ -145,10 +145,10 @@ def child_naive(paths: dict[str, Path], input_path: Path, n_pairs: int, kind: st
     from recsys.features import FeatureState, to_us
     from recsys.ranker import Ranker
     from recsys.scoring.store import EmbeddingStore
-    from training.export import load_checkpoint
+    from training.matcher.checkpoint import load_towers
 
     torch.set_num_threads(1)
-    ckpt = load_checkpoint(paths["ckpt"])
+    ckpt = load_towers(paths["ckpt"])
     tok = AutoTokenizer.from_pretrained(paths["ckpt"] / "item_encoder")
     max_len = ckpt.config.max_text_tokens
     ranker = Ranker.load(paths["ranker"])
@@ -192,7 +192,8 @@ def child_naive(paths: dict[str, Path], input_path: Path, n_pairs: int, kind: st
                 batch = tok([texts[i] for i in cand], truncation=True, max_length=max_len, padding=True,
                             return_tensors="pt")
                 match = (ckpt.item_tower(batch["input_ids"], batch["attention_mask"]) @ user_vector(u, t)).tolist()
-            features = state.compute(u, cand, t, np.asarray(match, np.float32), None, {"device": rows[start].device})
+            features = state.compute(u, cand, t, match_scores=np.asarray(match, np.float32),
+                                     context={"device": rows[start].device})
             scores.extend(ranker.score(features).tolist())
             start = end
     seconds = time.perf_counter() - t0

@@ -106,7 +106,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     from recsys.cli import main as recsys_main
     from recsys.scoring.encoder import ItemEncoder
     from training.export import ExportConfig, export_checkpoint
-    from training.matcher.model import build_model, save_checkpoint
+    from training.matcher.checkpoint import save_checkpoint
+    from training.matcher.model import build_model
 
     torch.set_num_threads(args.threads)
     if args.model is None:

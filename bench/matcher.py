@@ -51,13 +51,52 @@ def prepare(cache: Path, max_history: int = 20) -> Path:
     return out
 
 
+def naive_modes_trainer(cfg: Any, *, dedupe: bool = True, history_grad: bool = False, bucket: bool = True) -> Any:
+    """The production trainer with the benchmark-only alternatives it replaced: per-pair encoding
+    (dedupe=False: one encoder pass per pair slot, repeats included), history encoded with gradients
+    (history_grad=True: the history items go through the encoder too), no length bucketing."""
+    import torch
+
+    from training.matcher.train import StepItems, _Trainer, _unbucket
+
+    class NaiveModes(_Trainer):
+        def step_items(self, targets: np.ndarray, negs: np.ndarray, hist: np.ndarray) -> StepItems:
+            hist_valid = hist[hist >= 0]
+            if dedupe:
+                columns = np.unique(np.concatenate([targets, negs]))
+                encode = np.unique(np.concatenate([columns, hist_valid])) if history_grad else columns
+                plan = StepItems(columns, np.searchsorted(columns, targets), encode, np.searchsorted(encode, columns))
+                self.hist_pos = np.searchsorted(encode, np.where(hist >= 0, hist, 0)) if history_grad else None
+                return plan
+            columns = np.concatenate([targets, negs])
+            encode = np.concatenate([columns, hist_valid]) if history_grad else columns
+            self.hist_pos = None
+            if history_grad:
+                self.hist_pos = np.zeros(hist.shape, dtype=np.int64)
+                self.hist_pos[hist >= 0] = len(columns) + np.arange(len(hist_valid))
+            return StepItems(columns, np.arange(len(targets)), encode, np.arange(len(columns)))
+
+        def encode_step(self, inputs: Any, chunks: Any, plan: StepItems, history: Any) -> Any:
+            if self.hist_pos is None:
+                return super().encode_step(inputs, chunks, plan, history)
+            # History embeddings need the encoder output: run the towers separately.
+            _, h_type, h_age, h_mask = history
+            enc = _unbucket(self.ddp(inputs, None, None, None, None)[1], chunks, len(plan.encode))
+            h_emb = enc[torch.from_numpy(self.hist_pos).to(self.device)] * h_mask.unsqueeze(-1)
+            return self.model.user_tower(h_emb, h_type, h_age, h_mask), enc
+
+    trainer = NaiveModes(cfg)
+    trainer.bucket = bucket
+    return trainer
+
+
 def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str, Any]]:
     """pairs/s of one training step under cumulative optimisations, same batches for all."""
     import torch
 
-    from training.matcher.train import TrainConfig, _Trainer
+    from training.matcher.train import TrainConfig
 
-    variants = [
+    variants: list[tuple[str, dict[str, Any]]] = [
         ("naive: per-pair encoding, history with grad, no bucketing", dict(dedupe=False, history_grad=True, bucket=False)),
         ("+ each unique item once per step", dict(dedupe=True, history_grad=True, bucket=False)),
         ("+ history from the no-grad cache", dict(dedupe=True, history_grad=False, bucket=False)),
@@ -69,10 +108,13 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
          dict(freeze_encoder=True, item_head=512, cache_negatives=100_000)),
     ]
     rows: list[dict[str, Any]] = []
+    modes = ("dedupe", "history_grad", "bucket")
     for name, overrides in variants:
-        cfg = TrainConfig(data=str(data), out=str(cache / "throughput"), protocol="tail", batch_size=batch,
-                          threads=2, progress=False, zero_shot=False, eval_test=False, **overrides)  # type: ignore[arg-type]
-        trainer = _Trainer(cfg)  # the cache stays zeros: its content does not change the cost of a step
+        naive = {k: v for k, v in overrides.items() if k in modes}
+        cfg = TrainConfig(data=str(data), out=str(cache / "throughput"), protocol="tail", batch_size=batch, threads=2,
+                          progress=False, zero_shot=False, eval_test=False,
+                          **{k: v for k, v in overrides.items() if k not in modes})
+        trainer = naive_modes_trainer(cfg, **naive)  # the cache stays zeros: it does not change a step's cost
         trainer.model.train()
         trainer.train_step(trainer.batch_rows(0, 0), 0)  # warm-up: allocator, first-call overheads
         encoded = 0
@@ -86,10 +128,11 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
             targets = trainer.pairs.item[rows_s]
             if cfg.freeze_encoder:  # no encoder pass at all: the cached pooled outputs go through the head
                 continue
-            if cfg.dedupe:
-                encoded += len(np.unique(np.concatenate([targets, hist[hist >= 0]]) if cfg.history_grad else targets))
+            if naive.get("dedupe", True):
+                history_grad = naive.get("history_grad", False)
+                encoded += len(np.unique(np.concatenate([targets, hist[hist >= 0]]) if history_grad else targets))
             else:
-                encoded += len(targets) + (int((hist >= 0).sum()) if cfg.history_grad else 0)
+                encoded += len(targets) + (int((hist >= 0).sum()) if naive.get("history_grad", False) else 0)
         rows.append({"variant": name, "batch": batch, "seconds_per_step": seconds, "pairs_per_s": batch / seconds,
                      "items_encoded_per_step": encoded / steps})
         print(f"  {name:60s} {batch / seconds:8.1f} pairs/s  ({seconds:.2f} s/step)", flush=True)
@@ -106,9 +149,9 @@ def run_protocol(data: Path, cache: Path, protocol: str, args: argparse.Namespac
 
     from recsys.data.prepared import PreparedData
     from recsys.evaluation.metrics import top_k
+    from training.matcher.checkpoint import load_checkpoint
     from training.matcher.data import ItemTokens, item_texts
     from training.matcher.evaluate import EvalSet, encode_items, model_scores
-    from training.matcher.model import load_checkpoint
     from training.matcher.train import TrainConfig, train
 
     out = cache / f"ckpt_{protocol}"

@@ -110,7 +110,7 @@ def zero_shot_matcher(data: Any, threads: int) -> Any:
 
 
 def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
-    from training.matcher.model import load_checkpoint
+    from training.matcher.checkpoint import load_checkpoint
     from training.matcher.train import TrainConfig, train
 
     report_path = out / "training_report.json"

@@ -50,7 +50,8 @@ def build(work: Path, n_items: int, seed: int) -> dict[str, Path]:
     from recsys.features import EmbeddingMatcher, mean_pool_encoder
     from recsys.scoring.store import EmbeddingStore
     from training.export import ExportConfig, export_to_registry
-    from training.matcher.model import build_model, save_checkpoint
+    from training.matcher.checkpoint import save_checkpoint
+    from training.matcher.model import build_model
     from training.ranker import RankerConfig, train_ranker
 
     log = generate(n_users=3000, n_items=n_items, n_events=120_000, days=30, seed=seed)
@@ -320,10 +321,10 @@ def naive(paths: dict[str, Path], users: list[str], items: list[str], n_requests
     from recsys.data.prepared import PreparedData
     from recsys.ranker import Ranker
     from recsys.serving.proto import ranking_pb2 as pb
-    from training.export import ITEM_ENCODER_DIR, load_checkpoint
+    from training.matcher.checkpoint import ITEM_ENCODER_DIR, load_towers
 
     torch.set_num_threads(1)  # 2 threads: 10x slower per request here (OpenMP spin-waits on a shared box)
-    ckpt = load_checkpoint(paths["ckpt"])
+    ckpt = load_towers(paths["ckpt"])
     tok = AutoTokenizer.from_pretrained(paths["ckpt"] / ITEM_ENCODER_DIR)
     data = PreparedData.load(paths["data"])
     texts = dict(zip(data.items["item_id"].cast(pl.Utf8).to_list(), data.items["text"].to_list(), strict=True))
@@ -360,7 +361,8 @@ def naive(paths: dict[str, Path], users: list[str], items: list[str], n_requests
                 vec = encode(text or texts[item_id])
                 match = float(vec @ u)
                 idx = index.get(item_id, 0)
-                features = state.compute(user, [idx], t_us, [match], None, {"device": None} if "ctx_device" in ranker.feature_names else {}, {})
+                context = {"device": None} if "ctx_device" in ranker.feature_names else {}
+                features = state.compute(user, [idx], t_us, match_scores=[match], context=context)
                 scores.append(float(ranker.score(features)[0]))
             sorted(zip(scores, [c[0] for c in cands], strict=True), reverse=True)[:20]
             latencies.append(time.perf_counter() - start)

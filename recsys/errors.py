@@ -22,6 +22,10 @@ class InputError(RecsysError):
     """Bad user input: a missing file or column, an unparseable value, unknown ids, a bad flag."""
 
 
+class NotFoundError(InputError):
+    """A named thing that does not exist (a model version, a serving variant): gRPC NOT_FOUND."""
+
+
 class DataCheckError(InputError):
     """Input data that reads fine but fails a plausibility check (e.g. retrain's data checks)."""
 

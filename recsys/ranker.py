@@ -7,6 +7,10 @@ A ranker directory (written by `recsys train ranker`, see training/ranker.py):
     importance.json  gain importance per feature
     feature_state/   FeatureState as of the end of the training data (state.npz + state.json)
 
+The request path that builds the feature matrices and calls `Ranker.score` is
+`recsys.scoring.request.RequestScorer`; the trainer is training/ranker.py (`train_lambdamart` is the
+one LambdaMART fit, used by `train ranker`, publish, retrain and evaluate's blend).
+
 Scoring checks the caller's feature names against the training ones, so a matrix built by other
 feature code (or a model trained on other features) is refused with the missing/extra names, never
 silently scored with shifted columns.
@@ -18,14 +22,14 @@ import json
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 
-from recsys.candidate import check_model_text
 from recsys.compat import require
 from recsys.errors import InputError, ModelError
-from recsys.features import EmbeddingMatcher, FeatureConfig, Features, FeatureState
+from recsys.features import FeatureConfig, Features, FeatureState
+from recsys.model_text import check_model_text
 
 RANKER_FORMAT = 1
 MODEL_FILE = "model.txt"
@@ -227,29 +231,90 @@ class Ranker:
         return Explanation(contrib[:, :-1], contrib[:, -1], self.feature_names)
 
 
-def score_request(
-    ranker: Ranker,
-    state: FeatureState,
-    user_idx: int,
-    candidates: np.ndarray | Sequence[int],
-    request_time: Any,
-    matcher: EmbeddingMatcher | None = None,
-    context: Mapping[str, Any] | None = None,
-    extra: Mapping[str, Any] | None = None,
-) -> tuple[np.ndarray, Features]:
-    """The one request path (service, batch scorer and evaluator): features -> scores [n].
+# ------------------------------------------------------------------------------------------ training
 
-    Context is limited to the columns the model knows (a request may carry more)."""
-    match = None
-    history = state.history(user_idx, request_time)  # read once: the user tower and co-visitation
-    if ranker.uses_match:
-        if matcher is None:
-            raise ModelError("this ranker was trained with match scores (match_score): pass a matcher")
-        match = matcher.scores(history, np.asarray(candidates))
-    known = set(ranker.context_names)
-    ctx = {k: v for k, v in (context or {}).items() if k in known}
-    features = state.compute(user_idx, candidates, request_time, match, history, ctx, extra)
-    return ranker.score(features), features
+
+@dataclass(frozen=True)
+class LambdaMARTParams:
+    """The one LambdaMART parameter source. `recsys train ranker` / publish / retrain
+    (`RankerConfig.lambdamart`) and evaluate's blend (`BlendConfig.lambdamart`) each build one."""
+
+    num_rounds: int = 500
+    learning_rate: float = 0.05
+    num_leaves: int = 7
+    min_data_in_leaf: int = 50
+    feature_fraction: float = 1.0
+    lambda_l2: float = 1.0
+    early_stopping_rounds: int = 50
+    label_gain: tuple[float, ...] = (0.0, 1.0, 3.0, 7.0, 15.0)  # by integer label
+    eval_at: int = 10
+    truncation_level: int | None = None  # lambdarank_truncation_level; None: LightGBM's default
+    col_wise: bool = True  # histogram layout: force_col_wise, else force_row_wise
+    seed: int = 0
+    threads: int = 0  # 0 = LightGBM's default (all cores)
+
+    def lgb_params(self) -> dict[str, Any]:
+        params: dict[str, Any] = {
+            "objective": "lambdarank",
+            "metric": "ndcg",
+            "eval_at": [self.eval_at],
+            "label_gain": list(self.label_gain),
+            "learning_rate": self.learning_rate,
+            "num_leaves": self.num_leaves,
+            "min_data_in_leaf": self.min_data_in_leaf,
+            "feature_fraction": self.feature_fraction,
+            "feature_fraction_seed": self.seed,
+            "lambda_l2": self.lambda_l2,
+            "seed": self.seed,
+            "deterministic": True,
+            "force_col_wise" if self.col_wise else "force_row_wise": True,
+            "num_threads": self.threads,
+            "verbose": -1,
+        }
+        if self.truncation_level is not None:
+            params["lambdarank_truncation_level"] = self.truncation_level
+        return params
+
+
+class GroupedRows(Protocol):
+    """Rows of request groups in group order: matrix [R, F], labels [R] ints, sizes [G]."""
+
+    matrix: np.ndarray
+    labels: np.ndarray
+    sizes: np.ndarray
+
+
+@dataclass
+class RankingSet:
+    matrix: np.ndarray
+    labels: np.ndarray
+    sizes: np.ndarray
+
+
+def train_lambdamart(
+    params: LambdaMARTParams,
+    fit: GroupedRows,
+    stop: GroupedRows,
+    names: Sequence[str],
+    *,
+    init_model: Any = None,
+) -> tuple[Any, int]:
+    """The one LambdaMART fit: trees on `fit`, early stopping on NDCG@eval_at of `stop` (groups no
+    tree is fit on). init_model (a Booster) continues it. -> (booster, best iteration; with
+    init_model it counts the previous trees too, as LightGBM does)."""
+    lgb = require("lightgbm")
+    dfit = lgb.Dataset(fit.matrix, fit.labels, group=fit.sizes, feature_name=list(names), free_raw_data=False)
+    dstop = lgb.Dataset(stop.matrix, stop.labels, group=stop.sizes, reference=dfit, free_raw_data=False)
+    booster = lgb.train(
+        params.lgb_params(),
+        dfit,
+        num_boost_round=params.num_rounds,
+        init_model=init_model,
+        valid_sets=[dstop],
+        valid_names=["holdout"],
+        callbacks=[lgb.early_stopping(params.early_stopping_rounds, first_metric_only=True, verbose=False)],
+    )
+    return booster, int(booster.best_iteration or booster.current_iteration())
 
 
 def grouped_ndcg(

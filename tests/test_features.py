@@ -287,9 +287,9 @@ def test_masking_an_item_as_unseen_gives_the_features_of_an_item_without_events(
     full = FeatureState.build(items, events)
     without = FeatureState.build(items, events.filter(pl.col("item_idx") != 1))
     t, cand = _at(400), np.array([0, 1, 2, 3])
-    masked = full.compute(0, cand, t, np.linspace(0.1, 0.4, 4))
+    masked = full.compute(0, cand, t, match_scores=np.linspace(0.1, 0.4, 4))
     full.mask_unseen_items(masked, np.array([1]))
-    fresh = without.compute(0, cand, t, np.linspace(0.1, 0.4, 4))
+    fresh = without.compute(0, cand, t, match_scores=np.linspace(0.1, 0.4, 4))
     behaviour = [n for n in masked.names if n.startswith("item_pop_")] + [
         "item_impressions", "item_age_days", "item_days_since_last", "seen", "ui_count", "ui_impressions",
         "covis_sum", "covis_max", "covis_norm",
@@ -298,8 +298,8 @@ def test_masking_an_item_as_unseen_gives_the_features_of_an_item_without_events(
         np.testing.assert_array_equal(_col(masked, name)[1], _col(fresh, name)[1], err_msg=name)
     assert _col(masked, "item_ctr")[1] == np.float32(full.ctr_prior)
     for name in ("item_catalogue_age_days", "item_price", "cat_weight", "tag_affinity"):  # the catalogue still knows it
-        assert _col(masked, name)[1] == _col(full.compute(0, cand, t, np.linspace(0.1, 0.4, 4)), name)[1]
-    np.testing.assert_array_equal(np.delete(masked.matrix, 1, 0), np.delete(full.compute(0, cand, t, np.linspace(0.1, 0.4, 4)).matrix, 1, 0))
+        assert _col(masked, name)[1] == _col(full.compute(0, cand, t, match_scores=np.linspace(0.1, 0.4, 4)), name)[1]
+    np.testing.assert_array_equal(np.delete(masked.matrix, 1, 0), np.delete(full.compute(0, cand, t, match_scores=np.linspace(0.1, 0.4, 4)).matrix, 1, 0))
     full.mask_unseen_items(masked, np.array([2]), in_catalogue=False)  # an id the catalogue does not know
     assert np.isnan(_col(masked, "item_price")[2]) and _col(masked, "cat_weight")[2] == 0
 

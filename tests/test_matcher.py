@@ -19,13 +19,13 @@ torch = pytest.importorskip("torch")
 
 from recsys.cli import main  # noqa: E402
 from recsys.errors import InputError, ModelError  # noqa: E402
+from training.matcher.checkpoint import load_checkpoint  # noqa: E402
 from training.matcher.loss import false_negative_mask, in_batch_softmax  # noqa: E402
 from training.matcher.model import (  # noqa: E402
     N_EVENT_TYPES,
     TwoTower,
     UserTower,
     age_bucket,
-    load_checkpoint,
     load_encoder,
 )
 from training.matcher.train import TrainConfig, train  # noqa: E402
@@ -187,6 +187,32 @@ def test_lora_trains_only_adapter_weights_and_saves_a_plain_encoder(prepared_dir
     assert changed and all(("query" in k or "value" in k) and k.endswith("weight") for k in changed)
 
 
+def test_benchmark_only_step_modes_live_in_bench_and_the_default_equals_production(
+    prepared_dir: Path, bert: Path, tmp_path: Path
+) -> None:
+    """bench/matcher.py's naive modes (per-pair encoding, history with gradients, no bucketing) run
+    one step each; with none of them on, its step is the production step to the bit."""
+    import importlib.util
+
+    from training.matcher.train import _Trainer
+
+    spec = importlib.util.spec_from_file_location("bench_matcher", Path(__file__).resolve().parents[1] / "bench" / "matcher.py")
+    assert spec is not None and spec.loader is not None
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    cfg = TrainConfig(data=str(prepared_dir), out=str(tmp_path / "o"), base_model=str(bert), zero_shot=False,
+                      eval_test=False, **FAST)  # type: ignore[arg-type]
+    losses = {}
+    for modes in ({}, {"dedupe": False, "history_grad": True, "bucket": False}, {"history_grad": True}):
+        trainer = bench.naive_modes_trainer(cfg, **modes)
+        trainer.model.train()
+        losses[tuple(modes)] = trainer.train_step(trainer.batch_rows(0, 0), 0)
+    production = _Trainer(cfg)
+    production.model.train()
+    assert production.train_step(production.batch_rows(0, 0), 0) == losses[()]
+    assert all(np.isfinite(v) for v in losses.values())
+
+
 def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
     prepared_dir: Path, bert: Path, tmp_path: Path
 ) -> None:
@@ -233,8 +259,7 @@ def test_item_head_with_frozen_encoder_trains_head_and_user_tower_only(prepared_
     from safetensors.torch import load_file
     from transformers import AutoModel
 
-    from training.export import load_checkpoint as export_load_checkpoint
-    from training.matcher.model import load_checkpoint
+    from training.matcher.checkpoint import load_checkpoint, load_towers
 
     out = tmp_path / "head"
     report = train(TrainConfig(data=str(prepared_dir), out=str(out), base_model=str(bert), protocol="loo",
@@ -248,7 +273,7 @@ def test_item_head_with_frozen_encoder_trains_head_and_user_tower_only(prepared_
     assert report["fine_tuned"]["test"]["recall@10"] > report["zero_shot"]["test"]["recall@10"]
     # The checkpoint reloads with its head (training and export agree on the item tower).
     model, tokenizer = load_checkpoint(out)
-    ckpt = export_load_checkpoint(out)
+    ckpt = load_towers(out)
     batch = tokenizer(["trail mountain boots", "jazz piano concert vinyl album"], padding=True, return_tensors="pt")
     with torch.no_grad():
         a = model.eval().item_tower(batch["input_ids"], batch["attention_mask"])

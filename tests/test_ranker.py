@@ -15,7 +15,8 @@ import pytest
 from recsys.data.prepared import PreparedData
 from recsys.errors import InputError, ModelError
 from recsys.features import EmbeddingMatcher, Features, mean_pool_encoder
-from recsys.ranker import Ranker, grouped_ndcg, score_request
+from recsys.ranker import Ranker, grouped_ndcg
+from recsys.scoring.request import RequestBatch, RequestScorer
 
 
 def topic_matcher(synthetic_log, data: PreparedData, noise: float = 0.6) -> EmbeddingMatcher:
@@ -87,11 +88,11 @@ def test_saved_model_reproduces_the_metrics_and_loads_without_pickle(trained, mo
     state = ranker.load_state()
     assert state.as_of_us >= int(table.time_us.max())
     cands = np.arange(0, data.n_items, 4)
-    served, features = score_request(
-        ranker, state, 3, cands, state.as_of_us + 1, matcher, {"device": "web", "country": "x"}
-    )
+    scorer = RequestScorer(state, ranker=ranker, matcher=matcher)
+    scored = scorer.score(RequestBatch.from_lists([3], [state.as_of_us + 1], [cands], contexts=[{"device": "web", "country": "x"}]))
+    served = scored.scores
     assert served.shape == (len(cands),) and np.isfinite(served).all()
-    np.testing.assert_allclose(served, ranker.score(features))
+    np.testing.assert_allclose(served, ranker.score(scored.features))
 
 
 def test_explanations_sum_to_the_score(trained) -> None:
@@ -170,7 +171,7 @@ def test_feature_name_mismatch_is_refused_with_the_feature_named(trained) -> Non
         ranker.score(columns)
     # A ranker trained with match scores needs a matcher at request time.
     with pytest.raises(ModelError, match="match_score"):
-        score_request(ranker, ranker.load_state(), 0, np.arange(5), 0, None)
+        RequestScorer(ranker.load_state(), ranker=ranker)
 
 
 def test_grouped_ndcg_known_answer() -> None:

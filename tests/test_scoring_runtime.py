@@ -79,9 +79,9 @@ def test_length_bucketing_restores_order_and_matches_other_paddings(runtime) -> 
 
 
 def test_user_tower_runtime_matches_torch(runtime, registry: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
-    from training.export import load_checkpoint
+    from training.matcher.checkpoint import load_towers
 
-    tower = load_checkpoint(registry[1]).user_tower
+    tower = load_towers(registry[1]).user_tower
     rng = np.random.default_rng(0)
     n_items = len(runtime.store)
     rows = rng.integers(0, n_items, size=(6, 10))

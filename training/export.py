@@ -26,7 +26,6 @@ from typing import Any
 
 import numpy as np
 import torch
-from safetensors.torch import load_file
 
 from recsys.data.prepared import Histories, PreparedData
 from recsys.errors import InputError, ModelError
@@ -36,71 +35,14 @@ from recsys.registry import MANIFEST, Registry, hash_files
 from recsys.scoring.encoder import ItemEncoder, TextTokenizer, UserEncoder
 from recsys.scoring.providers import CPU, CUDA, accelerator_status, ort
 from recsys.scoring.store import EmbeddingStore, text_hash
+from training.matcher.checkpoint import ITEM_ENCODER_DIR, Checkpoint, load_towers
 from training.matcher.model import (
     N_EVENT_TYPES,
-    ItemHead,
     ItemTower,
-    MatcherConfig,
     UserTower,
-    load_item_head,
 )
 
 log = logging.getLogger(__name__)
-
-ITEM_ENCODER_DIR = "item_encoder"
-USER_TOWER_FILE = "user_tower.safetensors"
-CONFIG_FILE = "matcher_config.json"
-
-
-# --- checkpoints --------------------------------------------------------------------------------
-
-
-@dataclass
-class Checkpoint:
-    path: Path
-    config: MatcherConfig
-    item_tower: ItemTower
-    user_tower: UserTower
-    tokenizer_json: Path
-    extra_config: dict[str, Any]
-
-
-def load_checkpoint(path: Path | str) -> Checkpoint:
-    """Load both towers in eval mode. The encoder uses eager attention: exact, and the pattern ORT's
-    fusions recognise."""
-    from transformers import AutoModel, AutoTokenizer
-
-    path = Path(path)
-    for needed in (ITEM_ENCODER_DIR, USER_TOWER_FILE, CONFIG_FILE):
-        if not (path / needed).exists():
-            raise InputError(
-                f"{path} is not a matcher checkpoint: {path / needed} is missing. Point --checkpoint at the "
-                f"directory written by `recsys train matcher` (item_encoder/, {USER_TOWER_FILE}, {CONFIG_FILE})."
-            )
-    config = MatcherConfig.load(path / CONFIG_FILE)
-    encoder = AutoModel.from_pretrained(path / ITEM_ENCODER_DIR, attn_implementation="eager")
-    if int(encoder.config.hidden_size) != config.dim:
-        raise ModelError(f"{path}: encoder hidden size {encoder.config.hidden_size} != matcher dim {config.dim}")
-    user = UserTower(config.dim, config.user_heads, config.dropout)
-    user.load_state_dict(load_file(str(path / USER_TOWER_FILE)))
-    tokenizer_json = path / ITEM_ENCODER_DIR / "tokenizer.json"
-    if not tokenizer_json.exists():  # slow-tokenizer checkpoints: derive the fast one once
-        fast = AutoTokenizer.from_pretrained(path / ITEM_ENCODER_DIR, use_fast=True)
-        tokenizer_json = path / "tokenizer.export.json"
-        fast.backend_tokenizer.save(str(tokenizer_json))
-    extra = {}
-    for other in sorted(path.glob("*.json")):  # trainer configs saved beside the artifact
-        if other.name not in (CONFIG_FILE, tokenizer_json.name):
-            try:
-                extra[other.stem] = json.loads(other.read_text())
-            except ValueError:
-                log.warning("ignoring unreadable %s", other)
-    head = None
-    if config.item_head > 0:  # residual MLP after pooling: part of the exported item tower
-        head = ItemHead(config.dim, config.item_head)
-        load_item_head(head, path)
-    return Checkpoint(path, config, ItemTower(encoder, head).eval(), user.eval(), tokenizer_json, extra)
-
 
 # --- ONNX export --------------------------------------------------------------------------------
 
@@ -397,7 +339,7 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
     catalogue's embedding store into `out_dir`; return the manifest fields. Raises ModelError when
     parity fails, so a bad export never reaches the registry."""
     config = config or ExportConfig()
-    ckpt = load_checkpoint(ckpt_path)
+    ckpt = load_towers(ckpt_path)
     cfg, out_dir = ckpt.config, Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     enc_cfg: Any = ckpt.item_tower.encoder.config

@@ -27,8 +27,9 @@ from recsys.errors import ModelError
 from recsys.files import fault_point
 from recsys.progress import Stages
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
+from recsys.scoring.registry_matcher import registry_matcher
 from training.export import ExportConfig, export_checkpoint
-from training.ranker import RankerConfig, load_registry_matcher, train_ranker
+from training.ranker import RankerConfig, train_ranker
 
 log = logging.getLogger(__name__)
 
@@ -105,11 +106,11 @@ def publish_version(
     try:
         stages.next("export ONNX towers + item embeddings, parity check")
         result = export_checkpoint(checkpoint, staging, export_config, prepared.root)
-        # A provisional manifest, so the staged directory reads like a version (load_registry_matcher).
+        # A provisional manifest, so the staged directory reads like a version (registry_matcher).
         provisional = {"format": FORMAT, "version": None, **result.manifest,
                        "files": hash_files(staging, result.hashed)}
         (staging / MANIFEST).write_text(json.dumps(provisional, indent=1))
-        matcher = load_registry_matcher(staging, prepared)
+        matcher = registry_matcher(staging, prepared)
         stages.next("train the LightGBM blender")
         trained = train_ranker(prepared, staging / RANKER_DIR, matcher, ranker_config,
                                matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)",

@@ -67,7 +67,8 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _zero_shot_checkpoint(base_model: str, data: object, scratch: Path) -> Path:
-    from training.matcher.model import build_model, save_checkpoint
+    from training.matcher.checkpoint import save_checkpoint
+    from training.matcher.model import build_model
 
     model, tokenizer = build_model(base_model, max_history=data.max_history)  # type: ignore[attr-defined]
     out = scratch / "checkpoint"

@@ -1,4 +1,4 @@
-"""`recsys train ranker`: LightGBM LambdaMART over the shared features (recsys/features.py).
+"""`recsys train ranker`: LightGBM LambdaMART over the shared features (recsys/features/).
 
 Windows (the prepared global split): the matcher learns from "train"; the ranker learns from request
 groups in the "valid" window (so the match score it sees is out-of-sample), early-stops on the last
@@ -11,9 +11,11 @@ undefined NDCG). Logs without impressions: one group per positive interaction, t
 `negatives` popularity-sampled items.
 
 Point in time, exactly: groups are processed in request-time order while the log is replayed into a
-FeatureState, applying only events with timestamp < the group's request time before computing its
-features (no window-start approximation). Replay is vectorised per batch of events between two
-consecutive groups; the cost is O(groups) small NumPy calls.
+FeatureState (`FeatureState.replay`), applying only events with timestamp < the group's request time
+before computing its features (no window-start approximation), through the one request scorer
+(`recsys.scoring.request.RequestScorer`, R = the groups one replay step sees) that the service, batch
+scoring and evaluation use. The LambdaMART fit is `recsys.ranker.train_lambdamart` (also evaluate's
+blend), its parameters `RankerConfig.lambdamart()`.
 """
 
 from __future__ import annotations
@@ -33,7 +35,17 @@ from recsys.compat import require
 from recsys.data.prepared import PreparedData
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState, to_us
-from recsys.ranker import IMPORTANCE_FILE, META_FILE, MODEL_FILE, RANKER_FORMAT, STATE_DIR, grouped_ndcg
+from recsys.ranker import (
+    IMPORTANCE_FILE,
+    META_FILE,
+    MODEL_FILE,
+    RANKER_FORMAT,
+    STATE_DIR,
+    LambdaMARTParams,
+    grouped_ndcg,
+    train_lambdamart,
+)
+from recsys.scoring.request import RequestBatch, RequestScorer
 
 log = logging.getLogger(__name__)
 
@@ -78,24 +90,13 @@ class RankerConfig:
         if not 0.0 <= self.cold_item_dropout < 1.0:
             raise ConfigError(f"cold_item_dropout must be in [0, 1), got {self.cold_item_dropout}")
 
-    def lgb_params(self) -> dict[str, Any]:
-        return {
-            "objective": "lambdarank",
-            "metric": "ndcg",
-            "eval_at": [self.eval_at],
-            "label_gain": list(self.label_gain),
-            "learning_rate": self.learning_rate,
-            "num_leaves": self.num_leaves,
-            "min_data_in_leaf": self.min_data_in_leaf,
-            "feature_fraction": self.feature_fraction,
-            "feature_fraction_seed": self.seed,
-            "lambda_l2": self.lambda_l2,
-            "seed": self.seed,
-            "deterministic": True,
-            "force_col_wise": True,
-            "num_threads": self.threads,
-            "verbose": -1,
-        }
+    def lambdamart(self) -> LambdaMARTParams:
+        return LambdaMARTParams(
+            num_rounds=self.num_rounds, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
+            min_data_in_leaf=self.min_data_in_leaf, feature_fraction=self.feature_fraction, lambda_l2=self.lambda_l2,
+            early_stopping_rounds=self.early_stopping_rounds, label_gain=self.label_gain, eval_at=self.eval_at,
+            seed=self.seed, threads=self.threads,
+        )
 
 
 def grade(strength: np.ndarray) -> np.ndarray:
@@ -223,16 +224,16 @@ def build_group_features(
     events: EventBatch,
     groups: pl.DataFrame,
     matcher: EmbeddingMatcher | None = None,
+    *,
     split_at_us: int | None = None,
     refresh_s: float = 0.0,
 ) -> GroupTable:
     """Replay `events` (sorted by time; those already in `state` are skipped by time) and compute each
-    group's features from exactly the events before its request time. Mutates `state`.
+    group's features from exactly the events before its request time (`FeatureState.replay`, the
+    request scorer with R = the groups one replay step sees). Mutates `state`.
 
     groups: rows (request_id, time_us, user_idx, item_idx, strength, <context>) sorted by time_us.
-    refresh_s > 0 trades exactness for speed on very large logs: the state is brought up to a
-    group's time only when `refresh_s` has passed since the last refresh, so features may be stale by
-    up to refresh_s but still never see an event at or after the request time."""
+    refresh_s > 0: see `FeatureState.replay` (stale by up to refresh_s, never leaking)."""
     context = [c for c in state.config.context_columns or () if c in groups.columns]
     heads = groups.group_by("request_id", maintain_order=True).agg(
         pl.col("time_us").first(),
@@ -242,50 +243,29 @@ def build_group_features(
     )
     sizes = heads["size"].to_numpy().astype(np.int64)
     times = heads["time_us"].to_numpy().astype(np.int64)
-    users = heads["user_idx"].to_numpy().astype(np.int64)
-    items = groups["item_idx"].to_numpy().astype(np.int64)
-    labels = grade(groups["strength"].to_numpy())
     ctx_values = {c: heads[c].to_list() for c in context}
-    starts = np.concatenate([[0], np.cumsum(sizes)])
-    ts = events.ts_us
-    done = (
-        int(np.searchsorted(ts, state.as_of_us, side="right"))
-        if state.as_of_us > np.iinfo(np.int64).min
-        else 0
+    requests = RequestBatch(
+        users=heads["user_idx"].to_numpy().astype(np.int64),
+        times=times,
+        indptr=np.concatenate([[0], np.cumsum(sizes)]).astype(np.int64),
+        items=groups["item_idx"].to_numpy().astype(np.int64),
+        contexts=[{c: ctx_values[c][g] for c in context} for g in range(len(sizes))],
     )
-    blocks: list[np.ndarray] = []
-    names: tuple[str, ...] = ()
-    refresh_us, refreshed = int(refresh_s * 1e6), np.iinfo(np.int64).min
-    for g in range(len(sizes)):
-        t = int(times[g])
-        if t - refreshed >= refresh_us:
-            upto = int(np.searchsorted(ts, t, side="left"))  # events strictly before t
-            if upto > done:
-                state.apply(events.slice(done, upto))
-                done = upto
-            refreshed = t
-        cand = items[starts[g] : starts[g + 1]]
-        history = state.history(int(users[g]), t)
-        match = matcher.scores(history, cand) if matcher is not None else None
-        ctx = {c: ctx_values[c][g] for c in context}
-        features = state.compute(int(users[g]), cand, t, match, history, ctx)
-        blocks.append(features.matrix)
-        names = features.names
-    if not blocks:
-        names = state.feature_names(matcher is not None, context)
-    split = (
-        np.where(times >= split_at_us, "test", "valid")
-        if split_at_us is not None
-        else np.full(len(sizes), "valid")
-    )
+    scorer = RequestScorer(state, matcher=matcher, context_names=context)
+    blocks = [
+        scorer.features(requests.select(int(run[0]), int(run[-1]) + 1))[0]
+        for run in state.replay(events, times, int(refresh_s * 1e6))
+    ]
+    names = blocks[0].names if blocks else state.feature_names(matcher is not None, context)
+    split = np.where(times >= split_at_us, "test", "valid") if split_at_us is not None else np.full(len(sizes), "valid")
     return GroupTable(
-        matrix=np.concatenate(blocks) if blocks else np.zeros((0, len(names)), np.float32),
+        matrix=np.concatenate([b.matrix for b in blocks]) if blocks else np.zeros((0, len(names)), np.float32),
         names=names,
-        labels=labels,
-        item_idx=items,
+        labels=grade(groups["strength"].to_numpy()),
+        item_idx=requests.items,
         sizes=sizes,
         time_us=times,
-        user_idx=users,
+        user_idx=requests.users,
         group_id=heads["request_id"].cast(pl.Utf8).to_list(),
         split=split,
     )
@@ -346,30 +326,72 @@ def train_ranker(
     config = config or RankerConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     out_dir = Path(out_dir)
-    lgb = require("lightgbm")
-    valid_start, test_start = _cutoff_us(data, "valid_start"), _cutoff_us(data, "test_start")
-    events = data.events().sort("timestamp", maintain_order=True).collect()
+    require("lightgbm")
     if matcher is not None and len(matcher.item_embeddings) != data.n_items:
         raise ModelError(
             f"matcher has {len(matcher.item_embeddings)} item embeddings, the dataset {data.n_items} items: "
             f"export the matcher for this catalogue"
         )
+    state, table, source = _group_table(data, matcher, config)
+    fit, stop, test = _split(table, config, data)
+    if config.cold_item_dropout > 0:  # fit rows only: the holdout and test metrics stay on real features
+        rows = np.flatnonzero(np.random.default_rng(config.seed).random(len(fit.labels)) < config.cold_item_dropout)
+        state.mask_unseen_items(Features(fit.matrix, table.names), rows)
+    params = config.lambdamart()
+    booster, best = train_lambdamart(params, fit, stop, table.names)
+    selection: dict[str, Any] | None = None
+    if init_model is not None:
+        booster, best, selection = _select_blender(
+            params, fit, stop, fresh=(booster, best), init_model=Path(init_model), names=table.names
+        )
+    metrics = {name: _group_metrics(part, booster, best, config) for name, part in (("holdout", stop), ("test", test))
+               if len(part.sizes)}
+    importance = dict(zip(table.names, booster.feature_importance("gain", iteration=best).tolist(), strict=True))
+    importance = dict(sorted(importance.items(), key=lambda kv: -kv[1]))
+    meta = {
+        "format": RANKER_FORMAT,
+        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "feature_names": list(table.names),
+        "feature_config": state.config.to_dict(),
+        "config": {**asdict(config), "features": state.config.to_dict()},
+        "params": params.lgb_params(),
+        "label_gain": list(config.label_gain),
+        "best_iteration": best,
+        "groups": {"fit": len(fit.sizes), "holdout": len(stop.sizes), "test": len(test.sizes), "source": source},
+        "windows": {
+            "fit_and_holdout": [data.manifest["cutoffs"]["valid_start"], data.manifest["cutoffs"]["test_start"]],
+            "test_from": data.manifest["cutoffs"]["test_start"],
+        },
+        "metrics": metrics,
+        "selection": selection,
+        "data": str(data.root),
+        "matcher": matcher_ref,
+        "seconds": round(time.perf_counter() - started, 2),
+    }
+    _save(out_dir, booster, best, meta=meta, importance=importance, state=state)
+    return TrainResult(out_dir, metrics, best, table.names, importance, table, selection)
 
-    state = FeatureState.build(
-        data.items, events, before=valid_start, config=config.features, n_users=data.users.height
-    )
-    context = list(state.config.context_columns or ())
-    has_impressions = bool(
-        events.filter(pl.col("request_id").is_not_null() & (pl.col("strength") <= 0)).height
-    )
+
+def _group_table(
+    data: PreparedData, matcher: EmbeddingMatcher | None, config: RankerConfig
+) -> tuple[FeatureState, GroupTable, str]:
+    """-> (the state at the end of the data, every group's point-in-time features, group source)."""
+    valid_start, test_start = _cutoff_us(data, "valid_start"), _cutoff_us(data, "test_start")
+    events = data.events().sort("timestamp", maintain_order=True).collect()
+    state = FeatureState.build(data.items, events, before=valid_start, config=config.features, n_users=data.users.height)
+    has_impressions = bool(events.filter(pl.col("request_id").is_not_null() & (pl.col("strength") <= 0)).height)
     if has_impressions:
-        groups = request_groups(events, valid_start, context)
+        groups = request_groups(events, valid_start, list(state.config.context_columns or ()))
     else:
         groups = sampled_groups(data, events, valid_start, config.negatives, config.seed)
     batch = EventBatch.from_frame(events)
-    table = build_group_features(state, batch, groups, matcher, test_start, config.refresh_s)
-    state.apply(batch.slice(int(np.searchsorted(batch.ts_us, state.as_of_us, side="right")), len(batch)))
+    table = build_group_features(state, batch, groups, matcher, split_at_us=test_start, refresh_s=config.refresh_s)
+    state.catch_up(batch)
+    return state, table, "requests" if has_impressions else "sampled_negatives"
 
+
+def _split(table: GroupTable, config: RankerConfig, data: PreparedData) -> tuple[GroupTable, GroupTable, GroupTable]:
+    """-> (fit, early-stopping holdout: the last holdout_frac of the valid window by time, test)."""
     valid = np.flatnonzero(table.split == "valid")
     test = np.flatnonzero(table.split == "test")
     n_fit = round(len(valid) * (1.0 - config.holdout_frac))
@@ -379,141 +401,59 @@ def train_ranker(
             f"need a few dozen. Prepare with a larger --valid-frac or more data."
         )
     fit, stop, tst = table.select(valid[:n_fit]), table.select(valid[n_fit:]), table.select(test)
-    log.info(
-        "ranker groups: fit %d, early-stop %d, test %d; %d features",
-        len(fit.sizes),
-        len(stop.sizes),
-        len(tst.sizes),
-        len(table.names),
-    )
-
-    if config.cold_item_dropout > 0:  # fit rows only: the holdout and test metrics stay on real features
-        rows = np.flatnonzero(np.random.default_rng(config.seed).random(len(fit.labels)) < config.cold_item_dropout)
-        state.mask_unseen_items(Features(fit.matrix, table.names), rows)
-    params = config.lgb_params()
-    dfit = lgb.Dataset(
-        fit.matrix, fit.labels, group=fit.sizes, feature_name=list(table.names), free_raw_data=False
-    )
-    dstop = lgb.Dataset(stop.matrix, stop.labels, group=stop.sizes, reference=dfit, free_raw_data=False)
-    history: dict[str, Any] = {}
-    booster = lgb.train(
-        params,
-        dfit,
-        num_boost_round=config.num_rounds,
-        valid_sets=[dstop],
-        valid_names=["holdout"],
-        callbacks=[
-            lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False),
-            lgb.record_evaluation(history),
-        ],
-    )
-    best = int(booster.best_iteration or config.num_rounds)
-    k, gain = config.eval_at, config.label_gain
-    selection: dict[str, Any] | None = None
-    if init_model is not None:
-        booster, best, selection = _select_blender(
-            lgb, params, config, dfit, fit, stop, booster, best, Path(init_model), table.names
-        )
+    log.info("ranker groups: fit %d, early-stop %d, test %d; %d features",
+             len(fit.sizes), len(stop.sizes), len(tst.sizes), len(table.names))
+    return fit, stop, tst
 
 
-    metrics: dict[str, Any] = {}
-    for name, part in (("holdout", stop), ("test", tst)):
-        if not len(part.sizes):
-            continue
-        scores = {
-            "ranker": booster.predict(part.matrix, num_iteration=best),
-            "popularity": part.column("item_pop_all"),
-            "popularity_7d": part.column("item_pop_7d")
-            if "item_pop_7d" in part.names
-            else part.column("item_pop_all"),
-        }
-        if "match_score" in part.names:
-            scores["match_score"] = part.column("match_score")
-        scores["random"] = np.random.default_rng(config.seed).random(len(part.labels))
-        metrics[name] = evaluate_groups(part, scores, k, gain)
-    importance = dict(
-        zip(table.names, booster.feature_importance("gain", iteration=best).tolist(), strict=True)
-    )
-    importance = dict(sorted(importance.items(), key=lambda kv: -kv[1]))
+def _group_metrics(part: GroupTable, booster: Any, best: int, config: RankerConfig) -> dict[str, Any]:
+    """NDCG@k of the blender and of one-feature baselines on a part of the group table."""
+    scores = {
+        "ranker": booster.predict(part.matrix, num_iteration=best),
+        "popularity": part.column("item_pop_all"),
+        "popularity_7d": part.column("item_pop_7d") if "item_pop_7d" in part.names else part.column("item_pop_all"),
+    }
+    if "match_score" in part.names:
+        scores["match_score"] = part.column("match_score")
+    scores["random"] = np.random.default_rng(config.seed).random(len(part.labels))
+    return evaluate_groups(part, scores, config.eval_at, config.label_gain)
 
+
+def _save(
+    out_dir: Path, booster: Any, best: int, *, meta: dict[str, Any], importance: dict[str, float], state: FeatureState
+) -> None:
     out_dir.mkdir(parents=True, exist_ok=True)
     booster.save_model(str(out_dir / MODEL_FILE), num_iteration=best)
-    meta = {
-        "format": RANKER_FORMAT,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
-        "feature_names": list(table.names),
-        "feature_config": state.config.to_dict(),
-        "config": {**asdict(config), "features": state.config.to_dict()},
-        "params": params,
-        "label_gain": list(gain),
-        "best_iteration": best,
-        "groups": {
-            "fit": len(fit.sizes),
-            "holdout": len(stop.sizes),
-            "test": len(tst.sizes),
-            "source": "requests" if has_impressions else "sampled_negatives",
-        },
-        "windows": {
-            "fit_and_holdout": [
-                data.manifest["cutoffs"]["valid_start"],
-                data.manifest["cutoffs"]["test_start"],
-            ],
-            "test_from": data.manifest["cutoffs"]["test_start"],
-        },
-        "metrics": metrics,
-        "selection": selection,
-        "data": str(data.root),
-        "matcher": matcher_ref,
-        "seconds": round(time.perf_counter() - started, 2),
-    }
     (out_dir / META_FILE).write_text(json.dumps(meta, indent=2))
     (out_dir / IMPORTANCE_FILE).write_text(json.dumps({"type": "gain", "importance": importance}, indent=2))
     state.save(out_dir / STATE_DIR)
-    return TrainResult(out_dir, metrics, best, table.names, importance, table, selection)
 
 
 def _select_blender(
-    lgb: Any,
-    params: dict[str, Any],
-    config: RankerConfig,
-    dfit: Any,
+    params: LambdaMARTParams,
     fit: GroupTable,
     stop: GroupTable,
-    fresh: Any,
-    fresh_best: int,
+    *,
+    fresh: tuple[Any, int],
     init_model: Path,
     names: tuple[str, ...],
 ) -> tuple[Any, int, dict[str, Any]]:
     """Fresh vs previous-continued vs previous-as-is, by NDCG on the early-stopping holdout."""
+    lgb = require("lightgbm")
     previous = lgb.Booster(model_file=str(init_model))
     if list(previous.feature_name()) != list(names):
         log.warning("ranker init model %s has other features: training a fresh blender only", init_model)
-        return fresh, fresh_best, {"chosen": "fresh", "init_model": str(init_model),
-                                   "note": "init model has other feature names: not used"}
-    k, gain = config.eval_at, config.label_gain
+        return (*fresh, {"chosen": "fresh", "init_model": str(init_model),
+                         "note": "init model has other feature names: not used"})
 
     def ndcg(b: Any, iteration: int) -> float:
-        return float(np.nanmean(grouped_ndcg(b.predict(stop.matrix, num_iteration=iteration),
-                                             stop.labels, stop.sizes, k, gain)))
+        scores = b.predict(stop.matrix, num_iteration=iteration)
+        return float(np.nanmean(grouped_ndcg(scores, stop.labels, stop.sizes, params.eval_at, params.label_gain)))
 
     base_iter = previous.current_iteration()
-    dstop = lgb.Dataset(stop.matrix, stop.labels, group=stop.sizes, reference=dfit, free_raw_data=False)
-    continued = lgb.train(
-        params,
-        lgb.Dataset(fit.matrix, fit.labels, group=fit.sizes, feature_name=list(names), free_raw_data=False),
-        num_boost_round=config.num_rounds,
-        init_model=previous,
-        valid_sets=[dstop],
-        valid_names=["holdout"],
-        callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
-    )
-    # best_iteration counts the init model's trees too (LightGBM continues its iteration count).
-    cont_best = int(continued.best_iteration or continued.current_iteration())
-    options = {
-        "fresh": (fresh, fresh_best),
-        "continued": (continued, cont_best),
-        "previous": (lgb.Booster(model_file=str(init_model)), base_iter),
-    }
+    # best iteration counts the init model's trees too (LightGBM continues its iteration count).
+    continued = train_lambdamart(params, fit, stop, names, init_model=previous)
+    options = {"fresh": fresh, "continued": continued, "previous": (lgb.Booster(model_file=str(init_model)), base_iter)}
     scores = {name: ndcg(b, it) for name, (b, it) in options.items()}
     chosen = max(scores, key=lambda n: scores[n])  # first wins ties: fresh, then continued
     log.info("blender selection on the early-stopping holdout: %s -> %s", scores, chosen)
@@ -521,35 +461,6 @@ def _select_blender(
     return booster, best, {
         "chosen": chosen,
         "holdout_ndcg": scores,
-        "new_trees": {"fresh": fresh_best, "continued": cont_best - base_iter, "previous": 0},
+        "new_trees": {"fresh": fresh[1], "continued": continued[1] - base_iter, "previous": 0},
         "init_model": str(init_model),
     }
-
-
-def load_registry_matcher(version_dir: Path | str, data: PreparedData) -> EmbeddingMatcher:
-    """A registry version (exported ONNX towers + embedding store) -> EmbeddingMatcher over the
-    prepared catalogue: item embeddings [n_items, D] from the store (text-encoded when missing) and
-    the ONNX user tower over item_idx histories."""
-    from recsys.registry import RegisteredVersion
-    from recsys.scoring.matcher import MatcherRuntime
-
-    version_dir = Path(version_dir)
-    manifest_path = version_dir / "manifest.json"
-    if not manifest_path.exists():
-        raise InputError(
-            f"--matcher {version_dir} is not a registry version directory: {manifest_path} is missing"
-        )
-    manifest = json.loads(manifest_path.read_text())
-    runtime = MatcherRuntime.from_version(RegisteredVersion(version_dir.name, version_dir, manifest))
-    ids = data.items["item_id"].cast(pl.Utf8).to_list()
-    texts = dict(zip(ids, data.items["text"].to_list(), strict=True))
-    item_emb = runtime.item_embeddings(ids, texts)
-    store = runtime.store
-    rows = store.positions(ids) if store is not None else np.full(len(ids), -1, np.int64)
-
-    def user_encoder(items: np.ndarray, codes: np.ndarray, ages: np.ndarray) -> np.ndarray:
-        items = np.asarray(items, np.int64)
-        store_rows = np.where(items >= 0, rows[np.maximum(items, 0)], -1)
-        return runtime.user_embeddings_from_rows(store_rows, codes, ages)
-
-    return EmbeddingMatcher(item_emb, user_encoder)

@@ -60,7 +60,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
     from recsys.features import FeatureConfig
-    from training.ranker import RankerConfig, load_registry_matcher, train_ranker
+    from recsys.scoring.registry_matcher import registry_matcher
+    from training.ranker import RankerConfig, train_ranker
 
     config = RankerConfig(
         num_rounds=args.num_rounds,
@@ -77,7 +78,7 @@ def run(args: argparse.Namespace) -> int:
         features=FeatureConfig(max_history=args.max_history),
     )
     data = PreparedData.load(args.data)
-    matcher = load_registry_matcher(args.matcher, data) if args.matcher else None
+    matcher = registry_matcher(args.matcher, data) if args.matcher else None
     result = train_ranker(data, args.out, matcher, config, str(args.matcher) if args.matcher else None)
     print(
         f"ranker written to {result.out_dir} (best iteration {result.best_iteration}, {len(result.feature_names)} features)"

@@ -15,7 +15,7 @@
                 (training/pipeline.py: the one publishing mechanism);
     4. compare  candidate vs current on the same holdout, both scored by the same code:
                 blend NDCG@10 over the holdout's request groups (point-in-time features from
-                recsys/features.py, each version's matcher and LightGBM ranker) and matcher Recall@10
+                recsys/features/, each version's matcher and LightGBM ranker) and matcher Recall@10
                 in full ranking over the holdout users; paired bootstrap intervals of the deltas; and
                 on the fixed holdout (the base's test window), which the new events cannot fabricate;
     5. decide   promote iff no gated metric drops by more than `tolerance` (absolute) on either holdout
@@ -53,13 +53,13 @@ from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
 from recsys.files import fault_point, output_lock, write_json_atomic
 from recsys.ranker import MODEL_FILE, Ranker, grouped_ndcg
 from recsys.registry import Registry
+from recsys.scoring.registry_matcher import registry_matcher
 from recsys.serving.exposure import read_exposures
 from training.export import ExportConfig
 from training.pipeline import CHECKPOINT_DIR, RANKER_DIR, publish_version
 from training.ranker import (
     RankerConfig,
     build_group_features,
-    load_registry_matcher,
     request_groups,
     sampled_groups,
 )
@@ -371,7 +371,7 @@ class VersionScores:
 def score_version(version_dir: Path, data: PreparedData, events: pl.DataFrame, k: int = 10,
                   label_gain: Sequence[float] = RankerConfig().label_gain, seed: int = 0) -> VersionScores:
     """Holdout = the global "test" window of `data` (after everything either version trained on)."""
-    matcher = load_registry_matcher(version_dir, data)
+    matcher = registry_matcher(version_dir, data)
     frame = data.eval_set("global", "test")
     hist = Histories.from_frame(frame)
     ranked = top_k(matcher_scores(matcher, hist), k, exclude=data.seen_items(frame))

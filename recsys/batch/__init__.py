@@ -2,7 +2,7 @@
 
     io.py        inputs (parquet; CSV converted once to parquet), user-contiguous chunking, row-range
                  reads, normalisation and rejects
-    scorer.py    `ChunkScorer`: one chunk -> scored rows + rejects, the same steps as `score_request`
+    scorer.py    `ChunkScorer`: one chunk -> scored rows + rejects through `RequestScorer` (R = chunk)
                  with the user tower and LightGBM batched per chunk
     manifest.py  per-chunk outputs and a manifest, so an interrupted run resumes without duplicates
     job.py       `BatchConfig`, `run_batch`: orchestration, local engine, counts

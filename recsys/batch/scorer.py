@@ -1,13 +1,10 @@
-"""One chunk -> scored rows: the service's request path, batched where batching cannot change a bit.
+"""One chunk -> scored rows: the one request path (`RequestScorer`) with R = the chunk's requests.
 
-Per request the steps are those of `recsys.ranker.score_request` (and the service's Recommend for
-top-K): user vector from the stored history, match = item_emb[candidates] @ user (the same matrix-
-vector product `EmbeddingMatcher.scores` does), `FeatureState.compute`, LightGBM. Two steps are
-batched over the chunk because they are row-wise: the ONNX user tower runs once on all the chunk's
-request histories, and LightGBM predicts the chunk's stacked feature matrix in one call. Tests assert
-the results equal `score_request` and the gRPC engine exactly.
-
-The model is loaded with the service's own loader (`recsys.serving.model.load_model`), so catalogue
+A request is a run of rows with the same (user, time, context) (pairs mode: its rows are the
+candidates; top-K mode: its candidates are retrieved from the catalogue, as the service's Recommend).
+The scorer runs the ONNX user tower once on all the chunk's request histories and LightGBM once on
+the chunk's stacked feature matrix; both are row-wise, so every score equals the service's. The
+model is loaded with the service's own loader (`recsys.serving.model.load_model`), so catalogue
 embeddings, the user tower wrapper and the ranker are the service's objects, not copies.
 """
 
@@ -26,7 +23,7 @@ import pyarrow as pa
 from recsys.batch.io import REJECT_SCHEMA, InputSpec, normalize
 from recsys.data.prepared import PreparedData
 from recsys.errors import ConfigError, InputError
-from recsys.features import Features
+from recsys.scoring.request import RequestBatch, ScoredBatch
 
 log = logging.getLogger(__name__)
 
@@ -113,15 +110,8 @@ class ChunkScorer:
         item_ids = items["item_id"].cast(pl.Utf8)
         catalogue = ItemCatalogue.from_lists(item_ids.to_list(), items["text"].cast(pl.Utf8).fill_null("").to_list())
         self.model = load_model(
-            Registry(ref.registry),
-            ref.version,
-            catalogue,
-            None,
-            Path(ref.ranker) if ref.ranker else None,
-            ref.provider,
-            ref.precision,
-            ref.threads,
-            cold_cache=0,
+            Registry(ref.registry), ref.version, catalogue, None, ranker_dir=Path(ref.ranker) if ref.ranker else None,
+            provider=ref.provider, precision=ref.precision, threads=ref.threads, cold_cache=0,
         )
         assert self.model.initial_state is not None
         self.state = self.model.initial_state
@@ -131,6 +121,7 @@ class ChunkScorer:
         ranker = self.model.ranker
         self.context_text = {c: c in self.state.context_vocab for c in ranker.context_names}
         self.extra_names = tuple(self.model.extra_names)
+        self.scorer = self.model.scorer(self.state)
 
     @property
     def version(self) -> str:
@@ -157,121 +148,49 @@ class ChunkScorer:
         }
         return ChunkResult(index, start, scored, rejects, stats)
 
-    def _requests(self, frame: pl.DataFrame) -> tuple[np.ndarray, np.ndarray, np.ndarray, list[dict[str, Any]]]:
-        """Request run starts [R+1], user_idx [R], time_us [R], context dicts [R] (rows sorted by _req)."""
+    def _requests(self, frame: pl.DataFrame, with_candidates: bool) -> RequestBatch:
+        """Runs of rows with one _req (rows sorted by _req) -> a RequestBatch: the rows are the
+        candidates, or (top-K mode) requests without candidates. Every context the ranker knows,
+        None where absent (the service's rule)."""
         req = frame["_req"].to_numpy()
         starts = np.flatnonzero(np.concatenate([[True], req[1:] != req[:-1]])) if len(req) else np.zeros(0, np.int64)
-        bounds = np.append(starts, len(req))
-        users = frame["user_idx"].to_numpy()[starts].astype(np.int64)
-        times = frame["time_us"].to_numpy()[starts].astype(np.int64)
-        # Every context the ranker knows, None where absent (the service's rule).
         ctx_cols = {c: frame[c].gather(starts).to_list() for c in self.context_text}
-        contexts = [{c: ctx_cols[c][r] for c in self.context_text} for r in range(len(starts))]
-        return bounds, users, times, contexts
-
-    def _user_vectors(self, users: np.ndarray, times: np.ndarray) -> np.ndarray:
-        """One ONNX user-tower call for every request of the chunk: [R, D] (row-wise, so equal to
-        one call per request)."""
-        if not len(users):
-            return np.zeros((0, self.model.item_emb.shape[1]), np.float32)
-        hists = [self.state.history(int(u), int(t)) for u, t in zip(users, times, strict=True)]
-        items = np.concatenate([h.item_idx for h in hists])
-        codes = np.concatenate([h.event_code for h in hists])
-        ages = np.concatenate([h.age_s for h in hists])
-        return self.model.user_vectors(items, codes, ages)
+        return RequestBatch(
+            users=frame["user_idx"].to_numpy()[starts].astype(np.int64),
+            times=frame["time_us"].to_numpy()[starts].astype(np.int64),
+            indptr=np.append(starts, len(req)).astype(np.int64) if with_candidates else np.zeros(len(starts) + 1, np.int64),
+            items=frame["item_idx"].to_numpy().astype(np.int64) if with_candidates else np.zeros(0, np.int64),
+            contexts=[{c: ctx_cols[c][r] for c in self.context_text} for r in range(len(starts))],
+            extra={name: frame[name].to_numpy() for name in self.extra_names} if with_candidates else None,
+        )
 
     def _score_lists(self, frame: pl.DataFrame) -> pa.Table:
-        bounds, users, times, contexts = self._requests(frame)
-        vectors = self._user_vectors(users, times)
-        item_idx = frame["item_idx"].to_numpy().astype(np.int64)
-        extras = {name: frame[name].to_numpy() for name in self.extra_names}
-        emb, state = self.model.item_emb, self.state
-        blocks: list[np.ndarray] = []
-        names: tuple[str, ...] = ()
-        for r in range(len(users)):
-            lo, hi = bounds[r], bounds[r + 1]
-            cand = item_idx[lo:hi]
-            match = np.asarray(emb[cand] @ vectors[r], np.float32)  # = EmbeddingMatcher.scores
-            extra = {name: values[lo:hi] for name, values in extras.items()}
-            features = state.compute(int(users[r]), cand, int(times[r]), match, None, contexts[r], extra)
-            blocks.append(features.matrix)
-            names = features.names
-        return self._finish(frame, bounds, blocks, names, item_idx)
+        return self._finish(frame, self.scorer.score(self._requests(frame, True)))
 
     def _score_topk(self, frame: pl.DataFrame, params: ScoreParams) -> pa.Table:
         """Recommend for every row's user: exact cosine top-`retrieve_k` over the catalogue (minus
         seen items unless include_seen), blended by the ranker, top `top_k` kept."""
-        bounds, users, times, contexts = self._requests(frame)
-        vectors = self._user_vectors(users, times)
-        emb, state = self.model.item_emb, self.state
-        blocks: list[np.ndarray] = []
-        names: tuple[str, ...] = ()
-        picked: list[np.ndarray] = []
-        rows: list[int] = []
-        for r in range(len(users)):
-            user = int(users[r])
-            cand = self._retrieve(user, int(times[r]), vectors[r], params)
-            picked.append(cand)
-            rows.append(len(cand))
-            if not len(cand):
-                continue
-            match = np.asarray(emb[cand] @ vectors[r], np.float32)
-            features = state.compute(user, cand, int(times[r]), match, None, contexts[r], {})
-            blocks.append(features.matrix)
-            names = features.names
-        counts = np.asarray(rows, np.int64)
-        expanded = frame[np.repeat(bounds[:-1], counts)] if len(counts) else frame.clear()
-        new_bounds = np.concatenate([[0], np.cumsum(counts)]).astype(np.int64)
-        item_idx = np.concatenate(picked).astype(np.int64) if picked else np.zeros(0, np.int64)
-        return self._finish(expanded, new_bounds, blocks, names, item_idx, params.top_k)
+        batch = self._requests(frame, False)
+        scored = self.scorer.recommend(batch, retrieve_k=params.retrieve_k, top_k=0, include_seen=params.include_seen)
+        starts = np.flatnonzero(np.concatenate([[True], np.diff(frame["_req"].to_numpy()) != 0])) if frame.height else np.zeros(0, np.int64)
+        expanded = frame[np.repeat(starts, np.diff(scored.indptr))] if frame.height else frame.clear()
+        return self._finish(expanded, scored, params.top_k)
 
-    def _retrieve(self, user: int, t_us: int, vector: np.ndarray, params: ScoreParams) -> np.ndarray:
-        """The service's `engine.retrieve` with the chunk's precomputed user vector."""
-        state = self.state
-        scores = self.model.item_emb @ vector
-        drop = []
-        if not params.include_seen:
-            seen = state.user_item.row(user)[0] if user >= 0 else np.zeros(0, np.int64)
-            hist = state.history(user, t_us).item_idx
-            drop = [seen, hist[hist >= 0]]
-        if drop:
-            scores[np.concatenate(drop).astype(np.int64)] = -np.inf
-        k = min(params.retrieve_k, int(np.isfinite(scores).sum()))
-        if k <= 0:
-            return np.zeros(0, np.int64)
-        top = np.argpartition(-scores, k - 1)[:k]
-        return top[np.argsort(-scores[top], kind="stable")].astype(np.int64)
-
-    def _finish(
-        self,
-        frame: pl.DataFrame,
-        bounds: np.ndarray,
-        blocks: list[np.ndarray],
-        names: tuple[str, ...],
-        item_idx: np.ndarray,
-        keep_top: int = 0,
-    ) -> pa.Table:
-        """One LightGBM call for the chunk, ranks within requests, rows back in input order."""
-        n = int(bounds[-1]) if len(bounds) else 0
+    def _finish(self, frame: pl.DataFrame, scored: ScoredBatch, keep_top: int = 0) -> pa.Table:
+        """Scored requests -> output rows (ranks within requests, best first; ties by position) in
+        input order; frame row j is candidate j."""
+        n = len(scored.items)
         if not n:
             return OUTPUT_SCHEMA.empty_table()
-        features = Features(np.concatenate(blocks), names)
-        scores = self.model.ranker.score(features)
-        match = features.matrix[:, names.index("match_score")].astype(np.float64)
-        sizes = np.diff(bounds)
-        req = np.repeat(np.arange(len(sizes)), sizes)
-        order = np.lexsort((np.arange(n), -scores, req))  # per request: best first, ties by position
-        rank = np.empty(n, np.int64)
-        rank[order] = np.arange(n) - np.repeat(bounds[:-1], sizes)[order]
         out = pl.DataFrame(
             {
                 "input_row": frame["_row"],
                 "user_id": frame["user_id"],
-                "item_id": self.item_ids[item_idx],
+                "item_id": self.item_ids[scored.items],
                 "time": frame["time_us"].cast(pl.Datetime("us")).dt.replace_time_zone("UTC"),
-                "score": scores,
-                "match_score": match,
-                "rank": (rank + 1).astype(np.int32),
+                "score": scored.scores,
+                "match_score": scored.match,
+                "rank": (scored.ranks() + 1).astype(np.int32),
                 "model_version": pl.repeat(self.version, n, eager=True, dtype=pl.Utf8),
             }
         )

@@ -7,7 +7,7 @@ Systems (each a score matrix [U, n_items] over the evaluated users of a window):
 
 The blend is the production answer to "beat strong CF in full ranking": candidate generation is the
 union of the top-N of several retrievers (the blend's matcher, EASE, item-kNN, popularity); the
-LambdaMART ranker re-ranks the union from the shared point-in-time features (recsys/features.py:
+LambdaMART ranker re-ranks the union from the shared point-in-time features (recsys/features/:
 match score, decayed popularity, co-visitation, affinities) plus each retriever's score and rank as
 caller-supplied `extra` features. Items outside the union get -inf. Stacking needs the retrievers'
 scores to be out-of-sample for the ranker, so windows are staggered:
@@ -19,8 +19,9 @@ scores to be out-of-sample for the ranker, so windows are staggered:
                    not refit (too costly) but reads each user's history up to the cutoff
 
 Features are exact point in time: users are processed in cutoff order while the event log is
-replayed into a FeatureState, applying only events strictly before the user's cutoff (the code
-path of `score_request` and of training/ranker.py's `build_group_features`).
+replayed into a FeatureState (`FeatureState.replay`), applying only events strictly before the
+user's cutoff, through the one request scorer (`recsys.scoring.request`) the service, batch scoring
+and ranker training use.
 
 Protocols: full ranking over every item the user has not interacted with before the window (NDCG@K,
 Recall@K, HitRate@K, MRR@K, catalogue coverage), and candidate ranking over the targets plus
@@ -52,6 +53,8 @@ from recsys.evaluation.baselines import Popularity
 from recsys.evaluation.collaborative import ALS, EASE, ItemKNN, rows_matrix
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState
+from recsys.ranker import LambdaMARTParams, Ranker, RankingSet, train_lambdamart
+from recsys.scoring.request import RequestBatch, RequestScorer
 
 log = logging.getLogger(__name__)
 
@@ -83,6 +86,14 @@ class BlendConfig:
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
     threads: int = 1  # LightGBM threads: 1 is fastest for these small group tables on a busy CPU
     seed: int = 0
+
+    def lambdamart(self) -> LambdaMARTParams:
+        """Binary labels (a valid target or not), rows of one user per group, truncated at 20."""
+        return LambdaMARTParams(
+            num_rounds=self.num_rounds, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
+            min_data_in_leaf=self.min_data_in_leaf, lambda_l2=0.0, early_stopping_rounds=self.early_stopping_rounds,
+            label_gain=(0.0, 1.0), eval_at=10, truncation_level=20, col_wise=False, seed=self.seed, threads=self.threads,
+        )
 
     def __post_init__(self) -> None:
         if min(self.matcher_top, self.ease_top, self.itemknn_top, self.popularity_top) < 0:
@@ -318,13 +329,12 @@ def cf_scores(
 
 
 def matcher_scores(matcher: EmbeddingMatcher, history: Histories, chunk: int = 512) -> np.ndarray:
-    """[U, n_items] cosines: user tower over the eval histories (batched), item embeddings."""
+    """[U, n_items] cosines: user vectors of the eval histories (batched), item embeddings."""
     parts = []
     for s in range(0, len(history.item_idx), chunk):
-        user = matcher.user_encoder(
-            history.item_idx[s : s + chunk], history.event_code[s : s + chunk], history.age_s[s : s + chunk]
-        )
-        parts.append(np.asarray(user, np.float32) @ np.asarray(matcher.item_embeddings, np.float32).T)
+        rows = slice(s, s + chunk)
+        user = matcher.user_vectors(Histories(history.item_idx[rows], history.event_code[rows], history.age_s[rows]))
+        parts.append(user @ np.asarray(matcher.item_embeddings, np.float32).T)
     return np.concatenate(parts) if parts else np.zeros((0, len(matcher.item_embeddings)), np.float32)
 
 
@@ -347,20 +357,6 @@ def mask_seen(scores: np.ndarray, seen: Sequence[np.ndarray]) -> np.ndarray:
 # --------------------------------------------------------------------------------------------------
 # Blend: candidates, point-in-time features, LambdaMART
 # --------------------------------------------------------------------------------------------------
-
-
-def request_features(
-    state: FeatureState,
-    user_idx: int,
-    candidates: np.ndarray,
-    t_us: int,
-    matcher: EmbeddingMatcher | None = None,
-    extra: Mapping[str, np.ndarray] | None = None,
-) -> Features:
-    """The evaluation path of one request: the same calls as build_group_features / score_request."""
-    history = state.history(user_idx, t_us)
-    match = matcher.scores(history, candidates) if matcher is not None else None
-    return state.compute(user_idx, candidates, t_us, match, history, None, extra)
 
 
 def candidate_union(retrieval: Mapping[str, tuple[np.ndarray, int]], seen: Sequence[np.ndarray]) -> list[np.ndarray]:
@@ -395,27 +391,30 @@ def window_features(
     window: Window,
     candidates: list[np.ndarray],
     matcher: EmbeddingMatcher | None,
+    *,
     extra: Mapping[str, np.ndarray],
     config: FeatureConfig,
     drop_items: np.ndarray,
+    context_names: Sequence[str] = (),
 ) -> tuple[list[np.ndarray], tuple[str, ...]]:
-    """Point-in-time features for each user's candidates (events strictly before its cutoff).
-    extra: name -> [U, n_items] per-item values, gathered at the candidates."""
+    """Point-in-time features for each user's candidates (events strictly before its cutoff): the
+    request scorer with R = the users one `FeatureState.replay` step sees, in cutoff order.
+    extra: name -> [U, n_items] per-item values, gathered at the candidates. Windows carry no request
+    context: `context_names` (a given ranker's) are NaN, as the service's rule for absent context."""
     state, batch, order = replay_states(data, window, config, drop_items)
-    done = int(np.searchsorted(batch.ts_us, state.as_of_us, side="right")) if state.as_of_us > np.iinfo(np.int64).min else 0
+    requests = RequestBatch.from_lists(
+        window.users[order], window.cutoff_us[order], [candidates[u] for u in order],
+        extra={k: np.concatenate([v[u, candidates[u]] for u in order]) for k, v in extra.items()} if len(order) else None,
+    )
+    scorer = RequestScorer(state, matcher=matcher, context_names=context_names)
     blocks: list[np.ndarray] = [np.zeros(0)] * len(window)
     names: tuple[str, ...] = ()
-    for u in order:
-        t = int(window.cutoff_us[u])
-        upto = int(np.searchsorted(batch.ts_us, t, side="left"))
-        if upto > done:
-            state.apply(batch.slice(done, upto))
-            done = upto
-        cand = candidates[u]
-        feats = request_features(
-            state, int(window.users[u]), cand, t, matcher, {k: v[u, cand] for k, v in extra.items()}
-        )
-        blocks[u], names = feats.matrix, feats.names
+    for run in state.replay(batch, requests.times):
+        part = requests.select(int(run[0]), int(run[-1]) + 1)
+        features = scorer.features(part)[0]
+        names = features.names
+        for j, r in enumerate(run):
+            blocks[order[r]] = features.matrix[part.indptr[j] : part.indptr[j + 1]]
     return blocks, names
 
 
@@ -444,7 +443,6 @@ def train_blend(
 ) -> TrainedBlend:
     """LambdaMART on valid-window groups (one per user, label 1 = a valid target), early stopping on
     a random `holdout_frac` of users. Groups without a positive candidate carry no gradient: dropped."""
-    lgb = require("lightgbm")
     labels = [np.isin(c, t).astype(np.int32) for c, t in zip(candidates, targets, strict=True)]
     useful = np.flatnonzero(np.array([bool(lab.any()) and len(lab) > 1 for lab in labels], dtype=bool))
     if len(useful) < 10:
@@ -454,41 +452,14 @@ def train_blend(
     n_stop = max(1, round(len(perm) * config.holdout_frac))
     stop, fit = np.sort(perm[:n_stop]), np.sort(perm[n_stop:])
 
-    def dataset(rows: np.ndarray, reference: Any = None) -> Any:
-        return lgb.Dataset(
-            np.concatenate([blocks[r] for r in rows]),
-            np.concatenate([labels[r] for r in rows]),
-            group=[len(labels[r]) for r in rows],
-            feature_name=list(names),
-            reference=reference,
-            free_raw_data=False,
+    def rows(users: np.ndarray) -> RankingSet:
+        return RankingSet(
+            np.concatenate([blocks[r] for r in users]),
+            np.concatenate([labels[r] for r in users]),
+            np.asarray([len(labels[r]) for r in users]),
         )
 
-    dfit = dataset(fit)
-    dstop = dataset(stop, dfit)
-    params = {
-        "objective": "lambdarank",
-        "metric": "ndcg",
-        "eval_at": [10],
-        "learning_rate": config.learning_rate,
-        "num_leaves": config.num_leaves,
-        "min_data_in_leaf": config.min_data_in_leaf,
-        "lambdarank_truncation_level": 20,
-        "label_gain": [0.0, 1.0],
-        "seed": config.seed,
-        "deterministic": True,
-        "force_row_wise": True,
-        "num_threads": config.threads,
-        "verbosity": -1,
-    }
-    booster = lgb.train(
-        params,
-        dfit,
-        num_boost_round=config.num_rounds,
-        valid_sets=[dstop],
-        callbacks=[lgb.early_stopping(config.early_stopping_rounds, first_metric_only=True, verbose=False)],
-    )
-    best = int(booster.best_iteration or config.num_rounds)
+    booster, best = train_lambdamart(config.lambdamart(), rows(fit), rows(stop), names)
     gain = booster.feature_importance("gain", iteration=best)
     importance = dict(sorted(zip(names, (float(g) for g in gain), strict=True), key=lambda kv: -kv[1]))
     hits = sum(int(np.isin(t, c).sum()) for c, t in zip(candidates, targets, strict=True))
@@ -666,7 +637,7 @@ def evaluate(
     config: EvalConfig | None = None,
     matchers: Mapping[str, EmbeddingMatcher] | None = None,
     blend_matcher: str | None = None,
-    ranker: Any = None,
+    ranker: Ranker | None = None,
 ) -> EvalResult:
     """Run every system on the test window of `config.protocol` and compare them.
 
@@ -678,18 +649,7 @@ def evaluate(
     config = config or EvalConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     matchers = dict(matchers or {})
-    for name, m in matchers.items():
-        if len(m.item_embeddings) != data.n_items:
-            raise InputError(
-                f"matcher {name!r} has {len(m.item_embeddings)} item embeddings, the dataset {data.n_items} items: "
-                f"export it for this catalogue"
-            )
-        if name in (*CF_SYSTEMS, BLEND):
-            raise ConfigError(f"matcher name {name!r} clashes with a built-in system: rename it")
-    if blend_matcher is None and matchers:
-        blend_matcher = "fine_tuned" if "fine_tuned" in matchers else next(iter(matchers))
-    if blend_matcher is not None and blend_matcher not in matchers:
-        raise ConfigError(f"blend matcher {blend_matcher!r} is not among the matchers ({', '.join(matchers) or 'none'})")
+    blend_matcher = _check_matchers(data, matchers, blend_matcher)
     cold = held_out_items(data)
     n_items, n_users = data.n_items, data.users.height
     timings: dict[str, float] = {}
@@ -700,12 +660,7 @@ def evaluate(
     test_fit = ("train", "valid") if config.refit_on_valid else ("train",)
     test = load_window(data, config.protocol, "test", test_fit)
     started = _stage(timings, "load_test_window", started)
-    bc = config.blend_config
-    needed = set(config.systems)
-    if config.blend:
-        needed |= set(bc.features_from) | {n for n, top in (("ease", bc.ease_top), ("itemknn", bc.itemknn_top), ("popularity", bc.popularity_top)) if top > 0}
-    cf_order = [s for s in CF_SYSTEMS if s in needed]
-    test_scores: dict[str, np.ndarray] = cf_scores(test, n_items, n_users, config, cf_order, cold)
+    test_scores: dict[str, np.ndarray] = cf_scores(test, n_items, n_users, config, _cf_needed(config), cold)
     started = _stage(timings, "cf_test", started)
     for name, m in matchers.items():
         test_scores[name] = matcher_scores(m, test.history)
@@ -716,8 +671,8 @@ def evaluate(
     cand_scores: dict[str, np.ndarray] = {}
     if config.blend:
         blend_full, blend_cand, blend_info = _run_blend(
-            data, config, test, test_scores, sampled, blend_matcher,
-            matchers[blend_matcher] if blend_matcher else None, ranker, cold, timings,
+            data, config, test, test_scores, sampled=sampled, matcher_name=blend_matcher,
+            matcher=matchers[blend_matcher] if blend_matcher else None, ranker=ranker, cold=cold, timings=timings,
         )
         blend_info["matcher"] = blend_matcher
         test_scores[BLEND] = blend_full
@@ -728,44 +683,18 @@ def evaluate(
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
     new_users = np.flatnonzero(fit_counts <= config.new_user_max)
     slices = slice_targets(test.targets, test.users, cold, new_users)
-    metrics: dict[str, dict[str, dict[str, Any]]] = {}
-    per_user: dict[str, dict[str, np.ndarray]] = {}
-    for sname, (rows, targets) in slices.items():
-        metrics[sname], per_user[sname] = {}, {}
-        for system in systems:
-            sm = system_metrics(
-                test_scores[system], test.seen, rows, targets, config.ks, config.k, config.n_boot, config.seed,
-                [sampled[r] for r in range(len(test))], cand_scores.get(system, test_scores[system]),
-            )
-            metrics[sname][system], per_user[sname][system] = sm.metrics, sm.per_user_ndcg
-    paired: dict[str, dict[str, dict[str, float]]] = {}
-    if config.blend:
-        for sname in slices:
-            paired[sname] = {
-                s: paired_bootstrap(per_user[sname][BLEND], per_user[sname][s], config.n_boot, config.seed)
-                for s in systems
-                if s != BLEND
-            }
+    metrics, per_user, paired = _slice_metrics(
+        config, test, slices, systems=systems, scores=(test_scores, cand_scores, sampled)
+    )
     started = _stage(timings, "metrics", started)
     timings["total"] = round(time.perf_counter() - t0, 2)
     if not len(slices["new_users"][0]):
         notes.append(f"no evaluated user has <= {config.new_user_max} training interactions: the new-user slice is empty")
     if not len(cold):
         notes.append("no items are held out (evaluate a dataset made by write_holdout / --write-holdout for the cold-start slice)")
-    dataset = {
-        "root": str(data.root),
-        "n_items": n_items,
-        "n_users": n_users,
-        "protocol": config.protocol,
-        "test_users": len(test),
-        "test_targets": int(sum(len(t) for t in test.targets)),
-        "held_out_items": len(cold),
-        "fit_positives_test_window": len(test.fit_item),
-        "fit_splits_test_window": list(test_fit),
-    }
     return EvalResult(
         config=config.to_dict(),
-        dataset=dataset,
+        dataset=_dataset_info(data, config, test, cold=cold, test_fit=test_fit),
         systems=systems,
         metrics=metrics,
         paired=paired,
@@ -779,82 +708,160 @@ def evaluate(
     )
 
 
+def _cf_needed(config: EvalConfig) -> list[str]:
+    """The CF systems to fit: the compared ones, plus the blend's retrievers and feature sources."""
+    bc = config.blend_config
+    needed = set(config.systems)
+    if config.blend:
+        tops = (("ease", bc.ease_top), ("itemknn", bc.itemknn_top), ("popularity", bc.popularity_top))
+        needed |= set(bc.features_from) | {name for name, top in tops if top > 0}
+    return [s for s in CF_SYSTEMS if s in needed]
+
+
+def _dataset_info(
+    data: PreparedData, config: EvalConfig, test: Window, *, cold: np.ndarray, test_fit: Sequence[str]
+) -> dict[str, Any]:
+    return {
+        "root": str(data.root),
+        "n_items": data.n_items,
+        "n_users": data.users.height,
+        "protocol": config.protocol,
+        "test_users": len(test),
+        "test_targets": int(sum(len(t) for t in test.targets)),
+        "held_out_items": len(cold),
+        "fit_positives_test_window": len(test.fit_item),
+        "fit_splits_test_window": list(test_fit),
+    }
+
+
+def _check_matchers(data: PreparedData, matchers: Mapping[str, EmbeddingMatcher], blend_matcher: str | None) -> str | None:
+    """Refuse matchers over another catalogue or named like a system; -> the blend's matcher name."""
+    for name, m in matchers.items():
+        if len(m.item_embeddings) != data.n_items:
+            raise InputError(
+                f"matcher {name!r} has {len(m.item_embeddings)} item embeddings, the dataset {data.n_items} items: "
+                f"export it for this catalogue"
+            )
+        if name in (*CF_SYSTEMS, BLEND):
+            raise ConfigError(f"matcher name {name!r} clashes with a built-in system: rename it")
+    if blend_matcher is None and matchers:
+        blend_matcher = "fine_tuned" if "fine_tuned" in matchers else next(iter(matchers))
+    if blend_matcher is not None and blend_matcher not in matchers:
+        raise ConfigError(f"blend matcher {blend_matcher!r} is not among the matchers ({', '.join(matchers) or 'none'})")
+    return blend_matcher
+
+
+def _slice_metrics(
+    config: EvalConfig,
+    test: Window,
+    slices: dict[str, tuple[np.ndarray, list[np.ndarray]]],
+    *,
+    systems: list[str],
+    scores: tuple[dict[str, np.ndarray], dict[str, np.ndarray], list[np.ndarray]],
+) -> tuple[dict[str, dict[str, dict[str, Any]]], dict[str, dict[str, np.ndarray]], dict[str, dict[str, dict[str, float]]]]:
+    """Every system's metrics on every slice, per-user NDCG, and blend - system paired bootstraps.
+    scores: (full-ranking scores per system, candidate-protocol scores where they differ, sampled lists)."""
+    full, cand_scores, sampled = scores
+    metrics: dict[str, dict[str, dict[str, Any]]] = {}
+    per_user: dict[str, dict[str, np.ndarray]] = {}
+    for sname, (rows, targets) in slices.items():
+        metrics[sname], per_user[sname] = {}, {}
+        for system in systems:
+            sm = system_metrics(
+                full[system], test.seen, rows, targets, config.ks, config.k, config.n_boot, config.seed,
+                [sampled[r] for r in range(len(test))], cand_scores.get(system, full[system]),
+            )
+            metrics[sname][system], per_user[sname][system] = sm.metrics, sm.per_user_ndcg
+    paired: dict[str, dict[str, dict[str, float]]] = {}
+    if config.blend:
+        for sname in slices:
+            paired[sname] = {
+                s: paired_bootstrap(per_user[sname][BLEND], per_user[sname][s], config.n_boot, config.seed)
+                for s in systems
+                if s != BLEND
+            }
+    return metrics, per_user, paired
+
+
+def _retrieval(config: EvalConfig, scores: Mapping[str, np.ndarray], match: np.ndarray | None) -> dict[str, tuple[np.ndarray, int]]:
+    """The blend's retrievers: name -> (scores [U, I], top-N)."""
+    bc = config.blend_config
+    tops = (("ease", bc.ease_top), ("itemknn", bc.itemknn_top), ("popularity", bc.popularity_top))
+    out = {n: (scores[n], top) for n, top in tops if top > 0}
+    if match is not None and bc.matcher_top > 0:
+        out["matcher"] = (match, bc.matcher_top)
+    return out
+
+
+def _fit_blend(
+    data: PreparedData, config: EvalConfig, cf_names: Sequence[str], matcher: EmbeddingMatcher | None,
+    *, cold: np.ndarray, timings: dict[str, float],
+) -> tuple[Ranker, dict[str, Any]]:
+    """The blend's LambdaMART on the valid window (CF and popularity fit on train) as a Ranker."""
+    started = time.perf_counter()
+    bc = config.blend_config
+    valid = load_window(data, config.protocol, "valid", ("train",))
+    valid_scores = cf_scores(valid, data.n_items, data.users.height, config, cf_names, cold)
+    match_v = matcher_scores(matcher, valid.history) if matcher is not None else None
+    cands_v = candidate_union(_retrieval(config, valid_scores, match_v), valid.seen)
+    extra_v = retriever_extras(valid_scores, bc.features_from, valid.seen)
+    blocks_v, names = window_features(data, valid, cands_v, matcher, extra=extra_v, config=config.feature_config, drop_items=cold)
+    started = _stage(timings, "blend_valid_features", started)
+    trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
+    _stage(timings, "blend_train", started)
+    meta = {"feature_names": list(names), "feature_config": config.feature_config.to_dict()}
+    return Ranker(trained.booster, meta, threads=bc.threads), {
+        "trained_on": f"{config.protocol} valid window (CF and popularity fit on train)",
+        "valid_users": len(valid),
+        "groups": trained.groups,
+        "best_iteration": trained.best_iteration,
+        "valid_candidate_recall": trained.candidate_recall,
+        "importance": dict(list(trained.importance.items())[:20]),
+        "features": list(names),
+    }
+
+
 def _run_blend(
     data: PreparedData,
     config: EvalConfig,
     test: Window,
     test_scores: dict[str, np.ndarray],
+    *,
     sampled: list[np.ndarray],
     matcher_name: str | None,
     matcher: EmbeddingMatcher | None,
-    ranker: Any,
+    ranker: Ranker | None,
     cold: np.ndarray,
     timings: dict[str, float],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """-> (full-ranking scores [U, I] with -inf outside the union, scores on union + sampled, info)."""
     bc = config.blend_config
-    n_items, n_users = data.n_items, data.users.height
-    started = time.perf_counter()
-
-    def retrieval(scores: Mapping[str, np.ndarray], match: np.ndarray | None) -> dict[str, tuple[np.ndarray, int]]:
-        tops = (("ease", bc.ease_top), ("itemknn", bc.itemknn_top), ("popularity", bc.popularity_top))
-        out = {n: (scores[n], top) for n, top in tops if top > 0}
-        if match is not None and bc.matcher_top > 0:
-            out["matcher"] = (match, bc.matcher_top)
-        return out
-
     info: dict[str, Any] = {"features_from": list(bc.features_from)}
     if ranker is None:
-        feature_config = config.feature_config
-        valid = load_window(data, config.protocol, "valid", ("train",))
-        cf_names = [s for s in CF_SYSTEMS if s in test_scores]
-        valid_scores = cf_scores(valid, n_items, n_users, config, cf_names, cold)
-        match_v = matcher_scores(matcher, valid.history) if matcher is not None else None
-        cands_v = candidate_union(retrieval(valid_scores, match_v), valid.seen)
-        extra_v = retriever_extras(valid_scores, bc.features_from, valid.seen)
-        blocks_v, names = window_features(data, valid, cands_v, matcher, extra_v, feature_config, cold)
-        started = _stage(timings, "blend_valid_features", started)
-        trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
-        started = _stage(timings, "blend_train", started)
-        info.update(
-            {
-                "trained_on": f"{config.protocol} valid window (CF and popularity fit on train)",
-                "valid_users": len(valid),
-                "groups": trained.groups,
-                "best_iteration": trained.best_iteration,
-                "valid_candidate_recall": trained.candidate_recall,
-                "importance": dict(list(trained.importance.items())[:20]),
-                "features": list(names),
-            }
+        ranker, trained_info = _fit_blend(
+            data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, cold=cold, timings=timings
         )
-        extra_names = set(extra_v)
-
-        def score(features: Features) -> np.ndarray:
-            if features.names != trained.names:
-                raise InputError(f"blend features changed between windows: {features.names} vs {trained.names}")
-            return np.asarray(trained.booster.predict(features.matrix, num_iteration=trained.best_iteration), np.float64)
-
+        info.update(trained_info)
     else:
-        feature_config = ranker.feature_config
         info.update({"trained_on": f"given ranker {getattr(ranker, 'path', None)}", "features": list(ranker.feature_names)})
-        extra_names = {n for n in ranker.feature_names if n.startswith("ret_")}
-
-        def score(features: Features) -> np.ndarray:
-            return np.asarray(ranker.score(features), np.float64)
-
+    started = time.perf_counter()
     match_t = test_scores[matcher_name] if matcher_name is not None else None
-    cands_t = candidate_union(retrieval(test_scores, match_t), test.seen)
+    cands_t = candidate_union(_retrieval(config, test_scores, match_t), test.seen)
     hits = sum(int(np.isin(t, c).sum()) for c, t in zip(cands_t, test.targets, strict=True))
     info["test_candidate_recall"] = hits / max(1, sum(len(t) for t in test.targets))
     info["mean_candidates"] = float(np.mean([len(c) for c in cands_t]))
-    info["retrievers"] = {n: top for n, (_, top) in retrieval(test_scores, match_t).items()}
-    extra_t = {k: v for k, v in retriever_extras(test_scores, bc.features_from, test.seen).items() if k in extra_names}
+    info["retrievers"] = {n: top for n, (_, top) in _retrieval(config, test_scores, match_t).items()}
+    extras = retriever_extras(test_scores, bc.features_from, test.seen)
+    extra_t = {k: v for k, v in extras.items() if k in set(ranker.feature_names)}
     scored = [np.union1d(c, s) for c, s in zip(cands_t, sampled, strict=True)]
-    blocks_t, names_t = window_features(data, test, scored, matcher, extra_t, feature_config, cold)
-    full = np.full((len(test), n_items), -np.inf, np.float32)
-    cand = np.full((len(test), n_items), -np.inf, np.float32)
+    blocks_t, names_t = window_features(
+        data, test, scored, matcher, extra=extra_t, config=ranker.feature_config, drop_items=cold,
+        context_names=ranker.context_names,
+    )
+    full = np.full((len(test), data.n_items), -np.inf, np.float32)
+    cand = np.full((len(test), data.n_items), -np.inf, np.float32)
     for u in range(len(test)):
-        s = score(Features(blocks_t[u], names_t))
+        s = np.asarray(ranker.score(Features(blocks_t[u], names_t)), np.float64)
         cand[u, scored[u]] = s
         in_union = np.isin(scored[u], cands_t[u])
         full[u, scored[u][in_union]] = s[in_union]
@@ -892,11 +899,3 @@ def write_scores(result: EvalResult, data: PreparedData, out_dir: Path | str, to
         top_scores(result, data, system, top).write_parquet(path)
         paths[system] = path
     return paths
-
-
-def registry_matcher(version_dir: Path | str, data: PreparedData) -> EmbeddingMatcher:
-    """A registry version directory (exported ONNX towers + item store) -> EmbeddingMatcher over this
-    catalogue, through the serving runtime (the same as `recsys train ranker --matcher`)."""
-    from training.ranker import load_registry_matcher  # torch-free; to move into recsys.scoring
-
-    return load_registry_matcher(version_dir, data)

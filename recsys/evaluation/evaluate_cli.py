@@ -59,8 +59,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
     from recsys.errors import ConfigError
-    from recsys.evaluation.evaluate import EvalConfig, evaluate, registry_matcher, write_holdout, write_scores
+    from recsys.evaluation.evaluate import EvalConfig, evaluate, write_holdout, write_scores
     from recsys.evaluation.report import main_table, paired_table, write_report
+    from recsys.scoring.registry_matcher import registry_matcher
 
     data = PreparedData.load(args.data)
     if args.write_holdout:

@@ -1,7 +1,8 @@
 """Full-ranking metrics over a user x item score matrix, vectorised with NumPy.
 
 Binary relevance (a target is relevant, everything else is not), the usual top-K protocol:
-seen items are excluded by setting their scores to -inf before taking the top K.
+seen items are excluded by setting their scores to -inf before taking the top K (`top_k`, the one
+top-k of the project: recsys.scoring.topk, ties by position).
 """
 
 from __future__ import annotations
@@ -11,18 +12,9 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from recsys.scoring.topk import top_k
 
-def top_k(scores: np.ndarray, k: int, exclude: Sequence[np.ndarray] | None = None) -> np.ndarray:
-    """scores [U, I] -> item indices [U, k] by descending score, excluded items never returned."""
-    scores = np.array(scores, dtype=np.float32, copy=True)
-    if exclude is not None:
-        rows = np.repeat(np.arange(len(exclude)), [len(e) for e in exclude])
-        cols = np.concatenate([np.asarray(e, dtype=np.int64) for e in exclude]) if len(rows) else rows
-        scores[rows, cols] = -np.inf
-    k = min(k, scores.shape[1])
-    part = np.argpartition(-scores, k - 1, axis=1)[:, :k]
-    order = np.argsort(-np.take_along_axis(scores, part, 1), axis=1, kind="stable")
-    return np.take_along_axis(part, order, 1)
+__all__ = ["PerUser", "bootstrap_ci", "per_user_metrics", "top_k"]
 
 
 def _hits(ranked: np.ndarray, targets: Sequence[np.ndarray]) -> np.ndarray:

@@ -1,13 +1,16 @@
 """The matcher at serving time: a registry version's towers, tokenizer and item store, torch-free.
 
 Known items come from the precomputed store (no transformer pass); only unknown (cold-start) items
-are encoded, and only when their text is given. Users are embedded from their history rows in the
-store. Scores are cosines (both towers L2-normalise), as in training.
+are encoded, and only when their text is given. Scores are cosines (both towers L2-normalise), as in
+training. `tower_encoder` is the ONNX user tower over catalogue item embeddings: the user encoder of
+every `EmbeddingMatcher` built from a registry version (the service's, the batch scorer's and
+`recsys.scoring.registry_matcher`'s for `train ranker --matcher` and `evaluate --matcher`). This module
+imports neither torch nor polars (tested with both blocked).
 """
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -142,3 +145,17 @@ class MatcherRuntime:
     def score(users: np.ndarray, items: np.ndarray) -> np.ndarray:
         """[B, D] x [n, D] -> cosine scores [B, n]."""
         return np.asarray(users, np.float32) @ np.asarray(items, np.float32).T
+
+
+def tower_encoder(item_emb: np.ndarray, tower: UserEncoder) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
+    """Padded histories (item_idx [B, N], -1 pad; event codes; ages s) -> user embeddings [B, D]
+    through the ONNX user tower over `item_emb` rows. Empty histories get the tower's learned
+    cold-start vector (unknown users)."""
+
+    def encode(items: np.ndarray, codes: np.ndarray, ages: np.ndarray) -> np.ndarray:
+        items = np.asarray(items, np.int64)
+        mask = items >= 0
+        hist = item_emb[np.maximum(items, 0)] * mask[..., None]
+        return tower.encode(hist, np.where(mask, codes, -1), np.where(mask, ages, 0.0), mask)
+
+    return encode

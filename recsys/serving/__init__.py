@@ -2,7 +2,7 @@
 
 Layers, outermost first: `server` (grpc.aio server, TLS, auth, health, signals) -> `servicer` (proto
 <-> Python, status codes; the only place that knows gRPC codes) -> `validation` (request checks that
-name the field) -> `engine` (the vectorised request path over `recsys.ranker.score_request` and the
+name the field) -> `engine` (the service adapter over `recsys.scoring.request.RequestScorer` and the
 live `FeatureState`) -> `model` (a registry version + ranker, hot-swappable). No torch anywhere.
 """
 

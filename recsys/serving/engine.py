@@ -1,24 +1,20 @@
-"""The request path: ids -> item_idx, match scores, point-in-time features, LightGBM, top-k.
+"""The service's adapter over the one request path (`recsys.scoring.request.RequestScorer`, R = 1).
 
-Vectorised over candidates (NumPy arrays indexed by position; no per-candidate Python beyond the id
-lookup). Requests whose candidates the catalogue knows, without a history override, go through
-`recsys.ranker.score_request` itself, the path the batch scorer and the evaluator use, so all three
-give the same score for the same (user, item, time). Other requests take the same steps with two
-documented substitutions:
+What stays here is serving-only: the live feature state and its reader/writer lock, id <-> item_idx
+maps, a request's history override as item_idx, the edge check of extra features, and the baseline
+rankers of experiment configs. The scoring itself (user tower, match scores, point-in-time features,
+cold-item masking, LightGBM, top-k) is the scorer's, shared with batch scoring, ranker training and
+evaluation, so all give the same score for the same (user, item, time).
 
-* history override: the request's history replaces the stored one for the user tower and the
-  co-visitation features (`FeatureState.compute(history=...)`);
-* cold items (not in the catalogue): match score from the text encoded on the fly, or 0.0 (the
-  neutral cosine) when no text came; behavioural features are those of a brand-new item (no counts,
-  no attributes: zeros and NaN, CTR at the global prior), which the trees handle as missing values.
+Cold items (not in the catalogue): match score from the text encoded on the fly, or 0.0 (the neutral
+cosine) when no text came; behavioural features are those of a brand-new item. Unknown users have
+no stored history: the user tower returns its learned cold-start vector and the user features are
+those of a new user (FeatureState's own rule).
 
-Unknown users have no stored history: the user tower returns its learned cold-start vector and the
-user features are those of a new user (FeatureState's own rule).
-
-Baseline rankers of an experiment config (`BaselineModel`) take `rank_baseline` / `recommend_baseline`:
-popularity reads the decayed item counts of the same live state (the `item_pop_7d` feature, checked
-equal by a test), random draws per request; both are one vectorised pass over the candidates (or the
-catalogue), with the same exclusion rules as `retrieve`.
+Baseline rankers of an experiment config (`BaselineModel`) take `rank_baseline` /
+`recommend_baseline`: popularity reads the decayed item counts of the same live state (the
+`item_pop_7d` feature, checked equal by a test), random draws per request; both are one vectorised
+pass over the candidates (or the catalogue), with the scorer's exclusion rule and top-k.
 """
 
 from __future__ import annotations
@@ -35,13 +31,13 @@ import polars as pl
 from recsys.data.prepared import Histories
 from recsys.data.schema import EVENT_CODES, StrengthRule
 from recsys.features import DAY_US, NEVER, EventBatch, Features, FeatureState, request_keys
-from recsys.ranker import score_request
+from recsys.scoring.request import CATALOGUE, ENCODED, NO_TEXT, RequestBatch, ScoredBatch, exclusions
+from recsys.scoring.topk import top_k
 from recsys.serving.model import BaselineModel, ItemCatalogue, ServingModel
 from recsys.serving.users import UserIndex
-from recsys.serving.validation import EventsInput, FieldError, HistoryInput
+from recsys.serving.validation import EventsInput, FieldError, HistoryInput, RankInput, RecommendInput
 
-# Sources of a scored item (values of the proto enum ItemSource).
-CATALOGUE, ENCODED, NO_TEXT = 1, 2, 3
+__all__ = ["CATALOGUE", "ENCODED", "NO_TEXT", "LiveState", "Ranked", "StateBusy", "rank", "recommend"]
 _STRENGTH = StrengthRule()
 
 
@@ -169,125 +165,73 @@ def history_arrays(history: HistoryInput, catalogue: ItemCatalogue, size: int, t
     return Histories(items, code, age)
 
 
-def _context(model: ServingModel, context: Mapping[str, str | float]) -> dict[str, str | float | None]:
-    """Every context the ranker knows (None -> NaN when the request lacks it); others are ignored."""
-    return {name: context.get(name) for name in model.ranker.context_names}
-
-
-def _extra(model: ServingModel, extra: Mapping[str, np.ndarray], n: int) -> dict[str, np.ndarray]:
+def _extra(model: ServingModel, extra: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     unknown = sorted(set(extra) - set(model.extra_names))
     if unknown:
         known = ", ".join(model.extra_names) or "none"
         raise FieldError(
             "candidates.features", f"unknown feature {unknown[0]!r}: this model takes {known}"
         )
-    return {name: extra.get(name, np.full(n, np.nan)) for name in model.extra_names}
+    return dict(extra)
+
+
+def _ranked(scored: ScoredBatch) -> Ranked:
+    """Request 0 of a scored batch as the served list."""
+    return Ranked(
+        scored.order[0], scored.scores, scored.match, scored.source, scored.features,
+        scored.contributions[0] if scored.contributions else None, scored.bias[0] if scored.bias else None,
+    )
+
+
+def _history(live: LiveState, history: HistoryInput | None, t_us: int) -> list[Histories | None] | None:
+    if history is None:
+        return None
+    return [history_arrays(history, live.catalogue, live.state.config.max_history, t_us)]
 
 
 def rank(
-    model: ServingModel,
-    live: LiveState,
-    user_id: str,
-    item_idx: np.ndarray,
-    t_us: int,
-    context: Mapping[str, str | float],
-    extra: Mapping[str, np.ndarray],
-    history: HistoryInput | None = None,
-    cold_vectors: np.ndarray | None = None,
-    has_text: np.ndarray | None = None,
-    top_k: int = 0,
-    explain: bool = False,
-    blocking: bool = True,
+    model: ServingModel, live: LiveState, request: RankInput, item_idx: np.ndarray,
+    cold_vectors: np.ndarray | None = None, *, blocking: bool = True,
 ) -> Ranked:
-    """Score candidates item_idx [n] (-1 = not in the catalogue; their vectors in `cold_vectors`
-    [m, D] for the ones with text, in order) and order them. blocking=False: StateBusy rather than
-    wait while events are being applied."""
-    n = len(item_idx)
-    known = item_idx >= 0
-    ctx = _context(model, context)
-    extras = _extra(model, extra, n)
-    user = live.user_idx(user_id)
-    state = live.state
-    source = np.where(known, CATALOGUE, NO_TEXT).astype(np.int8)
-    if has_text is not None:
-        source[~known & has_text] = ENCODED
-    with live.lock.read(blocking):
-        if known.all() and history is None:
-            scores, features = score_request(model.ranker, state, user, item_idx, t_us, model.matcher, ctx, extras)
-            match = features.matrix[:, features.names.index("match_score")].astype(np.float64)
-        else:
-            hist = (
-                history_arrays(history, live.catalogue, state.config.max_history, t_us)
-                if history is not None
-                else state.history(user, t_us)
-            )
-            u = model.user_vectors(hist.item_idx, hist.event_code, hist.age_s)[0]
-            match = np.zeros(n, np.float32)
-            match[known] = model.item_emb[item_idx[known]] @ u
-            encoded = np.flatnonzero(source == ENCODED)
-            if len(encoded):
-                assert cold_vectors is not None and len(cold_vectors) == len(encoded)
-                match[encoded] = cold_vectors @ u
-            features = state.compute(user, np.where(known, item_idx, 0), t_us, match, hist, ctx, extras)
-            state.mask_unseen_items(features, np.flatnonzero(~known), in_catalogue=False)
-            scores = model.ranker.score(features)
-            match = match.astype(np.float64)
-    k = n if top_k <= 0 else min(top_k, n)
-    order = np.argsort(-scores, kind="stable")[:k]
-    result = Ranked(order, scores, match, source, features)
-    if explain:
-        exp = model.ranker.explain(Features(features.matrix[order], features.names))
-        result.contributions, result.bias = exp.contributions, exp.bias
-    return result
-
-
-def _excluded(
-    live: LiveState, user_id: str, t_us: int, exclude: Sequence[str], include_seen: bool, history: HistoryInput | None
-) -> tuple[Histories, np.ndarray]:
-    """(the user's history, item_idx never to recommend: excluded ids, and unless include_seen the
-    items the user interacted with). Call under the state's read lock."""
-    user = live.user_idx(user_id)
-    state = live.state
-    hist = (
-        history_arrays(history, live.catalogue, state.config.max_history, t_us)
-        if history is not None
-        else state.history(user, t_us)
+    """Score a validated Rank request's candidates item_idx [n] (-1 = not in the catalogue; the
+    vectors of the ones with text in `cold_vectors` [m, D], in order) and order them.
+    blocking=False: StateBusy rather than wait while events are being applied."""
+    cold = bool(len(item_idx)) and int(item_idx.min()) < 0
+    has_text = np.fromiter(map(bool, request.texts), bool, len(request.texts)) if cold else None
+    batch = RequestBatch(
+        users=np.asarray([live.user_idx(request.user_id)], np.int64),
+        times=np.asarray([request.time_us], np.int64),
+        indptr=np.asarray([0, len(item_idx)], np.int64),
+        items=np.asarray(item_idx, np.int64),
+        contexts=[request.context],
+        extra=_extra(model, request.extra),
+        histories=_history(live, request.history, request.time_us),
+        cold_vectors=cold_vectors,
+        has_text=has_text,
     )
-    banned = live.catalogue.lookup(list(exclude))
-    drop = [banned[banned >= 0]]
-    if not include_seen:
-        seen = state.user_item.row(user)[0] if user >= 0 else np.zeros(0, np.int64)
-        drop += [seen, hist.item_idx[hist.item_idx >= 0]]
-    return hist, np.concatenate(drop).astype(np.int64)
+    with live.lock.read(blocking):
+        scored = model.scorer(live.state).score(batch, top_k=request.top_k, explain=request.explain)
+    return _ranked(scored)
 
 
-def _top(scores: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k best finite scores, best first (ties: lower position first)."""
-    k = min(k, int(np.isfinite(scores).sum()))
-    if k <= 0:
-        return np.zeros(0, np.int64)
-    top = np.argpartition(-scores, k - 1)[:k]
-    return top[np.lexsort((top, -scores[top]))].astype(np.int64)
-
-
-def retrieve(
-    model: ServingModel,
-    live: LiveState,
-    user_id: str,
-    t_us: int,
-    k: int,
-    exclude: Sequence[str],
-    include_seen: bool,
-    history: HistoryInput | None,
-) -> np.ndarray:
-    """Exact top-k item_idx by cosine over the whole catalogue (one [n_items, D] @ [D] product),
-    minus excluded ids and (unless include_seen) items the user already interacted with."""
+def recommend(model: ServingModel, live: LiveState, request: RecommendInput) -> tuple[Ranked, np.ndarray]:
+    """Exact top-`retrieve_k` of the catalogue by cosine (minus excluded ids and, unless
+    include_seen, items the user interacted with), blended by the ranker -> (Ranked, item_idx)."""
+    banned = live.catalogue.lookup(list(request.exclude))
+    batch = RequestBatch(
+        users=np.asarray([live.user_idx(request.user_id)], np.int64),
+        times=np.asarray([request.time_us], np.int64),
+        indptr=np.zeros(2, np.int64),
+        items=np.zeros(0, np.int64),
+        contexts=[request.context],
+        histories=_history(live, request.history, request.time_us),
+    )
     with live.lock.read():
-        hist, drop = _excluded(live, user_id, t_us, exclude, include_seen, history)
-    u = model.user_vectors(hist.item_idx, hist.event_code, hist.age_s)[0]
-    scores = model.item_emb @ u
-    scores[drop] = -np.inf
-    return _top(scores, k)
+        scored = model.scorer(live.state).recommend(
+            batch, retrieve_k=request.retrieve_k, top_k=request.top_k, exclude=[banned[banned >= 0]],
+            include_seen=request.include_seen, explain=request.explain,
+        )
+    return _ranked(scored), scored.items
 
 
 # ------------------------------------------------------------------------------------------ baselines
@@ -318,17 +262,11 @@ def _draws(user_id: str, request_id: str, n: int) -> np.ndarray:
 
 
 def rank_baseline(
-    model: BaselineModel,
-    live: LiveState,
-    user_id: str,
-    request_id: str,
-    item_idx: np.ndarray,
-    t_us: int,
-    top_k: int = 0,
-    blocking: bool = True,
+    model: BaselineModel, live: LiveState, request: RankInput, item_idx: np.ndarray, *, blocking: bool = True
 ) -> Ranked:
     """Order candidates item_idx [n] (-1 = not in the catalogue) by a baseline. Candidates the
     catalogue does not know have no counts (popularity 0; their text is not encoded: source NO_TEXT)."""
+    user_id, request_id, t_us, k = request.user_id, request.request_id, request.time_us, request.top_k
     n = len(item_idx)
     known = item_idx >= 0
     if model.kind == "random":
@@ -337,34 +275,27 @@ def rank_baseline(
         scores = np.zeros(n, np.float64)
         with live.lock.read(blocking):
             scores[known] = popularity(live.state, item_idx[known], t_us)
-    k = n if top_k <= 0 else min(top_k, n)
-    order = np.argsort(-scores, kind="stable")[:k]
+    order = top_k(scores, n if k <= 0 else min(k, n))
     source = np.where(known, CATALOGUE, NO_TEXT).astype(np.int8)
     return Ranked(order, scores, np.zeros(n, np.float64), source)
 
 
-def recommend_baseline(
-    model: BaselineModel,
-    live: LiveState,
-    user_id: str,
-    request_id: str,
-    t_us: int,
-    k: int,
-    exclude: Sequence[str],
-    include_seen: bool,
-    history: HistoryInput | None,
-) -> tuple[Ranked, np.ndarray]:
-    """Top-k of the whole catalogue by a baseline, with `retrieve`'s exclusions -> (Ranked over the
+def recommend_baseline(model: BaselineModel, live: LiveState, request: RecommendInput) -> tuple[Ranked, np.ndarray]:
+    """Top-k of the whole catalogue by a baseline, with the scorer's exclusions -> (Ranked over the
     returned items, their item_idx)."""
+    user_id, request_id, t_us, history = request.user_id, request.request_id, request.time_us, request.history
     n_items = len(live.catalogue.ids)
+    user = live.user_idx(user_id)
+    banned = live.catalogue.lookup(list(request.exclude))
     with live.lock.read():
-        _, drop = _excluded(live, user_id, t_us, exclude, include_seen, history)
+        hist = _history(live, history, t_us)
+        stored = hist[0] if hist and hist[0] is not None else live.state.history(user, t_us)
+        drop = exclusions(live.state, user, stored, exclude=banned[banned >= 0], include_seen=request.include_seen)
         if model.kind == "random":
             scores = _draws(user_id, request_id, n_items)
         else:
             scores = popularity(live.state, np.arange(n_items), t_us)
-    scores[drop] = -np.inf
-    idx = _top(scores, k)
+    idx = top_k(scores, request.top_k, drop)
     m = len(idx)
     ranked = Ranked(
         np.arange(m, dtype=np.int64), scores[idx], np.zeros(m, np.float64), np.full(m, CATALOGUE, np.int8)

@@ -26,11 +26,13 @@ from typing import Any, Protocol, TypeAlias
 
 import numpy as np
 
+from recsys.data.prepared import Histories
 from recsys.errors import ModelError
 from recsys.features import EmbeddingMatcher, FeatureState
 from recsys.ranker import Ranker
 from recsys.registry import Registry
-from recsys.scoring.matcher import MatcherRuntime
+from recsys.scoring.matcher import MatcherRuntime, tower_encoder
+from recsys.scoring.request import RequestScorer
 
 log = logging.getLogger(__name__)
 
@@ -90,26 +92,21 @@ class ServingModel:
     loaded_at: float
     cold_cache: TextCache
     ranker_path: Path
+    matcher: EmbeddingMatcher  # catalogue embeddings + the ONNX user tower (`tower_encoder`)
     initial_state: FeatureState | None = None
-
-    @property
-    def matcher(self) -> EmbeddingMatcher:
-        """The matcher `score_request` uses: catalogue embeddings + the ONNX user tower."""
-        return EmbeddingMatcher(self.item_emb, self.user_vectors)
+    _scorer: RequestScorer | None = field(default=None, repr=False)
 
     @property
     def providers(self) -> tuple[str, ...]:
         return tuple(self.runtime.user_encoder.info.active)
 
-    def user_vectors(self, items: np.ndarray, codes: np.ndarray, ages: np.ndarray) -> np.ndarray:
-        """Padded histories (item_idx [B, N], -1 pad; event codes; ages s) -> user embeddings [B, D].
-        Empty histories get the tower's learned cold-start vector (unknown users)."""
-        items = np.asarray(items, np.int64)
-        mask = items >= 0
-        hist = self.item_emb[np.maximum(items, 0)] * mask[..., None]
-        return self.runtime.user_encoder.encode(
-            hist, np.where(mask, codes, -1), np.where(mask, ages, 0.0), mask
-        )
+    def scorer(self, state: FeatureState) -> RequestScorer:
+        """The one request path over `state` (the live one in the service, the saved one in batch);
+        built once per state (the service's live state object lives as long as the server)."""
+        scorer = self._scorer
+        if scorer is None or scorer.state is not state:
+            scorer = self._scorer = RequestScorer(state, ranker=self.ranker, matcher=self.matcher, extra_names=self.extra_names)
+        return scorer
 
     def encode_texts(self, texts: Sequence[str]) -> np.ndarray:
         """Cold items: texts -> [n, D] through the ONNX item tower (one length-bucketed pass)."""
@@ -180,6 +177,7 @@ def load_model(
     version: str | None,
     catalogue: ItemCatalogue,
     state: FeatureState | None,
+    *,
     ranker_dir: Path | None = None,
     provider: str = "auto",
     precision: str = "fp32",
@@ -220,15 +218,17 @@ def load_model(
     if not np.isfinite(emb).all():
         raise ModelError(f"model version {registered.version} produced non-finite item embeddings")
     builtin = set(state.feature_names(True, ranker.context_names))
+    item_emb = np.ascontiguousarray(emb, np.float32)
     model = ServingModel(
         version=registered.version,
         runtime=runtime,
         ranker=ranker,
-        item_emb=np.ascontiguousarray(emb, np.float32),
+        item_emb=item_emb,
         extra_names=tuple(n for n in ranker.feature_names if n not in builtin),
         loaded_at=time.time(),
         cold_cache=TextCache(cold_cache),
         ranker_path=path,
+        matcher=EmbeddingMatcher(item_emb, tower_encoder(item_emb, runtime.user_encoder)),
         initial_state=initial,
     )
     _warm_up(model, catalogue)
@@ -245,7 +245,8 @@ def load_model(
 
 def _warm_up(model: ServingModel, catalogue: ItemCatalogue) -> None:
     """Run both towers once: a model that cannot score is refused at load, not on traffic."""
-    user = model.user_vectors(np.full((1, 4), -1), np.full((1, 4), -1), np.zeros((1, 4), np.float32))
+    empty = Histories(np.full((1, 4), -1, np.int32), np.full((1, 4), -1, np.int8), np.zeros((1, 4), np.float32))
+    user = model.matcher.user_vectors(empty)
     cold = model.encode_texts([catalogue.texts[0] if catalogue.texts else "warm up"])
     if user.shape != (1, model.item_emb.shape[1]) or cold.shape != user.shape:
         raise ModelError(

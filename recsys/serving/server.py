@@ -17,6 +17,7 @@ import json
 import logging
 import signal
 import threading
+import time
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -25,7 +26,7 @@ import grpc
 import polars as pl
 
 from recsys.data.prepared import PreparedData
-from recsys.errors import ConfigError, ModelError
+from recsys.errors import ConfigError, InputError, ModelError, NotFoundError
 from recsys.experiments.config import ExperimentConfig, RankerSpec, load_config
 from recsys.experiments.router import ConfigWatcher, ExperimentRouter, build_router
 from recsys.features import FeatureState
@@ -50,7 +51,7 @@ from recsys.serving.model import (
 )
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
-from recsys.serving.servicer import AdminServicer, RankingServicer, reload_model
+from recsys.serving.servicer import AdminServicer, RankingServicer
 from recsys.serving.validation import add_guarded
 
 log = logging.getLogger("recsys.serving")
@@ -162,8 +163,8 @@ class ServingApp:
             version = self.registry.resolve(version)
             self.vet(version, self._ranker_dir(spec))
         return load_model(
-            self.registry, version, self.catalogue, state, self._ranker_dir(spec),
-            cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
+            self.registry, version, self.catalogue, state, ranker_dir=self._ranker_dir(spec),
+            provider=cfg.provider, precision=cfg.precision, threads=cfg.ort_threads, cold_cache=cfg.cold_cache,
         )
 
     def _load_all(
@@ -291,7 +292,54 @@ class ServingApp:
     # ---------------------------------------------------------------- timers
 
     async def reload(self, variant: str, version: str | None, by_watcher: bool = False) -> tuple[str, str, float]:
-        return await reload_model(self, variant, version, by_watcher=by_watcher)
+        """Vet `version` (None: registry current) in a child process, load it beside the serving
+        model, then swap. Serialised; a failure leaves the serving model in place and is reported
+        (FAILED_PRECONDITION / NOT_FOUND). With --experiments a variant is a ranker name of the config;
+        baselines have nothing to reload.
+
+        The pin rule (with --watch-registry): an admin Reload naming a version pins the variant there
+        and the registry watcher leaves it alone; an admin Reload without a version loads the
+        registry's current version and follows the registry again. The watcher (`by_watcher`) never
+        pins, and gives way to a pin set while it waited for the lock."""
+        holder = self.holders.get(variant)
+        if holder is None:
+            raise NotFoundError(f"unknown variant {variant!r}: serving {sorted(self.holders)}")
+        if isinstance(holder.current, BaselineModel):
+            raise ModelError(f"{variant!r} serves the {holder.current.kind} baseline: there is no model version to reload")
+        async with self.reload_lock:
+            if by_watcher and variant in self.pinned:
+                return holder.current.version, holder.current.version, 0.0
+            started = time.perf_counter()
+            try:
+                model = await asyncio.get_running_loop().run_in_executor(
+                    self.reload_executor, self._vet_and_load, version, self.ranker_dir(variant)
+                )
+            except InputError as exc:  # unknown version / no current version
+                self.metrics.reloads.labels(variant, "refused").inc()
+                raise NotFoundError(str(exc)) from exc
+            except Exception:
+                self.metrics.reloads.labels(variant, "refused").inc()
+                raise
+            old = holder.swap(model)
+            if not by_watcher:
+                (self.pinned.add if version else self.pinned.discard)(variant)
+            seconds = time.perf_counter() - started
+            self.metrics.set_model(variant, model.version, old.version)
+            self.metrics.reloads.labels(variant, "ok").inc()
+            log.info(
+                "variant %s: %s -> %s (loaded in %.2fs%s)", variant, old.version, model.version, seconds,
+                ", pinned" if variant in self.pinned else "",
+            )
+            return old.version, model.version, seconds
+
+    def _vet_and_load(self, version: str | None, ranker_dir: Path | None) -> ServingModel:
+        name = self.registry.resolve(version)
+        self.vet(name, ranker_dir)
+        cfg = self.config
+        return load_model(
+            self.registry, name, self.live.catalogue, self.live.state, ranker_dir=ranker_dir,
+            provider=cfg.provider, precision=cfg.precision, threads=cfg.ort_threads, cold_cache=cfg.cold_cache,
+        )
 
     async def background(self) -> None:
         """Timers: exposure flush deadline, registry watch, cold-batch metrics."""

@@ -23,16 +23,18 @@ from typing import TYPE_CHECKING, Any, TypeVar
 import grpc
 import numpy as np
 
-from recsys.errors import ConfigError, InputError, ModelError
+from recsys.errors import ConfigError, InputError, ModelError, NotFoundError
 from recsys.experiments.assignment import SESSION_KEY
 from recsys.experiments.config import context_text
 from recsys.serving import engine
 from recsys.serving.metrics import variant_series
-from recsys.serving.model import BaselineModel, ServingModel, load_model
+from recsys.serving.model import BaselineModel
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
 from recsys.serving.validation import (
     FieldError,
+    RankInput,
+    RecommendInput,
     assignment_input,
     events_input,
     rank_input,
@@ -56,6 +58,8 @@ class ServiceError(Exception):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
+    if isinstance(exc, NotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, InputError | ConfigError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
     if isinstance(exc, ModelError):
@@ -153,7 +157,7 @@ class Handler:
 
 
 def _items(
-    ranked: engine.Ranked, served: list[str], scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
+    ranked: engine.Ranked, served: list[str], *, scores: np.ndarray, match: np.ndarray, source: np.ndarray, explain: bool
 ) -> list[Any]:
     """ScoredItems of the served list (ids, scores, match scores, sources in served order)."""
     rows = zip(served, scores.tolist(), match.tolist(), source.tolist(), strict=True)
@@ -190,35 +194,27 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         idx = app.live.catalogue.lookup(inp.item_ids)
         inline = len(idx) <= app.config.inline_candidates and not inp.explain
         if isinstance(model, BaselineModel):
-            ranked = await self.handler.run(
-                context, engine.rank_baseline, model, app.live, inp.user_id, inp.request_id, idx, inp.time_us,
-                inp.top_k, inline=inline,
-            )
+            ranked = await self.handler.run(context, engine.rank_baseline, model, app.live, inp, idx, inline=inline)
         else:
-            has_text = np.fromiter(map(bool, inp.texts), bool, len(inp.texts))
-            cold = np.flatnonzero((idx < 0) & has_text)
+            cold = np.flatnonzero((idx < 0) & np.fromiter(map(bool, inp.texts), bool, len(inp.texts)))
             vectors = (
                 await app.batcher.encode(model, [inp.texts[i] for i in cold], _deadline(context)) if len(cold) else None
             )
-            ranked = await self.handler.run(
-                context, engine.rank, model, app.live, inp.user_id, idx, inp.time_us, inp.context, inp.extra,
-                inp.history, vectors, has_text, inp.top_k, inp.explain, inline=inline,
-            )
-        return self._respond(
-            pb.RankResponse, inp.request_id, inp.user_id, inp.time_us, inp.item_ids, ranked, model.version, variant,
-            inp.explain, started, inp.context,
-        )
+            ranked = await self.handler.run(context, engine.rank, model, app.live, inp, idx, vectors, inline=inline)
+        return self._respond(pb.RankResponse, inp, inp.item_ids, ranked, version=model.version, variant=variant, started=started)
 
     def _respond(
-        self, cls: Any, request_id: str, user_id: str, t_us: int, ids: list[str], ranked: engine.Ranked,
-        version: str, variant: str, explain: bool, started: float, context: dict[str, str | float],
+        self, cls: Any, inp: RankInput | RecommendInput, ids: list[str], ranked: engine.Ranked, *,
+        version: str, variant: str, started: float,
     ) -> tuple[Any, str]:
+        """The reply and the exposure log of one served list (`ids`: the request's candidate ids)."""
         app = self.app
+        request_id, user_id, t_us, context = inp.request_id, inp.user_id, inp.time_us, inp.context
         latency_ms = (time.perf_counter() - started) * 1000.0
         order = ranked.order  # the served list, best first: gathered once for the reply and the log
         served = [ids[i] for i in order.tolist()]
         scores, match, source = ranked.scores[order], ranked.match[order], ranked.source[order]
-        items = _items(ranked, served, scores, match, source, explain)
+        items = _items(ranked, served, scores=scores, match=match, source=source, explain=inp.explain)
         response = cls(request_id=request_id, items=items, model_version=version, variant=variant)
         if app.exposure is not None:
             session = context.get(SESSION_KEY)
@@ -244,28 +240,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
 
         def work() -> tuple[engine.Ranked, np.ndarray]:
             if isinstance(model, BaselineModel):
-                return engine.recommend_baseline(
-                    model, app.live, inp.user_id, inp.request_id, inp.time_us, inp.top_k, inp.exclude,
-                    inp.include_seen, inp.history,
-                )
-            idx = engine.retrieve(
-                model, app.live, inp.user_id, inp.time_us, inp.retrieve_k, inp.exclude, inp.include_seen, inp.history
-            )
-            if not len(idx):
-                empty = np.zeros(0)
-                return engine.Ranked(np.zeros(0, np.int64), empty, empty, np.zeros(0, np.int8)), idx
-            ranked = engine.rank(
-                model, app.live, inp.user_id, idx, inp.time_us, inp.context, {}, inp.history,
-                top_k=inp.top_k, explain=inp.explain,
-            )
-            return ranked, idx
+                return engine.recommend_baseline(model, app.live, inp)
+            return engine.recommend(model, app.live, inp)
 
         ranked, idx = await self.handler.run(context, work)
         ids = [app.live.catalogue.ids[i] for i in idx.tolist()]
-        return self._respond(
-            pb.RecommendResponse, inp.request_id, inp.user_id, inp.time_us, ids, ranked, model.version, variant,
-            inp.explain, started, inp.context,
-        )
+        return self._respond(pb.RecommendResponse, inp, ids, ranked, version=model.version, variant=variant, started=started)
 
     async def _apply(self, requests: list[Any], context: grpc.aio.ServicerContext) -> tuple[int, int, int]:
         app = self.app
@@ -362,57 +342,3 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
             ), "-"
 
         return await self.handler.call("ExplainAssignment", context, work, shed=False)
-
-
-async def reload_model(
-    app: ServingApp, variant: str, version: str | None, *, by_watcher: bool = False
-) -> tuple[str, str, float]:
-    """Vet `version` (None: registry current) in a child process, load it beside the serving model,
-    then swap. Serialised; a failure leaves the serving model in place and is reported
-    (FAILED_PRECONDITION / NOT_FOUND). With --experiments a variant is a ranker name of the config;
-    baselines have nothing to reload.
-
-    The pin rule (with --watch-registry): an admin Reload naming a version pins the variant there and
-    the registry watcher leaves it alone; an admin Reload without a version loads the registry's
-    current version and follows the registry again. The watcher (`by_watcher`) never pins, and gives
-    way to a pin set while it waited for the lock."""
-    holder = app.holders.get(variant)
-    if holder is None:
-        raise ServiceError(grpc.StatusCode.NOT_FOUND, f"unknown variant {variant!r}: serving {sorted(app.holders)}")
-    if isinstance(holder.current, BaselineModel):
-        raise ModelError(f"{variant!r} serves the {holder.current.kind} baseline: there is no model version to reload")
-    async with app.reload_lock:
-        if by_watcher and variant in app.pinned:
-            return holder.current.version, holder.current.version, 0.0
-        started = time.perf_counter()
-        cfg = app.config
-        ranker_dir = app.ranker_dir(variant)
-        loop = asyncio.get_running_loop()
-
-        def vet_and_load() -> ServingModel:
-            name = app.registry.resolve(version)
-            app.vet(name, ranker_dir)
-            return load_model(
-                app.registry, name, app.live.catalogue, app.live.state, ranker_dir,
-                cfg.provider, cfg.precision, cfg.ort_threads, cfg.cold_cache,
-            )
-
-        try:
-            model = await loop.run_in_executor(app.reload_executor, vet_and_load)
-        except InputError as exc:  # unknown version / no current version
-            app.metrics.reloads.labels(variant, "refused").inc()
-            raise ServiceError(grpc.StatusCode.NOT_FOUND, str(exc)) from exc
-        except Exception:
-            app.metrics.reloads.labels(variant, "refused").inc()
-            raise
-        old = holder.swap(model)
-        if not by_watcher:
-            (app.pinned.add if version else app.pinned.discard)(variant)
-        seconds = time.perf_counter() - started
-        app.metrics.set_model(variant, model.version, old.version)
-        app.metrics.reloads.labels(variant, "ok").inc()
-        log.info(
-            "variant %s: %s -> %s (loaded in %.2fs%s)", variant, old.version, model.version, seconds,
-            ", pinned" if variant in app.pinned else "",
-        )
-        return old.version, model.version, seconds

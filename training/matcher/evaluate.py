@@ -5,6 +5,7 @@ The same code path serves validation during training, the zero-shot baseline and
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Any
@@ -151,3 +152,25 @@ def model_scores(model: TwoTower, item_emb: torch.Tensor, ev: EvalSet, device: t
     cache = torch.cat([item_emb, item_emb.new_zeros(1, item_emb.shape[1])])
     users = encode_users(model.user_tower, cache, ev, device)
     return (users @ item_emb.T).float().cpu().numpy()
+
+
+class RankingEvaluator:
+    """The matcher's one evaluator (the shape of sentence-transformers' `SentenceEvaluator`): full-
+    ranking NDCG@k / Recall@k on one EvalSet; `primary` names the metric that picks the checkpoint.
+    An evaluator without an EvalSet returns {} (no such split in the dataset)."""
+
+    def __init__(self, ev: EvalSet | None, k: int, device: torch.device) -> None:
+        self.ev, self.k, self.device = ev, k, device
+        self.primary = f"ndcg@{k}"
+
+    def __call__(self, model: TwoTower, item_emb: torch.Tensor, ci: bool = False) -> dict[str, Any]:
+        """Metrics of `model` with the catalogue encoded as item_emb [n_items, D]."""
+        if self.ev is None:
+            return {}
+        return ranking_metrics(model_scores(model, item_emb, self.ev, self.device), self.ev, self.k, ci=ci)
+
+    def of_scores(self, scores: Callable[[int], np.ndarray], ci: bool = False) -> dict[str, Any]:
+        """Metrics of a model-free scorer (users -> [U, n_items] scores), e.g. popularity."""
+        if self.ev is None:
+            return {}
+        return ranking_metrics(scores(len(self.ev)), self.ev, self.k, ci=ci)

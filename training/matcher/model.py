@@ -7,12 +7,7 @@ User tower: attention pooling over the embeddings of the user's most recent inte
 event-type and log-recency information, followed by a residual projection and L2 norm.
 Score(user, item) = cosine(user, item); training divides it by a temperature.
 
-Checkpoint layout (a directory), read by training, export and warm start:
-    item_encoder/            save_pretrained() of the encoder + tokenizer files (LoRA merged: a plain
-                             Hugging Face model whichever way it was fine-tuned)
-    user_tower.safetensors   user tower weights
-    item_head.safetensors    item head weights (only when matcher_config.item_head > 0)
-    matcher_config.json      MatcherConfig fields
+The checkpoint layout and its save/load live in training/matcher/checkpoint.py.
 """
 
 from __future__ import annotations
@@ -305,47 +300,3 @@ def plain_encoder(encoder: nn.Module) -> nn.Module:
 
         return copy.deepcopy(encoder).merge_and_unload()  # type: ignore[operator]
     return encoder
-
-
-def save_checkpoint(model: TwoTower, tokenizer: Any, out_dir: Path) -> None:
-    """Write the checkpoint layout described in the module docstring (atomically per file)."""
-    from safetensors.torch import save_file
-
-    out_dir.mkdir(parents=True, exist_ok=True)
-    encoder = plain_encoder(model.item_tower.encoder)
-    encoder.save_pretrained(out_dir / "item_encoder", safe_serialization=True)  # type: ignore[operator]
-    tokenizer.save_pretrained(out_dir / "item_encoder")
-    state = {k: v.detach().cpu().contiguous() for k, v in model.user_tower.state_dict().items()}
-    save_file(state, str(out_dir / "user_tower.safetensors"))
-    if model.item_tower.head is not None:
-        head = {k: v.detach().cpu().contiguous() for k, v in model.item_tower.head.state_dict().items()}
-        save_file(head, str(out_dir / "item_head.safetensors"))
-    model.config.save(out_dir / "matcher_config.json")
-
-
-def load_checkpoint(ckpt_dir: Path | str) -> tuple[TwoTower, Any]:
-    """(model, tokenizer) from a checkpoint directory; ModelError if it is not one."""
-    from safetensors.torch import load_file
-
-    ckpt_dir = Path(ckpt_dir)
-    config = MatcherConfig.load(ckpt_dir / "matcher_config.json")
-    encoder, tokenizer = load_encoder(str(ckpt_dir / "item_encoder"))
-    model = TwoTower(encoder, config)
-    try:
-        model.user_tower.load_state_dict(load_file(str(ckpt_dir / "user_tower.safetensors")))
-    except (OSError, RuntimeError) as exc:
-        raise ModelError(f"{ckpt_dir / 'user_tower.safetensors'} cannot be loaded: {exc}") from exc
-    if model.item_tower.head is not None:
-        load_item_head(model.item_tower.head, ckpt_dir)
-    return model, tokenizer
-
-
-def load_item_head(head: ItemHead, ckpt_dir: Path) -> None:
-    """Load item_head.safetensors into `head`, or a ModelError naming the file."""
-    from safetensors.torch import load_file
-
-    path = ckpt_dir / "item_head.safetensors"
-    try:
-        head.load_state_dict(load_file(str(path)))
-    except (OSError, RuntimeError) as exc:
-        raise ModelError(f"{path} cannot be loaded (matcher_config.json has item_head > 0): {exc}") from exc

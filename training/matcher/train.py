@@ -9,9 +9,13 @@ Per step (batch of B positive pairs):
      with their fresh embeddings after each step;
   3. in-batch softmax with temperature, false negatives masked (every known positive of the row's
      user), optional logQ correction by each column's inclusion probability.
-Validation (full ranking Recall@K / NDCG@K) after every epoch drives early stopping and best-checkpoint
-selection. Resumable from out/state/ (weights, optimizer, scheduler, step, history); data order and
-dropout are functions of (seed, step), so a resumed run replays the same batches.
+The loop is small: steps, then validation by the one evaluator (`RankingEvaluator`, whose primary
+metric, NDCG@K, picks the checkpoint); cache refresh, the step budget, periodic saves and early
+stopping are callbacks (training/matcher/callbacks.py, LightGBM's callback.py shape). The checkpoint
+module (training/matcher/checkpoint.py) owns every file name, the best checkpoint and the resume
+state. Resumable from out/state/ (weights, optimizer, scheduler, step, history); data order and
+dropout are functions of (seed, step), so a resumed run replays the same batches. Benchmark-only step
+modes (per-pair encoding, history with gradients, no bucketing) live in bench/matcher.py.
 Distributed: under torchrun each rank trains on its shard with local in-batch negatives; DDP averages
 gradients (gloo on CPU, nccl on GPU); item encoding for the cache/validation is sharded and gathered.
 """
@@ -35,15 +39,24 @@ from torch import nn
 from recsys.data.prepared import PreparedData
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.evaluation.baselines import Popularity
+from training.matcher.callbacks import CacheRefresh, Callback, EarlyStopping, PeriodicSave, StepBudget
+from training.matcher.checkpoint import (
+    REPORT_FILE,
+    STATE_DIR,
+    has_state,
+    load_checkpoint,
+    load_state,
+    save_checkpoint,
+    save_state,
+)
 from training.matcher.data import ItemTokens, item_texts, load_pairs, positive_keys
 from training.matcher.evaluate import (
     EvalSet,
+    RankingEvaluator,
     autocast,
     encode_items,
     history_tensors,
     model_chunks,
-    model_scores,
-    ranking_metrics,
 )
 from training.matcher.loss import false_negative_mask, in_batch_softmax, inclusion_log_prob
 from training.matcher.model import (
@@ -51,16 +64,13 @@ from training.matcher.model import (
     TwoTower,
     build_model,
     find_layers,
-    load_checkpoint,
     load_encoder,
     resolve_base_model,
-    save_checkpoint,
 )
 
 log = logging.getLogger(__name__)
 
-STATE_DIR = "state"
-REPORT = "training_report.json"
+REPORT = REPORT_FILE
 
 
 @dataclass(frozen=True)
@@ -87,9 +97,6 @@ class TrainConfig:
     logq: bool = False
     cache_negatives: int = 0  # extra negatives from the no-grad cache (>= n_items: whole catalogue)
     cache_refresh: int = 200  # steps between full cache refreshes (0: only at validation)
-    history_grad: bool = False  # encode history items with gradients instead of the cache (slow)
-    dedupe: bool = True  # encode each unique item once per step
-    bucket: bool = True  # length bucketing of each step's items
     encode_chunk: int = 128
     train_layers: int = 0  # >0: train only the top N transformer layers (embeddings + rest frozen)
     item_head: int = 0  # >0: residual MLP head (this hidden width) after the item tower's pooling
@@ -133,6 +140,18 @@ class TrainConfig:
             raise ConfigError(f"invalid matcher training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
         if self.protocol not in ("global", "loo", "tail"):
             raise ConfigError(f"--protocol must be global, loo or tail, got {self.protocol!r}")
+
+
+@dataclass
+class StepItems:
+    """What one step encodes. columns [C]: the softmax's item columns; labels [B]: each row's target
+    column; encode [E]: the item_idx sent through the encoder; col_pos [C]: each column's row of the
+    encoder output."""
+
+    columns: np.ndarray
+    labels: np.ndarray
+    encode: np.ndarray
+    col_pos: np.ndarray
 
 
 @dataclass
@@ -229,6 +248,26 @@ def _check_warm_start(ckpt: Path, cfg: TrainConfig, tokenizer: Any) -> None:
         )
 
 
+def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
+    """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build."""
+    model_kwargs = dict(
+        temperature=cfg.temperature, dropout=cfg.dropout, max_history=cfg.max_history,
+        max_text_tokens=cfg.max_text_tokens,
+    )
+    torch.manual_seed(cfg.seed)  # the user tower's (and LoRA's) initial weights
+    if not cfg.warm_start:
+        return build_model(cfg.base_model, item_head=cfg.item_head, **model_kwargs)
+    ckpt = Path(cfg.warm_start)
+    model, tokenizer = load_checkpoint(ckpt)
+    _check_warm_start(ckpt, cfg, tokenizer)
+    model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
+    model.user_tower.dropout.p = cfg.dropout
+    if cfg.item_head and model.item_tower.head is None:  # add a fresh (identity) head
+        model.item_tower.head = ItemHead(model.config.dim, cfg.item_head)
+        model.config = replace(model.config, item_head=cfg.item_head)
+    return model, tokenizer
+
+
 class _Trainer:
     """State of one training run (kept in one object so steps, eval and checkpointing share it)."""
 
@@ -242,32 +281,15 @@ class _Trainer:
         self.bf16 = cfg.bf16 and self.device.type == "cuda"
         self.data = PreparedData.load(cfg.data)
         self.state_dir = self.out / STATE_DIR
-        if cfg.history_grad and int(os.environ.get("WORLD_SIZE", "1")) > 1:
-            raise ConfigError("--history-grad is a single-process measurement mode; run it without torchrun")
         if cfg.freeze_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--freeze-encoder trains a small head over the whole catalogue per step: run it "
                               "in one process (it needs no torchrun)")
-        if cfg.resume and not (self.state_dir / "trainer_state.pt").exists():
+        if cfg.resume and not has_state(self.out):
             raise InputError(f"--resume: no saved training state in {self.state_dir}; start without --resume")
 
         # Cheap input checks first: a bad dataset should not wait for a model load.
         self.pairs = load_pairs(self.data, cfg.protocol, "train", cfg.max_history, cfg.weight_by_strength)
-        model_kwargs = dict(
-            temperature=cfg.temperature, dropout=cfg.dropout, max_history=cfg.max_history,
-            max_text_tokens=cfg.max_text_tokens,
-        )
-        torch.manual_seed(cfg.seed)  # the user tower's (and LoRA's) initial weights
-        if cfg.warm_start:
-            ckpt = Path(cfg.warm_start)
-            model, tokenizer = load_checkpoint(ckpt)
-            _check_warm_start(ckpt, cfg, tokenizer)
-            model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-            model.user_tower.dropout.p = cfg.dropout
-            if cfg.item_head and model.item_tower.head is None:  # add a fresh (identity) head
-                model.item_tower.head = ItemHead(model.config.dim, cfg.item_head)
-                model.config = replace(model.config, item_head=cfg.item_head)
-        else:
-            model, tokenizer = build_model(cfg.base_model, item_head=cfg.item_head, **model_kwargs)
+        model, tokenizer = _initial_model(cfg)
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg)
         self.model = model.to(self.device)
@@ -277,8 +299,8 @@ class _Trainer:
         self.tokens = ItemTokens.build(item_texts(self.data), tokenizer, self.mcfg.max_text_tokens)
         if self.pairs.item.max() >= self.n_items:
             raise InputError(f"{self.data.root}: pairs reference item_idx beyond items.parquet; rerun recsys prepare")
-        self.valid = self._eval_set("valid")
-        self.test = self._eval_set("test") if cfg.eval_test else None
+        self.valid = RankingEvaluator(self._eval_set("valid"), cfg.eval_k, self.device)
+        self.test = RankingEvaluator(self._eval_set("test") if cfg.eval_test else None, cfg.eval_k, self.device)
         self.positives = positive_keys(self.n_items, (self.pairs.user, self.pairs.item))
         counts = np.bincount(self.pairs.item, minlength=self.n_items).astype(np.float64)
         self.item_prob = counts / counts.sum()
@@ -314,6 +336,8 @@ class _Trainer:
         self.best_epoch = -1
         self.bad_epochs = 0
         self.finished = False
+        self.improved = False
+        self.budget_reached = False
         self.history: list[dict[str, Any]] = []
         self.losses: list[tuple[int, float]] = []
         self.report: dict[str, Any] = {}
@@ -369,16 +393,6 @@ class _Trainer:
         self.cache[: self.n_items] = emb
         return emb
 
-    def evaluate(self, ev: EvalSet | None, item_emb: torch.Tensor, ci: bool = False) -> dict[str, Any]:
-        if ev is None:
-            return {}
-        return ranking_metrics(model_scores(self.model, item_emb, ev, self.device), ev, self.cfg.eval_k, ci=ci)
-
-    def popularity_metrics(self, ev: EvalSet | None, ci: bool = False) -> dict[str, Any]:
-        if ev is None:
-            return {}
-        return ranking_metrics(self.popularity.scores(len(ev)), ev, self.cfg.eval_k, ci=ci)
-
     # ---- one step -----------------------------------------------------------------------------
     def batch_rows(self, epoch: int, index: int) -> np.ndarray:
         """Rows of this rank's `index`-th batch in `epoch`: a pure function of (seed, epoch)."""
@@ -394,23 +408,8 @@ class _Trainer:
         targets = pairs.item[rows]
         hist = pairs.hist_item[rows]
         negs = pairs.sample_hard_negatives(rows, cfg.hard_negatives, rng)
-        hist_valid = hist[hist >= 0]
-        if cfg.dedupe:
-            columns = np.unique(np.concatenate([targets, negs]))
-            labels = np.searchsorted(columns, targets)
-            encode = np.unique(np.concatenate([columns, hist_valid])) if cfg.history_grad else columns
-            col_pos = np.searchsorted(encode, columns)
-            hist_pos = np.searchsorted(encode, np.where(hist >= 0, hist, 0)) if cfg.history_grad else None
-        else:  # the naive way: one encoder pass per pair slot, repeats included
-            columns = np.concatenate([targets, negs])
-            labels = np.arange(len(rows))
-            encode = np.concatenate([columns, hist_valid]) if cfg.history_grad else columns
-            col_pos = np.arange(len(columns))
-            hist_pos = None
-            if cfg.history_grad:
-                hist_pos = np.zeros(hist.shape, dtype=np.int64)
-                hist_pos[hist >= 0] = len(columns) + np.arange(len(hist_valid))
-
+        plan = self.step_items(targets, negs, hist)
+        columns, labels = plan.columns, plan.labels
         extra = np.zeros(0, dtype=np.int64)
         if cfg.cache_negatives > 0:
             pool = np.setdiff1d(self.negative_pool, columns)
@@ -425,18 +424,13 @@ class _Trainer:
         dev = self.device
         if self.lower is not None and self.lower.ndim == 2:
             return self._head_only_step(rows, all_cols, labels, fn_mask, log_q)
-        chunks = model_chunks(self.tokens.chunks(encode, cfg.encode_chunk, bucket=cfg.bucket), encode, self.device, self.lower)
-        inputs = [(x, mask) for _, x, mask in chunks]
-        h_emb, h_type, h_age, h_mask = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
+        chunks = model_chunks(
+            self.tokens.chunks(plan.encode, cfg.encode_chunk, bucket=self.bucket), plan.encode, self.device, self.lower
+        )
+        history = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
         with autocast(dev, self.bf16):
-            if hist_pos is None:
-                users, enc = self.ddp(inputs, h_emb, h_type, h_age, h_mask)
-                enc = _unbucket(enc, chunks, len(encode))
-            else:  # history embeddings need the encoder output: run the towers separately
-                enc = _unbucket(self.ddp(inputs, None, None, None, None)[1], chunks, len(encode))
-                h_emb = enc[torch.from_numpy(hist_pos).to(dev)] * h_mask.unsqueeze(-1)
-                users = self.model.user_tower(h_emb, h_type, h_age, h_mask)
-            items = enc[torch.from_numpy(col_pos).to(dev)]
+            users, enc = self.encode_step([(x, mask) for _, x, mask in chunks], chunks, plan, history)
+            items = enc[torch.from_numpy(plan.col_pos).to(dev)]
             if len(extra):
                 items = torch.cat([items, self.cache[torch.from_numpy(extra).to(dev)]])
             loss = self._loss(users, items, rows, labels, fn_mask, log_q)
@@ -444,6 +438,22 @@ class _Trainer:
         with torch.no_grad():  # fresh (train-mode) embeddings of this step's items keep the cache current
             self.cache[torch.from_numpy(columns).to(dev)] = items[: len(columns)].detach().float()
         return float(loss.detach())
+
+    bucket = True  # length bucketing of each step's items (bench/matcher.py measures without)
+
+    def step_items(self, targets: np.ndarray, negs: np.ndarray, hist: np.ndarray) -> StepItems:
+        """Each unique item of the step once; history embeddings come from the no-grad cache.
+        bench/matcher.py subclasses this to measure the naive alternatives."""
+        columns = np.unique(np.concatenate([targets, negs]))
+        return StepItems(columns, np.searchsorted(columns, targets), columns, np.arange(len(columns)))
+
+    def encode_step(
+        self, inputs: list[tuple[torch.Tensor, torch.Tensor]], chunks: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]],
+        plan: StepItems, history: tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor],
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> (user vectors [B, D], encoder output [len(plan.encode), D] in plan.encode order)."""
+        users, enc = self.ddp(inputs, *history)
+        return users, _unbucket(enc, chunks, len(plan.encode))
 
     def _head_only_step(self, rows: np.ndarray, all_cols: np.ndarray, labels: np.ndarray, fn_mask: np.ndarray,
                         log_q: torch.Tensor | None) -> float:
@@ -490,47 +500,25 @@ class _Trainer:
         self.sched.step()
 
     # ---- state --------------------------------------------------------------------------------
-    def save_state(self) -> None:
-        if not self.dist.main:
-            return
-        from safetensors.torch import save_model
+    _COUNTERS = ("step", "epoch", "best", "best_epoch", "bad_epochs", "finished", "history", "losses", "report",
+                 "train_seconds", "pairs_seen")
 
-        self.state_dir.mkdir(parents=True, exist_ok=True)
-        save_model(self.model, str(self.state_dir / "model.safetensors"))
-        torch.save(
-            {
-                "optimizer": self.opt.state_dict(),
-                "scheduler": self.sched.state_dict(),
-                "step": self.step,
-                "epoch": self.epoch,
-                "best": self.best,
-                "best_epoch": self.best_epoch,
-                "bad_epochs": self.bad_epochs,
-                "finished": self.finished,
-                "history": self.history,
-                "losses": self.losses,
-                "report": self.report,
-                "train_seconds": self.train_seconds,
-                "pairs_seen": self.pairs_seen,
-                "config": asdict(self.cfg),
-            },
-            self.state_dir / "trainer_state.tmp",
-        )
-        os.replace(self.state_dir / "trainer_state.tmp", self.state_dir / "trainer_state.pt")
+    def save_state(self) -> None:
+        if self.dist.main:
+            payload = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "config": asdict(self.cfg)}
+            save_state(self.out, self.model, payload | {key: getattr(self, key) for key in self._COUNTERS})
 
     def load_state(self) -> None:
-        from safetensors.torch import load_model
-
-        load_model(self.model, str(self.state_dir / "model.safetensors"), device=str(self.device))
-        st = torch.load(self.state_dir / "trainer_state.pt", map_location=self.device, weights_only=False)
+        st = load_state(self.out, self.model, self.device)
         self.opt.load_state_dict(st["optimizer"])
         self.sched.load_state_dict(st["scheduler"])
-        for key in ("step", "epoch", "best", "best_epoch", "bad_epochs", "finished", "history", "losses",
-                    "report", "train_seconds", "pairs_seen"):
+        for key in self._COUNTERS:
             setattr(self, key, st[key])
 
     # ---- the run ------------------------------------------------------------------------------
     def run(self) -> dict[str, Any]:
+        """A small loop; cache refresh, the step budget, periodic saves and early stopping are
+        callbacks (LightGBM's callback.py shape), checkpoint choice the validation evaluator's."""
         cfg = self.cfg
         t_start = time.perf_counter()
         if cfg.resume:
@@ -543,15 +531,37 @@ class _Trainer:
             save_checkpoint(self.model, self.tokenizer, self.out)  # a usable model exists from the start
         self.refresh_cache()
         self.model.train()
+        callbacks: list[Callback] = [
+            CacheRefresh(cfg.cache_refresh), StepBudget(cfg.max_steps), PeriodicSave(cfg.save_every),
+            EarlyStopping(cfg.patience),
+        ]
+        while not self.finished and self.epoch < cfg.epochs:
+            if not self._epoch(callbacks):  # the step budget ended it mid-epoch
+                self.validate_and_select(partial=True)  # keep the best, save; --resume continues here
+                self.save_state()
+                break
+            self.validate_and_select()
+            for callback in callbacks:
+                callback.after_epoch(self)
+            self.epoch += 1
+            self.finished = self.finished or self.epoch >= cfg.epochs
+            self.save_state()
+            if self.budget_reached:
+                break
+        self.finish(time.perf_counter() - t_start)
+        return self.report
+
+    def _epoch(self, callbacks: list[Callback]) -> bool:
+        """The rest of the current epoch's steps; False when a callback stopped it before its end."""
         from tqdm.auto import tqdm
 
-        while not self.finished and self.epoch < cfg.epochs:
-            first = self.step - self.epoch * self.steps_per_epoch
-            bar = tqdm(
-                range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-                disable=not (cfg.progress and self.dist.main), file=sys.stderr, dynamic_ncols=True,
-            )
-            stopped = False
+        cfg = self.cfg
+        first = self.step - self.epoch * self.steps_per_epoch
+        bar = tqdm(
+            range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
+            disable=not (cfg.progress and self.dist.main), file=sys.stderr, dynamic_ncols=True,
+        )
+        with bar:
             for index in bar:
                 t0 = time.perf_counter()
                 rows = self.batch_rows(self.epoch, index)
@@ -561,30 +571,15 @@ class _Trainer:
                 self.pairs_seen += len(rows) * self.dist.world
                 self.losses.append((self.step, loss))
                 bar.set_postfix(loss=f"{loss:.3f}", pairs_s=f"{self.pairs_seen / max(self.train_seconds, 1e-9):.0f}")
-                if cfg.cache_refresh and self.step % cfg.cache_refresh == 0 and index + 1 < self.steps_per_epoch:
-                    self.refresh_cache()
-                if cfg.max_steps and self.step >= cfg.max_steps:
-                    stopped = True
-                    break
-                if cfg.save_every and self.step % cfg.save_every == 0:
-                    self.save_state()
-            bar.close()
-            if stopped and self.step - self.epoch * self.steps_per_epoch < self.steps_per_epoch:
-                # Step budget reached mid-epoch: validate, keep the best, save; --resume continues here.
-                self.validate_and_select(partial=True)
-                self.save_state()
-                break
-            self.end_epoch()
-            if stopped:
-                break
-        self.finish(time.perf_counter() - t_start)
-        return self.report
+                last = index + 1 == self.steps_per_epoch
+                if any(callback.after_step(self, last) for callback in callbacks):
+                    return last  # a budget reached on an epoch's last step still ends that epoch normally
+        return True
 
-    def validate_and_select(self, partial: bool = False) -> bool:
-        """Validate the current model, record a history row, save it if best. Returns improved."""
-        cfg = self.cfg
+    def validate_and_select(self, partial: bool = False) -> None:
+        """Validate the current model, record a history row, save it if best (`self.improved`)."""
         item_emb = self.refresh_cache()
-        metrics = self.evaluate(self.valid, item_emb)
+        metrics = self.valid(self.model, item_emb)
         start = self.history[-1]["step"] if self.history else 0
         recent = [v for s, v in self.losses if s > start]
         row: dict[str, Any] = {"epoch": self.epoch + 1, "step": self.step, "train_loss": float(np.mean(recent or [np.nan]))}
@@ -592,35 +587,22 @@ class _Trainer:
             row["partial"] = True
         row.update({f"valid_{k}": v for k, v in metrics.items() if k != "users"})
         self.history.append(row)
-        score = metrics.get(f"ndcg@{cfg.eval_k}", float(self.step))  # no validation set: latest is best
+        score = metrics.get(self.valid.primary, float(self.step))  # no validation set: latest is best
         if self.dist.main:
             log.info("validation: %s", json.dumps(row))
-        if score > self.best:
+        self.improved = score > self.best
+        if self.improved:
             self.best, self.best_epoch = score, self.epoch + 1
             if self.dist.main:
                 save_checkpoint(self.model, self.tokenizer, self.out)
-            return True
-        return False
-
-    def end_epoch(self) -> None:
-        if self.validate_and_select():
-            self.bad_epochs = 0
-        else:
-            self.bad_epochs += 1
-            if self.bad_epochs >= self.cfg.patience:
-                log.info("early stopping after epoch %d (best epoch %d)", self.epoch + 1, self.best_epoch)
-                self.finished = True
-        self.epoch += 1
-        if self.epoch >= self.cfg.epochs:
-            self.finished = True
-        self.save_state()
 
     def _baselines(self) -> dict[str, Any]:
         """Zero-shot (pretrained encoder, untrained user tower ≈ mean of history) and popularity."""
         item_emb = self.refresh_cache()
+        pop = self.popularity.scores
         return {
-            "zero_shot": {"valid": self.evaluate(self.valid, item_emb), "test": self.evaluate(self.test, item_emb, ci=True)},
-            "popularity": {"valid": self.popularity_metrics(self.valid), "test": self.popularity_metrics(self.test, ci=True)},
+            "zero_shot": {"valid": self.valid(self.model, item_emb), "test": self.test(self.model, item_emb, ci=True)},
+            "popularity": {"valid": self.valid.of_scores(pop), "test": self.test.of_scores(pop, ci=True)},
         }
 
     def finish(self, wall: float) -> None:
@@ -632,7 +614,7 @@ class _Trainer:
         best, _ = load_checkpoint(self.out)
         best.to(self.device)
         item_emb = encode_items(best, self.tokens, np.arange(self.n_items), self.device, bf16=self.bf16)
-        fine = {"valid": self._eval_with(best, self.valid, item_emb), "test": self._eval_with(best, self.test, item_emb, ci=True)}
+        fine = {"valid": self.valid(best, item_emb), "test": self.test(best, item_emb, ci=True)}
         self.report.update(
             {
                 "fine_tuned": fine,
@@ -663,11 +645,6 @@ class _Trainer:
 
             plot_curves(self.report, self.losses, self.out / "training_curves.png", cfg.eval_k)
         self.save_state()
-
-    def _eval_with(self, model: TwoTower, ev: EvalSet | None, item_emb: torch.Tensor, ci: bool = False) -> dict[str, Any]:
-        if ev is None:
-            return {}
-        return ranking_metrics(model_scores(model, item_emb, ev, self.device), ev, self.cfg.eval_k, ci=ci)
 
 
 def _unbucket(enc: torch.Tensor, chunks: list[tuple[np.ndarray, torch.Tensor, torch.Tensor]], n: int) -> torch.Tensor:
