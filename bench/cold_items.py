@@ -31,7 +31,7 @@ def run_dataset(name: str, base: Path, work: Path, rates: list[float], args: arg
     from recsys.data.prepared import PreparedData
     from recsys.evaluation.evaluate import EvalConfig, evaluate, paired_bootstrap, write_holdout
     from recsys.features import FeatureConfig
-    from recsys.ranker import Ranker
+    from recsys.ranker import LambdaMARTParams, Ranker
     from training.ranker import RankerConfig, train_ranker
 
     hold_dir = work / f"{name}_holdout"
@@ -44,7 +44,7 @@ def run_dataset(name: str, base: Path, work: Path, rates: list[float], args: arg
         started = time.perf_counter()
         out = work / f"{name}_ranker_{rate:g}"
         # No request-context features: the evaluator scores without a request context.
-        config = RankerConfig(cold_item_dropout=rate, threads=args.threads, seed=args.seed, features=FeatureConfig(context_columns=()))
+        config = RankerConfig(lambdamart=LambdaMARTParams(threads=args.threads, seed=args.seed), cold_item_dropout=rate, features=FeatureConfig(context_columns=()))
         train_ranker(data, out, matcher, config)
         result = evaluate(
             data, EvalConfig(protocol="tail", n_boot=args.n_boot, seed=args.seed), {"zero_shot": matcher},

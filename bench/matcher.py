@@ -94,7 +94,7 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
     """pairs/s of one training step under cumulative optimisations, same batches for all."""
     import torch
 
-    from training.matcher.train import TrainConfig
+    from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
 
     variants: list[tuple[str, dict[str, Any]]] = [
         ("naive: per-pair encoding, history with grad, no bucketing", dict(dedupe=False, history_grad=True, bucket=False)),
@@ -111,9 +111,9 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
     modes = ("dedupe", "history_grad", "bucket")
     for name, overrides in variants:
         naive = {k: v for k, v in overrides.items() if k in modes}
-        cfg = TrainConfig(data=str(data), out=str(cache / "throughput"), protocol="tail", batch_size=batch, threads=2,
-                          progress=False, zero_shot=False, eval_test=False,
-                          **{k: v for k, v in overrides.items() if k not in modes})
+        model = MatcherModelConfig(protocol="tail", **{k: v for k, v in overrides.items() if k not in modes})
+        run = RunConfig(batch_size=batch, threads=2, progress=False, zero_shot=False, eval_test=False)
+        cfg = TrainConfig(data=str(data), out=str(cache / "throughput"), model=model, run=run)
         trainer = naive_modes_trainer(cfg, **naive)  # the cache stays zeros: it does not change a step's cost
         trainer.model.train()
         trainer.train_step(trainer.batch_rows(0, 0), 0)  # warm-up: allocator, first-call overheads
@@ -126,7 +126,7 @@ def throughput(data: Path, cache: Path, batch: int, steps: int) -> list[dict[str
             rows_s = trainer.batch_rows(0, s)
             hist = trainer.pairs.hist_item[rows_s]
             targets = trainer.pairs.item[rows_s]
-            if cfg.freeze_encoder:  # no encoder pass at all: the cached pooled outputs go through the head
+            if cfg.model.freeze_encoder:  # no encoder pass at all: the cached pooled outputs go through the head
                 continue
             if naive.get("dedupe", True):
                 history_grad = naive.get("history_grad", False)
@@ -150,18 +150,20 @@ def run_protocol(data: Path, cache: Path, protocol: str, args: argparse.Namespac
     from recsys.data.prepared import PreparedData
     from recsys.evaluation.metrics import top_k
     from training.matcher.checkpoint import load_checkpoint
+    from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
     from training.matcher.data import ItemTokens, item_texts
     from training.matcher.evaluate import EvalSet, encode_items, model_scores
-    from training.matcher.train import TrainConfig, train
+    from training.matcher.train import train
 
     out = cache / f"ckpt_{protocol}"
-    cfg = TrainConfig(
-        data=str(data), out=str(out), protocol=protocol, epochs=args.epochs, batch_size=args.batch_size,
-        lr=args.lr, head_lr=args.head_lr, temperature=args.temperature, train_layers=args.train_layers,
-        cache_negatives=args.cache_negatives, cache_refresh=20, patience=args.patience, threads=2, seed=0,
-        max_text_tokens=48, progress=sys.stderr.isatty(), item_head=args.item_head,
+    model = MatcherModelConfig(
+        protocol=protocol, temperature=args.temperature, train_layers=args.train_layers,
+        cache_negatives=args.cache_negatives, max_text_tokens=48, item_head=args.item_head,
         freeze_encoder=args.freeze_encoder, max_history=args.max_history,
     )
+    run = RunConfig(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, cache_refresh=20,
+                    patience=args.patience, threads=2, seed=0, progress=sys.stderr.isatty())
+    cfg = TrainConfig(data=str(data), out=str(out), model=model, run=run)
     t0 = time.perf_counter()
     report = train(cfg)
     wall = time.perf_counter() - t0
@@ -198,7 +200,7 @@ def run_protocol(data: Path, cache: Path, protocol: str, args: argparse.Namespac
         "train_seconds": report["train_seconds"],
         "wall_seconds": wall,
         "scores_parquet": str(cache / f"matcher_{protocol}_test_scores.parquet"),
-        "config": {k: report["config"][k] for k in ("epochs", "batch_size", "lr", "head_lr", "temperature",
+        "config": {k: TrainConfig.flatten(report["config"])[k] for k in ("epochs", "batch_size", "lr", "head_lr", "temperature",
                                                    "train_layers", "cache_negatives", "logq", "hard_negatives",
                                                    "max_text_tokens", "max_history", "item_head",
                                                    "freeze_encoder", "weight_by_strength")},

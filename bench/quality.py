@@ -111,33 +111,22 @@ def zero_shot_matcher(data: Any, threads: int) -> Any:
 
 def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     from training.matcher.checkpoint import load_checkpoint
-    from training.matcher.train import TrainConfig, train
+    from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
+    from training.matcher.train import train
 
     report_path = out / "training_report.json"
     if not report_path.exists():
-        config = TrainConfig(
-            data=str(data.root),
-            out=str(out),
-            protocol=protocol,
-            epochs=args.matcher_epochs,
-            max_steps=args.matcher_steps,
-            batch_size=args.batch_size,
-            lr=args.lr,
-            head_lr=args.head_lr,
-            train_layers=args.train_layers,
-            item_head=args.item_head,
-            freeze_encoder=args.freeze_encoder,
-            cache_negatives=args.cache_negatives,
-            cache_refresh=20,
-            max_text_tokens=48,
-            threads=args.threads,
+        model = MatcherModelConfig(
+            protocol=protocol, train_layers=args.train_layers, item_head=args.item_head,
+            freeze_encoder=args.freeze_encoder, cache_negatives=args.cache_negatives, max_text_tokens=48,
             max_history=data.max_history,
-            progress=False,
-            zero_shot=False,
-            eval_test=False,
-            patience=2,
-            seed=args.seed,
         )
+        run = RunConfig(
+            epochs=args.matcher_epochs, max_steps=args.matcher_steps, batch_size=args.batch_size, lr=args.lr,
+            head_lr=args.head_lr, cache_refresh=20, threads=args.threads, progress=False, zero_shot=False,
+            eval_test=False, patience=2, seed=args.seed,
+        )
+        config = TrainConfig(data=str(data.root), out=str(out), model=model, run=run)
         train(config)
     report = json.loads(report_path.read_text())
     model, tokenizer = load_checkpoint(out)

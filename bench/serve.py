@@ -48,6 +48,7 @@ def build(work: Path, n_items: int, seed: int) -> dict[str, Path]:
     from recsys.data.schema import StrengthRule
     from recsys.data.synthetic import generate
     from recsys.features import EmbeddingMatcher, mean_pool_encoder
+    from recsys.ranker import LambdaMARTParams
     from recsys.scoring.store import EmbeddingStore
     from training.export import ExportConfig, export_to_registry
     from training.matcher.checkpoint import save_checkpoint
@@ -63,7 +64,7 @@ def build(work: Path, n_items: int, seed: int) -> dict[str, Path]:
     data = PreparedData.load(paths["data"])
     store = EmbeddingStore.load(paths["registry"] / "versions" / version / "embeddings")
     emb = np.asarray(store.matrix[store.positions(data.items["item_id"].cast(pl.Utf8).to_list())])
-    train_ranker(data, paths["ranker"], EmbeddingMatcher(emb, mean_pool_encoder(emb)), RankerConfig(threads=2, num_rounds=200))
+    train_ranker(data, paths["ranker"], EmbeddingMatcher(emb, mean_pool_encoder(emb)), RankerConfig(lambdamart=LambdaMARTParams(threads=2, num_rounds=200)))
     return paths
 
 

@@ -27,7 +27,7 @@ from typing import Any, Protocol
 import numpy as np
 
 from recsys.compat import require
-from recsys.errors import InputError, ModelError
+from recsys.errors import ConfigError, InputError, ModelError
 from recsys.features import FeatureConfig, Features, FeatureState
 from recsys.model_text import check_model_text
 
@@ -237,13 +237,14 @@ class Ranker:
 @dataclass(frozen=True)
 class LambdaMARTParams:
     """The one LambdaMART parameter source. `recsys train ranker` / publish / retrain
-    (`RankerConfig.lambdamart`) and evaluate's blend (`BlendConfig.lambdamart`) each build one."""
+    (`RankerConfig.lambdamart`, the CLI flags mapped onto it) holds one; evaluate's blend builds its
+    own binary-label one (`BlendConfig.lambdamart()`). The defaults are the request ranker's."""
 
     num_rounds: int = 500
     learning_rate: float = 0.05
-    num_leaves: int = 7
+    num_leaves: int = 7  # small trees + large leaves: request windows are small and labels noisy
     min_data_in_leaf: int = 50
-    feature_fraction: float = 1.0
+    feature_fraction: float = 1.0  # < 1 adds seed-dependent variance that small windows cannot afford
     lambda_l2: float = 1.0
     early_stopping_rounds: int = 50
     label_gain: tuple[float, ...] = (0.0, 1.0, 3.0, 7.0, 15.0)  # by integer label
@@ -252,6 +253,10 @@ class LambdaMARTParams:
     col_wise: bool = True  # histogram layout: force_col_wise, else force_row_wise
     seed: int = 0
     threads: int = 0  # 0 = LightGBM's default (all cores)
+
+    def __post_init__(self) -> None:
+        if self.num_rounds < 1:
+            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
 
     def lgb_params(self) -> dict[str, Any]:
         params: dict[str, Any] = {

@@ -19,6 +19,7 @@ def build_scoring_artifacts(base: Path, prepared_dir: Path, seed: int = 3, round
     """-> {"registry", "ranker", "data", "base"}: registry with one version (current), ranker dir."""
     from recsys.data.prepared import PreparedData
     from recsys.features import EmbeddingMatcher, mean_pool_encoder
+    from recsys.ranker import LambdaMARTParams
     from recsys.scoring.store import EmbeddingStore
     from tests.test_export import make_tiny_checkpoint
     from training.export import ExportConfig, export_to_registry
@@ -34,7 +35,7 @@ def build_scoring_artifacts(base: Path, prepared_dir: Path, seed: int = 3, round
         data,
         base / "ranker",
         EmbeddingMatcher(emb, mean_pool_encoder(emb)),
-        RankerConfig(threads=2, num_rounds=rounds),
+        RankerConfig(lambdamart=LambdaMARTParams(threads=2, num_rounds=rounds)),
     )
     return {"registry": base / "reg", "ranker": base / "ranker", "data": prepared_dir, "base": base, "ckpt": ckpt}
 

@@ -184,12 +184,13 @@ def test_report_and_scores_are_written(run, holdout, tmp_path) -> None:
 @pytest.fixture(scope="module")
 def ranker_run(synthetic_log, prepared_dir, tmp_path_factory):
     """A ranker trained by `recsys train ranker`'s code (global window, no context columns)."""
+    from recsys.ranker import LambdaMARTParams
     from training.ranker import RankerConfig, train_ranker
 
     data = PreparedData.load(prepared_dir)
     matcher = topic_matcher(synthetic_log, data)
     out = tmp_path_factory.mktemp("eval_ranker") / "model"
-    config = RankerConfig(threads=1, num_rounds=60, features=FeatureConfig(max_history=10, context_columns=()))
+    config = RankerConfig(lambdamart=LambdaMARTParams(threads=1, num_rounds=60), features=FeatureConfig(max_history=10, context_columns=()))
     result = train_ranker(data, out, matcher, config)
     from recsys.ranker import Ranker
 

@@ -8,6 +8,7 @@ import os
 import shutil
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -18,8 +19,9 @@ import pytest
 torch = pytest.importorskip("torch")
 
 from recsys.cli import main  # noqa: E402
-from recsys.errors import InputError, ModelError  # noqa: E402
+from recsys.errors import ConfigError, InputError, ModelError  # noqa: E402
 from training.matcher.checkpoint import load_checkpoint  # noqa: E402
+from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig  # noqa: E402
 from training.matcher.loss import false_negative_mask, in_batch_softmax  # noqa: E402
 from training.matcher.model import (  # noqa: E402
     N_EVENT_TYPES,
@@ -28,10 +30,15 @@ from training.matcher.model import (  # noqa: E402
     age_bucket,
     load_encoder,
 )
-from training.matcher.train import TrainConfig, train  # noqa: E402
+from training.matcher.train import train  # noqa: E402
 
 REPO = Path(__file__).resolve().parents[1]
-FAST = dict(batch_size=128, lr=1e-3, progress=False, threads=1, cache_refresh=4)  # 1 thread: tiny ops
+FAST = RunConfig(batch_size=128, lr=1e-3, progress=False, threads=1, cache_refresh=4)  # 1 thread: tiny ops
+QUICK = replace(FAST, zero_shot=False, eval_test=False)  # no baselines, no test-window evaluation
+
+
+def config(data: Path, out: Path, run: RunConfig = FAST, **model: Any) -> TrainConfig:
+    return TrainConfig(data=str(data), out=str(out), model=MatcherModelConfig(**model), run=run)
 
 
 @pytest.fixture(scope="module")
@@ -52,8 +59,7 @@ def bert(tiny_bert: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
 def trained(prepared_dir: Path, bert: Path, tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, dict]:
     out = tmp_path_factory.mktemp("matcher") / "ckpt"
     report = train(
-        TrainConfig(data=str(prepared_dir), out=str(out), base_model=str(bert), protocol="loo", epochs=4,
-                    logq=True, **FAST)  # type: ignore[arg-type]
+        config(prepared_dir, out, replace(FAST, epochs=4), base_model=str(bert), protocol="loo", logq=True)
     )
     return out, report
 
@@ -171,8 +177,7 @@ def test_lora_trains_only_adapter_weights_and_saves_a_plain_encoder(prepared_dir
     from transformers import AutoModel
 
     out = tmp_path / "lora"
-    train(TrainConfig(data=str(prepared_dir), out=str(out), base_model=str(bert), lora=True, max_steps=3,
-                      zero_shot=False, eval_test=False, **FAST))  # type: ignore[arg-type]
+    train(config(prepared_dir, out, replace(QUICK, max_steps=3), base_model=str(bert), lora=True))
     state = load_file(str(out / "state" / "model.safetensors"))
     base = AutoModel.from_pretrained(bert).state_dict()
     lora_keys = [k for k in state if "lora_" in k]
@@ -200,8 +205,7 @@ def test_benchmark_only_step_modes_live_in_bench_and_the_default_equals_producti
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(bench)
-    cfg = TrainConfig(data=str(prepared_dir), out=str(tmp_path / "o"), base_model=str(bert), zero_shot=False,
-                      eval_test=False, **FAST)  # type: ignore[arg-type]
+    cfg = config(prepared_dir, tmp_path / "o", QUICK, base_model=str(bert))
     losses = {}
     for modes in ({}, {"dedupe": False, "history_grad": True, "bucket": False}, {"history_grad": True}):
         trainer = bench.naive_modes_trainer(cfg, **modes)
@@ -218,13 +222,13 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
 ) -> None:
     from safetensors.torch import load_file
 
-    common = dict(data=str(prepared_dir), base_model=str(bert), zero_shot=False, eval_test=False, **FAST)
-    train(TrainConfig(out=str(tmp_path / "a"), max_steps=4, **common))  # type: ignore[arg-type]
+    model = MatcherModelConfig(base_model=str(bert))
+    train(TrainConfig(str(prepared_dir), str(tmp_path / "a"), model, replace(QUICK, max_steps=4)))
     saved = torch.load(tmp_path / "a" / "state" / "trainer_state.pt", weights_only=False)
     assert saved["step"] == 4
-    report = train(TrainConfig(out=str(tmp_path / "a"), max_steps=8, resume=True, **common))  # type: ignore[arg-type]
+    report = train(TrainConfig(str(prepared_dir), str(tmp_path / "a"), model, replace(QUICK, max_steps=8, resume=True)))
     assert report["steps"] == 8 and [h["step"] for h in report["history"]] == [4, 8]
-    train(TrainConfig(out=str(tmp_path / "b"), max_steps=8, **common))  # type: ignore[arg-type]
+    train(TrainConfig(str(prepared_dir), str(tmp_path / "b"), model, replace(QUICK, max_steps=8)))
     resumed = load_file(str(tmp_path / "a" / "state" / "model.safetensors"))
     straight = load_file(str(tmp_path / "b" / "state" / "model.safetensors"))
     assert all(torch.allclose(resumed[k], straight[k], atol=1e-5) for k in straight)
@@ -233,8 +237,7 @@ def test_resume_continues_from_the_saved_step_and_matches_an_uninterrupted_run(
 def test_warm_start_continues_from_a_checkpoint(trained: tuple[Path, dict], prepared_dir: Path, tmp_path: Path) -> None:
     ckpt, report = trained
     out = tmp_path / "warm"
-    warm = train(TrainConfig(data=str(prepared_dir), out=str(out), warm_start=str(ckpt), protocol="loo", max_steps=2,
-                             **FAST))  # type: ignore[arg-type]
+    warm = train(config(prepared_dir, out, replace(FAST, max_steps=2), warm_start=str(ckpt), protocol="loo"))
     # The "before training" baseline of a warm start is the earlier model, not the raw encoder.
     assert warm["zero_shot"]["test"]["recall@10"] == pytest.approx(report["fine_tuned"]["test"]["recall@10"])
 
@@ -244,8 +247,7 @@ def test_train_layers_freezes_the_lower_encoder(prepared_dir: Path, bert: Path, 
     from transformers import AutoModel
 
     out = tmp_path / "top1"
-    report = train(TrainConfig(data=str(prepared_dir), out=str(out), base_model=str(bert), train_layers=1, max_steps=3,
-                               zero_shot=False, eval_test=False, **FAST))  # type: ignore[arg-type]
+    report = train(config(prepared_dir, out, replace(QUICK, max_steps=3), base_model=str(bert), train_layers=1))
     base = AutoModel.from_pretrained(bert).state_dict()
     state = load_file(str(out / "state" / "model.safetensors"))
     changed = {k.removeprefix("item_tower.encoder.") for k in state if k.startswith("item_tower.encoder.")
@@ -262,8 +264,8 @@ def test_item_head_with_frozen_encoder_trains_head_and_user_tower_only(prepared_
     from training.matcher.checkpoint import load_checkpoint, load_towers
 
     out = tmp_path / "head"
-    report = train(TrainConfig(data=str(prepared_dir), out=str(out), base_model=str(bert), protocol="loo",
-                               freeze_encoder=True, item_head=16, cache_negatives=10_000, epochs=2, **FAST))  # type: ignore[arg-type]
+    report = train(config(prepared_dir, out, replace(FAST, epochs=2), base_model=str(bert), protocol="loo",
+                          freeze_encoder=True, item_head=16, cache_negatives=10_000))
     base = AutoModel.from_pretrained(bert).state_dict()
     state = load_file(str(out / "state" / "model.safetensors"))
     assert all(torch.equal(state[k], base[k.removeprefix("item_tower.encoder.")])
@@ -297,9 +299,8 @@ def test_catalogue_negatives_never_include_items_without_a_training_positive(
         return false_negative_mask(users, columns, *args)
 
     monkeypatch.setattr(train_module, "false_negative_mask", spy)
-    train(TrainConfig(data=str(prepared_dir), out=str(tmp_path / "m"), base_model=str(bert), protocol="loo",
-                      freeze_encoder=True, item_head=16, cache_negatives=10_000, max_steps=2, zero_shot=False,
-                      eval_test=False, **FAST))  # type: ignore[arg-type]
+    train(config(prepared_dir, tmp_path / "m", replace(QUICK, max_steps=2), base_model=str(bert), protocol="loo",
+                 freeze_encoder=True, item_head=16, cache_negatives=10_000))
     data = PreparedData.load(prepared_dir)
     trained = np.unique(data.pairs("loo", "train")["item_idx"].to_numpy())
     assert len(trained) < data.n_items  # the dataset has items without a training positive
@@ -307,11 +308,9 @@ def test_catalogue_negatives_never_include_items_without_a_training_positive(
     assert any(len(cols) == len(trained) for cols in seen)  # and the pool is every trained item
 
 
-def test_freeze_encoder_needs_an_item_head(prepared_dir: Path, tmp_path: Path) -> None:
-    from recsys.errors import ConfigError
-
+def test_freeze_encoder_needs_an_item_head() -> None:
     with pytest.raises(ConfigError, match="freeze_encoder"):
-        TrainConfig(data=str(prepared_dir), out=str(tmp_path), freeze_encoder=True)
+        MatcherModelConfig(freeze_encoder=True)
 
 
 def test_torchrun_two_processes_on_cpu_train_one_model(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:
@@ -351,7 +350,7 @@ def test_empty_training_set_is_an_input_error(prepared_dir: Path, bert: Path, tm
     pairs = pl.read_parquet(data / "pairs.parquet")
     pairs.filter(pl.col("split_global") != "train").write_parquet(data / "pairs.parquet")
     with pytest.raises(InputError, match="no positive pairs"):
-        train(TrainConfig(data=str(data), out=str(tmp_path / "o"), base_model=str(bert), progress=False))
+        train(config(data, tmp_path / "o", RunConfig(progress=False), base_model=str(bert)))
     code, err = _run_cli(["train", "matcher", "--data", str(data), "--out", str(tmp_path / "o"),
                           "--base-model", str(bert)], capsys)
     assert code == 2 and "nothing to train on" in " ".join(err.split()) and "Traceback" not in err
@@ -375,3 +374,35 @@ def test_cli_module_does_not_import_torch() -> None:
     code = "import sys, training.matcher.cli; print('torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, check=True)
     assert out.stdout.strip() == "False"
+
+
+def test_train_config_reads_its_nested_form_and_the_flat_one_written_before_the_split(tmp_path: Path) -> None:
+    """Training reports and resume state hold `TrainConfig.to_dict()`; checkpoints written before the
+    model/run split hold one flat dict (with the benchmark-only modes of that time): both load, and
+    `recsys retrain` warm-starts from an old checkpoint with its settings."""
+    from training.retrain import matcher_config
+
+    cfg = config(tmp_path / "d", tmp_path / "o", replace(FAST, epochs=5, seed=3), item_head=32, protocol="loo")
+    assert TrainConfig.from_dict(json.loads(json.dumps(cfg.to_dict()))) == cfg
+    flat = {
+        "data": str(tmp_path / "d"), "out": str(tmp_path / "o"), "base_model": None, "protocol": "loo", "lora": False,
+        "lora_r": 8, "lora_alpha": 16, "lora_dropout": 0.05, "epochs": 5, "batch_size": 128, "lr": 1e-3, "head_lr": 1e-3,
+        "weight_decay": 0.01, "warmup": 0.1, "temperature": 0.05, "dropout": 0.1, "max_history": 20,
+        "max_text_tokens": 64, "hard_negatives": 0, "logq": False, "cache_negatives": 0, "cache_refresh": 4,
+        "encode_chunk": 128, "dedupe": True, "history_grad": False, "bucket": True, "train_layers": 0, "item_head": 32,
+        "freeze_encoder": False, "layer_cache": True, "max_grad_norm": 1.0, "patience": 2, "eval_k": 10,
+        "weight_by_strength": True, "seed": 3, "warm_start": None, "resume": False, "max_steps": 0, "save_every": 0,
+        "device": "auto", "bf16": True, "threads": 1, "progress": False, "zero_shot": True, "eval_test": True,
+    }
+    assert TrainConfig.from_dict(flat) == cfg
+    with pytest.raises(ConfigError, match="epochs=0"):
+        TrainConfig.from_dict({**flat, "epochs": 0})
+
+    ckpt = tmp_path / "old_ckpt"
+    ckpt.mkdir()
+    (ckpt / "training_report.json").write_text(json.dumps({"config": flat}))
+    (ckpt / "matcher_config.json").write_text(json.dumps({"base_model": "b", "dim": 32, "max_history": 12, "item_head": 32}))
+    warm = matcher_config(ckpt, tmp_path / "new", tmp_path / "next", {"epochs": 1, "batch_size": 64})
+    assert warm.data == str(tmp_path / "new") and warm.model.warm_start == str(ckpt) and warm.model.base_model is None
+    assert (warm.model.protocol, warm.model.item_head, warm.model.max_history) == ("loo", 32, 12)
+    assert (warm.run.epochs, warm.run.batch_size, warm.run.seed, warm.run.progress) == (1, 64, 3, False)

@@ -34,12 +34,13 @@ def topic_matcher(synthetic_log, data: PreparedData, noise: float = 0.6) -> Embe
 
 @pytest.fixture(scope="module")
 def trained(synthetic_log, prepared_dir, tmp_path_factory):
+    from recsys.ranker import LambdaMARTParams
     from training.ranker import RankerConfig, train_ranker
 
     data = PreparedData.load(prepared_dir)
     matcher = topic_matcher(synthetic_log, data)
     out = tmp_path_factory.mktemp("ranker") / "model"
-    result = train_ranker(data, out, matcher, RankerConfig(threads=2))
+    result = train_ranker(data, out, matcher, RankerConfig(lambdamart=LambdaMARTParams(threads=2)))
     return result, matcher, data
 
 
@@ -128,12 +129,13 @@ def test_cold_item_dropout_masks_fit_rows_only(trained, tmp_path) -> None:
     changes, the table and the holdout/test metrics stay on the real features. (Its effect on cold
     and warm targets is measured in bench/cold_items.py.)"""
     from recsys.errors import ConfigError
+    from recsys.ranker import LambdaMARTParams
     from training.ranker import RankerConfig, train_ranker
 
     result, matcher, data = trained
     with pytest.raises(ConfigError, match="cold_item_dropout"):
         RankerConfig(cold_item_dropout=1.0)
-    dropped = train_ranker(data, tmp_path / "dropout", matcher, RankerConfig(threads=2, cold_item_dropout=0.3))
+    dropped = train_ranker(data, tmp_path / "dropout", matcher, RankerConfig(lambdamart=LambdaMARTParams(threads=2), cold_item_dropout=0.3))
     meta = json.loads((tmp_path / "dropout" / "ranker.json").read_text())
     assert meta["config"]["cold_item_dropout"] == 0.3
     np.testing.assert_array_equal(dropped.table.matrix, result.table.matrix)  # same features, unmasked

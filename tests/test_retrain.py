@@ -107,6 +107,7 @@ def loop(prepared_dir: Path, synthetic_log: Any, tmp_path_factory: pytest.TempPa
     pytest.importorskip("torch")
     pytest.importorskip("lightgbm")
     grpc = pytest.importorskip("grpc")
+    from recsys.ranker import LambdaMARTParams
     from recsys.registry import Registry
     from recsys.serving.config import ServeConfig
     from recsys.serving.exposure import read_exposures
@@ -120,7 +121,7 @@ def loop(prepared_dir: Path, synthetic_log: Any, tmp_path_factory: pytest.TempPa
     base = tmp_path_factory.mktemp("retrain")
     registry = Registry(base / "reg")
     ckpt = make_tiny_checkpoint(base / "ckpt", seed=3)
-    v1 = publish_version(ckpt, registry, prepared_dir, ranker_config=RankerConfig(threads=2, num_rounds=40),
+    v1 = publish_version(ckpt, registry, prepared_dir, ranker_config=RankerConfig(lambdamart=LambdaMARTParams(threads=2, num_rounds=40)),
                          export_config=ExportConfig(), promote=True)
     config = ServeConfig(registry=registry.root, data=prepared_dir, host="127.0.0.1", port=0, workers=2,
                          exposure_dir=base / "exposures", exposure_flush_s=0.2, watch_s=0.2)

@@ -43,6 +43,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> d
     """Registry with one exported tiny matcher (+ catalogue embeddings) and a LightGBM ranker."""
     from recsys.data.prepared import PreparedData
     from recsys.features import EmbeddingMatcher, mean_pool_encoder
+    from recsys.ranker import LambdaMARTParams
     from recsys.scoring.store import EmbeddingStore
     from tests.test_export import make_tiny_checkpoint
     from training.export import ExportConfig, export_to_registry
@@ -56,7 +57,7 @@ def artifacts(tmp_path_factory: pytest.TempPathFactory, prepared_dir: Path) -> d
     emb = np.asarray(store.matrix[store.positions(data.items["item_id"].cast(pl.Utf8).to_list())])
     # The ranker learns from match scores of a cheap stand-in user tower; serving feeds it the ONNX
     # tower's. Same feature names, so it is a valid (if slightly mismatched) tiny model.
-    train_ranker(data, base / "ranker", EmbeddingMatcher(emb, mean_pool_encoder(emb)), RankerConfig(threads=2, num_rounds=40))
+    train_ranker(data, base / "ranker", EmbeddingMatcher(emb, mean_pool_encoder(emb)), RankerConfig(lambdamart=LambdaMARTParams(threads=2, num_rounds=40)))
     return {"registry": base / "reg", "ranker": base / "ranker", "data": prepared_dir, "base": base}
 
 

@@ -27,15 +27,16 @@ from typing import Any
 import numpy as np
 import torch
 
-from recsys.data.prepared import Histories, PreparedData
+from recsys.data.prepared import PreparedData
 from recsys.errors import InputError, ModelError
-from recsys.evaluation.metrics import bootstrap_ci, per_user_metrics, top_k
+from recsys.evaluation.metrics import bootstrap_ci
 from recsys.files import utc_now
 from recsys.registry import MANIFEST, Registry, hash_files
 from recsys.scoring.encoder import ItemEncoder, TextTokenizer, UserEncoder
 from recsys.scoring.providers import CPU, CUDA, accelerator_status, ort
 from recsys.scoring.store import EmbeddingStore, text_hash
 from training.matcher.checkpoint import ITEM_ENCODER_DIR, Checkpoint, load_towers
+from training.matcher.evaluate import EvalSet, RankingEvaluator
 from training.matcher.model import (
     N_EVENT_TYPES,
     ItemTower,
@@ -237,39 +238,23 @@ class ExportConfig:
             raise InputError(f"--embeddings-dtype must be float32 or float16, got {self.embeddings_dtype!r}")
 
 
-@dataclass
-class EvalSet:
-    """Validation users of a prepared dataset, with what full-ranking recall needs."""
+def catalogue_texts(data: PreparedData) -> tuple[list[str], list[str]]:
+    """(item_id, text) of every item in item_idx order: what the embedding store is built from."""
+    items = data.items.sort("item_idx")
+    if "text" not in items.columns:
+        raise InputError(f"{data.root / 'items.parquet'} has no 'text' column: rerun recsys prepare")
+    return [str(i) for i in items["item_id"].to_list()], [str(t) for t in items["text"].to_list()]
 
-    item_ids: list[str]
-    texts: list[str]
-    hist: Histories
-    targets: list[np.ndarray]
-    seen: list[np.ndarray]
 
-    @classmethod
-    def load(cls, data: PreparedData, config: ExportConfig) -> EvalSet:
-        frame = data.eval_set(config.protocol, config.split)
-        if frame.height > config.eval_users:
-            frame = frame.sample(config.eval_users, seed=config.seed)
-        items = data.items.sort("item_idx")
-        if "text" not in items.columns:
-            raise InputError(f"{data.root / 'items.parquet'} has no 'text' column: rerun recsys prepare")
-        return cls(
-            item_ids=[str(i) for i in items["item_id"].to_list()],
-            texts=[str(t) for t in items["text"].to_list()],
-            hist=Histories.from_frame(frame),
-            targets=[np.asarray(t, dtype=np.int64) for t in frame["target_item_idx"].to_list()],
-            seen=data.seen_items(frame),
-        )
-
-    def recall(self, item_emb: np.ndarray, users: UserEncoder, k: int) -> np.ndarray:
-        """Per-user Recall@k when the catalogue is encoded as `item_emb` (histories included)."""
-        mask = self.hist.mask
-        hist_emb = item_emb[np.maximum(self.hist.item_idx, 0)] * mask[..., None]
-        user_emb = users.encode(hist_emb, self.hist.event_code.astype(np.int64), self.hist.age_s, mask)
-        ranked = top_k(user_emb @ item_emb.T, k, exclude=self.seen)
-        return per_user_metrics(ranked, self.targets, k).recall
+def onnx_recall(evaluator: RankingEvaluator, item_emb: np.ndarray, users: UserEncoder) -> np.ndarray:
+    """Per-user Recall@k of the matcher's one evaluator when the catalogue is encoded as `item_emb`
+    [n_items, D] and users by the ONNX user tower over those embeddings (histories included)."""
+    ev = evaluator.ev
+    assert ev is not None
+    mask = ev.hist_mask
+    hist_emb = item_emb[np.maximum(ev.hist_item, 0)] * mask[..., None]
+    user_emb = users.encode(hist_emb, ev.hist_type, ev.hist_age, mask)
+    return evaluator.per_user(user_emb @ item_emb.T).recall
 
 
 def fallback_texts(n: int = 512, seed: int = 0) -> list[str]:
@@ -281,32 +266,54 @@ def fallback_texts(n: int = 512, seed: int = 0) -> list[str]:
             zip(items["title"].to_list(), items["description"].to_list(), items["tags"].to_list(), strict=True)]
 
 
-def judge_variant(
-    name: str,
-    variant: ItemEncoder,
-    reference: np.ndarray,
-    texts: list[str],
-    config: ExportConfig,
-    eval_set: EvalSet | None,
-    users: UserEncoder,
-    base_recall: np.ndarray | None,
-) -> dict[str, Any]:
+@dataclass
+class Reference:
+    """What variants are judged against: the fp32 item embeddings of `texts` (the catalogue with a
+    prepared dataset, else synthetic texts) and, with a dataset, the evaluator and fp32 Recall@k."""
+
+    texts: list[str]
+    item_ids: list[str] | None  # None: synthetic texts (no dataset, no embedding store)
+    emb: np.ndarray
+    users: UserEncoder
+    evaluator: RankingEvaluator | None
+    recall: np.ndarray | None
+
+
+def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prepared: PreparedData | None) -> Reference:
+    """Encode the texts with the fp32 item model; with data, its per-user Recall@k on the eval users."""
+    item_ids, evaluator = None, None
+    if prepared is not None:
+        item_ids, texts = catalogue_texts(prepared)
+        eval_set = EvalSet.load(prepared, config.protocol, config.split, prepared.max_history,
+                                limit=config.eval_users, seed=config.seed)
+        evaluator = RankingEvaluator(eval_set, config.k)
+    else:
+        texts = fallback_texts(seed=config.seed)
+    fp32 = ItemEncoder(out_dir / "item.opt.onnx", out_dir / "tokenizer.json", max_len, "cpu", config.threads, config.batch_size)
+    users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads)
+    emb = fp32.encode(texts)
+    recall = onnx_recall(evaluator, emb, users) if evaluator is not None else None
+    return Reference(texts, item_ids, emb, users, evaluator, recall)
+
+
+def judge_variant(name: str, variant: ItemEncoder, ref: Reference, config: ExportConfig) -> dict[str, Any]:
     """Encode the same texts with the variant; accept on Recall@k delta (or cosine, stated)."""
+    texts = ref.texts
     emb = variant.encode(texts)
-    cos = (emb * reference).sum(1)
+    cos = (emb * ref.emb).sum(1)
     report: dict[str, Any] = {
         "provider": variant.info.primary,
         "cosine_mean": float(cos.mean()),
         "cosine_min": float(cos.min()),
         "texts": len(texts),
     }
-    if eval_set is not None and base_recall is not None:
-        recall = eval_set.recall(emb, users, config.k)
-        diff = recall - base_recall
+    if ref.evaluator is not None and ref.recall is not None:
+        recall = onnx_recall(ref.evaluator, emb, ref.users)
+        diff = recall - ref.recall
         report.update(
             criterion=f"Recall@{config.k} on {config.protocol}/{config.split} may drop by at most {config.recall_tolerance}",
             users=len(recall),
-            recall_fp32=float(base_recall.mean()),
+            recall_fp32=float(ref.recall.mean()),
             recall=float(recall.mean()),
             recall_delta=float(diff.mean()),
             recall_delta_ci95=list(bootstrap_ci(diff, n_boot=500, seed=config.seed)),
@@ -340,11 +347,42 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
     parity fails, so a bad export never reaches the registry."""
     config = config or ExportConfig()
     ckpt = load_towers(ckpt_path)
-    cfg, out_dir = ckpt.config, Path(out_dir)
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    tokenizer, metrics = write_towers(ckpt, out_dir, config)
+    prepared = PreparedData.load(data) if data is not None else None
+    ref = reference_embeddings(out_dir, tokenizer.max_length, config, prepared)
+    if ref.evaluator is not None and ref.recall is not None:
+        metrics[f"recall@{config.k}"] = {"protocol": config.protocol, "split": config.split, "users": len(ref.recall),
+                                         "value": float(ref.recall.mean())}
+    models = {"fp32": "item.opt.onnx", "fp32_raw": "item.onnx"} | build_variants(out_dir, tokenizer.max_length,
+                                                                                 config, ref, metrics)
+    embeddings = None
+    if ref.item_ids is not None:
+        store = EmbeddingStore.write(out_dir / "embeddings", ref.item_ids, ref.emb,
+                                     [text_hash(t) for t in ref.texts], config.embeddings_dtype,
+                                     extra={"encoded_with": "item.opt.onnx"})
+        embeddings = {"path": "embeddings", "count": len(store), "dtype": config.embeddings_dtype,
+                      "sha256_at_export": store.meta["sha256"]}
+    manifest = {
+        **_matcher_manifest(ckpt.config.dim, models, tokenizer),
+        "embeddings": embeddings,
+        "training_config": {**asdict(ckpt.config), **({"trainer": ckpt.extra_config} if ckpt.extra_config else {})},
+        "export_config": asdict(config),
+        "metrics": metrics,
+        "source": {"checkpoint": str(Path(ckpt_path).resolve()), "data": str(Path(data).resolve()) if data else None},
+        "runtime": _runtime(config.opset),
+    }
+    hashed = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST)
+    return ExportResult(out_dir, manifest, hashed)
+
+
+def write_towers(ckpt: Checkpoint, out_dir: Path, config: ExportConfig) -> tuple[TextTokenizer, dict[str, Any]]:
+    """item.onnx, item.opt.onnx (fused), user.onnx and tokenizer.json, each proven against torch (a
+    ModelError otherwise) -> (the serving tokenizer, metrics: parity, tokenizer check, fusions)."""
+    cfg = ckpt.config
     enc_cfg: Any = ckpt.item_tower.encoder.config
     max_len = min(cfg.max_text_tokens, int(getattr(enc_cfg, "max_position_embeddings", cfg.max_text_tokens)))
-
     export_item_tower(ckpt.item_tower, out_dir / "item.onnx", config.opset)
     fusions = optimize_item_model(out_dir / "item.onnx", out_dir / "item.opt.onnx",
                                   int(enc_cfg.num_attention_heads), int(enc_cfg.hidden_size))
@@ -354,9 +392,10 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
     shutil.copyfile(ckpt.tokenizer_json, out_dir / "tokenizer.json")
 
     tokenizer = TextTokenizer(out_dir / "tokenizer.json", max_len)
+    vocab = int(enc_cfg.vocab_size)
     parity = {
-        "item.onnx": item_parity(ckpt.item_tower, out_dir / "item.onnx", int(enc_cfg.vocab_size), max_len, tokenizer.pad_id, config.seed),
-        "item.opt.onnx": item_parity(ckpt.item_tower, out_dir / "item.opt.onnx", int(enc_cfg.vocab_size), max_len, tokenizer.pad_id, config.seed + 1),
+        "item.onnx": item_parity(ckpt.item_tower, out_dir / "item.onnx", vocab, max_len, tokenizer.pad_id, config.seed),
+        "item.opt.onnx": item_parity(ckpt.item_tower, out_dir / "item.opt.onnx", vocab, max_len, tokenizer.pad_id, config.seed + 1),
         "user.onnx": user_parity(ckpt.user_tower, out_dir / "user.onnx", cfg.dim, config.seed),
     }
     for name, p in parity.items():
@@ -368,22 +407,15 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
                 f"the model is traceable (no data-dependent Python control flow) or try another --opset."
             )
     token_check = _check_tokenizer(ckpt, tokenizer, max_len)
+    return tokenizer, {"parity": {k: asdict(v) for k, v in parity.items()}, "tokenizer_check": token_check,
+                       "fusions": fusions, "variants": {}}
 
-    prepared = PreparedData.load(data) if data is not None else None
-    eval_set = EvalSet.load(prepared, config) if prepared is not None else None
-    texts = eval_set.texts if eval_set is not None else fallback_texts(seed=config.seed)
-    fp32 = ItemEncoder(out_dir / "item.opt.onnx", out_dir / "tokenizer.json", max_len, "cpu", config.threads, config.batch_size)
-    users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads)
-    reference = fp32.encode(texts)
-    metrics: dict[str, Any] = {"parity": {k: asdict(v) for k, v in parity.items()}, "tokenizer_check": token_check,
-                               "fusions": fusions, "variants": {}}
-    base_recall = None
-    if eval_set is not None:
-        base_recall = eval_set.recall(reference, users, config.k)
-        metrics[f"recall@{config.k}"] = {"protocol": config.protocol, "split": config.split, "users": len(base_recall),
-                                         "value": float(base_recall.mean())}
 
-    models: dict[str, str] = {"fp32": "item.opt.onnx", "fp32_raw": "item.onnx"}
+def build_variants(out_dir: Path, max_len: int, config: ExportConfig, ref: Reference,
+                   metrics: dict[str, Any]) -> dict[str, str]:
+    """Build the requested int8 / fp16 item models, judge each against `ref` (reports into
+    metrics["variants"]) and keep the accepted ones -> {variant: file name}."""
+    models: dict[str, str] = {}
     wanted = [("int8", quantize_int8, "cpu")] if config.int8 else []
     if config.fp16:
         wanted.append(("fp16", convert_fp16, "cuda" if accelerator_status()[CUDA] is None else "cpu"))
@@ -391,7 +423,7 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
         path = out_dir / f"item.{name}.onnx"
         build(out_dir / "item.opt.onnx", path)
         variant = ItemEncoder(path, out_dir / "tokenizer.json", max_len, provider, config.threads, config.batch_size)
-        report = judge_variant(name, variant, reference, texts, config, eval_set, users, base_recall)
+        report = judge_variant(name, variant, ref, config)
         if provider == "cpu" and name == "fp16":
             report["note"] = "judged on CPU (no usable CUDA here); speed is only meaningful on a GPU"
         metrics["variants"][name] = report
@@ -399,38 +431,30 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
             models[name] = path.name
         else:
             path.unlink()
+    return models
 
-    embeddings = None
-    if prepared is not None and eval_set is not None:
-        store = EmbeddingStore.write(out_dir / "embeddings", eval_set.item_ids, reference,
-                                     [text_hash(t) for t in eval_set.texts], config.embeddings_dtype,
-                                     extra={"encoded_with": "item.opt.onnx"})
-        embeddings = {"path": "embeddings", "count": len(store), "dtype": config.embeddings_dtype,
-                      "sha256_at_export": store.meta["sha256"]}
 
-    import onnx
-
-    manifest = {
+def _matcher_manifest(dim: int, models: dict[str, str], tokenizer: TextTokenizer) -> dict[str, Any]:
+    """The manifest fields that describe the exported models' contract."""
+    return {
         "kind": "matcher",
         "created": utc_now(),
-        "dim": cfg.dim,
+        "dim": dim,
         "models": {"item": models, "user": "user.onnx"},
         "inputs": {
             "item": {"input_ids": "int64 [batch, seq]", "attention_mask": "int64 [batch, seq] (right-padded)"},
-            "user": {"hist_emb": f"float32 [batch, history, {cfg.dim}]", "hist_type": "int64 [batch, history] (-1 pad)",
+            "user": {"hist_emb": f"float32 [batch, history, {dim}]", "hist_type": "int64 [batch, history] (-1 pad)",
                      "hist_age": "float32 [batch, history] seconds", "hist_mask": "int64 [batch, history]"},
         },
-        "tokenizer": {"file": "tokenizer.json", "max_length": max_len, "pad_id": tokenizer.pad_id},
-        "embeddings": embeddings,
-        "training_config": {**asdict(cfg), **({"trainer": ckpt.extra_config} if ckpt.extra_config else {})},
-        "export_config": asdict(config),
-        "metrics": metrics,
-        "source": {"checkpoint": str(Path(ckpt_path).resolve()), "data": str(Path(data).resolve()) if data else None},
-        "runtime": {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort().__version__,
-                    "opset": config.opset, "exporter": "torch.onnx TorchScript (dynamo=False)"},
+        "tokenizer": {"file": "tokenizer.json", "max_length": tokenizer.max_length, "pad_id": tokenizer.pad_id},
     }
-    hashed = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST)
-    return ExportResult(out_dir, manifest, hashed)
+
+
+def _runtime(opset: int) -> dict[str, Any]:
+    import onnx
+
+    return {"torch": torch.__version__, "onnx": onnx.__version__, "onnxruntime": ort().__version__,
+            "opset": opset, "exporter": "torch.onnx TorchScript (dynamo=False)"}
 
 
 def _check_tokenizer(ckpt: Checkpoint, tokenizer: TextTokenizer, max_len: int) -> dict[str, Any]:

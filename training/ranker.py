@@ -15,7 +15,7 @@ FeatureState (`FeatureState.replay`), applying only events with timestamp < the 
 before computing its features (no window-start approximation), through the one request scorer
 (`recsys.scoring.request.RequestScorer`, R = the groups one replay step sees) that the service, batch
 scoring and evaluation use. The LambdaMART fit is `recsys.ranker.train_lambdamart` (also evaluate's
-blend), its parameters `RankerConfig.lambdamart()`.
+blend), its parameters `RankerConfig.lambdamart`.
 """
 
 from __future__ import annotations
@@ -54,19 +54,13 @@ MAX_GRADE = 4
 
 @dataclass(frozen=True)
 class RankerConfig:
-    num_rounds: int = 500
-    learning_rate: float = 0.05
-    num_leaves: int = 7  # small trees + large leaves: request windows are small and labels noisy
-    min_data_in_leaf: int = 50
-    feature_fraction: float = 1.0  # < 1 adds seed-dependent variance that small windows cannot afford
-    lambda_l2: float = 1.0
-    early_stopping_rounds: int = 50
+    """`recsys train ranker` settings. The LambdaMART fit's own settings are one `LambdaMARTParams`
+    (recsys/ranker.py: the one parameter source, also evaluate's blend); the rest is how the request
+    groups are built. Its seed also draws the sampled negatives and the cold-item dropout rows."""
+
+    lambdamart: LambdaMARTParams = field(default_factory=LambdaMARTParams)
     holdout_frac: float = 0.2  # last share (by time) of the valid window: early stopping
-    label_gain: tuple[float, ...] = (0.0, 1.0, 3.0, 7.0, 15.0)  # by grade 0..4: 2^g - 1
-    eval_at: int = 10
     negatives: int = 20  # per positive, for logs without impressions
-    seed: int = 0
-    threads: int = 0  # 0 = LightGBM's default (all cores)
     refresh_s: float = 0.0  # 0: exact point-in-time replay; > 0: refresh the state at most this often
     # Share of fit candidates shown as items without behaviour (FeatureState.mask_unseen_items), so
     # the blender learns to rank new items by their text match instead of burying them for having no
@@ -75,28 +69,17 @@ class RankerConfig:
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
-        if self.num_rounds < 1:
-            raise ConfigError(f"num_rounds must be >= 1, got {self.num_rounds}")
+        gains = self.lambdamart.label_gain
+        if len(gains) != MAX_GRADE + 1 or list(gains) != sorted(gains):
+            raise ConfigError(f"label_gain needs {MAX_GRADE + 1} non-decreasing gains (grades 0..4), got {gains}")
         if not 0.0 < self.holdout_frac < 1.0:
             raise ConfigError(f"holdout_frac must be in (0, 1), got {self.holdout_frac}")
-        if len(self.label_gain) != MAX_GRADE + 1 or list(self.label_gain) != sorted(self.label_gain):
-            raise ConfigError(
-                f"label_gain needs {MAX_GRADE + 1} non-decreasing gains (grades 0..4), got {self.label_gain}"
-            )
         if self.refresh_s < 0:
             raise ConfigError(f"refresh_s must be >= 0, got {self.refresh_s}")
         if self.negatives < 1:
             raise ConfigError(f"negatives must be >= 1, got {self.negatives}")
         if not 0.0 <= self.cold_item_dropout < 1.0:
             raise ConfigError(f"cold_item_dropout must be in [0, 1), got {self.cold_item_dropout}")
-
-    def lambdamart(self) -> LambdaMARTParams:
-        return LambdaMARTParams(
-            num_rounds=self.num_rounds, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
-            min_data_in_leaf=self.min_data_in_leaf, feature_fraction=self.feature_fraction, lambda_l2=self.lambda_l2,
-            early_stopping_rounds=self.early_stopping_rounds, label_gain=self.label_gain, eval_at=self.eval_at,
-            seed=self.seed, threads=self.threads,
-        )
 
 
 def grade(strength: np.ndarray) -> np.ndarray:
@@ -335,9 +318,9 @@ def train_ranker(
     state, table, source = _group_table(data, matcher, config)
     fit, stop, test = _split(table, config, data)
     if config.cold_item_dropout > 0:  # fit rows only: the holdout and test metrics stay on real features
-        rows = np.flatnonzero(np.random.default_rng(config.seed).random(len(fit.labels)) < config.cold_item_dropout)
+        rows = np.flatnonzero(np.random.default_rng(config.lambdamart.seed).random(len(fit.labels)) < config.cold_item_dropout)
         state.mask_unseen_items(Features(fit.matrix, table.names), rows)
-    params = config.lambdamart()
+    params = config.lambdamart
     booster, best = train_lambdamart(params, fit, stop, table.names)
     selection: dict[str, Any] | None = None
     if init_model is not None:
@@ -355,7 +338,7 @@ def train_ranker(
         "feature_config": state.config.to_dict(),
         "config": {**asdict(config), "features": state.config.to_dict()},
         "params": params.lgb_params(),
-        "label_gain": list(config.label_gain),
+        "label_gain": list(config.lambdamart.label_gain),
         "best_iteration": best,
         "groups": {"fit": len(fit.sizes), "holdout": len(stop.sizes), "test": len(test.sizes), "source": source},
         "windows": {
@@ -383,7 +366,7 @@ def _group_table(
     if has_impressions:
         groups = request_groups(events, valid_start, list(state.config.context_columns or ()))
     else:
-        groups = sampled_groups(data, events, valid_start, config.negatives, config.seed)
+        groups = sampled_groups(data, events, valid_start, config.negatives, config.lambdamart.seed)
     batch = EventBatch.from_frame(events)
     table = build_group_features(state, batch, groups, matcher, split_at_us=test_start, refresh_s=config.refresh_s)
     state.catch_up(batch)
@@ -415,8 +398,8 @@ def _group_metrics(part: GroupTable, booster: Any, best: int, config: RankerConf
     }
     if "match_score" in part.names:
         scores["match_score"] = part.column("match_score")
-    scores["random"] = np.random.default_rng(config.seed).random(len(part.labels))
-    return evaluate_groups(part, scores, config.eval_at, config.label_gain)
+    scores["random"] = np.random.default_rng(config.lambdamart.seed).random(len(part.labels))
+    return evaluate_groups(part, scores, config.lambdamart.eval_at, config.lambdamart.label_gain)
 
 
 def _save(

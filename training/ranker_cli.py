@@ -60,19 +60,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
     from recsys.features import FeatureConfig
+    from recsys.ranker import LambdaMARTParams
     from recsys.scoring.registry_matcher import registry_matcher
     from training.ranker import RankerConfig, train_ranker
 
-    config = RankerConfig(
+    lambdamart = LambdaMARTParams(
         num_rounds=args.num_rounds,
         learning_rate=args.learning_rate,
         num_leaves=args.num_leaves,
         min_data_in_leaf=args.min_data_in_leaf,
         early_stopping_rounds=args.early_stopping_rounds,
-        holdout_frac=args.holdout_frac,
-        negatives=args.negatives,
         seed=args.seed,
         threads=args.threads,
+    )
+    config = RankerConfig(
+        lambdamart=lambdamart,
+        holdout_frac=args.holdout_frac,
+        negatives=args.negatives,
         refresh_s=args.refresh_s,
         cold_item_dropout=args.cold_item_dropout,
         features=FeatureConfig(max_history=args.max_history),
@@ -87,7 +91,7 @@ def run(args: argparse.Namespace) -> int:
         values = ", ".join(
             f"{k.split('/', 1)[1]} {v:.4f}" for k, v in metrics.items() if k.startswith("ndcg")
         )
-        print(f"  {split} ({metrics['groups']} groups) NDCG@{config.eval_at}: {values}")
+        print(f"  {split} ({metrics['groups']} groups) NDCG@{lambdamart.eval_at}: {values}")
     top = ", ".join(f"{name} {gain:.0f}" for name, gain in list(result.importance.items())[:8])
     print(f"  top features by gain: {top}")
     return 0

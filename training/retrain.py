@@ -33,7 +33,7 @@ import json
 import logging
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 from typing import Any
 
@@ -51,7 +51,7 @@ from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
 from recsys.files import fault_point, output_lock, write_json_atomic
-from recsys.ranker import MODEL_FILE, Ranker, grouped_ndcg
+from recsys.ranker import MODEL_FILE, LambdaMARTParams, Ranker, grouped_ndcg
 from recsys.registry import Registry
 from recsys.scoring.registry_matcher import registry_matcher
 from recsys.serving.exposure import read_exposures
@@ -90,7 +90,7 @@ class RetrainConfig:
     on_invalid: str = "drop"  # production logs carry some bad rows (unknown items): drop and count
     warm_start: Path | None = None  # default: <current version>/checkpoint
     ranker_warm_start: bool = True  # the blender may continue from (or keep) the current one: see train_ranker
-    matcher_overrides: dict[str, Any] = field(default_factory=dict)  # TrainConfig fields
+    matcher_overrides: dict[str, Any] = field(default_factory=dict)  # MatcherModelConfig / RunConfig fields
     ranker: RankerConfig | None = None  # default features: pinned to the current ranker's
     export: ExportConfig = field(default_factory=ExportConfig)
     bootstrap: int = 1000
@@ -322,15 +322,15 @@ def prepare_fresh(base: PreparedData, config: RetrainConfig, context: Sequence[s
 
 
 def matcher_config(checkpoint: Path, data: Path, out: Path, overrides: dict[str, Any]) -> Any:
-    """TrainConfig for a warm start: the production run's settings (its training report, else the
-    checkpoint's model config), the new data, then explicit overrides."""
-    from training.matcher.train import TrainConfig
+    """TrainConfig for a warm start: the production run's settings (its training report, nested or
+    the flat form written before the model/run split, else the checkpoint's model config), the new
+    data, then explicit overrides (field names of either part)."""
+    from training.matcher.config import TrainConfig
 
-    known = {f.name for f in fields(TrainConfig)}
     settings: dict[str, Any] = {}
     report = checkpoint / "training_report.json"
     if report.is_file():
-        settings.update(json.loads(report.read_text()).get("config", {}))
+        settings.update(TrainConfig.flatten(json.loads(report.read_text()).get("config", {})))
     model_cfg = checkpoint / "matcher_config.json"
     if model_cfg.is_file():
         raw = json.loads(model_cfg.read_text())
@@ -339,7 +339,7 @@ def matcher_config(checkpoint: Path, data: Path, out: Path, overrides: dict[str,
     settings.update({"data": str(data), "out": str(out), "warm_start": str(checkpoint), "base_model": None,
                      "resume": False, "max_steps": 0, "progress": False})
     settings.update(overrides)
-    return TrainConfig(**{k: v for k, v in settings.items() if k in known})
+    return TrainConfig.from_dict(settings)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -369,7 +369,7 @@ class VersionScores:
 
 
 def score_version(version_dir: Path, data: PreparedData, events: pl.DataFrame, k: int = 10,
-                  label_gain: Sequence[float] = RankerConfig().label_gain, seed: int = 0) -> VersionScores:
+                  label_gain: Sequence[float] = LambdaMARTParams().label_gain, seed: int = 0) -> VersionScores:
     """Holdout = the global "test" window of `data` (after everything either version trained on)."""
     matcher = registry_matcher(version_dir, data)
     frame = data.eval_set("global", "test")
@@ -509,7 +509,7 @@ def _retrain(config: RetrainConfig) -> dict[str, Any]:
     t = lap("publish", t)
 
     verdict, fixed, cand_scores = _evaluate(config, registry, (current_dir, candidate), (data, base),
-                                            ranker_cfg.label_gain, data_report["fixed_holdout"])
+                                            ranker_cfg.lambdamart.label_gain, data_report["fixed_holdout"])
     lap("evaluate", t)
     promoted, removed = _decide(config, registry, candidate, verdict, fixed)
     timings["total"] = round(time.perf_counter() - started, 2)
@@ -529,7 +529,7 @@ def _retrain(config: RetrainConfig) -> dict[str, Any]:
                     "request_groups": None if cand_scores.group_ndcg is None else len(cand_scores.group_ndcg),
                     "users": len(cand_scores.user_recall)},
         "data": {"base": str(base.root), "fresh": str(data.root), **data_report},
-        "matcher": {"warm_start": str(warm), "config": asdict(train_cfg),
+        "matcher": {"warm_start": str(warm), "config": train_cfg.to_dict(),
                     "valid": train_report.get("fine_tuned", {}).get("valid"),
                     "best_epoch": train_report.get("best_epoch")},
         "blender": cand_manifest.get("ranker", {}).get("selection"),

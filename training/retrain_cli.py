@@ -82,6 +82,7 @@ def run(args: argparse.Namespace) -> int:
             raise InputError(f"--exposures {path} is not a directory: pass the server's --exposure-dir")
     for module in ("torch", "transformers", "onnxruntime", "lightgbm"):
         require(module)
+    from recsys.ranker import LambdaMARTParams
     from training.ranker import RankerConfig
     from training.retrain import RetrainConfig, markdown, retrain
 
@@ -93,7 +94,7 @@ def run(args: argparse.Namespace) -> int:
     }
     ranker = None
     if args.ranker_rounds != 500 or args.threads is not None:
-        ranker = RankerConfig(num_rounds=args.ranker_rounds, threads=args.threads or 0, seed=args.seed)
+        ranker = RankerConfig(lambdamart=LambdaMARTParams(num_rounds=args.ranker_rounds, threads=args.threads or 0, seed=args.seed))
     config = RetrainConfig(
         registry=args.registry, out=args.out, data=args.data, events=tuple(args.events),
         exposures=tuple(args.exposures), items=args.items, holdout_start=args.holdout_start, tolerance=args.tolerance, promote_metric=args.promote_metric,

@@ -302,6 +302,19 @@ def parse_time_us(column: pl.Series) -> pl.Series:
     return parsed.fill_null(digits)
 
 
+class _Chunk:
+    """A chunk's frame while it is being normalised, and the rows dropped from it so far."""
+
+    def __init__(self, frame: pl.DataFrame) -> None:
+        self.frame = frame
+        self.rejects: list[pl.DataFrame] = []
+
+    def drop(self, mask: pl.Expr | pl.Series, code: str, reason: pl.Expr) -> None:
+        """Move the rows under `mask` to the rejects, with `code` and a `reason` naming the value."""
+        self.rejects.append(_reject(self.frame, mask, code, reason))
+        self.frame = self.frame.filter(~mask)
+
+
 def normalize(
     table: pa.Table,
     start: int,
@@ -317,91 +330,16 @@ def normalize(
     Bad rows become rejects (code + reason naming the value); the rest go on."""
     loaded = pl.from_arrow(table)
     assert isinstance(loaded, pl.DataFrame)
-    frame: pl.DataFrame = loaded
-    n = frame.height
-    frame = frame.with_columns(pl.Series("_row", np.arange(start, start + n, dtype=np.int64)))
-    # Index columns come from the model's id maps, never from the input (a users.parquet has them).
-    frame = frame.drop([c for c in ("user_idx", "item_idx") if c not in (spec.user_col, spec.item_col)], strict=False)
-    frame = frame.rename({spec.user_col: "user_id"}) if spec.user_col != "user_id" else frame
-    frame = frame.with_columns(pl.col("user_id").cast(pl.Utf8).str.strip_chars())
-    if spec.mode == "pairs" and spec.item_col != "item_id":
-        frame = frame.drop("item_id", strict=False).rename({spec.item_col: "item_id"})
-    rejects: list[pl.DataFrame] = []
-
-    def drop(mask: pl.Expr | pl.Series, code: str, reason: pl.Expr) -> None:
-        nonlocal frame
-        rejects.append(_reject(frame, mask, code, reason))
-        frame = frame.filter(~mask)
-
-    drop(pl.col("user_id").is_null() | (pl.col("user_id") == ""), "missing_user", pl.lit("user_id is empty"))
-
-    # Request time: the column's value, or the run's time where the column is absent or empty.
-    if spec.time_col in frame.columns:
-        raw = frame[spec.time_col]
-        parsed = parse_time_us(raw)
-        frame = frame.with_columns(parsed.fill_null(default_time_us).alias("time_us"), raw.alias("_time_raw"))
-        bad_time = parsed.is_null() & raw.is_not_null()
-        if raw.dtype == pl.Utf8:
-            bad_time &= raw.str.strip_chars() != ""
-        drop(
-            pl.Series(bad_time),
-            "bad_time",
-            pl.format(
-                "{} {} is not a timestamp: use ISO-8601 (2026-01-31T12:00:00Z) or epoch microseconds",
-                pl.lit(spec.time_col),
-                pl.col("_time_raw").cast(pl.Utf8),
-            ),
-        )
-    else:
-        frame = frame.with_columns(pl.lit(default_time_us, pl.Int64).alias("time_us"))
-
-    # Context (one value per request) and caller features (one per candidate).
-    for name, text in context_text.items():
-        if name not in frame.columns:
-            frame = frame.with_columns(pl.lit(None, pl.Utf8 if text else pl.Float64).alias(name))
-        elif text:
-            frame = frame.with_columns(pl.col(name).cast(pl.Utf8))
-        else:
-            frame, bad = _numeric_column(frame, name)
-            drop(bad, "bad_context", pl.format(f"{name} value {{}} is not a number", pl.col("_raw")))
-    for name in extra_names:
-        if name not in frame.columns:
-            frame = frame.with_columns(pl.lit(float("nan"), pl.Float64).alias(name))
-        else:
-            frame, bad = _numeric_column(frame, name)
-            drop(bad, "bad_feature", pl.format(f"{name} value {{}} is not a number", pl.col("_raw")))
-            frame = frame.with_columns(pl.col(name).fill_null(float("nan")))
-
+    n = loaded.height
+    chunk = _Chunk(_named_ids(loaded.with_columns(pl.Series("_row", np.arange(start, start + n, dtype=np.int64))), spec))
+    chunk.drop(pl.col("user_id").is_null() | (pl.col("user_id") == ""), "missing_user", pl.lit("user_id is empty"))
+    _request_time(chunk, spec.time_col, default_time_us)
+    _typed_columns(chunk, context_text, extra_names)
     if spec.mode == "candidates":
-        col = frame[spec.candidates_col]
-        if col.dtype == pl.Utf8:
-            lists = col.str.split(CANDIDATE_SEPARATOR).list.eval(
-                pl.element().str.strip_chars().filter(pl.element() != "")
-            )
-        elif isinstance(col.dtype, pl.List):
-            lists = col.cast(pl.List(pl.Utf8))
-        else:
-            raise InputError(
-                f"candidates column {spec.candidates_col!r} is {col.dtype}: use a list of item ids, or text "
-                f"with ids separated by {CANDIDATE_SEPARATOR!r}"
-            )
-        frame = frame.with_columns(lists.alias("_cands"))
-        drop(
-            pl.col("_cands").is_null() | (pl.col("_cands").list.len() == 0),
-            "empty_candidates",
-            pl.lit(f"{spec.candidates_col} has no item ids"),
-        )
-        frame = frame.with_columns(pl.col("_row").alias("_req")).explode("_cands").rename({"_cands": "item_id"})
+        _explode_candidates(chunk, spec.candidates_col)
     if spec.mode in ("pairs", "candidates"):
-        frame = frame.with_columns(pl.col("item_id").cast(pl.Utf8).str.strip_chars())
-        drop(pl.col("item_id").is_null() | (pl.col("item_id") == ""), "missing_item", pl.lit("item_id is empty"))
-        frame = frame.join(items, on="item_id", how="left", maintain_order="left")
-        drop(
-            pl.col("item_idx").is_null(),
-            "unknown_item",
-            pl.format("item_id {} is not in the model's catalogue: score catalogue items only", pl.col("item_id")),
-        )
-    frame = frame.join(users, on="user_id", how="left", maintain_order="left").with_columns(
+        _known_items(chunk, items)
+    frame = chunk.frame.join(users, on="user_id", how="left", maintain_order="left").with_columns(
         pl.col("user_idx").fill_null(-1).cast(pl.Int64)
     )
     if spec.mode == "pairs":
@@ -414,8 +352,93 @@ def normalize(
     keep = ["_row", "_req", "user_id", "user_idx", "time_us", *context_text, *extra_names]
     if spec.mode != "topk":
         keep[4:4] = ["item_id", "item_idx"]
-    rejected = pl.concat(rejects) if rejects else pl.DataFrame(schema=pl.Schema(REJECT_SCHEMA))
+    rejected = pl.concat(chunk.rejects) if chunk.rejects else pl.DataFrame(schema=pl.Schema(REJECT_SCHEMA))
     return Normalised(frame.select(keep), rejected.sort("input_row"), n)
+
+
+def _named_ids(frame: pl.DataFrame, spec: InputSpec) -> pl.DataFrame:
+    """The input's id columns as user_id (stripped text) and, for pairs, item_id. Index columns come
+    from the model's id maps, never from the input (a users.parquet has them)."""
+    frame = frame.drop([c for c in ("user_idx", "item_idx") if c not in (spec.user_col, spec.item_col)], strict=False)
+    frame = frame.rename({spec.user_col: "user_id"}) if spec.user_col != "user_id" else frame
+    frame = frame.with_columns(pl.col("user_id").cast(pl.Utf8).str.strip_chars())
+    if spec.mode == "pairs" and spec.item_col != "item_id":
+        frame = frame.drop("item_id", strict=False).rename({spec.item_col: "item_id"})
+    return frame
+
+
+def _request_time(chunk: _Chunk, time_col: str, default_time_us: int) -> None:
+    """time_us: the column's value, or the run's time where the column is absent or empty."""
+    if time_col not in chunk.frame.columns:
+        chunk.frame = chunk.frame.with_columns(pl.lit(default_time_us, pl.Int64).alias("time_us"))
+        return
+    raw = chunk.frame[time_col]
+    parsed = parse_time_us(raw)
+    chunk.frame = chunk.frame.with_columns(parsed.fill_null(default_time_us).alias("time_us"), raw.alias("_time_raw"))
+    bad_time = parsed.is_null() & raw.is_not_null()
+    if raw.dtype == pl.Utf8:
+        bad_time &= raw.str.strip_chars() != ""
+    chunk.drop(
+        pl.Series(bad_time),
+        "bad_time",
+        pl.format(
+            "{} {} is not a timestamp: use ISO-8601 (2026-01-31T12:00:00Z) or epoch microseconds",
+            pl.lit(time_col),
+            pl.col("_time_raw").cast(pl.Utf8),
+        ),
+    )
+
+
+def _typed_columns(chunk: _Chunk, context_text: Mapping[str, bool], extra_names: Sequence[str]) -> None:
+    """Context (one value per request) and caller features (one per candidate), typed; bad numbers rejected."""
+    for name, text in context_text.items():
+        if name not in chunk.frame.columns:
+            chunk.frame = chunk.frame.with_columns(pl.lit(None, pl.Utf8 if text else pl.Float64).alias(name))
+        elif text:
+            chunk.frame = chunk.frame.with_columns(pl.col(name).cast(pl.Utf8))
+        else:
+            chunk.frame, bad = _numeric_column(chunk.frame, name)
+            chunk.drop(bad, "bad_context", pl.format(f"{name} value {{}} is not a number", pl.col("_raw")))
+    for name in extra_names:
+        if name not in chunk.frame.columns:
+            chunk.frame = chunk.frame.with_columns(pl.lit(float("nan"), pl.Float64).alias(name))
+        else:
+            chunk.frame, bad = _numeric_column(chunk.frame, name)
+            chunk.drop(bad, "bad_feature", pl.format(f"{name} value {{}} is not a number", pl.col("_raw")))
+            chunk.frame = chunk.frame.with_columns(pl.col(name).fill_null(float("nan")))
+
+
+def _explode_candidates(chunk: _Chunk, candidates_col: str) -> None:
+    """One row per (request, candidate): the request's input row becomes `_req`, each id `item_id`."""
+    col = chunk.frame[candidates_col]
+    if col.dtype == pl.Utf8:
+        lists = col.str.split(CANDIDATE_SEPARATOR).list.eval(pl.element().str.strip_chars().filter(pl.element() != ""))
+    elif isinstance(col.dtype, pl.List):
+        lists = col.cast(pl.List(pl.Utf8))
+    else:
+        raise InputError(
+            f"candidates column {candidates_col!r} is {col.dtype}: use a list of item ids, or text "
+            f"with ids separated by {CANDIDATE_SEPARATOR!r}"
+        )
+    chunk.frame = chunk.frame.with_columns(lists.alias("_cands"))
+    chunk.drop(
+        pl.col("_cands").is_null() | (pl.col("_cands").list.len() == 0),
+        "empty_candidates",
+        pl.lit(f"{candidates_col} has no item ids"),
+    )
+    chunk.frame = chunk.frame.with_columns(pl.col("_row").alias("_req")).explode("_cands").rename({"_cands": "item_id"})
+
+
+def _known_items(chunk: _Chunk, items: pl.DataFrame) -> None:
+    """item_idx from the model's catalogue; empty and unknown item ids rejected."""
+    chunk.frame = chunk.frame.with_columns(pl.col("item_id").cast(pl.Utf8).str.strip_chars())
+    chunk.drop(pl.col("item_id").is_null() | (pl.col("item_id") == ""), "missing_item", pl.lit("item_id is empty"))
+    chunk.frame = chunk.frame.join(items, on="item_id", how="left", maintain_order="left")
+    chunk.drop(
+        pl.col("item_idx").is_null(),
+        "unknown_item",
+        pl.format("item_id {} is not in the model's catalogue: score catalogue items only", pl.col("item_id")),
+    )
 
 
 def _numeric_column(frame: pl.DataFrame, name: str) -> tuple[pl.DataFrame, pl.Series]:

@@ -478,6 +478,19 @@ def load_mind(input_dir: Path) -> RawTables:
     d = Path(input_dir)
     beh_path = _need(d / "behaviors.tsv", "behaviors file", "MIND")
     news_path = _need(d / "news.tsv", "news file", "MIND")
+    beh = _mind_behaviors(beh_path)
+    cols = ["user_id", "item_id", "event_type", "timestamp", "request_id", "position"]
+    events = pl.concat([_mind_history(beh).select(cols), *(part.select(cols) for part in _mind_impressions(beh))])
+    events = events.with_columns(pl.lit(None, pl.Float64).alias("value")).select(*EVENT_COLUMNS)
+    sources = {
+        "events": f"{beh_path} (expanded to one event per history item, impression and click)",
+        "items": str(news_path),
+    }
+    return RawTables(events=events, items=_mind_news(news_path), users=None, sources=sources)
+
+
+def _mind_behaviors(beh_path: Path) -> pl.DataFrame:
+    """behaviors.tsv with its time parsed into `ts` (UTC); unparseable times name their rows."""
     beh = _read_sep(
         beh_path, "\t", ["request_id", "user_id", "time", "history", "impressions"], f"'{beh_path}'"
     )
@@ -491,8 +504,11 @@ def load_mind(input_dir: Path) -> RawTables:
             f"'{beh_path}': column 3 (time) has {bad.height} value(s) not in the MIND form "
             f"'11/15/2019 8:55:22 AM' (rows {rows}). Fix: correct or remove those rows."
         )
-    beh = beh.with_columns(pl.col("ts").dt.replace_time_zone("UTC").cast(TIMESTAMP_DTYPE))
+    return beh.with_columns(pl.col("ts").dt.replace_time_zone("UTC").cast(TIMESTAMP_DTYPE))
 
+
+def _mind_impressions(beh: pl.DataFrame) -> tuple[pl.DataFrame, pl.DataFrame]:
+    """(impressions, clicks): one impression per shown item with its position, a click per `-1` label."""
     shown = (
         beh.select(
             "request_id",
@@ -508,7 +524,6 @@ def load_mind(input_dir: Path) -> RawTables:
             pl.col("imp").str.extract(r"-([01])$").alias("label"),
         )
     )
-    cols = ["user_id", "item_id", "event_type", "timestamp", "request_id", "position"]
     impressions = shown.select(
         "user_id", "item_id", pl.lit("impression").alias("event_type"), pl.col("ts").alias("timestamp"),
         "request_id", "position",
@@ -517,9 +532,14 @@ def load_mind(input_dir: Path) -> RawTables:
         "user_id", "item_id", pl.lit("click").alias("event_type"), pl.col("ts").alias("timestamp"),
         "request_id", "position",
     )  # fmt: skip
+    return impressions, clicks
 
+
+def _mind_history(beh: pl.DataFrame) -> pl.DataFrame:
+    """History clicks (no timestamps in MIND): each user's distinct history items, oldest first, one
+    second apart and ending one second before the user's first request."""
     first_seen = beh.group_by("user_id").agg(pl.col("ts").min().alias("t0"))
-    history = (
+    return (
         beh.select(
             "user_id",
             "ts",
@@ -541,25 +561,13 @@ def load_mind(input_dir: Path) -> RawTables:
             pl.lit(None, pl.Int32).alias("position"),
         )
     )
-    events = pl.concat([history.select(cols), impressions.select(cols), clicks.select(cols)])
-    events = events.with_columns(pl.lit(None, pl.Float64).alias("value")).select(*EVENT_COLUMNS)
 
-    news = _read_sep(
-        news_path,
-        "\t",
-        [
-            "item_id",
-            "category",
-            "subcategory",
-            "title",
-            "abstract",
-            "url",
-            "title_entities",
-            "abstract_entities",
-        ],
-        f"'{news_path}'",
-    )
-    items = news.select(
+
+def _mind_news(news_path: Path) -> pl.DataFrame:
+    """news.tsv as the item table: title, abstract as description, subcategory as tags."""
+    columns = ["item_id", "category", "subcategory", "title", "abstract", "url", "title_entities", "abstract_entities"]
+    news = _read_sep(news_path, "\t", columns, f"'{news_path}'")
+    return news.select(
         "item_id",
         pl.col("title").fill_null(""),
         pl.col("abstract").fill_null("").alias("description"),
@@ -567,11 +575,6 @@ def load_mind(input_dir: Path) -> RawTables:
         pl.col("category").fill_null(""),
         pl.col("url").fill_null(""),
     )
-    sources = {
-        "events": f"{beh_path} (expanded to one event per history item, impression and click)",
-        "items": str(news_path),
-    }
-    return RawTables(events=events, items=items, users=None, sources=sources)
 
 
 # --------------------------------------------------------------------------- detection and dispatch

@@ -110,89 +110,147 @@ def generate(config: SyntheticConfig | None = None, **overrides: object) -> Synt
     cfg = config or SyntheticConfig()
     if overrides:
         cfg = SyntheticConfig(**{**cfg.__dict__, **overrides})
-    rng = np.random.default_rng(cfg.seed)
-    n_topics = len(TOPICS)
-    span_s = cfg.days * 86400
-
-    # Items: topic, Zipf popularity, arrival time (sorted, so "available at t" is a prefix).
-    item_topic = rng.integers(0, n_topics, size=cfg.n_items)
-    popularity = 1.0 / np.arange(1, cfg.n_items + 1) ** 0.9
-    popularity = popularity[rng.permutation(cfg.n_items)]
-    n_initial = max(1, int(cfg.initial_item_fraction * cfg.n_items))
-    created = np.zeros(cfg.n_items, dtype=np.int64)
-    created[n_initial:] = np.sort(rng.integers(0, int(span_s * 0.9), size=cfg.n_items - n_initial))
-    price = np.round(rng.lognormal(3.0, 0.8, size=cfg.n_items), 2)
+    rng = np.random.default_rng(cfg.seed)  # one stream: the order of the draws below is the data
+    catalogue = _Catalogue.draw(rng, cfg)
 
     # Users: sparse topic preferences, log-normal activity.
-    pref = rng.dirichlet(np.full(n_topics, cfg.topic_concentration), size=cfg.n_users)
+    pref = rng.dirichlet(np.full(len(TOPICS), cfg.topic_concentration), size=cfg.n_users)
     activity = rng.lognormal(0.0, 0.7, size=cfg.n_users)
     activity /= activity.sum()
 
-    per_request = cfg.slate_size * (1.15 if cfg.impressions else 0.15)
-    n_requests = max(1, int(cfg.n_events / per_request))
-    req_user = rng.choice(cfg.n_users, size=n_requests, p=activity)
-    req_time = np.sort(rng.integers(0, span_s, size=n_requests))
-    n_avail = np.searchsorted(created, req_time, side="right")  # items available per request
+    slates = _Slates.draw(rng, cfg, catalogue, pref, activity)
+    affinity = pref[slates.user, catalogue.topic[slates.item]]
+    logit = _click_logit(affinity, catalogue.popularity[slates.item] / catalogue.popularity.mean(), slates.position)
+    clicked = rng.random(len(slates.item)) < 1.0 / (1.0 + np.exp(-logit))
+    carted = clicked & (rng.random(len(slates.item)) < 0.3)
+    bought = carted & (rng.random(len(slates.item)) < 0.5)
+    kinds = [("click", clicked, 5), ("add_to_cart", carted, 60), ("purchase", bought, 300)]
+    if cfg.impressions:
+        kinds.insert(0, ("impression", np.ones(len(slates.item), dtype=bool), 0))
+    events = _event_table(slates, kinds, catalogue.price)
 
-    # Slate slots: targeted (favourite topic, popularity-weighted) or global (popularity-weighted).
-    slots = n_requests * cfg.slate_size
-    slot_req = np.repeat(np.arange(n_requests), cfg.slate_size)
-    slot_avail = n_avail[slot_req]
-    cum_all = np.cumsum(popularity)
-    slot_item = np.searchsorted(cum_all, rng.random(slots) * cum_all[slot_avail - 1], side="right")
-    targeted = rng.random(slots) < cfg.targeted_fraction
-    # Favourite topic per targeted slot via inverse-CDF on the user's preference row.
-    u_cdf = np.cumsum(pref[req_user[slot_req]], axis=1)
-    slot_topic = (rng.random(slots)[:, None] > u_cdf).sum(1).clip(0, n_topics - 1)
-    for topic in range(n_topics):
-        members = np.flatnonzero(item_topic == topic)
+    titles, descriptions, tags = _item_texts(rng, catalogue.topic)
+    topic_names = np.array(list(TOPICS))
+    items = pl.DataFrame(
+        {
+            "item_id": [f"i{i}" for i in range(cfg.n_items)],
+            "title": titles,
+            "description": descriptions,
+            "tags": tags,
+            "category": topic_names[catalogue.topic],
+            "price": catalogue.price,
+            "created_at": START.astype("datetime64[us]") + catalogue.created.astype("timedelta64[s]"),
+        }
+    ).with_columns(pl.col("created_at").dt.replace_time_zone("UTC"))
+    users = pl.DataFrame(
+        {
+            "user_id": [f"u{u}" for u in range(cfg.n_users)],
+            "favourite_topic": topic_names[pref.argmax(1)],
+        }
+    )
+    return SyntheticLog(events=events, items=items, users=users, user_topic_pref=pref, item_topic=catalogue.topic)
+
+
+@dataclass(frozen=True)
+class _Catalogue:
+    """Items: topic, Zipf popularity, arrival time in seconds (sorted, so "available at t" is a
+    prefix), price."""
+
+    topic: np.ndarray
+    popularity: np.ndarray
+    created: np.ndarray
+    price: np.ndarray
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, cfg: SyntheticConfig) -> _Catalogue:
+        topic = rng.integers(0, len(TOPICS), size=cfg.n_items)
+        popularity = 1.0 / np.arange(1, cfg.n_items + 1) ** 0.9
+        popularity = popularity[rng.permutation(cfg.n_items)]
+        n_initial = max(1, int(cfg.initial_item_fraction * cfg.n_items))
+        created = np.zeros(cfg.n_items, dtype=np.int64)
+        created[n_initial:] = np.sort(rng.integers(0, int(cfg.days * 86400 * 0.9), size=cfg.n_items - n_initial))
+        price = np.round(rng.lognormal(3.0, 0.8, size=cfg.n_items), 2)
+        return cls(topic, popularity, created, price)
+
+
+@dataclass(frozen=True)
+class _Slates:
+    """Shown slots, one per (request, distinct item): request number, user, item, position in the
+    slate (0..), request time in seconds."""
+
+    request: np.ndarray
+    user: np.ndarray
+    item: np.ndarray
+    position: np.ndarray
+    time: np.ndarray
+
+    @classmethod
+    def draw(cls, rng: np.random.Generator, cfg: SyntheticConfig, catalogue: _Catalogue, pref: np.ndarray,
+             activity: np.ndarray) -> _Slates:
+        """Requests by user activity at uniform times; slots targeted (favourite topic, popularity-
+        weighted) or global (popularity-weighted), among the items available at the request."""
+        per_request = cfg.slate_size * (1.15 if cfg.impressions else 0.15)
+        n_requests = max(1, int(cfg.n_events / per_request))
+        req_user = rng.choice(cfg.n_users, size=n_requests, p=activity)
+        req_time = np.sort(rng.integers(0, cfg.days * 86400, size=n_requests))
+        n_avail = np.searchsorted(catalogue.created, req_time, side="right")  # items available per request
+
+        slots = n_requests * cfg.slate_size
+        slot_req = np.repeat(np.arange(n_requests), cfg.slate_size)
+        cum_all = np.cumsum(catalogue.popularity)
+        slot_item = np.searchsorted(cum_all, rng.random(slots) * cum_all[n_avail[slot_req] - 1], side="right")
+        targeted = rng.random(slots) < cfg.targeted_fraction
+        # Favourite topic per targeted slot via inverse-CDF on the user's preference row.
+        u_cdf = np.cumsum(pref[req_user[slot_req]], axis=1)
+        slot_topic = (rng.random(slots)[:, None] > u_cdf).sum(1).clip(0, len(TOPICS) - 1)
+        _draw_targeted(rng, catalogue, slot_item, targeted, slot_topic, req_time[slot_req])
+        slot_item = np.minimum(slot_item, cfg.n_items - 1)
+        # A slate shows an item once: drop repeats, then renumber positions 0.. within each request.
+        order = np.lexsort((slot_item, slot_req))
+        repeat = np.zeros(slots, dtype=bool)
+        repeat[order[1:]] = (slot_req[order[1:]] == slot_req[order[:-1]]) & (slot_item[order[1:]] == slot_item[order[:-1]])
+        slot_req, slot_item = slot_req[~repeat], slot_item[~repeat]
+        position = np.arange(len(slot_req)) - np.searchsorted(slot_req, slot_req, side="left")
+        return cls(slot_req, req_user[slot_req], slot_item, position, req_time[slot_req])
+
+
+def _draw_targeted(rng: np.random.Generator, catalogue: _Catalogue, slot_item: np.ndarray, targeted: np.ndarray,
+                   slot_topic: np.ndarray, slot_time: np.ndarray) -> None:
+    """Overwrite the targeted slots of `slot_item` with a popularity-weighted item of the slot's topic
+    available at its time (slots whose topic has nothing available yet keep their global draw)."""
+    for topic in range(len(TOPICS)):
+        members = np.flatnonzero(catalogue.topic == topic)
         chosen = targeted & (slot_topic == topic)
         if len(members) == 0 or not chosen.any():
             continue
-        cum_t = np.cumsum(popularity[members])
-        avail_t = np.searchsorted(created[members], req_time[slot_req[chosen]], side="right")
+        cum_t = np.cumsum(catalogue.popularity[members])
+        avail_t = np.searchsorted(catalogue.created[members], slot_time[chosen], side="right")
         ok = avail_t > 0
         idx = np.flatnonzero(chosen)[ok]
         draw = rng.random(len(idx)) * cum_t[avail_t[ok] - 1]
         slot_item[idx] = members[np.searchsorted(cum_t, draw, side="right")]
-    slot_item = np.minimum(slot_item, cfg.n_items - 1)
-    # A slate shows an item once: drop repeats, then renumber positions 0.. within each request.
-    order = np.lexsort((slot_item, slot_req))
-    repeat = np.zeros(slots, dtype=bool)
-    repeat[order[1:]] = (slot_req[order[1:]] == slot_req[order[:-1]]) & (slot_item[order[1:]] == slot_item[order[:-1]])
-    slot_req, slot_item = slot_req[~repeat], slot_item[~repeat]
-    slots = len(slot_req)
-    first = np.searchsorted(slot_req, slot_req, side="left")
-    position = np.arange(slots) - first
-    slot_user = req_user[slot_req]
 
-    affinity = pref[slot_user, item_topic[slot_item]]
-    logit = _click_logit(affinity, popularity[slot_item] / popularity.mean(), position)
-    clicked = rng.random(slots) < 1.0 / (1.0 + np.exp(-logit))
-    carted = clicked & (rng.random(slots) < 0.3)
-    bought = carted & (rng.random(slots) < 0.5)
 
-    slot_time = req_time[slot_req]
+def _event_table(slates: _Slates, kinds: list[tuple[str, np.ndarray, int]], price: np.ndarray) -> pl.DataFrame:
+    """Canonical events: one row per (kind, slot where its mask is set), `delay` + position seconds
+    after the request; purchases carry the item's price."""
     parts = []
-    kinds = [("click", clicked, 5), ("add_to_cart", carted, 60), ("purchase", bought, 300)]
-    if cfg.impressions:
-        kinds.insert(0, ("impression", np.ones(slots, dtype=bool), 0))
     for name, mask, delay in kinds:
         sel = np.flatnonzero(mask)
         parts.append(
             pl.DataFrame(
                 {
-                    "user_id": slot_user[sel],
-                    "item_id": slot_item[sel],
+                    "user_id": slates.user[sel],
+                    "item_id": slates.item[sel],
                     "event_type": np.full(len(sel), name),
-                    "ts": slot_time[sel] + delay + position[sel],
-                    "request_id": slot_req[sel],
-                    "position": position[sel].astype(np.int32),
-                    "value": np.where(name == "purchase", price[slot_item[sel]], np.nan),
+                    "ts": slates.time[sel] + delay + slates.position[sel],
+                    "request_id": slates.request[sel],
+                    "position": slates.position[sel].astype(np.int32),
+                    "value": np.where(name == "purchase", price[slates.item[sel]], np.nan),
                 }
             )
         )
-    events = (
+    return (
         pl.concat(parts)
         .sort("ts", "request_id", "position")
         .select(
@@ -208,27 +266,6 @@ def generate(config: SyntheticConfig | None = None, **overrides: object) -> Synt
             pl.when(pl.col("request_id") % 3 == 0).then(pl.lit("mobile")).otherwise(pl.lit("web")).alias("device"),
         )
     )
-
-    titles, descriptions, tags = _item_texts(rng, item_topic)
-    topic_names = np.array(list(TOPICS))
-    items = pl.DataFrame(
-        {
-            "item_id": [f"i{i}" for i in range(cfg.n_items)],
-            "title": titles,
-            "description": descriptions,
-            "tags": tags,
-            "category": topic_names[item_topic],
-            "price": price,
-            "created_at": START.astype("datetime64[us]") + created.astype("timedelta64[s]"),
-        }
-    ).with_columns(pl.col("created_at").dt.replace_time_zone("UTC"))
-    users = pl.DataFrame(
-        {
-            "user_id": [f"u{u}" for u in range(cfg.n_users)],
-            "favourite_topic": topic_names[pref.argmax(1)],
-        }
-    )
-    return SyntheticLog(events=events, items=items, users=users, user_topic_pref=pref, item_topic=item_topic)
 
 
 def simulate_responses(log: SyntheticLog, shown: pl.DataFrame, seed: int = 0, delay_s: int = 5) -> pl.DataFrame:

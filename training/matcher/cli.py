@@ -64,21 +64,25 @@ def run(args: argparse.Namespace) -> int:
     if args.lora:
         require("peft")
     from recsys.progress import enabled as progress_enabled
-    from training.matcher.train import TrainConfig, train
+    from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
+    from training.matcher.train import train
 
-    config = TrainConfig(
-        data=str(args.data), out=str(args.out), base_model=args.base_model, protocol=args.protocol,
-        lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, temperature=args.temperature,
-        max_history=args.max_history, max_text_tokens=args.max_text_tokens, dropout=args.dropout,
-        hard_negatives=args.hard_negatives, logq=args.logq, cache_negatives=args.cache_negatives,
-        train_layers=args.train_layers, item_head=args.item_head, freeze_encoder=args.freeze_encoder, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr,
-        head_lr=args.head_lr, weight_decay=args.weight_decay, warmup=args.warmup,
-        max_grad_norm=args.max_grad_norm, patience=args.patience, cache_refresh=args.cache_refresh,
-        max_steps=args.max_steps, save_every=args.save_every, seed=args.seed,
-        warm_start=str(args.warm_start) if args.warm_start else None, resume=args.resume,
-        device=args.device, bf16=not args.no_bf16, threads=args.threads, progress=progress_enabled(),
-        zero_shot=not args.no_zero_shot,
+    model = MatcherModelConfig(
+        base_model=args.base_model, warm_start=str(args.warm_start) if args.warm_start else None,
+        protocol=args.protocol, max_history=args.max_history, max_text_tokens=args.max_text_tokens,
+        lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, train_layers=args.train_layers,
+        freeze_encoder=args.freeze_encoder, item_head=args.item_head, dropout=args.dropout,
+        temperature=args.temperature, hard_negatives=args.hard_negatives, logq=args.logq,
+        cache_negatives=args.cache_negatives,
     )
+    run_config = RunConfig(
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+        weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
+        cache_refresh=args.cache_refresh, seed=args.seed, device=args.device, bf16=not args.no_bf16,
+        threads=args.threads, resume=args.resume, max_steps=args.max_steps, save_every=args.save_every,
+        patience=args.patience, zero_shot=not args.no_zero_shot, progress=progress_enabled(),
+    )
+    config = TrainConfig(data=str(args.data), out=str(args.out), model=model, run=run_config)
     report = train(config)
     summary = {name: report.get(name, {}).get("test") for name in ("popularity", "zero_shot", "fine_tuned")}
     print(json.dumps({"out": str(args.out), "steps": report.get("steps"), "test": summary}, indent=2))

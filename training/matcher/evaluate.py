@@ -1,6 +1,9 @@
 """Full-ranking evaluation of the two-tower model: encode every item once, score every user against all.
 
-The same code path serves validation during training, the zero-shot baseline and the benchmark.
+One eval-set type (`EvalSet`) and one evaluator (`RankingEvaluator`) serve validation during training
+(its primary metric picks the checkpoint), the zero-shot and popularity baselines, the benchmark and
+`recsys export`'s check that an ONNX variant keeps Recall@k (scores from ONNX Runtime towers, via
+`RankingEvaluator.per_user`).
 """
 
 from __future__ import annotations
@@ -15,7 +18,8 @@ import torch
 from torch import nn
 
 from recsys.data.prepared import PreparedData
-from recsys.evaluation.metrics import bootstrap_ci, per_user_metrics, top_k
+from recsys.errors import InputError
+from recsys.evaluation.metrics import PerUser, bootstrap_ci, per_user_metrics, top_k
 from training.matcher.data import ItemTokens, _history
 from training.matcher.model import TwoTower
 
@@ -36,9 +40,18 @@ class EvalSet:
     def __len__(self) -> int:
         return len(self.user)
 
+    @property
+    def hist_mask(self) -> np.ndarray:
+        """[U, N] true for real history entries."""
+        return self.hist_item >= 0
+
     @classmethod
-    def load(cls, data: PreparedData, protocol: str, split: str, max_history: int) -> EvalSet:
+    def load(cls, data: PreparedData, protocol: str, split: str, max_history: int, *, limit: int | None = None,
+             seed: int = 0) -> EvalSet:
+        """The window's users; with `limit`, a seeded sample of at most that many."""
         frame = data.eval_set(protocol, split)
+        if limit is not None and frame.height > limit:
+            frame = frame.sample(limit, seed=seed)
         return cls(
             protocol=protocol,
             split=split,
@@ -132,14 +145,18 @@ def encode_users(
     return torch.cat(parts) if parts else torch.zeros(0, cache.shape[1], device=device)
 
 
+def per_user(scores: np.ndarray, ev: EvalSet, k: int) -> PerUser:
+    """Per-user NDCG@k / Recall@k of [U, n_items] scores over all unseen items (seen excluded)."""
+    return per_user_metrics(top_k(scores, k, exclude=ev.seen), ev.targets, k)
+
+
 def ranking_metrics(
     scores: np.ndarray, ev: EvalSet, k: int = 10, ci: bool = False, n_boot: int = 1000
 ) -> dict[str, Any]:
-    """NDCG@k / Recall@k over all unseen items (seen excluded); optional bootstrap 95% intervals."""
+    """Mean NDCG@k / Recall@k (see `per_user`); optional bootstrap 95% intervals."""
     if len(ev) == 0:
         return {"users": 0}
-    ranked = top_k(scores, k, exclude=ev.seen)
-    pu = per_user_metrics(ranked, ev.targets, k)
+    pu = per_user(scores, ev, k)
     out: dict[str, Any] = {"users": len(ev), f"ndcg@{k}": float(pu.ndcg.mean()), f"recall@{k}": float(pu.recall.mean())}
     if ci:
         out[f"ndcg@{k}_ci"] = list(bootstrap_ci(pu.ndcg, n_boot=n_boot))
@@ -159,8 +176,8 @@ class RankingEvaluator:
     ranking NDCG@k / Recall@k on one EvalSet; `primary` names the metric that picks the checkpoint.
     An evaluator without an EvalSet returns {} (no such split in the dataset)."""
 
-    def __init__(self, ev: EvalSet | None, k: int, device: torch.device) -> None:
-        self.ev, self.k, self.device = ev, k, device
+    def __init__(self, ev: EvalSet | None, k: int, device: torch.device | None = None) -> None:
+        self.ev, self.k, self.device = ev, k, device or torch.device("cpu")
         self.primary = f"ndcg@{k}"
 
     def __call__(self, model: TwoTower, item_emb: torch.Tensor, ci: bool = False) -> dict[str, Any]:
@@ -168,6 +185,12 @@ class RankingEvaluator:
         if self.ev is None:
             return {}
         return ranking_metrics(model_scores(model, item_emb, self.ev, self.device), self.ev, self.k, ci=ci)
+
+    def per_user(self, scores: np.ndarray) -> PerUser:
+        """Per-user metrics of [U, n_items] scores from any scorer (paired comparisons need them)."""
+        if self.ev is None:
+            raise InputError("this evaluator has no evaluation set (the dataset has no such split)")
+        return per_user(scores, self.ev, self.k)
 
     def of_scores(self, scores: Callable[[int], np.ndarray], ci: bool = False) -> dict[str, Any]:
         """Metrics of a model-free scorer (users -> [U, n_items] scores), e.g. popularity."""

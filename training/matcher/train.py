@@ -9,7 +9,8 @@ Per step (batch of B positive pairs):
      with their fresh embeddings after each step;
   3. in-batch softmax with temperature, false negatives masked (every known positive of the row's
      user), optional logQ correction by each column's inclusion probability.
-The loop is small: steps, then validation by the one evaluator (`RankingEvaluator`, whose primary
+Settings: `TrainConfig` = data and out dirs + `MatcherModelConfig` (what is learned) + `RunConfig` (how
+the run goes), training/matcher/config.py. The loop is small: steps, then validation by the one evaluator (`RankingEvaluator`, whose primary
 metric, NDCG@K, picks the checkpoint); cache refresh, the step budget, periodic saves and early
 stopping are callbacks (training/matcher/callbacks.py, LightGBM's callback.py shape). The checkpoint
 module (training/matcher/checkpoint.py) owns every file name, the best checkpoint and the resume
@@ -49,6 +50,7 @@ from training.matcher.checkpoint import (
     save_checkpoint,
     save_state,
 )
+from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
 from training.matcher.data import ItemTokens, item_texts, load_pairs, positive_keys
 from training.matcher.evaluate import (
     EvalSet,
@@ -71,75 +73,6 @@ from training.matcher.model import (
 log = logging.getLogger(__name__)
 
 REPORT = REPORT_FILE
-
-
-@dataclass(frozen=True)
-class TrainConfig:
-    data: str
-    out: str
-    base_model: str | None = None
-    protocol: str = "global"
-    lora: bool = False
-    lora_r: int = 8
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    epochs: int = 3
-    batch_size: int = 256
-    lr: float = 5e-5  # encoder (or LoRA adapters)
-    head_lr: float = 1e-3  # user tower
-    weight_decay: float = 0.01
-    warmup: float = 0.1  # fraction of total steps
-    temperature: float = 0.05
-    dropout: float = 0.1
-    max_history: int = 20
-    max_text_tokens: int = 64
-    hard_negatives: int = 0  # per pair, from neg_item_idx
-    logq: bool = False
-    cache_negatives: int = 0  # extra negatives from the no-grad cache (>= n_items: whole catalogue)
-    cache_refresh: int = 200  # steps between full cache refreshes (0: only at validation)
-    encode_chunk: int = 128
-    train_layers: int = 0  # >0: train only the top N transformer layers (embeddings + rest frozen)
-    item_head: int = 0  # >0: residual MLP head (this hidden width) after the item tower's pooling
-    freeze_encoder: bool = False  # train only the item head and the user tower (encoder outputs cached)
-    layer_cache: bool = True  # with train_layers: cache the frozen layers' outputs, run only the top N
-    max_grad_norm: float = 1.0
-    patience: int = 2
-    eval_k: int = 10
-    weight_by_strength: bool = True
-    seed: int = 0
-    warm_start: str | None = None
-    resume: bool = False
-    max_steps: int = 0  # stop after this many steps in total (0: no limit)
-    save_every: int = 0  # also save resume state every N steps (0: each epoch)
-    device: str = "auto"
-    bf16: bool = True  # bf16 autocast when on CUDA
-    threads: int = 0  # torch intra-op threads (0: torch default)
-    progress: bool = True
-    zero_shot: bool = True
-    eval_test: bool = True
-
-    def __post_init__(self) -> None:
-        checks = {
-            "epochs": self.epochs >= 1,
-            "batch_size": self.batch_size >= 2,
-            "lr": self.lr > 0,
-            "head_lr": self.head_lr > 0,
-            "temperature": self.temperature > 0,
-            "warmup": 0 <= self.warmup < 1,
-            "max_history": self.max_history >= 1,
-            "max_text_tokens": self.max_text_tokens >= 4,
-            "hard_negatives": self.hard_negatives >= 0,
-            "cache_negatives": self.cache_negatives >= 0,
-            "dropout": 0 <= self.dropout < 1,
-            "lora_r": self.lora_r >= 1,
-            "item_head": self.item_head >= 0,
-            "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),
-        }
-        bad = [k for k, ok in checks.items() if not ok]
-        if bad:
-            raise ConfigError(f"invalid matcher training settings: {', '.join(f'{k}={getattr(self, k)!r}' for k in bad)}")
-        if self.protocol not in ("global", "loo", "tail"):
-            raise ConfigError(f"--protocol must be global, loo or tail, got {self.protocol!r}")
 
 
 @dataclass
@@ -182,7 +115,7 @@ def _pick_device(name: str, local_rank: int) -> torch.device:
     return torch.device(name)
 
 
-def _configure_trainable(model: TwoTower, cfg: TrainConfig) -> None:
+def _configure_trainable(model: TwoTower, cfg: MatcherModelConfig) -> None:
     """LoRA adapters or (top-N) full fine-tuning; the pooler is never used by mean pooling: frozen."""
     encoder = model.item_tower.encoder
     if cfg.lora:
@@ -211,7 +144,7 @@ def _configure_trainable(model: TwoTower, cfg: TrainConfig) -> None:
                 p.requires_grad_(True)
 
 
-def _optimizer(model: TwoTower, cfg: TrainConfig) -> torch.optim.Optimizer:
+def _optimizer(model: TwoTower, cfg: RunConfig) -> torch.optim.Optimizer:
     """AdamW; no weight decay on biases, LayerNorm and embeddings-of-types; user tower at head_lr."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
@@ -237,13 +170,13 @@ def _scheduler(opt: torch.optim.Optimizer, total: int, warmup_frac: float) -> to
 
 def _check_warm_start(ckpt: Path, cfg: TrainConfig, tokenizer: Any) -> None:
     """A warm start must keep the tokenizer the checkpoint was trained with."""
-    if cfg.base_model is None:
+    if cfg.model.base_model is None:
         return
-    _, base_tok = load_encoder(resolve_base_model(cfg.base_model))
+    _, base_tok = load_encoder(resolve_base_model(cfg.model.base_model))
     if base_tok.get_vocab() != tokenizer.get_vocab():
         raise ModelError(
             f"tokenizer mismatch: --warm-start {ckpt} was trained with a different tokenizer "
-            f"({len(tokenizer)} tokens) than --base-model {cfg.base_model} ({len(base_tok)} tokens). "
+            f"({len(tokenizer)} tokens) than --base-model {cfg.model.base_model} ({len(base_tok)} tokens). "
             f"A warm start continues the checkpoint's own encoder: drop --base-model, or train from scratch."
         )
 
@@ -251,20 +184,20 @@ def _check_warm_start(ckpt: Path, cfg: TrainConfig, tokenizer: Any) -> None:
 def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
     """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build."""
     model_kwargs = dict(
-        temperature=cfg.temperature, dropout=cfg.dropout, max_history=cfg.max_history,
-        max_text_tokens=cfg.max_text_tokens,
+        temperature=cfg.model.temperature, dropout=cfg.model.dropout, max_history=cfg.model.max_history,
+        max_text_tokens=cfg.model.max_text_tokens,
     )
-    torch.manual_seed(cfg.seed)  # the user tower's (and LoRA's) initial weights
-    if not cfg.warm_start:
-        return build_model(cfg.base_model, item_head=cfg.item_head, **model_kwargs)
-    ckpt = Path(cfg.warm_start)
+    torch.manual_seed(cfg.run.seed)  # the user tower's (and LoRA's) initial weights
+    if not cfg.model.warm_start:
+        return build_model(cfg.model.base_model, item_head=cfg.model.item_head, **model_kwargs)
+    ckpt = Path(cfg.model.warm_start)
     model, tokenizer = load_checkpoint(ckpt)
     _check_warm_start(ckpt, cfg, tokenizer)
     model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-    model.user_tower.dropout.p = cfg.dropout
-    if cfg.item_head and model.item_tower.head is None:  # add a fresh (identity) head
-        model.item_tower.head = ItemHead(model.config.dim, cfg.item_head)
-        model.config = replace(model.config, item_head=cfg.item_head)
+    model.user_tower.dropout.p = cfg.model.dropout
+    if cfg.model.item_head and model.item_tower.head is None:  # add a fresh (identity) head
+        model.item_tower.head = ItemHead(model.config.dim, cfg.model.item_head)
+        model.config = replace(model.config, item_head=cfg.model.item_head)
     return model, tokenizer
 
 
@@ -274,24 +207,24 @@ class _Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.out = Path(cfg.out)
-        if cfg.threads > 0:
-            torch.set_num_threads(cfg.threads)
-        self.device = _pick_device(cfg.device, int(os.environ.get("LOCAL_RANK", "0")))
+        if cfg.run.threads > 0:
+            torch.set_num_threads(cfg.run.threads)
+        self.device = _pick_device(cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
         self.dist = _setup_distributed(self.device)
-        self.bf16 = cfg.bf16 and self.device.type == "cuda"
+        self.bf16 = cfg.run.bf16 and self.device.type == "cuda"
         self.data = PreparedData.load(cfg.data)
         self.state_dir = self.out / STATE_DIR
-        if cfg.freeze_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        if cfg.model.freeze_encoder and int(os.environ.get("WORLD_SIZE", "1")) > 1:
             raise ConfigError("--freeze-encoder trains a small head over the whole catalogue per step: run it "
                               "in one process (it needs no torchrun)")
-        if cfg.resume and not has_state(self.out):
+        if cfg.run.resume and not has_state(self.out):
             raise InputError(f"--resume: no saved training state in {self.state_dir}; start without --resume")
 
         # Cheap input checks first: a bad dataset should not wait for a model load.
-        self.pairs = load_pairs(self.data, cfg.protocol, "train", cfg.max_history, cfg.weight_by_strength)
+        self.pairs = load_pairs(self.data, cfg.model.protocol, "train", cfg.model.max_history, cfg.model.weight_by_strength)
         model, tokenizer = _initial_model(cfg)
         self.tokenizer = tokenizer
-        _configure_trainable(model, cfg)
+        _configure_trainable(model, cfg.model)
         self.model = model.to(self.device)
         self.mcfg = model.config
         self.n_items = self.data.n_items
@@ -299,8 +232,8 @@ class _Trainer:
         self.tokens = ItemTokens.build(item_texts(self.data), tokenizer, self.mcfg.max_text_tokens)
         if self.pairs.item.max() >= self.n_items:
             raise InputError(f"{self.data.root}: pairs reference item_idx beyond items.parquet; rerun recsys prepare")
-        self.valid = RankingEvaluator(self._eval_set("valid"), cfg.eval_k, self.device)
-        self.test = RankingEvaluator(self._eval_set("test") if cfg.eval_test else None, cfg.eval_k, self.device)
+        self.valid = RankingEvaluator(self._eval_set("valid"), cfg.run.eval_k, self.device)
+        self.test = RankingEvaluator(self._eval_set("test") if cfg.run.eval_test else None, cfg.run.eval_k, self.device)
         self.positives = positive_keys(self.n_items, (self.pairs.user, self.pairs.item))
         counts = np.bincount(self.pairs.item, minlength=self.n_items).astype(np.float64)
         self.item_prob = counts / counts.sum()
@@ -310,13 +243,13 @@ class _Trainer:
         self.negative_pool = np.flatnonzero(counts > 0)
         self.popularity = Popularity(counts)
 
-        self.local_batch = cfg.batch_size
-        self.steps_per_epoch = max(1, len(self.pairs) // (cfg.batch_size * self.dist.world))
-        self.total_steps = self.steps_per_epoch * cfg.epochs
-        if cfg.max_steps:
-            self.total_steps = min(self.total_steps, cfg.max_steps)
-        self.opt = _optimizer(self.model, cfg)
-        self.sched = _scheduler(self.opt, self.steps_per_epoch * cfg.epochs, cfg.warmup)
+        self.local_batch = cfg.run.batch_size
+        self.steps_per_epoch = max(1, len(self.pairs) // (cfg.run.batch_size * self.dist.world))
+        self.total_steps = self.steps_per_epoch * cfg.run.epochs
+        if cfg.run.max_steps:
+            self.total_steps = min(self.total_steps, cfg.run.max_steps)
+        self.opt = _optimizer(self.model, cfg.run)
+        self.sched = _scheduler(self.opt, self.steps_per_epoch * cfg.run.epochs, cfg.run.warmup)
         self.ddp: nn.Module = self.model
         if self.dist.world > 1:
             from torch.nn.parallel import DistributedDataParallel
@@ -326,9 +259,9 @@ class _Trainer:
             )
         self.cache = torch.zeros(self.n_items + 1, self.mcfg.dim, device=self.device)
         self.lower: torch.Tensor | None = None
-        if cfg.freeze_encoder and cfg.layer_cache:
+        if cfg.model.freeze_encoder and cfg.run.layer_cache:
             self.lower = self._frozen_pooled()
-        elif cfg.train_layers > 0 and cfg.layer_cache and not cfg.lora:
+        elif cfg.model.train_layers > 0 and cfg.run.layer_cache and not cfg.model.lora:
             self.lower = self._lower_states()
         self.step = 0
         self.epoch = 0
@@ -347,7 +280,7 @@ class _Trainer:
     def _lower_states(self) -> torch.Tensor:
         """[n_items, T_max, D] outputs of the frozen layers for every item, computed once: the frozen
         part of the encoder never changes, so each step only runs the top `train_layers` blocks."""
-        self.model.top_layers = self.cfg.train_layers
+        self.model.top_layers = self.cfg.model.train_layers
         items = np.arange(self.n_items)
         width = int(self.tokens.lengths.max())
         lower = torch.zeros(self.n_items, width, self.mcfg.dim, device=self.device)
@@ -370,7 +303,7 @@ class _Trainer:
     # ---- evaluation -------------------------------------------------------------------------
     def _eval_set(self, split: str) -> EvalSet | None:
         try:
-            ev = EvalSet.load(self.data, self.cfg.protocol, split, self.mcfg.max_history)
+            ev = EvalSet.load(self.data, self.cfg.model.protocol, split, self.mcfg.max_history)
         except InputError:
             return None
         return ev if len(ev) else None
@@ -396,36 +329,36 @@ class _Trainer:
     # ---- one step -----------------------------------------------------------------------------
     def batch_rows(self, epoch: int, index: int) -> np.ndarray:
         """Rows of this rank's `index`-th batch in `epoch`: a pure function of (seed, epoch)."""
-        perm = np.random.default_rng([self.cfg.seed, epoch]).permutation(len(self.pairs))
+        perm = np.random.default_rng([self.cfg.run.seed, epoch]).permutation(len(self.pairs))
         per_step = self.local_batch * self.dist.world
         chunk = perm[index * per_step : (index + 1) * per_step]
         return chunk[self.dist.rank :: self.dist.world]
 
     def train_step(self, rows: np.ndarray, step: int) -> float:
         cfg, pairs = self.cfg, self.pairs
-        rng = np.random.default_rng([cfg.seed, step, self.dist.rank])
-        torch.manual_seed(cfg.seed * 1_000_003 + step * 101 + self.dist.rank)  # dropout replays on resume
+        rng = np.random.default_rng([cfg.run.seed, step, self.dist.rank])
+        torch.manual_seed(cfg.run.seed * 1_000_003 + step * 101 + self.dist.rank)  # dropout replays on resume
         targets = pairs.item[rows]
         hist = pairs.hist_item[rows]
-        negs = pairs.sample_hard_negatives(rows, cfg.hard_negatives, rng)
+        negs = pairs.sample_hard_negatives(rows, cfg.model.hard_negatives, rng)
         plan = self.step_items(targets, negs, hist)
         columns, labels = plan.columns, plan.labels
         extra = np.zeros(0, dtype=np.int64)
-        if cfg.cache_negatives > 0:
+        if cfg.model.cache_negatives > 0:
             pool = np.setdiff1d(self.negative_pool, columns)
-            extra = pool if cfg.cache_negatives >= len(pool) else rng.choice(pool, cfg.cache_negatives, replace=False)
+            extra = pool if cfg.model.cache_negatives >= len(pool) else rng.choice(pool, cfg.model.cache_negatives, replace=False)
         all_cols = np.concatenate([columns, extra])
         fn_mask = false_negative_mask(pairs.user[rows], all_cols, self.n_items, self.positives, hist)
         log_q = None
-        if cfg.logq:
-            uniform = min(1.0, cfg.cache_negatives / max(1, len(self.negative_pool)))
+        if cfg.model.logq:
+            uniform = min(1.0, cfg.model.cache_negatives / max(1, len(self.negative_pool)))
             log_q = torch.from_numpy(inclusion_log_prob(self.item_prob[all_cols], len(rows), uniform)).to(self.device)
 
         dev = self.device
         if self.lower is not None and self.lower.ndim == 2:
             return self._head_only_step(rows, all_cols, labels, fn_mask, log_q)
         chunks = model_chunks(
-            self.tokens.chunks(plan.encode, cfg.encode_chunk, bucket=self.bucket), plan.encode, self.device, self.lower
+            self.tokens.chunks(plan.encode, cfg.run.encode_chunk, bucket=self.bucket), plan.encode, self.device, self.lower
         )
         history = history_tensors(self.cache, hist, pairs.hist_type[rows], pairs.hist_age[rows], dev)
         with autocast(dev, self.bf16):
@@ -494,8 +427,8 @@ class _Trainer:
         """One optimiser step: backward, clip the trainable parameters' gradients, step, schedule."""
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
-        if self.cfg.max_grad_norm > 0:
-            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.max_grad_norm)
+        if self.cfg.run.max_grad_norm > 0:
+            torch.nn.utils.clip_grad_norm_([p for p in self.model.parameters() if p.requires_grad], self.cfg.run.max_grad_norm)
         self.opt.step()
         self.sched.step()
 
@@ -505,7 +438,7 @@ class _Trainer:
 
     def save_state(self) -> None:
         if self.dist.main:
-            payload = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "config": asdict(self.cfg)}
+            payload = {"optimizer": self.opt.state_dict(), "scheduler": self.sched.state_dict(), "config": self.cfg.to_dict()}
             save_state(self.out, self.model, payload | {key: getattr(self, key) for key in self._COUNTERS})
 
     def load_state(self) -> None:
@@ -521,21 +454,21 @@ class _Trainer:
         callbacks (LightGBM's callback.py shape), checkpoint choice the validation evaluator's."""
         cfg = self.cfg
         t_start = time.perf_counter()
-        if cfg.resume:
+        if cfg.run.resume:
             self.load_state()
             log.info("resumed from %s at step %d (epoch %d)", self.state_dir, self.step, self.epoch)
         self.resumed_at = self.step
         if not self.report:
-            self.report = self._baselines() if cfg.zero_shot else {}
-        if self.dist.main and not cfg.resume:
+            self.report = self._baselines() if cfg.run.zero_shot else {}
+        if self.dist.main and not cfg.run.resume:
             save_checkpoint(self.model, self.tokenizer, self.out)  # a usable model exists from the start
         self.refresh_cache()
         self.model.train()
         callbacks: list[Callback] = [
-            CacheRefresh(cfg.cache_refresh), StepBudget(cfg.max_steps), PeriodicSave(cfg.save_every),
-            EarlyStopping(cfg.patience),
+            CacheRefresh(cfg.run.cache_refresh), StepBudget(cfg.run.max_steps), PeriodicSave(cfg.run.save_every),
+            EarlyStopping(cfg.run.patience),
         ]
-        while not self.finished and self.epoch < cfg.epochs:
+        while not self.finished and self.epoch < cfg.run.epochs:
             if not self._epoch(callbacks):  # the step budget ended it mid-epoch
                 self.validate_and_select(partial=True)  # keep the best, save; --resume continues here
                 self.save_state()
@@ -544,7 +477,7 @@ class _Trainer:
             for callback in callbacks:
                 callback.after_epoch(self)
             self.epoch += 1
-            self.finished = self.finished or self.epoch >= cfg.epochs
+            self.finished = self.finished or self.epoch >= cfg.run.epochs
             self.save_state()
             if self.budget_reached:
                 break
@@ -558,8 +491,8 @@ class _Trainer:
         cfg = self.cfg
         first = self.step - self.epoch * self.steps_per_epoch
         bar = tqdm(
-            range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.epochs}",
-            disable=not (cfg.progress and self.dist.main), file=sys.stderr, dynamic_ncols=True,
+            range(first, self.steps_per_epoch), desc=f"epoch {self.epoch + 1}/{cfg.run.epochs}",
+            disable=not (cfg.run.progress and self.dist.main), file=sys.stderr, dynamic_ncols=True,
         )
         with bar:
             for index in bar:
@@ -631,11 +564,11 @@ class _Trainer:
                 "device": str(self.device),
                 "bf16": self.bf16,
                 "trainable_parameters": sum(p.numel() for p in self.model.parameters() if p.requires_grad),
-                "config": asdict(cfg),
+                "config": cfg.to_dict(),
                 "matcher_config": asdict(self.mcfg),
                 "padding_efficiency": {
-                    "bucketed": self.tokens.padding_efficiency(np.arange(self.n_items), cfg.encode_chunk, True),
-                    "unbucketed": self.tokens.padding_efficiency(np.arange(self.n_items), cfg.encode_chunk, False),
+                    "bucketed": self.tokens.padding_efficiency(np.arange(self.n_items), cfg.run.encode_chunk, True),
+                    "unbucketed": self.tokens.padding_efficiency(np.arange(self.n_items), cfg.run.encode_chunk, False),
                 },
             }
         )
@@ -643,7 +576,7 @@ class _Trainer:
             (self.out / REPORT).write_text(json.dumps(self.report, indent=2, default=float))
             from training.matcher.report import plot_curves
 
-            plot_curves(self.report, self.losses, self.out / "training_curves.png", cfg.eval_k)
+            plot_curves(self.report, self.losses, self.out / "training_curves.png", cfg.run.eval_k)
         self.save_state()
 
 
