@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 TORCH_SPEC ?= torch==2.13.0
 STAMP := $(VENV)/.installed
 
-.PHONY: demo test test-all lint bench-prepare clean protos
+.PHONY: demo test test-all lint bench-prepare clean protos redis
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -18,10 +18,14 @@ $(STAMP): pyproject.toml Makefile
 demo: $(STAMP)
 	$(VENV)/bin/recsys demo --out runs/demo
 
-test: $(STAMP)
+# The shared-state tests run a real redis-server (Debian package; these machines run as root).
+redis:
+	command -v redis-server >/dev/null || (apt-get update && apt-get install -y redis-server)
+
+test: $(STAMP) redis
 	$(PY) -m pytest -q
 
-test-all: $(STAMP)
+test-all: $(STAMP) redis
 	$(PY) -m pytest -q -m "not gpu"
 
 lint: $(STAMP)

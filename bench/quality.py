@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import platform
 import sys
@@ -99,14 +100,15 @@ def model_tokenizer(model: Any) -> Any:
 
 
 def zero_shot_matcher(data: Any, threads: int) -> Any:
-    """Pretrained MiniLM item embeddings, weight-free recency-weighted mean over the history."""
+    """Pretrained MiniLM item embeddings, the plain mean over the history: exactly the user tower that
+    `recsys publish --base-model` exports (training/zero_shot.py), so bench and service agree."""
     from recsys.features import EmbeddingMatcher, mean_pool_encoder
     from training.matcher.model import build_model
 
     model, tokenizer = build_model(None, max_history=data.max_history)
     _TOKENIZERS[id(model)] = tokenizer
     item_emb = torch_matcher(model, data, threads).item_embeddings
-    return EmbeddingMatcher(item_emb, mean_pool_encoder(item_emb))
+    return EmbeddingMatcher(item_emb, mean_pool_encoder(item_emb, half_life_s=math.inf))
 
 
 def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
@@ -117,7 +119,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     report_path = out / "training_report.json"
     if not report_path.exists():
         model = MatcherModelConfig(
-            protocol=protocol, train_layers=args.train_layers, item_head=args.item_head,
+            protocol=protocol, train_layers=args.train_layers, item_head=args.item_head, head_dropout=args.head_dropout,
             freeze_encoder=args.freeze_encoder, cache_negatives=args.cache_negatives, max_text_tokens=48,
             max_history=data.max_history,
         )
@@ -132,7 +134,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     model, tokenizer = load_checkpoint(out)
     _TOKENIZERS[id(model)] = tokenizer
     keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
-    mode = {"item_head": args.item_head, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
+    mode = {"item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
     return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
 
 
@@ -188,6 +190,8 @@ def main() -> int:
     parser.add_argument("--matcher-steps", type=int, default=0, help="cap on fine-tuning steps (0: whole epochs)")
     parser.add_argument("--item-head", type=int, default=512, help="item tower residual MLP head width (0: none)")
     parser.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=True)
+    parser.add_argument("--cold-slots", type=int, default=0, help="also report blend_explore: N top-10 places for cold items")
+    parser.add_argument("--head-dropout", type=float, default=0.0, help="share of items per step skipping the item head")
     parser.add_argument("--train-layers", type=int, default=0, help="with --no-freeze-encoder: top N layers (0: all)")
     parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: every item with a training positive")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -202,7 +206,7 @@ def main() -> int:
     logging.getLogger("recsys.features").setLevel(logging.WARNING)
 
     from recsys.data.prepared import PreparedData
-    from recsys.evaluation.evaluate import EvalConfig, evaluate, write_holdout, write_scores
+    from recsys.evaluation.evaluate import BlendConfig, EvalConfig, evaluate, write_holdout, write_scores
     from recsys.evaluation.report import markdown, write_report
 
     args.out.mkdir(parents=True, exist_ok=True)
@@ -241,7 +245,9 @@ def main() -> int:
                 matchers["fine_tuned"], matcher_info = fine_cache[train_protocol]
                 matcher_info = {**matcher_info, "trained_on": f"{train_protocol} train split"}
             matcher_s = time.perf_counter() - t1
-            result = evaluate(data, EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed), matchers)
+            config = EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed,
+                                blend_config=BlendConfig(cold_slots=args.cold_slots))
+            result = evaluate(data, config, matchers)
             prefix = f"quality_{name}_{protocol}"
             title = f"{name}, {protocol} protocol"
             plots = write_report(result, args.out / "quality_runs", prefix=prefix, title=title)

@@ -384,7 +384,7 @@ def markdown(report: dict[str, Any]) -> str:
         "",
         f"Model: {report['model']}; catalogue {report['catalogue_items']} items; {report['duration_s']} s per row; "
         f"{report['client_processes']} load-generator process(es) (asyncio, grpc.aio, pre-serialized requests) on the "
-        f"same 2 cores as the server (`--workers {report['server_workers']}`). Load average when the run started: "
+        f"same 2 cores as the server (`--threads {report['server_workers']}`). Load average when the run started: "
         f"{report['load_average']}.",
         "",
         "| scenario | load | QPS | p50 ms | p95 ms | p99 ms | server p50 / p99 ms | send lag p99 ms | errors |",
@@ -403,6 +403,20 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
+def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
+    """--compare-workers N: the processes comparison of bench/workers.py on this script's artifacts."""
+    import polars as pl
+    from workers import compare_workers
+
+    warm = (
+        pl.read_parquet(paths["data"] / "events.parquet").filter(pl.col("strength") > 0)
+        .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
+    )
+    items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
+    return compare_workers(paths, args.work, args.compare_workers, duration=args.duration, clients=max(args.clients, 2),
+                           users=warm, items=items, out=args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/recsys-bench-serve"))
@@ -418,10 +432,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-requests", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="serve")
+    parser.add_argument("--compare-workers", type=int, default=0, metavar="N",
+                        help="only compare `recsys serve --workers 1` with `--workers N` (bench/workers.py)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     print("building artifacts (cached) ...", file=sys.stderr)
     paths = build(args.work, args.items, seed=0)
+    if args.compare_workers:
+        return compare_workers_run(args, paths)
 
     import polars as pl
 
@@ -439,7 +457,7 @@ def main(argv: list[str] | None = None) -> int:
     server = subprocess.Popen(
         [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
          "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
-         "--workers", str(args.workers), "--max-inflight", "512", "--metrics-port", "0", "--exposure-dir", str(args.work / "exposures")],
+         "--threads", str(args.workers), "--max-inflight", "512", "--metrics-port", "0", "--exposure-dir", str(args.work / "exposures")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
     rows = []

@@ -34,6 +34,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("models", "rollback"), "recsys.registry_cli:rollback", "return to the previous current model version"),
     (("models", "gc"), "recsys.registry_cli:gc", "remove old model versions (never the current one or rollback targets)"),
     (("serve",), "recsys.serving.serve_cli", "serve Rank/Recommend over gRPC with hot reload and an exposure log"),
+    (("state", "export"), "recsys.state.cli:export", "write the event log (journal or Redis stream) as an events table"),
     (("score",), "recsys.batch.score_cli", "score pairs, candidate lists or every user's top K offline (local or Ray)"),
     (("experiment", "validate"), "recsys.experiments.cli:validate", "check an experiment config and summarise its traffic"),
     (("experiment", "assign"), "recsys.experiments.cli:assign", "preview experiment assignment for a list of units"),

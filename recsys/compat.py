@@ -21,6 +21,7 @@ _EXTRA_FOR = {
     "lightgbm": "serve",
     "grpc": "serve",
     "prometheus_client": "serve",
+    "redis": "serve",
     "ray": "distributed",
     "scipy": "train",
     "implicit": "train",

@@ -76,7 +76,7 @@ class ServerThread:
         self.thread.join(10)
 
 
-def spawn_serve(artifacts: dict[str, Any], tmp: Path, *extra: str) -> tuple[Any, str]:
+def spawn_serve(artifacts: dict[str, Any], tmp: Path, *extra: str, ready_name: str = "ready.json") -> tuple[Any, str]:
     """A real `recsys serve` process on v0001 with the artifacts' ranker and data, port 0 -> (process,
     target) once its ready file is written (stdout+stderr piped)."""
     import json
@@ -84,7 +84,8 @@ def spawn_serve(artifacts: dict[str, Any], tmp: Path, *extra: str) -> tuple[Any,
     import sys
     import time
 
-    ready = tmp / "ready.json"
+    ready = tmp / ready_name
+    ready.unlink(missing_ok=True)
     cmd = [
         sys.executable, "-m", "recsys.cli", "serve", "--registry", str(artifacts["registry"]), "--version", "v0001",
         "--ranker", str(artifacts["ranker"]), "--data", str(artifacts["data"]), "--host", "127.0.0.1", "--port", "0",

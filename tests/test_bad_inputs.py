@@ -446,3 +446,66 @@ def test_publish_warns_when_a_trivial_alternative_wins(tmp_path: Path) -> None:
     assert "fine-tuned matcher loses to popularity" in warnings[1] and "recall@10 0.0500 < 0.0900" in warnings[1]
     fine = {"ranker": {"metrics": {"holdout": {"ndcg@10/ranker": 0.5, "ndcg@10/match_score": 0.45}}}}
     assert quality_warnings(fine, tmp_path / "none") == []
+
+
+# ------------------------------------------------------------------------------------------ training windows
+
+
+def leaky_matcher(d: Path) -> None:
+    """A prepared dataset, and a matcher trained on its leave-last-out train split: a checkpoint
+    (training_window.json) and an export / registry version (manifest.json) recording that window."""
+    from recsys.data.prepared import PreparedData
+    from recsys.data.window import training_window, write_window
+
+    prepared_before(d)
+    window = training_window(PreparedData.load(d / "out"), "loo")
+    write_window(d / "ckpt", window)
+    (d / "v1").mkdir()
+    (d / "v1" / "manifest.json").write_text(json.dumps({"kind": "matcher", "training_window": window}))
+
+
+TRAINED_ON = "was trained on the train split of the loo protocol"
+WINDOWS = [
+    Case("evaluate_matcher_trained_on_the_test_window",
+         ["evaluate", "--data", "{d}/out", "--protocol", "tail", "--matcher", "fine_tuned={d}/v1", "--out", "{d}/rep"],
+         2, (TRAINED_ON, "the test split of the tail protocol", "--protocol tail"), leaky_matcher),
+    Case("evaluate_blend_learns_from_the_matchers_training_data",
+         ["evaluate", "--data", "{d}/out", "--protocol", "global", "--matcher", "fine_tuned={d}/v1", "--out", "{d}/rep"],
+         2, (TRAINED_ON, "the valid split of the global protocol"), leaky_matcher),
+    Case("train_ranker_on_the_matchers_training_data",
+         ["train", "ranker", "--data", "{d}/out", "--matcher", "{d}/v1", "--out", "{d}/rk"],
+         2, (TRAINED_ON, "the valid split of the global protocol", "--protocol global"), leaky_matcher),
+    Case("publish_blender_window_overlaps_the_matchers",
+         ["publish", "--checkpoint", "{d}/ckpt", "--data", "{d}/out", "--registry", "{d}/reg"],
+         2, (TRAINED_ON, "the valid split of the global protocol", "--protocol global"), leaky_matcher, ("reg",)),
+]
+
+
+@pytest.mark.parametrize("case", WINDOWS, ids=[c.id for c in WINDOWS])
+def test_training_windows(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str],
+                          monkeypatch: pytest.MonkeyPatch) -> None:
+    if case.argv[0] in ("train", "publish"):
+        pytest.importorskip("torch")
+        pytest.importorskip("lightgbm")
+    run_case(case, tmp_path, capsys, monkeypatch)
+
+
+# ------------------------------------------------------------------------------------------ online state
+
+STATE = [
+    Case("export-no-journal", ["state", "export", "--state-dir", "{d}/nothing", "--out", "{d}/ev.parquet"], 2,
+         ("events.journal does not exist", "--state-dir")),
+    Case("export-not-parquet", ["state", "export", "--state-dir", "{d}", "--out", "{d}/ev.csv"], 2, (".parquet",)),
+    Case("export-bad-url", ["state", "export", "--state", "http://localhost:6379", "--out", "{d}/ev.parquet"], 2,
+         ("redis://HOST:PORT/DB",)),
+    Case("serve-bad-url", ["serve", "--registry", "{d}/reg", "--state", "localhost:6379"], 2, ("redis://HOST:PORT/DB",)),
+    Case("serve-workers-journal", ["serve", "--registry", "{d}/reg", "--workers", "2", "--state-dir", "{d}/s"], 2,
+         ("--workers 2 needs a shared event log", "--state redis://")),
+    Case("serve-workers-zero", ["serve", "--registry", "{d}/reg", "--workers", "0", "--state", "redis://127.0.0.1:1/0"], 2,
+         ("--workers must be >= 1",)),
+]
+
+
+@pytest.mark.parametrize("case", STATE, ids=lambda c: c.id)
+def test_state(case: Case, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
+    run_case(case, tmp_path, capsys, monkeypatch)

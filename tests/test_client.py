@@ -78,12 +78,17 @@ def test_idempotent_calls_are_retried_on_unavailable(flaky: tuple[_Flaky, str]) 
     assert servicer.calls == Counter({"Rank": 3, "Recommend": 3, "GetModelInfo": 3})  # two refusals, then served
 
 
-def test_log_events_is_sent_once(flaky: tuple[_Flaky, str]) -> None:
+def test_log_events_is_retried_only_with_an_idempotency_key(flaky: tuple[_Flaky, str]) -> None:
     servicer, target = flaky
+    events = [{"user_id": "u1", "item_id": "i1", "event_type": "click"}]
     with RankingClient(target) as client, pytest.raises(grpc.RpcError) as caught:
-        client.log_events([{"user_id": "u1", "item_id": "i1", "event_type": "click"}])
+        client.log_events(events)
     assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-    assert servicer.calls["LogEvents"] == 1  # a retry after a lost reply could record the events twice
+    assert servicer.calls["LogEvents"] == 1  # no key: a retry after a lost reply could record the events twice
+    servicer.calls.clear()
+    with RankingClient(target) as client:
+        assert client.log_events(events, idempotency_key="batch-7").accepted == 1
+    assert servicer.calls["LogEvents"] == 3  # two refusals, then folded once under its key
 
 
 def test_retries_run_out_and_can_be_disabled(flaky: tuple[_Flaky, str]) -> None:

@@ -137,7 +137,8 @@ def test_holdout_removes_items_from_every_training_input(prepared_dir, holdout) 
 @pytest.fixture(scope="module")
 def run(synthetic_log, holdout):
     config = EvalConfig(
-        protocol="tail", n_boot=200, sampled_negatives=50, als_iterations=5, blend_config=BlendConfig(num_rounds=120)
+        protocol="tail", n_boot=200, sampled_negatives=50, als_iterations=5,
+        blend_config=BlendConfig(num_rounds=120, cold_slots=3),
     )
     return evaluate(holdout, config, {"topic": topic_matcher(synthetic_log, holdout)})
 
@@ -145,7 +146,7 @@ def run(synthetic_log, holdout):
 def test_blend_beats_popularity_and_text_beats_cf_on_cold_items(run) -> None:
     k = "ndcg@10"
     allm = run.metrics["all"]
-    assert set(run.systems) == {"popularity", "itemknn", "als", "ease", "topic", "blend"}
+    assert set(run.systems) == {"popularity", "itemknn", "als", "ease", "topic", "blend", "blend_explore"}
     assert allm["blend"][k] > allm["popularity"][k] + 0.05
     assert run.paired["all"]["popularity"]["lo"] > 0  # blend - popularity, paired 95% interval above 0
     assert allm["blend"][k] > max(allm[s][k] for s in ("itemknn", "als", "ease"))
@@ -234,3 +235,20 @@ def test_cli_help_is_light_and_cli_runs(prepared_dir, tmp_path: Path) -> None:
     assert main([*args, "--no-blend", "--n-boot", "50", "--scores-top", "10"]) == 0
     assert (out / "evaluation.md").exists() and (out / "scores_ease.parquet").exists()
     assert main(["evaluate", "--data", str(hold), "--out", str(out), "--systems", "knn"]) == 2  # bad config: exit 2
+
+
+def test_cold_slots_give_cold_items_a_measured_share_of_the_top_10(run) -> None:
+    allm, cold = run.metrics["all"], run.metrics["cold_items"]
+    assert allm["blend_explore"]["cold_share@10"] == pytest.approx(0.3, abs=0.02)  # 3 of 10 places
+    assert allm["blend"]["cold_share@10"] < allm["blend_explore"]["cold_share@10"]
+    assert allm["popularity"]["cold_share@10"] == 0.0
+    assert cold["blend_explore"]["ndcg@10"] > cold["blend"]["ndcg@10"]
+    # The first 7 places keep the blend's order; the reserved 3 are the matcher's best cold items.
+    blend, explore = run.scores["blend"], run.scores["blend_explore"]
+    for u in range(0, len(blend), 37):
+        seen = run.seen[u]
+        b, e = blend[u].copy(), explore[u].copy()
+        b[seen] = e[seen] = -np.inf
+        head = np.argsort(-e, kind="stable")[:7]
+        assert np.isfinite(b[head]).all() and (np.diff(b[head]) <= 0).all()  # the blend's candidates, its order
+

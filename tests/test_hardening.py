@@ -446,7 +446,7 @@ def test_sigterm_finishes_every_admitted_request_including_queued_ones(
     process exits 0."""
     from grpc_health.v1 import health_pb2
 
-    proc, target = spawn_serve(artifacts, tmp_path, "--workers", "1", "--inline-candidates", inline, "--drain-seconds", "1.5")
+    proc, target = spawn_serve(artifacts, tmp_path, "--threads", "1", "--inline-candidates", inline, "--drain-seconds", "1.5")
     results: dict[str, str] = {}
     finished: dict[str, float] = {}
     lock = threading.Lock()

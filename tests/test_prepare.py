@@ -134,7 +134,7 @@ def test_eval_sets_targets_history_and_seen(prepared_dir):
         check = ev.join(first, on="user_idx")
         assert (check["cutoff"] == check["timestamp"]).all()
     ev = data.eval_set("loo", "test")
-    seen = data.seen_items(ev)
+    seen = data.seen_items(ev, "loo", "test")
     hist = ev["hist_item_idx"].to_numpy()
     for row in range(50):
         assert set(hist[row][hist[row] >= 0].tolist()) <= set(seen[row].tolist())

@@ -69,6 +69,9 @@ def _config(artifacts: dict[str, Path], **overrides: Any) -> Any:
     values: dict[str, Any] = {
         "registry": artifacts["registry"], "ranker": artifacts["ranker"], "data": artifacts["data"],
         "host": "127.0.0.1", "port": 0, "workers": 2, "exposure_flush_s": 0.2,
+        # Served lists not folded as impressions: these tests compare scores with the batch scorer's
+        # state, which has not seen them (tests/test_state_serving.py covers folding).
+        "fold_exposures": False,
     }
     values.update(overrides)
     return ServeConfig(**values)
@@ -260,6 +263,8 @@ def test_serve_config_refuses_bad_values_naming_them(artifacts: dict[str, Path])
 
     for field, value, message in (
         ("inline_candidates", -1, "inline_candidates"), ("max_inflight", 0, "max_inflight"), ("port", 70000, "port"),
+        ("state", "localhost:6379", "redis://HOST:PORT/DB"), ("consistency_wait_ms", -1, "consistency_wait_ms"),
+        ("snapshot_events", 0, "snapshot_events"),
     ):
         with pytest.raises(ConfigError, match=message):
             _config(artifacts, **{field: value})
@@ -549,8 +554,10 @@ def test_mutual_tls_and_token_auth(artifacts: dict[str, Path], tmp_path: Path) -
 # ------------------------------------------------------------------------------------------ process lifecycle
 
 
-def _spawn(artifacts: dict[str, Path], tmp: Path, *extra: str) -> tuple[subprocess.Popen[bytes], str]:
-    return spawn_serve(artifacts, tmp, "--exposure-dir", str(tmp / "exposures"), "--workers", "2", *extra)  # type: ignore[no-any-return]
+def _spawn(artifacts: dict[str, Path], tmp: Path, *extra: str, ready_name: str = "ready.json") -> tuple[subprocess.Popen[bytes], str]:
+    return spawn_serve(  # type: ignore[no-any-return]
+        artifacts, tmp, "--exposure-dir", str(tmp / "exposures"), "--threads", "2", *extra, ready_name=ready_name
+    )
 
 
 def _load(target: str, served: list[str], failed: list[str], stop: threading.Event, tag: str) -> None:

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from recsys.data.prepared import PreparedData
+from recsys.data.window import read_window
 from recsys.errors import InputError, ModelError
 from recsys.evaluation.metrics import bootstrap_ci
 from recsys.files import utc_now
@@ -371,6 +372,7 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
         "export_config": asdict(config),
         "metrics": metrics,
         "source": {"checkpoint": str(Path(ckpt_path).resolve()), "data": str(Path(data).resolve()) if data else None},
+        "training_window": read_window(ckpt_path),  # None: an untrained (zero-shot) checkpoint
         "runtime": _runtime(config.opset),
     }
     hashed = sorted(p.name for p in out_dir.iterdir() if p.is_file() and p.name != MANIFEST)

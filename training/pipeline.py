@@ -23,6 +23,7 @@ from typing import Any
 
 from recsys.candidate import vet_version
 from recsys.data.prepared import PreparedData
+from recsys.data.window import check_window, read_window, training_window
 from recsys.errors import ModelError
 from recsys.files import fault_point
 from recsys.progress import Stages
@@ -37,6 +38,8 @@ RANKER_DIR = "ranker"
 CHECKPOINT_DIR = "checkpoint"
 # Resume state (optimizer, scheduler) and plots are not needed to warm-start: keep versions small.
 _CHECKPOINT_SKIP = {"state", "training_curves.png"}
+_PUBLISH_FIX = ("train the matcher on this dataset with --protocol global (it then learns only from the train "
+                "window, before the blender's), or publish with the prepared dataset it was trained on.")
 
 
 def copy_checkpoint(src: Path, dst: Path) -> None:
@@ -92,8 +95,8 @@ def publish_version(
     """Export `checkpoint`, train the blender against the staged export, register; -> version.
 
     `data` must be the prepared dataset the checkpoint was trained on: the matcher learnt from its
-    "train" window and the ranker learns from its "valid" window, so the match scores it sees are
-    out-of-sample. `extra` is merged into the manifest (e.g. retrain lineage). `ranker_init`: a
+    global "train" window and the ranker learns from its "valid" window, so the match scores it sees
+    are out-of-sample; a checkpoint whose recorded training window overlaps valid/test is refused. `extra` is merged into the manifest (e.g. retrain lineage). `ranker_init`: a
     previous blender (model.txt) the new one may continue from or keep (`train_ranker(init_model=)`,
     chosen on the blender's early-stopping holdout). Nothing is registered
     when any step fails; the staging directory is removed.
@@ -101,6 +104,10 @@ def publish_version(
     registry = registry if isinstance(registry, Registry) else Registry(registry)
     prepared = data if isinstance(data, PreparedData) else PreparedData.load(data)
     checkpoint = Path(checkpoint)
+    # The blender learns from the global valid window (early-stopped on its later part, tested on
+    # test): the matcher must never have trained on them, or its match scores there are in-sample.
+    check_window(read_window(checkpoint), prepared, "global", ("valid", "test"),
+                 what=f"the matcher checkpoint {checkpoint}", fix=_PUBLISH_FIX)
     staging = registry.staging_dir()
     stages = Stages("publish", 4)  # recsys.progress: a bar on a terminal, silent otherwise
     try:
@@ -126,6 +133,8 @@ def publish_version(
             "checkpoint": {"path": CHECKPOINT_DIR, "source": str(checkpoint.resolve())},
             "data": {"path": str(prepared.root.resolve()), "cutoffs": prepared.manifest.get("cutoffs"),
                      "rows": prepared.manifest.get("rows")},
+            "windows": {"matcher": result.manifest.get("training_window"),
+                        "blender": training_window(prepared, "global", ("valid",))},
             **(dict(extra) if extra else {}),
         }
         manifest["warnings"] = quality_warnings(manifest, staging / CHECKPOINT_DIR)

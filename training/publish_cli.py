@@ -1,7 +1,8 @@
 """`recsys publish`: a matcher -> ONNX towers + item embeddings + LightGBM blender -> one registry version.
 
 `--checkpoint` publishes a fine-tuned matcher; `--base-model` publishes the pretrained encoder as a
-zero-shot matcher (untrained attention pooling), the baseline every fine-tune is compared against.
+zero-shot matcher (its user tower the deterministic mean of the history's item embeddings:
+training/zero_shot.py), the baseline every fine-tune is compared against.
 Light module: torch, onnx, onnxruntime and lightgbm load only when the command runs.
 """
 
@@ -41,11 +42,12 @@ def run(args: argparse.Namespace) -> int:
     from recsys.registry import Registry
     from training.export import ExportConfig
     from training.pipeline import publish_version
+    from training.zero_shot import zero_shot_checkpoint
 
     data = PreparedData.load(args.data)
     export_config = ExportConfig(int8=args.int8, threads=args.threads)
     with tempfile.TemporaryDirectory(prefix="recsys-zero-shot-") as scratch:
-        checkpoint = args.checkpoint or _zero_shot_checkpoint(args.base_model, data, Path(scratch))
+        checkpoint = args.checkpoint or zero_shot_checkpoint(args.base_model, data.max_history, Path(scratch) / "checkpoint")
         version = publish_version(
             checkpoint, args.registry, data, export_config=export_config, promote=args.promote,
             extra={"source": "zero-shot " + args.base_model if args.base_model else str(args.checkpoint)},
@@ -64,13 +66,3 @@ def run(args: argparse.Namespace) -> int:
     for warning in manifest.get("warnings", []):
         print(f"WARNING: {version}: {warning}", file=sys.stderr)
     return 0
-
-
-def _zero_shot_checkpoint(base_model: str, data: object, scratch: Path) -> Path:
-    from training.matcher.checkpoint import save_checkpoint
-    from training.matcher.model import build_model
-
-    model, tokenizer = build_model(base_model, max_history=data.max_history)  # type: ignore[attr-defined]
-    out = scratch / "checkpoint"
-    save_checkpoint(model, tokenizer, out)
-    return out

@@ -33,6 +33,7 @@ import polars as pl
 
 from recsys.compat import require
 from recsys.data.prepared import PreparedData
+from recsys.data.window import training_window
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState, to_us
 from recsys.ranker import (
@@ -345,6 +346,7 @@ def train_ranker(
             "fit_and_holdout": [data.manifest["cutoffs"]["valid_start"], data.manifest["cutoffs"]["test_start"]],
             "test_from": data.manifest["cutoffs"]["test_start"],
         },
+        "training_window": training_window(data, "global", ("valid",)),
         "metrics": metrics,
         "selection": selection,
         "data": str(data.root),

@@ -59,6 +59,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
+    from recsys.data.window import check_window, version_window
     from recsys.features import FeatureConfig
     from recsys.ranker import LambdaMARTParams
     from recsys.scoring.registry_matcher import registry_matcher
@@ -82,6 +83,10 @@ def run(args: argparse.Namespace) -> int:
         features=FeatureConfig(max_history=args.max_history),
     )
     data = PreparedData.load(args.data)
+    if args.matcher:
+        check_window(version_window(args.matcher), data, "global", ("valid", "test"), what=f"--matcher {args.matcher}",
+                     fix="train the matcher on this dataset with --protocol global, so the ranker's valid/test "
+                     "windows come after everything it learnt from.")
     matcher = registry_matcher(args.matcher, data) if args.matcher else None
     result = train_ranker(data, args.out, matcher, config, str(args.matcher) if args.matcher else None)
     print(

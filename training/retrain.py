@@ -46,6 +46,7 @@ from recsys.data.prepared import Histories, PreparedData
 from recsys.data.readers import RawTables, read_table
 from recsys.data.schema import EVENT_COLUMNS
 from recsys.data.validate import validate
+from recsys.data.window import check_window, version_window
 from recsys.errors import ConfigError, DataCheckError, InputError
 from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
 from recsys.evaluation.metrics import per_user_metrics, top_k
@@ -371,10 +372,13 @@ class VersionScores:
 def score_version(version_dir: Path, data: PreparedData, events: pl.DataFrame, k: int = 10,
                   label_gain: Sequence[float] = LambdaMARTParams().label_gain, seed: int = 0) -> VersionScores:
     """Holdout = the global "test" window of `data` (after everything either version trained on)."""
+    check_window(version_window(version_dir), data, "global", ("test",), what=f"version {version_dir.name}",
+                 fix="compare on a holdout after everything the version trained on (--holdout-start later than "
+                 "its training window), or retrain from a version trained with --protocol global.")
     matcher = registry_matcher(version_dir, data)
     frame = data.eval_set("global", "test")
     hist = Histories.from_frame(frame)
-    ranked = top_k(matcher_scores(matcher, hist), k, exclude=data.seen_items(frame))
+    ranked = top_k(matcher_scores(matcher, hist), k, exclude=data.seen_items(frame, "global", "test"))
     users = per_user_metrics(ranked, [np.asarray(t, np.int64) for t in frame["target_item_idx"].to_list()], k)
 
     group_ndcg = None

@@ -1,7 +1,8 @@
 """`recsys prepare`: clean canonical tables -> the prepared dataset (see recsys/data/prepared.py).
 
-Steps: index users and items, split by time (global cutoffs, per-user leave-last-out and per-user
-tail fraction), build item texts from a template, build each positive event's history (the user's
+Steps: index users and items, order each user's events by time, same-second ties in input order then
+item id (a rule that never looks at the label), split by time (global cutoffs, per-user leave-last-out
+and per-user tail fraction), build item texts from a template, build each positive event's history (the user's
 most recent positives strictly before it: no leakage), attach hard negatives (impressed, not acted on
 in the same request), write pairs and evaluation sets, and a manifest. Output is written to a temp
 directory and renamed into place, so a failure never leaves a half-written dataset.
@@ -234,11 +235,14 @@ def _indexed(
     if users is not None:
         user_frame = user_frame.join(users.unique("user_id", keep="first"), on="user_id", how="left")
 
+    # Same-second ties keep the input order (then item id): never the label. Ordering ties by
+    # strength would make the highest-rated tie each user's last positive, the leave-last-out target.
     events = (
-        events.join(items.select("item_id", "item_idx"), on="item_id", how="left")
+        events.with_row_index("_row")
+        .join(items.select("item_id", "item_idx"), on="item_id", how="left")
         .join(user_frame.select("user_id", "user_idx"), on="user_id", how="left")
         .with_columns(pl.col("strength").cast(pl.Float32))
-        .sort("user_idx", "timestamp", "strength", maintain_order=True)
+        .sort("user_idx", "timestamp", "_row", "item_idx")
     )
     # One interaction per (user, item, request): a click -> cart -> purchase funnel is one target
     # at its first timestamp with its strongest event, not three near-identical pairs.
@@ -257,8 +261,9 @@ def _indexed(
             pl.col("strength").max(),
             pl.col("request_id").first(),
             pl.col("_split_ts").min(),
+            pl.col("_row").min(),
         )
-        .sort("user_idx", "timestamp", "strength", "item_idx")
+        .sort("user_idx", "timestamp", "_row", "item_idx")
     )
     return events, items, user_frame, positive
 
@@ -378,7 +383,7 @@ def prepare_tables(
     events = (
         events.join(positive.select(*keys, "split_loo", "split_tail"), on=keys, how="left")
         .with_columns(pl.col("split_loo", "split_tail").fill_null("train"))
-        .drop("_interaction", "_split_ts")
+        .drop("_interaction", "_split_ts", "_row")
     )
     eval_sets = _eval_sets(pairs)
 

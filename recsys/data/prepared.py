@@ -17,8 +17,9 @@
     eval/{protocol}_{split}.parquet   protocol in global|loo|tail, split in valid|test: one row per
                        user with targets in that window: user_idx, cutoff (the window start for that
                        user), hist_len, hist_* arrays as of the cutoff, target_item_idx list[i32],
-                       target_strength list[f32]. Items the user interacted with before the cutoff
-                       are "seen" (see `seen_items`) and excluded by full-ranking evaluators.
+                       target_strength list[f32]. The user's interactions in the earlier splits of
+                       the protocol (train for valid, train + valid for test; ties at the cutoff second
+                       included) are "seen" (`seen_items`) and excluded by full-ranking evaluators.
 
 Splits: `split_global` uses global time cutoffs; `split_loo` marks each user's last positive as test
 and the one before as valid; `split_tail` marks each user's last `tail_frac` of positives as test and
@@ -111,15 +112,19 @@ class PreparedData:
             raise InputError(f"evaluation set {path} is missing: rerun recsys prepare for {self.root}")
         return pl.read_parquet(path)
 
-    def seen_items(self, eval_frame: pl.DataFrame) -> list[np.ndarray]:
-        """Per eval row: item_idx of the user's positives strictly before its cutoff."""
+    def seen_items(self, eval_frame: pl.DataFrame, protocol: str, split: str) -> list[np.ndarray]:
+        """Per eval row: item_idx of exactly the user's interactions in the splits before `split` of
+        `protocol` (train for valid; train + valid for test), cutoff-second ties included."""
+        column = SPLIT_COLUMN[_check_protocol(protocol)]
+        earlier = {"valid": ["train"], "test": ["train", "valid"]}.get(split)
+        if earlier is None:
+            raise InputError(f"seen items are defined for the valid and test splits, not {split!r}")
         seen = (
-            self.events()
-            .filter(pl.col("strength") > 0)
-            .join(eval_frame.lazy().select("user_idx", "cutoff"), on="user_idx")
-            .filter(pl.col("timestamp") < pl.col("cutoff"))
+            pl.scan_parquet(self.root / "pairs.parquet")
+            .filter(pl.col(column).is_in(earlier))
+            .join(eval_frame.lazy().select("user_idx"), on="user_idx", how="semi")
             .group_by("user_idx")
-            .agg(pl.col("item_idx").unique())
+            .agg(pl.col("item_idx").unique().sort())
             .collect()
         )
         lookup = dict(zip(seen["user_idx"].to_list(), seen["item_idx"].to_list(), strict=True))

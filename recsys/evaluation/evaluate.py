@@ -54,12 +54,14 @@ from recsys.evaluation.collaborative import ALS, EASE, ItemKNN, rows_matrix
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState
 from recsys.ranker import LambdaMARTParams, Ranker, RankingSet, train_lambdamart
+from recsys.scoring.explore import cold_share, reserve_cold_slots
 from recsys.scoring.request import RequestBatch, RequestScorer
 
 log = logging.getLogger(__name__)
 
 CF_SYSTEMS = ("popularity", "itemknn", "als", "ease")
 BLEND = "blend"
+EXPLORE = "blend_explore"  # the blend with reserved cold-item places (BlendConfig.cold_slots)
 HOLDOUT_KEY = "holdout"
 SLICES = ("all", "warm", "cold_items", "new_users")
 
@@ -86,6 +88,7 @@ class BlendConfig:
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
     threads: int = 1  # LightGBM threads: 1 is fastest for these small group tables on a busy CPU
     seed: int = 0
+    cold_slots: int = 0  # > 0: also report blend_explore, the last N top-k places for cold items (scoring/explore.py)
 
     def lambdamart(self) -> LambdaMARTParams:
         """Binary labels (a valid target or not), rows of one user per group, truncated at 20."""
@@ -135,6 +138,9 @@ class EvalConfig:
             raise ConfigError(f"unknown system {bad[0]!r}: choose from {', '.join(CF_SYSTEMS)}")
         if self.sampled_negatives < 1:
             raise ConfigError(f"sampled_negatives must be >= 1, got {self.sampled_negatives}")
+        if not 0 <= self.blend_config.cold_slots <= self.k:
+            raise ConfigError(f"--cold-slots {self.blend_config.cold_slots} must be in [0, --k {self.k}]: it is how many "
+                              f"of the top {self.k} places go to items without behaviour")
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -203,7 +209,7 @@ def load_window(data: PreparedData, protocol: str, split: str, fit_splits: Seque
         cutoff_us=np.asarray(cutoff_us, np.int64),
         history=Histories.from_frame(frame),
         targets=[np.asarray(t, np.int64) for t in frame["target_item_idx"].to_list()],
-        seen=data.seen_items(frame),
+        seen=data.seen_items(frame, protocol, split),
         fit_user=fit["user_idx"].to_numpy().astype(np.int64),
         fit_item=fit["item_idx"].to_numpy().astype(np.int64),
     )
@@ -678,14 +684,18 @@ def evaluate(
         test_scores[BLEND] = blend_full
         cand_scores[BLEND] = blend_cand
         started = time.perf_counter()
+    no_behaviour = np.bincount(test.fit_item, minlength=n_items) == 0  # the service's "cold": unseen items
+    explore = _explore(config, test, test_scores, blend_matcher, no_behaviour)
 
-    systems = [s for s in config.systems] + list(matchers) + ([BLEND] if config.blend else [])
+    systems = [s for s in config.systems] + list(matchers) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
     new_users = np.flatnonzero(fit_counts <= config.new_user_max)
     slices = slice_targets(test.targets, test.users, cold, new_users)
     metrics, per_user, paired = _slice_metrics(
         config, test, slices, systems=systems, scores=(test_scores, cand_scores, sampled)
     )
+    for system in systems:  # exposure the items without behaviour get
+        metrics["all"][system][f"cold_share@{config.k}"] = cold_share(test_scores[system], no_behaviour, test.seen, config.k)
     started = _stage(timings, "metrics", started)
     timings["total"] = round(time.perf_counter() - t0, 2)
     if not len(slices["new_users"][0]):
@@ -706,6 +716,16 @@ def evaluate(
         users=test.users,
         seen=test.seen,
     )
+
+
+def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray], blend_matcher: str | None,
+             no_behaviour: np.ndarray) -> bool:
+    """Add the blend with reserved cold-item places (BlendConfig.cold_slots > 0) as EXPLORE; -> added."""
+    if not (config.blend and blend_matcher is not None and config.blend_config.cold_slots > 0):
+        return False
+    test_scores[EXPLORE] = reserve_cold_slots(test_scores[BLEND], test_scores[blend_matcher], no_behaviour, test.seen,
+                                              k=config.k, slots=config.blend_config.cold_slots)
+    return True
 
 
 def _cf_needed(config: EvalConfig) -> list[str]:

@@ -47,6 +47,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
     parser.add_argument("--scores-top", type=int, default=100, help="also write each system's top-N test scores as parquet (100; 0 writes none)")
     parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap and the baselines (0)")
+    parser.add_argument(
+        "--cold-slots", type=int, default=0, metavar="N",
+        help="cold-item exploration: also report blend_explore, the blend with the last N of the top --k places "
+        "given to the items without behaviour that the matcher scores highest, and every system's cold share (0)",
+    )
     hold = parser.add_argument_group("cold-start hold-out")
     hold.add_argument(
         "--write-holdout", type=Path, metavar="DIR",
@@ -58,8 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def run(args: argparse.Namespace) -> int:
     from recsys.data.prepared import PreparedData
+    from recsys.data.window import check_window, version_window
     from recsys.errors import ConfigError
-    from recsys.evaluation.evaluate import EvalConfig, evaluate, write_holdout, write_scores
+    from recsys.evaluation.evaluate import BlendConfig, EvalConfig, evaluate, write_holdout, write_scores
     from recsys.evaluation.report import main_table, paired_table, write_report
     from recsys.scoring.registry_matcher import registry_matcher
 
@@ -81,7 +87,13 @@ def run(args: argparse.Namespace) -> int:
         sampled_negatives=args.negatives,
         n_boot=args.n_boot,
         seed=args.seed,
+        blend_config=BlendConfig(cold_slots=args.cold_slots),
     )
+    splits = ("test", "valid") if config.blend else ("test",)  # the blend learns from valid's match scores
+    for name, path in args.matcher:
+        check_window(version_window(path), data, args.protocol, splits, what=f"--matcher {name}={path}",
+                     fix=f"train the matcher on {data.root} with --protocol {args.protocol} (recsys train matcher "
+                     f"--protocol {args.protocol}), export it, and evaluate that.")
     matchers = {name: registry_matcher(path, data) for name, path in args.matcher}
     ranker = None
     if args.ranker:

@@ -10,14 +10,16 @@
 
 Every call has a deadline (`timeout`, 2 s by default; `reload` 120 s). The read-only calls (Rank,
 Recommend, GetModelInfo, ExplainAssignment) are retried by the channel on UNAVAILABLE (a replica
-restarting or draining) with exponential backoff, per gRPC's service-config retry policy. LogEvents and
-Reload are never retried: LogEvents carries no idempotency key, so a retry after a lost reply could
-record the events twice.
+restarting or draining) with exponential backoff, per gRPC's service-config retry policy. LogEvents is
+retried the same way only when the call carries an idempotency_key (the server folds a repeated key
+once); without one a retry after a lost reply could record the events twice, so it is sent once.
+Reload is never retried.
 """
 
 from __future__ import annotations
 
 import json
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -94,9 +96,12 @@ class RankingClient:
         client_key: Path | None = None,
         server_name: str | None = None,
         retries: int = 3,
+        round_robin: bool = False,
     ) -> None:
         """timeout: default deadline of every call but `reload` (seconds); retries: extra attempts of the
-        idempotent calls after UNAVAILABLE (0 disables retrying; gRPC caps attempts at 5)."""
+        idempotent calls after UNAVAILABLE (0 disables retrying; gRPC caps attempts at 5); round_robin:
+        spread calls over every address the target resolves to (several replicas:
+        "ipv4:10.0.0.1:50051,10.0.0.2:50051" or a DNS name with several records)."""
         if retries < 0 or timeout <= 0:
             raise ValueError("RankingClient: retries must be >= 0 and timeout > 0")
         options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
@@ -104,6 +109,8 @@ class RankingClient:
             options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(min(retries, 4) + 1))]
         if server_name:
             options.append(("grpc.ssl_target_name_override", server_name))
+        if round_robin:
+            options.append(("grpc.lb_policy_name", "round_robin"))
         if tls_ca is not None or client_cert is not None:
             creds = grpc.ssl_channel_credentials(
                 root_certificates=tls_ca.read_bytes() if tls_ca else None,
@@ -115,6 +122,10 @@ class RankingClient:
             self.channel = grpc.insecure_channel(target, options=options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        self.retries = min(retries, 4)
+        # Read-your-writes for this client: the token of its last LogEvents goes with its next Rank /
+        # Recommend, so whichever replica answers waits (bounded) until it folded those events.
+        self.token = ""
         self.ranking = pb_grpc.RankingServiceStub(self.channel)
         self.admin = pb_grpc.ModelAdminStub(self.channel)
 
@@ -141,7 +152,7 @@ class RankingClient:
         items = list(candidates)
         request = pb.RankRequest(
             request_id=request_id or uuid.uuid4().hex, user_id=user_id, top_k=top_k, explain=explain,
-            context=_context(context),
+            context=_context(context), consistency_token=self.token,
         )
         if all(isinstance(c, str) for c in items):
             request.candidate_ids.extend(items)  # the packed form: cheaper on both ends
@@ -166,15 +177,16 @@ class RankingClient:
     ) -> Any:
         request = pb.RecommendRequest(
             request_id=request_id or uuid.uuid4().hex, user_id=user_id, top_k=top_k, exclude_item_ids=list(exclude),
-            include_seen=include_seen, context=_context(context), explain=explain,
+            include_seen=include_seen, context=_context(context), explain=explain, consistency_token=self.token,
         )
         if history is not None:
             request.history.CopyFrom(_history(history))
         return self.ranking.Recommend(request, timeout=self.timeout, metadata=self.metadata)
 
-    def log_events(self, events: Iterable[Mapping[str, Any]]) -> Any:
-        """events: dicts with user_id, item_id, event_type [, timestamp (datetime), request_id, value]."""
-        batch = pb.LogEventsRequest()
+    def log_events(self, events: Iterable[Mapping[str, Any]], idempotency_key: str = "") -> Any:
+        """events: dicts with user_id, item_id, event_type [, timestamp (datetime), request_id, value].
+        idempotency_key: a retry of this call with the same key is folded once."""
+        batch = pb.LogEventsRequest(idempotency_key=idempotency_key)
         for e in events:
             event = batch.events.add(
                 user_id=e["user_id"], item_id=e["item_id"], event_type=e["event_type"],
@@ -182,7 +194,25 @@ class RankingClient:
             )
             if e.get("timestamp") is not None:
                 event.timestamp.FromDatetime(e["timestamp"])
-        return self.ranking.LogEvents(batch, timeout=self.timeout, metadata=self.metadata)
+        reply = self._log_events(batch, attempts=self.retries + 1 if idempotency_key else 1)
+        self.token = reply.consistency_token
+        return reply
+
+    def _log_events(self, batch: Any, attempts: int) -> Any:
+        """LogEvents is retried on UNAVAILABLE only with an idempotency key (the server folds a repeated
+        key once); the channel's retry policy cannot see the key, so this loop does it, inside one deadline."""
+        deadline = time.monotonic() + self.timeout
+        for attempt in range(attempts):
+            try:
+                return self.ranking.LogEvents(batch, timeout=max(deadline - time.monotonic(), 0.001),
+                                              metadata=self.metadata)
+            except grpc.RpcError as exc:
+                pause = min(0.05 * 2**attempt, 1.0)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == attempts or \
+                        time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def model_info(self) -> Any:
         return self.admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)

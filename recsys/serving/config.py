@@ -67,6 +67,19 @@ class ServeConfig:
     # experiments_poll_s seconds (a malformed edit is refused and the running config keeps serving).
     experiments: Path | None = None
     experiments_poll_s: float = 5.0
+    # Shared online state (recsys.state): every event and served list goes through one event log that
+    # each server process folds. state: redis://HOST:PORT/DB (shared by replicas); state_dir: the
+    # embedded journal (one process) and/or local snapshots; neither: in memory, lost on restart.
+    state: str | None = None
+    state_dir: Path | None = None
+    consistency_wait_ms: float = 50.0  # Rank/Recommend with a consistency token wait at most this long
+    snapshot_events: int = 100_000  # store a snapshot of the folded state after this many events ...
+    snapshot_s: float = 300.0  # ... or this many seconds with new events
+    # Served lists logged as exposures (--exposure-dir) also go through the event log as impressions, so
+    # every replica's impression/CTR features count them (as `recsys prepare` does with the parquet log).
+    # None: on when an event log is configured (state or state_dir), off for the in-memory default.
+    fold_exposures: bool | None = None
+    reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (recsys serve --workers N)
 
     def __post_init__(self) -> None:
         positive = {
@@ -99,12 +112,22 @@ class ServeConfig:
             )
         if self.experiments_poll_s < 0:
             raise ConfigError("experiments_poll_s must be >= 0 (0 = never re-read the experiment config)")
+        if self.state is not None and not self.state.startswith(("redis://", "rediss://", "unix://")):
+            raise ConfigError(f"--state {self.state!r}: expected redis://HOST:PORT/DB (or rediss://, unix://)")
+        if self.consistency_wait_ms < 0 or self.snapshot_events < 1 or self.snapshot_s <= 0:
+            raise ConfigError("consistency_wait_ms must be >= 0, snapshot_events >= 1 and snapshot_s > 0")
         if (self.tls_cert is None) != (self.tls_key is None):
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
         if self.auth_all and not self.auth_token:
             raise ConfigError("--auth-all needs a token (--auth-token-file or RECSYS_SERVE_TOKEN)")
+
+    @property
+    def folds_exposures(self) -> bool:
+        if self.fold_exposures is not None:
+            return self.fold_exposures
+        return self.state is not None or self.state_dir is not None
 
     @property
     def threads(self) -> int:

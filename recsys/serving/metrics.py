@@ -41,6 +41,11 @@ class ServingMetrics:
         )
         self.events = prom.Counter("recsys_events_total", "Events received by outcome", ["outcome"], registry=r)
         self.exposures = prom.Counter("recsys_exposures_total", "Served items appended to the exposure log", registry=r)
+        self.state_lag = prom.Gauge("recsys_state_lag_records", "Event-log records not folded into this process's state yet (counted up to 1000)", registry=r)
+        self.state_degraded = prom.Gauge("recsys_state_degraded", "1 while the event log is unreachable (Rank serves, LogEvents refused)", registry=r)
+        self.consistency_timeouts = prom.Counter(
+            "recsys_consistency_wait_timeouts_total", "Requests scored before the state reached their consistency token", registry=r
+        )
         self.reloads = prom.Counter("recsys_reloads_total", "Model reloads by outcome", ["variant", "outcome"], registry=r)
         self.users = prom.Gauge("recsys_users_known", "Users with live feature state (bounded by --max-users)", registry=r)
         self.users_evicted = prom.Counter(

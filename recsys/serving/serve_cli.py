@@ -31,7 +31,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net = parser.add_argument_group("network and capacity")
     net.add_argument("--host", default="[::]", help="bind address ([::])")
     net.add_argument("--port", type=int, default=50051, help="gRPC port, 0 = any free port (50051)")
-    net.add_argument("--workers", type=int, default=0, help="request threads (0 = usable CPUs)")
+    net.add_argument("--workers", type=int, default=1,
+                     help="server processes sharing the port (SO_REUSEPORT), each folding the same event log; "
+                          "N > 1 needs --state redis://... (1)")
+    net.add_argument("--threads", type=int, default=0, help="request threads per process (0 = usable CPUs)")
     net.add_argument("--ort-threads", type=int, default=1, help="intra-op threads per ONNX session (1)")
     net.add_argument("--max-inflight", type=int, default=64, help="in-flight requests before shedding (64)")
     net.add_argument("--max-candidates", type=int, default=1000, help="candidates per Rank request (1000)")
@@ -52,6 +55,19 @@ def configure(parser: argparse.ArgumentParser) -> None:
     logs.add_argument("--exposure-flush-s", type=float, default=1.0, help="flush rows older than this (1.0 s)")
     logs.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     logs.add_argument("--log-json", action="store_true", help="structured JSON log lines")
+    st = parser.add_argument_group("online state (events, served lists)")
+    st.add_argument("--state", metavar="URL",
+                    help="shared event log: redis://HOST:PORT/DB[?stream=NAME] (Redis Streams; run Redis with appendonly yes)")
+    st.add_argument("--state-dir", type=Path, metavar="DIR",
+                    help="embedded event journal + snapshots here (one process); with --state: local snapshots only. "
+                         "Neither flag: events live in memory and are lost on restart")
+    st.add_argument("--consistency-wait-ms", type=float, default=50.0,
+                    help="Rank/Recommend with a consistency token wait at most this long for this replica to fold it (50)")
+    st.add_argument("--snapshot-events", type=int, default=100_000, help="snapshot the folded state every N events (100000)")
+    st.add_argument("--snapshot-s", type=float, default=300.0, help="... or every S seconds with new events (300)")
+    st.add_argument("--fold-exposures", action=argparse.BooleanOptionalAction, default=None,
+                    help="fold served lists logged with --exposure-dir into every replica's state as impressions "
+                         "(default: on with --state or --state-dir, off in memory)")
     sec = parser.add_argument_group("security")
     sec.add_argument("--tls-cert", type=Path, help="server certificate chain (PEM)")
     sec.add_argument("--tls-key", type=Path, help="server private key (PEM)")
@@ -73,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
     import asyncio
 
     from recsys.errors import InputError
+    from recsys.files import write_json_atomic
     from recsys.serving.config import ServeConfig
     from recsys.serving.server import serve
 
@@ -86,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         token = args.auth_token_file.read_text().strip()
     config = ServeConfig(
         registry=args.registry, version=args.version, ranker=args.ranker, data=args.data,
-        host=args.host, port=args.port, workers=args.workers, ort_threads=args.ort_threads,
+        host=args.host, port=args.port, workers=args.threads, ort_threads=args.ort_threads,
         provider=args.provider, precision=args.precision, max_inflight=args.max_inflight,
         max_candidates=args.max_candidates, max_top_k=args.max_top_k, max_users=args.max_users, retrieve_k=args.retrieve_k,
         inline_candidates=args.inline_candidates,
@@ -95,13 +112,17 @@ def run(args: argparse.Namespace) -> int:
         tls_cert=args.tls_cert, tls_key=args.tls_key, tls_client_ca=args.tls_client_ca,
         auth_token=token or None, auth_all=args.auth_all, drain_s=args.drain_seconds, grace_s=args.grace_s, watch_s=args.watch_registry,
         experiments=args.experiments, experiments_poll_s=args.experiments_poll_s,
+        state=args.state, state_dir=args.state_dir, consistency_wait_ms=args.consistency_wait_ms,
+        snapshot_events=args.snapshot_events, snapshot_s=args.snapshot_s, fold_exposures=args.fold_exposures,
     )
+    if args.workers != 1:
+        from recsys.serving.workers import serve_workers
+
+        return serve_workers(config, args.workers, args.ready_file)
 
     def ready(port: int, metrics_port: int | None) -> None:
         if args.ready_file is not None:
-            tmp = args.ready_file.with_name(args.ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"port": port, "metrics_port": metrics_port, "pid": os.getpid()}))
-            os.replace(tmp, args.ready_file)
+            write_json_atomic(args.ready_file, {"port": port, "metrics_port": metrics_port, "pid": os.getpid()})
 
     asyncio.run(serve(config, ready))
     return 0

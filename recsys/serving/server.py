@@ -53,9 +53,11 @@ from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
 from recsys.serving.servicer import AdminServicer, RankingServicer
 from recsys.serving.validation import add_guarded
+from recsys.state.service import StateService
 
 log = logging.getLogger("recsys.serving")
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("RankingService", "ModelAdmin"))
+STATE_HEALTH = "recsys.state"  # health name: NOT_SERVING while the event log is unreachable (Rank still serves)
 
 
 def _data_dir(config: ServeConfig, registry: Registry, version: str | None) -> Path:
@@ -120,6 +122,11 @@ class ServingApp:
                 config.experiments, c.version, ", ".join(e.name for _, e in c.experiments()) or "no experiments",
                 ", ".join(f"{n}={self.holders[n].current.version}" for n in sorted(self.holders)),
             )
+        # Start-up replay (snapshot + log tail) before anything is served; the follower starts with the server.
+        self.state = StateService.open(
+            self.live, state=config.state, state_dir=config.state_dir,
+            snapshot_events=config.snapshot_events, snapshot_s=config.snapshot_s,
+        )
         self.executor = ThreadPoolExecutor(config.threads, thread_name_prefix="rank")
         self.reload_executor = ThreadPoolExecutor(1, thread_name_prefix="reload")
         self.batcher = ColdBatcher(self.executor, config.cold_batch, config.cold_wait_ms / 1000)
@@ -395,6 +402,7 @@ class ServingApp:
     def close(self) -> None:
         if self.exposure is not None:
             self.exposure.close()
+        self.state.close()
         self.executor.shutdown(wait=True)
         self.reload_executor.shutdown(wait=True)
 
@@ -428,11 +436,33 @@ class RankingServer:
 
     async def start(self) -> None:
         await self.grpc.start()
+        self.app.state.start()
         self._tasks.append(asyncio.ensure_future(self.app.background()))
+        self._tasks.append(asyncio.ensure_future(self._watch_state()))
         self._tasks.append(asyncio.ensure_future(self.app.watch_experiments()))
         cfg = self.app.config
         if cfg.metrics_port is not None:
             self.metrics_http, self.metrics_port = self.app.metrics.start_http(cfg.metrics_port, cfg.metrics_host)
+
+    async def _watch_state(self, period_s: float = 0.25) -> None:
+        """Replica lag and log reachability -> metrics and the `recsys.state` health name."""
+        from grpc_health.v1 import health_pb2
+
+        follower, metrics = self.app.state.follower, self.app.metrics
+        serving: bool | None = None
+        tick = 0
+        while True:
+            self.app.state.flush_exposures()  # served lists of a quiet moment
+            tick += 1
+            if tick % 4 == 1:
+                metrics.state_lag.set(await asyncio.to_thread(follower.refresh_lag))
+            ok = follower.error is None
+            metrics.state_degraded.set(0 if ok else 1)
+            if ok != serving:
+                serving = ok
+                status = health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING
+                await self.health.set(STATE_HEALTH, status)
+            await asyncio.sleep(period_s)
 
     async def stop(self, grace: float | None = None, drain: float | None = None) -> None:
         """NOT_SERVING, still serving for `drain` s -> refuse new RPCs (UNAVAILABLE) -> admitted ones
@@ -508,7 +538,7 @@ async def create_server(config: ServeConfig, router: VariantRouter | None = None
     interceptors = [TokenAuthInterceptor(config.auth_token, config.auth_all)] if config.auth_token else []
     server = grpc.aio.server(
         interceptors=interceptors,
-        options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 16 * 1024 * 1024)],
+        options=[("grpc.so_reuseport", int(config.reuse_port)), ("grpc.max_receive_message_length", 16 * 1024 * 1024)],
     )
     add_guarded(server, pb_grpc.add_RankingServiceServicer_to_server, RankingServicer(app))
     add_guarded(server, pb_grpc.add_ModelAdminServicer_to_server, AdminServicer(app))

@@ -6,6 +6,7 @@
                                     ranker on Reload; ExplainAssignment without --experiments)
     ServiceError(code)           -> that code: RESOURCE_EXHAUSTED (shed), UNAVAILABLE (draining),
                                     NOT_FOUND (unknown version or variant)
+    StateUnavailable             -> UNAVAILABLE (the event log cannot take events: nothing acknowledged)
     deadline passed              -> DEADLINE_EXCEEDED
     anything else                -> INTERNAL (logged with its traceback)
 """
@@ -32,6 +33,7 @@ from recsys.serving.model import BaselineModel
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
 from recsys.serving.validation import (
+    EventsInput,
     FieldError,
     RankInput,
     RecommendInput,
@@ -41,12 +43,14 @@ from recsys.serving.validation import (
     recommend_input,
     reload_version,
 )
+from recsys.state.log import StateUnavailable, format_position
 
 if TYPE_CHECKING:
     from recsys.serving.server import ServingApp
 
 log = logging.getLogger("recsys.serving")
 T = TypeVar("T")
+LOCAL_FOLD_S = 5.0  # LogEvents waits this long at most for its own process to fold what it appended
 
 
 class ServiceError(Exception):
@@ -58,6 +62,8 @@ class ServiceError(Exception):
 def status_for(exc: BaseException) -> tuple[grpc.StatusCode, str]:
     if isinstance(exc, ServiceError):
         return exc.code, str(exc)
+    if isinstance(exc, StateUnavailable):
+        return grpc.StatusCode.UNAVAILABLE, str(exc)
     if isinstance(exc, NotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, InputError | ConfigError):
@@ -189,6 +195,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
     async def _rank(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, str]:
         started = time.perf_counter()
         app = self.app
+        await self._consistent(request.consistency_token)
         inp = rank_input(request, app.config)
         variant, model = app.router(inp.user_id, inp.request_id, inp.context)
         idx = app.live.catalogue.lookup(inp.item_ids)
@@ -223,6 +230,12 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
                 latency_ms=latency_ms, session_id=context_text(session) if session not in (None, "") else None,
             )
             app.metrics.exposures.inc(len(order))
+            if app.config.folds_exposures:  # logged served lists are impressions every replica's features see
+                n = len(served)
+                app.state.append_exposure(EventsInput(
+                    [user_id] * n, served, ["impression"] * n, np.full(n, t_us, np.int64), [request_id] * n,
+                    np.full(n, np.nan),
+                ))
         counts = np.bincount(ranked.source, minlength=4)
         for code, name in ((1, "catalogue"), (2, "encoded"), (3, "no_text")):
             if counts[code]:
@@ -235,6 +248,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
     async def _recommend(self, request: Any, context: grpc.aio.ServicerContext) -> tuple[Any, str]:
         started = time.perf_counter()
         app = self.app
+        await self._consistent(request.consistency_token)
         inp = recommend_input(request, app.config)
         variant, model = app.router(inp.user_id, inp.request_id, inp.context)
 
@@ -247,30 +261,60 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         ids = [app.live.catalogue.ids[i] for i in idx.tolist()]
         return self._respond(pb.RecommendResponse, inp, ids, ranked, version=model.version, variant=variant, started=started)
 
-    async def _apply(self, requests: list[Any], context: grpc.aio.ServicerContext) -> tuple[int, int, int]:
+    async def _consistent(self, token: str) -> None:
+        """Read-your-writes: wait (bounded) until this process folded the events behind `token`."""
+        if token and not await self.app.state.wait_token(token, self.app.config.consistency_wait_ms / 1000):
+            self.app.metrics.consistency_timeouts.inc()
+
+    async def _append(self, requests: list[Any], key: str, context: grpc.aio.ServicerContext) -> Any:
+        """Validate, append durably to the event log, wait (bounded) for this process to fold it.
+        The reply is sent only after the append is durable; a log that cannot take it -> UNAVAILABLE."""
         app = self.app
         inp = events_input(requests, app.config)
-        accepted, unknown, new = await self.handler.run(context, app.live.apply, inp)
+        unknown = int((app.live.catalogue.lookup(inp.item_ids) < 0).sum())
+        new = len({u for u in inp.user_ids if app.live.users.get(u) < 0})
+        position = await app.state.append(inp, key)
+        remaining = context.time_remaining()
+        await app.state.follower.wait_for(position, min(remaining, LOCAL_FOLD_S) if remaining else LOCAL_FOLD_S)
+        accepted = len(inp) - unknown
         app.metrics.events.labels("accepted").inc(accepted)
         if unknown:
             app.metrics.events.labels("unknown_item").inc(unknown)
-        return accepted, unknown, new
+        return pb.LogEventsResponse(
+            accepted=accepted, unknown_items=unknown, new_users=new, consistency_token=format_position(position)
+        )
 
     async def LogEvents(self, request: Any, context: grpc.aio.ServicerContext) -> Any:
         async def work() -> tuple[Any, str]:
-            a, u, n = await self._apply([request], context)
-            return pb.LogEventsResponse(accepted=a, unknown_items=u, new_users=n), "-"
+            return await self._append([request], request.idempotency_key, context), "-"
 
         return await self.handler.call("LogEvents", context, work)
 
     async def StreamEvents(self, request_iterator: Any, context: grpc.aio.ServicerContext) -> Any:
+        """All or nothing: the stream's events (at most max_events) are appended as one record when
+        the client closes it, so a broken stream appends nothing and its retry cannot double-count;
+        with an idempotency_key (first message) a retry after a lost reply is folded once too."""
+
         async def work() -> tuple[Any, str]:
-            totals = [0, 0, 0]
+            requests: list[Any] = []
+            total = 0
             async for request in request_iterator:
+                total += len(request.events)
+                if total > self.app.config.max_events:
+                    raise FieldError("events", f"the stream has more than {self.app.config.max_events} events, the "
+                                     "limit per stream (it is appended as one batch): split it into several streams")
                 if request.events:
-                    for j, value in enumerate(await self._apply([request], context)):
-                        totals[j] += value
-            return pb.LogEventsResponse(accepted=totals[0], unknown_items=totals[1], new_users=totals[2]), "-"
+                    requests.append(request)
+            # A client that died mid-stream (RST_STREAM) ends the iteration like a half-close does; the
+            # cancellation that came with it reaches this task within a few loop turns and cancels it
+            # here, before anything is appended.
+            for _ in range(3):
+                await asyncio.sleep(0)
+            if context.cancelled():
+                raise asyncio.CancelledError
+            if not requests:
+                return pb.LogEventsResponse(consistency_token=self.app.state.token()), "-"
+            return await self._append(requests, requests[0].idempotency_key, context), "-"
 
         return await self.handler.call("StreamEvents", context, work)
 
@@ -304,6 +348,11 @@ class AdminServicer(pb_grpc.ModelAdminServicer):
                 events_applied=app.live.events_applied,
                 exposures_written=app.exposure.written if app.exposure is not None else 0,
             )
+            st = app.state.follower.status()
+            response.state.CopyFrom(pb.StateInfo(
+                backend=st["backend"], position=format_position(st["position"]), lag_records=st["lag"],
+                error=st["error"], records_folded=st["records"], duplicates_skipped=st["duplicates"],
+            ))
             status = app.experiment_status()
             if status is not None:
                 exp = response.experiments

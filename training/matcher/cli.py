@@ -32,6 +32,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="full fine-tuning of only the top N transformer layers (0: all)")
     model.add_argument("--item-head", type=int, default=0, metavar="H",
                        help="residual MLP head of hidden width H after the item tower's pooling (0: none)")
+    model.add_argument("--head-dropout", type=float, default=0.0, metavar="P",
+                       help="share of items per step that skip the item head, so the text-only embedding "
+                       "(what a cold item starts from) stays matched by the user tower (0)")
     model.add_argument("--freeze-encoder", action="store_true",
                        help="train only the item head (needs --item-head) and the user tower; encoder outputs cached")
     opt = parser.add_argument_group("optimisation")
@@ -71,7 +74,7 @@ def run(args: argparse.Namespace) -> int:
         base_model=args.base_model, warm_start=str(args.warm_start) if args.warm_start else None,
         protocol=args.protocol, max_history=args.max_history, max_text_tokens=args.max_text_tokens,
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, train_layers=args.train_layers,
-        freeze_encoder=args.freeze_encoder, item_head=args.item_head, dropout=args.dropout,
+        freeze_encoder=args.freeze_encoder, item_head=args.item_head, head_dropout=args.head_dropout, dropout=args.dropout,
         temperature=args.temperature, hard_negatives=args.hard_negatives, logq=args.logq,
         cache_negatives=args.cache_negatives,
     )

@@ -45,6 +45,7 @@ class MatcherModelConfig:
     train_layers: int = 0  # >0: train only the top N transformer layers (embeddings + rest frozen)
     freeze_encoder: bool = False  # train only the item head and the user tower (encoder outputs cached)
     item_head: int = 0  # >0: residual MLP head (this hidden width) after the item tower's pooling
+    head_dropout: float = 0.0  # share of items per step that skip the item head (text-only embedding)
     dropout: float = 0.1  # user tower
     temperature: float = 0.05
     hard_negatives: int = 0  # per pair, from neg_item_idx
@@ -63,6 +64,7 @@ class MatcherModelConfig:
             "dropout": 0 <= self.dropout < 1,
             "lora_r": self.lora_r >= 1,
             "item_head": self.item_head >= 0,
+            "head_dropout": 0 <= self.head_dropout < 1 and (self.head_dropout == 0 or self.item_head > 0),
             "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),
         })
 

@@ -60,7 +60,7 @@ class EvalSet:
             hist_type=_history(frame, "hist_event_code", np.int64, max_history),
             hist_age=_history(frame, "hist_age_s", np.float32, max_history),
             targets=[np.asarray(t, dtype=np.int64) for t in frame["target_item_idx"].to_list()],
-            seen=data.seen_items(frame) if frame.height else [],
+            seen=data.seen_items(frame, protocol, split) if frame.height else [],
         )
 
 

@@ -85,11 +85,21 @@ class ItemTower(nn.Module):
         super().__init__()
         self.encoder = encoder
         self.head = head
+        self.head_dropout = 0.0  # training-time setting, not part of the checkpoint
 
     def finish(self, pooled: torch.Tensor) -> torch.Tensor:
-        """Pooled encoder output [B, D] -> final L2-normalised item embedding [B, D]."""
+        """Pooled encoder output [B, D] -> final L2-normalised item embedding [B, D].
+
+        Item-head dropout (training only): each row skips the head with probability `head_dropout`,
+        so the user tower also learns to match the plain text embedding the head starts from."""
         emb = F.normalize(pooled, dim=-1)
-        return emb if self.head is None else F.normalize(self.head(emb), dim=-1)
+        if self.head is None:
+            return emb
+        out = F.normalize(self.head(emb), dim=-1)
+        if self.training and self.head_dropout > 0:
+            skip = torch.rand(out.shape[0], 1, device=out.device) < self.head_dropout
+            out = torch.where(skip, emb.to(out.dtype), out)
+        return out
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state

@@ -38,6 +38,7 @@ import torch
 from torch import nn
 
 from recsys.data.prepared import PreparedData
+from recsys.data.window import read_window, training_window, write_window
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.evaluation.baselines import Popularity
 from training.matcher.callbacks import CacheRefresh, Callback, EarlyStopping, PeriodicSave, StepBudget
@@ -222,9 +223,13 @@ class _Trainer:
 
         # Cheap input checks first: a bad dataset should not wait for a model load.
         self.pairs = load_pairs(self.data, cfg.model.protocol, "train", cfg.model.max_history, cfg.model.weight_by_strength)
+        if self.dist.main:  # what this checkpoint learns from: export, publish and evaluate check it
+            inherited = read_window(cfg.model.warm_start) if cfg.model.warm_start else None
+            write_window(self.out, training_window(self.data, cfg.model.protocol, inherited=[inherited] if inherited else []))
         model, tokenizer = _initial_model(cfg)
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg.model)
+        model.item_tower.head_dropout = cfg.model.head_dropout
         self.model = model.to(self.device)
         self.mcfg = model.config
         self.n_items = self.data.n_items

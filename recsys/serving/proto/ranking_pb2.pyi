@@ -63,7 +63,7 @@ class Candidate(_message.Message):
     def __init__(self, item_id: _Optional[str] = ..., text: _Optional[str] = ..., features: _Optional[_Mapping[str, float]] = ...) -> None: ...
 
 class RankRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "history", "candidates", "context", "top_k", "explain", "request_time", "candidate_ids")
+    __slots__ = ("request_id", "user_id", "history", "candidates", "context", "top_k", "explain", "request_time", "candidate_ids", "consistency_token")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -80,6 +80,7 @@ class RankRequest(_message.Message):
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
     CANDIDATE_IDS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     history: History
@@ -89,7 +90,8 @@ class RankRequest(_message.Message):
     explain: bool
     request_time: _timestamp_pb2.Timestamp
     candidate_ids: _containers.RepeatedScalarFieldContainer[str]
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Union[History, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., top_k: _Optional[int] = ..., explain: _Optional[bool] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., candidate_ids: _Optional[_Iterable[str]] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Union[History, _Mapping]] = ..., candidates: _Optional[_Iterable[_Union[Candidate, _Mapping]]] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., top_k: _Optional[int] = ..., explain: _Optional[bool] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., candidate_ids: _Optional[_Iterable[str]] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class FeatureContribution(_message.Message):
     __slots__ = ("name", "value", "contribution")
@@ -132,7 +134,7 @@ class RankResponse(_message.Message):
     def __init__(self, request_id: _Optional[str] = ..., items: _Optional[_Iterable[_Union[ScoredItem, _Mapping]]] = ..., model_version: _Optional[str] = ..., variant: _Optional[str] = ...) -> None: ...
 
 class RecommendRequest(_message.Message):
-    __slots__ = ("request_id", "user_id", "history", "top_k", "exclude_item_ids", "include_seen", "context", "explain", "retrieve_k", "request_time")
+    __slots__ = ("request_id", "user_id", "history", "top_k", "exclude_item_ids", "include_seen", "context", "explain", "retrieve_k", "request_time", "consistency_token")
     class ContextEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -150,6 +152,7 @@ class RecommendRequest(_message.Message):
     EXPLAIN_FIELD_NUMBER: _ClassVar[int]
     RETRIEVE_K_FIELD_NUMBER: _ClassVar[int]
     REQUEST_TIME_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     request_id: str
     user_id: str
     history: History
@@ -160,7 +163,8 @@ class RecommendRequest(_message.Message):
     explain: bool
     retrieve_k: int
     request_time: _timestamp_pb2.Timestamp
-    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Union[History, _Mapping]] = ..., top_k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., explain: _Optional[bool] = ..., retrieve_k: _Optional[int] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, request_id: _Optional[str] = ..., user_id: _Optional[str] = ..., history: _Optional[_Union[History, _Mapping]] = ..., top_k: _Optional[int] = ..., exclude_item_ids: _Optional[_Iterable[str]] = ..., include_seen: _Optional[bool] = ..., context: _Optional[_Mapping[str, ContextValue]] = ..., explain: _Optional[bool] = ..., retrieve_k: _Optional[int] = ..., request_time: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class RecommendResponse(_message.Message):
     __slots__ = ("request_id", "items", "model_version", "variant")
@@ -191,20 +195,24 @@ class Event(_message.Message):
     def __init__(self, user_id: _Optional[str] = ..., item_id: _Optional[str] = ..., event_type: _Optional[str] = ..., timestamp: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., request_id: _Optional[str] = ..., value: _Optional[float] = ...) -> None: ...
 
 class LogEventsRequest(_message.Message):
-    __slots__ = ("events",)
+    __slots__ = ("events", "idempotency_key")
     EVENTS_FIELD_NUMBER: _ClassVar[int]
+    IDEMPOTENCY_KEY_FIELD_NUMBER: _ClassVar[int]
     events: _containers.RepeatedCompositeFieldContainer[Event]
-    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ...) -> None: ...
+    idempotency_key: str
+    def __init__(self, events: _Optional[_Iterable[_Union[Event, _Mapping]]] = ..., idempotency_key: _Optional[str] = ...) -> None: ...
 
 class LogEventsResponse(_message.Message):
-    __slots__ = ("accepted", "unknown_items", "new_users")
+    __slots__ = ("accepted", "unknown_items", "new_users", "consistency_token")
     ACCEPTED_FIELD_NUMBER: _ClassVar[int]
     UNKNOWN_ITEMS_FIELD_NUMBER: _ClassVar[int]
     NEW_USERS_FIELD_NUMBER: _ClassVar[int]
+    CONSISTENCY_TOKEN_FIELD_NUMBER: _ClassVar[int]
     accepted: int
     unknown_items: int
     new_users: int
-    def __init__(self, accepted: _Optional[int] = ..., unknown_items: _Optional[int] = ..., new_users: _Optional[int] = ...) -> None: ...
+    consistency_token: str
+    def __init__(self, accepted: _Optional[int] = ..., unknown_items: _Optional[int] = ..., new_users: _Optional[int] = ..., consistency_token: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoRequest(_message.Message):
     __slots__ = ()
@@ -251,20 +259,38 @@ class ExperimentInfo(_message.Message):
     def __init__(self, path: _Optional[str] = ..., config_version: _Optional[str] = ..., loaded_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., last_error: _Optional[str] = ..., last_error_at: _Optional[_Union[datetime.datetime, _timestamp_pb2.Timestamp, _Mapping]] = ..., refused: _Optional[int] = ..., name: _Optional[str] = ...) -> None: ...
 
 class GetModelInfoResponse(_message.Message):
-    __slots__ = ("variants", "registry", "known_users", "events_applied", "exposures_written", "experiments")
+    __slots__ = ("variants", "registry", "known_users", "events_applied", "exposures_written", "experiments", "state")
     VARIANTS_FIELD_NUMBER: _ClassVar[int]
     REGISTRY_FIELD_NUMBER: _ClassVar[int]
     KNOWN_USERS_FIELD_NUMBER: _ClassVar[int]
     EVENTS_APPLIED_FIELD_NUMBER: _ClassVar[int]
     EXPOSURES_WRITTEN_FIELD_NUMBER: _ClassVar[int]
     EXPERIMENTS_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
     variants: _containers.RepeatedCompositeFieldContainer[VariantInfo]
     registry: str
     known_users: int
     events_applied: int
     exposures_written: int
     experiments: ExperimentInfo
-    def __init__(self, variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., registry: _Optional[str] = ..., known_users: _Optional[int] = ..., events_applied: _Optional[int] = ..., exposures_written: _Optional[int] = ..., experiments: _Optional[_Union[ExperimentInfo, _Mapping]] = ...) -> None: ...
+    state: StateInfo
+    def __init__(self, variants: _Optional[_Iterable[_Union[VariantInfo, _Mapping]]] = ..., registry: _Optional[str] = ..., known_users: _Optional[int] = ..., events_applied: _Optional[int] = ..., exposures_written: _Optional[int] = ..., experiments: _Optional[_Union[ExperimentInfo, _Mapping]] = ..., state: _Optional[_Union[StateInfo, _Mapping]] = ...) -> None: ...
+
+class StateInfo(_message.Message):
+    __slots__ = ("backend", "position", "lag_records", "error", "records_folded", "duplicates_skipped")
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    POSITION_FIELD_NUMBER: _ClassVar[int]
+    LAG_RECORDS_FIELD_NUMBER: _ClassVar[int]
+    ERROR_FIELD_NUMBER: _ClassVar[int]
+    RECORDS_FOLDED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    backend: str
+    position: str
+    lag_records: int
+    error: str
+    records_folded: int
+    duplicates_skipped: int
+    def __init__(self, backend: _Optional[str] = ..., position: _Optional[str] = ..., lag_records: _Optional[int] = ..., error: _Optional[str] = ..., records_folded: _Optional[int] = ..., duplicates_skipped: _Optional[int] = ...) -> None: ...
 
 class ReloadRequest(_message.Message):
     __slots__ = ("version", "variant")

@@ -1,0 +1,289 @@
+"""The event log (recsys.state): embedded journal (group commit, torn tails, damage), Redis Streams on
+a real redis-server, the follower (replay, idempotency keys, snapshots) and `recsys state export`."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import polars as pl
+import pytest
+
+from recsys.errors import ModelError
+from recsys.state.codec import decode, encode, to_frame
+from recsys.state.journal import HEADER, Journal
+from recsys.state.log import START, MemoryLog, StateUnavailable, format_position, parse_position
+
+T0_US = 1_769_860_800_000_000  # 2026-01-31 12:00 UTC, after the synthetic log
+
+
+def _events(users: list[str], items: list[str], kind: str = "click", t: int = T0_US) -> Any:
+    from recsys.serving.validation import EventsInput
+
+    n = len(users)
+    return EventsInput(list(users), list(items), [kind] * n, np.arange(t, t + n, dtype=np.int64), [None] * n,
+                       np.full(n, np.nan))
+
+
+def test_codec_round_trip_keeps_ids_values_and_key() -> None:
+    ev = _events(["u1", "u2"], ["i3", "i4"])
+    ev.values[1] = 4.5
+    ev.request_ids[0] = "r-1"
+    back, key = decode(encode(ev, "k-1"))
+    assert (back.user_ids, back.item_ids, back.request_ids, key) == (ev.user_ids, ev.item_ids, ev.request_ids, "k-1")
+    assert np.array_equal(back.ts_us, ev.ts_us) and np.isnan(back.values[0]) and back.values[1] == 4.5
+
+
+def test_tokens_round_trip_and_bad_token_names_the_field() -> None:
+    from recsys.errors import InputError
+
+    assert parse_position(format_position((12, 3))) == (12, 3)
+    with pytest.raises(InputError, match="consistency_token"):
+        parse_position("abc")
+
+
+# ------------------------------------------------------------------------------------------ journal
+
+
+def test_journal_group_commit_orders_and_survives_reopen(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    payloads = [f"record-{i}".encode() * (1 + i % 7) for i in range(400)]
+    positions: list[Any] = [None] * len(payloads)
+
+    def writer(lo: int) -> None:
+        for i in range(lo, len(payloads), 8):
+            positions[i] = journal.append_wait(payloads[i])
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(8)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert journal.commits < journal.appended == 400  # concurrent appends shared fsyncs
+    records = journal.read(START, 10_000)
+    assert sorted(p for p, _ in records) == [p for p, _ in records] == sorted(positions)
+    by_pos = dict(records)
+    assert all(by_pos[positions[i]] == payloads[i] for i in range(400))
+    journal.close()
+    again = Journal(tmp_path)
+    assert again.recover() == 0
+    assert again.read(START, 10_000) == records
+    again.close()
+
+
+@pytest.mark.parametrize("tail", [b"RSJ", HEADER.pack(b"RSJ1", 100, 0) + b"short", HEADER.pack(b"RSJ1", 4, 1) + b"abcd"])
+def test_journal_truncates_a_torn_tail_and_appends_after_it(tmp_path: Path, tail: bytes) -> None:
+    journal = Journal(tmp_path)
+    for i in range(3):
+        journal.append_wait(f"ok-{i}".encode())
+    size = journal.head()[0]
+    journal.close()
+    with open(tmp_path / "events.journal", "ab") as fh:  # what a kill -9 mid-write leaves
+        fh.write(tail)
+    journal = Journal(tmp_path)
+    assert journal.recover() == len(tail)
+    assert os.path.getsize(tmp_path / "events.journal") == size
+    journal.append_wait(b"after")
+    assert [p for _, p in journal.read(START)] == [b"ok-0", b"ok-1", b"ok-2", b"after"]
+    journal.close()
+
+
+def test_journal_refuses_to_truncate_damage_before_valid_records(tmp_path: Path) -> None:
+    journal = Journal(tmp_path)
+    for i in range(3):
+        journal.append_wait(f"record-{i}".encode())
+    journal.close()
+    data = bytearray((tmp_path / "events.journal").read_bytes())
+    data[HEADER.size + 2] ^= 0xFF  # flip a payload byte of the first record
+    (tmp_path / "events.journal").write_bytes(bytes(data))
+    journal = Journal(tmp_path)
+    with pytest.raises(ModelError, match="damaged record at byte 0"):
+        journal.recover()
+    journal.close()
+
+
+def test_one_process_writes_a_journal(tmp_path: Path) -> None:
+    first = Journal(tmp_path)
+    with pytest.raises(ModelError, match="in use by another process"):
+        Journal(tmp_path)
+    first.close()
+
+
+# ------------------------------------------------------------------------------------------ redis
+
+
+def test_redis_log_appends_reads_in_order_and_counts_lag(redis_server: Any) -> None:
+    from recsys.state.redis_log import RedisLog
+
+    rlog = RedisLog(redis_server.url + "?stream=test:order")
+    assert rlog.check() == "yes"
+    futures = [rlog.append(f"r{i}".encode()) for i in range(300)]
+    positions = [f.result(10) for f in futures]
+    assert positions == sorted(positions) and rlog.commits < 300
+    records = rlog.read(START, 1000)
+    assert [p for p, _ in records] == positions and records[5][1] == b"r5"
+    assert rlog.head() == positions[-1]
+    assert rlog.count_after(positions[99]) == 200
+    assert rlog.read(positions[-1], 10, block_s=0.05) == []
+    rlog.close()
+
+
+def test_redis_down_refuses_appends(tmp_path: Path) -> None:
+    pytest.importorskip("redis")
+    import shutil
+
+    if shutil.which("redis-server") is None:
+        pytest.skip("redis-server is not installed")
+    from recsys.state.redis_log import RedisLog
+    from tests.redis_server import RedisServer
+
+    server = RedisServer(tmp_path / "redis")
+    server.start()
+    rlog = RedisLog(server.url)
+    first = rlog.append_wait(b"kept")
+    server.stop(kill=True)
+    with pytest.raises(StateUnavailable, match="unreachable"):
+        rlog.append_wait(b"lost", timeout=20)
+    with pytest.raises(StateUnavailable):
+        rlog.read(START)
+    server.start()  # same dir: the AOF brings back what was acknowledged
+    assert [p for _, p in rlog.read(START)] == [b"kept"]
+    assert rlog.append_wait(b"again") > first
+    rlog.close()
+    server.stop()
+
+
+# ------------------------------------------------------------------------------------------ follower
+
+
+@pytest.fixture(scope="module")
+def base_state(prepared_dir: Path) -> Any:
+    from recsys.data.prepared import PreparedData
+    from recsys.features import FeatureState
+
+    data = PreparedData.load(prepared_dir)
+    return data, FeatureState.build(data.items, data.events().collect())
+
+
+def _live(base_state: Any) -> Any:
+    import copy
+
+    from recsys.serving.engine import LiveState
+    from recsys.serving.model import ItemCatalogue
+
+    data, state = base_state
+    items = data.items.sort("item_idx")
+    catalogue = ItemCatalogue.from_lists(items["item_id"].cast(pl.Utf8).to_list(), items["text"].cast(pl.Utf8).to_list())
+    users = data.users.sort("user_idx")["user_id"].cast(pl.Utf8).to_list()
+    return LiveState(copy.deepcopy(state), users, catalogue)
+
+
+def _item_ids(live: Any, n: int) -> list[str]:
+    return list(live.catalogue.ids[:n])
+
+
+def test_follower_folds_dedupes_keys_and_restores_snapshots(base_state: Any, tmp_path: Path) -> None:
+    from recsys.state.follower import Follower
+    from recsys.state.snapshot import DirSnapshots
+
+    live = _live(base_state)
+    items = _item_ids(live, 5)
+    mem = MemoryLog()
+    mem.append_wait(encode(_events(["new-user"] * 3, items[:3]), "batch-1"))
+    mem.append_wait(encode(_events(["new-user"] * 3, items[:3]), "batch-1"))  # a retried stream
+    mem.append_wait(encode(_events(["u-other"], items[3:4], "impression")))
+    follower = Follower(mem, live, snapshots=DirSnapshots(tmp_path))
+    assert follower.catch_up() == 3
+    assert follower.duplicates == 1 and live.events_applied == 4
+    user = live.users.get("new-user")
+    assert live.state.user_count[user] == 3
+    follower.snapshot()
+
+    fresh = _live(base_state)
+    again = Follower(mem, fresh, snapshots=DirSnapshots(tmp_path))
+    assert again.restore() and again.position == follower.position
+    assert again.catch_up() == 0
+    assert fresh.users.rows == live.users.rows and np.array_equal(fresh.users.active, live.users.active)
+    for name, arr in live.state.arrays().items():
+        assert np.array_equal(arr, fresh.state.arrays()[name]), name
+    mem.append_wait(encode(_events(["new-user"] * 3, items[:3]), "batch-1"))  # key survives the snapshot
+    assert again.catch_up() == 1 and again.duplicates == 1
+
+
+def test_follower_thread_wakes_waiters_and_reports_lag(base_state: Any) -> None:
+    import asyncio
+
+    from recsys.state.follower import Follower
+
+    live = _live(base_state)
+    mem = MemoryLog()
+    follower = Follower(mem, live)
+    follower.start()
+    try:
+        position = mem.append_wait(encode(_events(["w"], _item_ids(live, 1))))
+
+        async def wait() -> tuple[bool, bool]:
+            return await follower.wait_for(position, 5.0), await follower.wait_for((position[0] + 5, 0), 0.05)
+
+        assert asyncio.run(wait()) == (True, False)
+        assert live.users.get("w") >= 0 and follower.refresh_lag() == 0
+    finally:
+        follower.stop()
+
+
+def test_export_table_reads_back_as_events(tmp_path: Path) -> None:
+    payloads = [encode(_events(["a", "b"], ["i1", "i2"]), "k"), encode(_events(["a", "b"], ["i1", "i2"]), "k"),
+                encode(_events(["c"], ["i3"], "purchase"))]
+    frame = to_frame(payloads)
+    assert frame.height == 3 and frame["event_type"].to_list() == ["click", "click", "purchase"]
+    assert frame.schema["timestamp"] == pl.Datetime("us", "UTC")
+
+
+def test_a_log_that_stopped_answering_refuses_appends_beyond_the_backlog(monkeypatch: pytest.MonkeyPatch) -> None:
+    import recsys.state.log as log_module
+
+    monkeypatch.setattr(log_module, "MAX_PENDING", 5)
+    gate = threading.Event()
+
+    class Stuck(MemoryLog):
+        def _commit(self, payloads: list[bytes]) -> list[Any]:
+            gate.wait(10)
+            return super()._commit(payloads)
+
+    stuck = Stuck()
+    first = stuck.append(b"0")  # taken by the committer, which hangs
+    time.sleep(0.1)
+    queued = [stuck.append(str(i).encode()) for i in range(5)]
+    with pytest.raises(StateUnavailable, match="waiting to be stored"):
+        stuck.append(b"refused")
+    gate.set()
+    assert [f.result(5) for f in [first, *queued]] == [(i, 0) for i in range(1, 7)]
+    stuck.close()
+
+
+def test_folding_near_the_user_bound_evicts_as_record_by_record_folding_does(base_state: Any) -> None:
+    """Replicas may read the log in different chunks: near --max-users, where eviction depends on
+    batch boundaries, the follower folds record by record, so every grouping evicts the same users."""
+    from recsys.serving.engine import LiveState
+    from recsys.state.follower import Follower
+
+    first = _live(base_state)
+    capacity = len(first.users) + 3
+    mem = MemoryLog()
+    items = _item_ids(first, 4)
+    for k in range(6):  # two new users per record: evictions start at the second record
+        mem.append_wait(encode(_events([f"n{k}a", f"n{k}b"], items[:2], t=T0_US + k * 1_000_000)))
+    lives = []
+    for limit in (1000, 1):  # one read of everything vs one record per read
+        live = _live(base_state)
+        live = LiveState(live.state, list(live.users.ids), live.catalogue, capacity)
+        Follower(mem, live).catch_up(limit)
+        lives.append(live)
+    a, b = lives
+    assert a.users.evicted == b.users.evicted > 0 and a.users.rows == b.users.rows
+    for name, arr in a.state.arrays().items():
+        assert np.array_equal(arr, b.state.arrays()[name]), name
