@@ -237,8 +237,8 @@ class Ranker:
 @dataclass(frozen=True)
 class LambdaMARTParams:
     """The one LambdaMART parameter source. `recsys train ranker` / publish / retrain
-    (`RankerConfig.lambdamart`, the CLI flags mapped onto it) holds one; evaluate's blend builds its
-    own binary-label one (`BlendConfig.lambdamart()`). The defaults are the request ranker's."""
+    (`RankerConfig.lambdamart`, the CLI flags mapped onto it) holds one; so does evaluate's blend
+    (`BlendConfig.lambdamart`, binary labels). The defaults are the request ranker's."""
 
     num_rounds: int = 500
     learning_rate: float = 0.05

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -138,7 +139,7 @@ def test_holdout_removes_items_from_every_training_input(prepared_dir, holdout) 
 def run(synthetic_log, holdout):
     config = EvalConfig(
         protocol="tail", n_boot=200, sampled_negatives=50, als_iterations=5,
-        blend_config=BlendConfig(num_rounds=120, cold_slots=3),
+        blend_config=BlendConfig(lambdamart=replace(BlendConfig().lambdamart, num_rounds=120), cold_slots=3),
     )
     return evaluate(holdout, config, {"topic": topic_matcher(synthetic_log, holdout)})
 

@@ -80,23 +80,14 @@ class BlendConfig:
     itemknn_top: int = 50
     popularity_top: int = 50
     features_from: tuple[str, ...] = ("ease", "itemknn", "als", "popularity")  # extra score features
-    num_rounds: int = 400
-    learning_rate: float = 0.05
-    num_leaves: int = 15
-    min_data_in_leaf: int = 20
-    early_stopping_rounds: int = 40
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
-    threads: int = 1  # LightGBM threads: 1 is fastest for these small group tables on a busy CPU
-    seed: int = 0
     cold_slots: int = 0  # > 0: also report blend_explore, the last N top-k places for cold items (scoring/explore.py)
-
-    def lambdamart(self) -> LambdaMARTParams:
-        """Binary labels (a valid target or not), rows of one user per group, truncated at 20."""
-        return LambdaMARTParams(
-            num_rounds=self.num_rounds, learning_rate=self.learning_rate, num_leaves=self.num_leaves,
-            min_data_in_leaf=self.min_data_in_leaf, lambda_l2=0.0, early_stopping_rounds=self.early_stopping_rounds,
-            label_gain=(0.0, 1.0), eval_at=10, truncation_level=20, col_wise=False, seed=self.seed, threads=self.threads,
-        )
+    # Binary labels (a valid target or not), rows of one user per group, truncated at 20; 1 LightGBM
+    # thread is fastest for these small group tables on a busy CPU.
+    lambdamart: LambdaMARTParams = field(default_factory=lambda: LambdaMARTParams(
+        num_rounds=400, num_leaves=15, min_data_in_leaf=20, lambda_l2=0.0, early_stopping_rounds=40,
+        label_gain=(0.0, 1.0), truncation_level=20, col_wise=False, threads=1,
+    ))
 
     def __post_init__(self) -> None:
         if min(self.matcher_top, self.ease_top, self.itemknn_top, self.popularity_top) < 0:
@@ -453,7 +444,7 @@ def train_blend(
     useful = np.flatnonzero(np.array([bool(lab.any()) and len(lab) > 1 for lab in labels], dtype=bool))
     if len(useful) < 10:
         raise InputError(f"only {len(useful)} valid-window users have a target among the blend's candidates: need more data")
-    rng = np.random.default_rng(config.seed)
+    rng = np.random.default_rng(config.lambdamart.seed)
     perm = rng.permutation(useful)
     n_stop = max(1, round(len(perm) * config.holdout_frac))
     stop, fit = np.sort(perm[:n_stop]), np.sort(perm[n_stop:])
@@ -465,7 +456,7 @@ def train_blend(
             np.asarray([len(labels[r]) for r in users]),
         )
 
-    booster, best = train_lambdamart(config.lambdamart(), rows(fit), rows(stop), names)
+    booster, best = train_lambdamart(config.lambdamart, rows(fit), rows(stop), names)
     gain = booster.feature_importance("gain", iteration=best)
     importance = dict(sorted(zip(names, (float(g) for g in gain), strict=True), key=lambda kv: -kv[1]))
     hits = sum(int(np.isin(t, c).sum()) for c, t in zip(candidates, targets, strict=True))
@@ -830,7 +821,7 @@ def _fit_blend(
     trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
     _stage(timings, "blend_train", started)
     meta = {"feature_names": list(names), "feature_config": config.feature_config.to_dict()}
-    return Ranker(trained.booster, meta, threads=bc.threads), {
+    return Ranker(trained.booster, meta, threads=bc.lambdamart.threads), {
         "trained_on": f"{config.protocol} valid window (CF and popularity fit on train)",
         "valid_users": len(valid),
         "groups": trained.groups,
