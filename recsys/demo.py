@@ -3,7 +3,9 @@
 Every step is a real `recsys` subcommand, run as a subprocess and printed first, so the demo doubles
 as the quick tour: generate a log with planted preferences -> prepare -> fine-tune MiniLM -> publish
 (ONNX + LightGBM blender, registered) -> evaluate against baselines -> serve over gRPC and call it ->
-batch-score -> preview an A/B split -> retrain from the demo's own exposure log -> hot reload -> stop.
+batch-score -> retrain from the demo's own exposure log -> hot reload -> A/B test (the served
+experiment config is edited to put half the users on the zero-shot model; their responses are simulated
+from the planted preferences plus a planted difference; `experiment analyze` reports it) -> stop.
 This module imports no torch: training runs in the subcommands.
 """
 
@@ -19,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from recsys.errors import RecsysError
 
@@ -114,8 +117,12 @@ def run(args: argparse.Namespace) -> int:
     print("  | system |" + table.replace("\n", "\n  "))
     print(f"  full report with paired bootstrap intervals, slices and plots: {report / 'evaluation.md'}")
 
-    demo.title("Serve over gRPC (health, reflection, metrics, exposure log, registry hot reload)")
-    server = _start_server(demo, registry, data, exposures)
+    demo.title("A/B experiment config: zero-shot vs the current model, enrolling nobody yet (coverage 0)")
+    config = _write_experiment(out / "experiment.yaml", versions[0], coverage=0.0)
+    demo.recsys("experiment", "validate", config, "--registry", registry)
+
+    demo.title("Serve with the experiment config (health, reflection, metrics, exposure log, hot reload)")
+    server = _start_server(demo, registry, data, exposures, config)
     try:
         _call_service(demo, server["port"], data)
 
@@ -123,16 +130,17 @@ def run(args: argparse.Namespace) -> int:
         demo.recsys("score", "--registry", registry, "--data", data, "--mode", "topk", "--top-k", "10",
                     "--out", out / "scores", "--no-progress")
 
-        demo.title("A/B experiment: 10% of users get the zero-shot model; preview the split")
-        config = _write_experiment(out / "experiment.yaml", versions[0])
-        demo.recsys("experiment", "validate", config)
-        demo.recsys("experiment", "assign", config, "--count", "2000")
-
-        demo.title("Close the loop: simulate clicks on what was served, retrain, compare, promote, hot reload")
-        _flush_and_simulate(demo, server, raw, exposures, out / "feedback.parquet", args)
-        demo.recsys("retrain", "--registry", registry, "--data", data, "--events", out / "feedback.parquet",
+        demo.title("Close the loop: feedback on what was served, retrain, compare, promote, hot reload")
+        feedback = out / "feedback.parquet"
+        _simulate_feedback(exposures, feedback, args)
+        demo.recsys("retrain", "--registry", registry, "--data", data, "--events", feedback,
                     "--exposures", exposures, "--out", out / "retrain", "--epochs", str(args.epochs))
-        _await_version_change(server["port"], before=fine_tuned.name)
+        _await_version_change(server["port"], before=fine_tuned.name, users=_users(data))
+
+        demo.title("Run the A/B test: half the users get the zero-shot model; planted difference; analyse")
+        _write_experiment(config, versions[0], coverage=1.0)  # the server reloads the edited config
+        demo.recsys("experiment", "assign", config, "--count", "2000")
+        _run_ab_test(demo, server["port"], data, config, exposures, args)
     finally:
         demo.title("Shut down: SIGTERM -> NOT_SERVING, drain, flush the exposure log, stop")
         _stop_server(server)
@@ -151,11 +159,12 @@ def _print_matcher_report(ckpt: Path) -> None:
             print(f"  {name:12s} {metrics['ndcg@10']:8.4f} {metrics['recall@10']:10.4f}")
 
 
-def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path) -> dict:
+def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path, experiments: Path) -> dict:
     ready = demo.out / "serve.ready.json"
-    argv = ["serve", "--registry", str(registry), "--data", str(data), "--port", "0", "--ready-file", str(ready),
-            "--exposure-dir", str(exposures), "--exposure-flush-records", "50", "--watch-registry", "1",
-            "--drain-seconds", "1"]
+    argv = ["serve", "--registry", str(registry), "--data", str(data), "--experiments", str(experiments),
+            "--port", "0", "--ready-file", str(ready), "--exposure-dir", str(exposures),
+            "--exposure-flush-records", "50", "--watch-registry", "1", "--drain-seconds", "1",
+            "--experiments-poll-s", "1"]
     print("$ recsys " + " ".join(argv) + " &", flush=True)
     log = open(demo.out / "serve.log", "w")  # noqa: SIM115 (lives as long as the server)
     proc = subprocess.Popen([sys.executable, "-m", "recsys.cli", *argv], env=demo.env, stdout=log, stderr=subprocess.STDOUT)
@@ -171,13 +180,11 @@ def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path) -> d
 
 
 def _call_service(demo: _Demo, port: int, data: Path) -> None:
-    import numpy as np
     import polars as pl
 
     from recsys.serving.client import RankingClient
 
     catalogue = pl.read_parquet(data / "items.parquet")
-    users = pl.read_parquet(data / "users.parquet")["user_id"].to_list()
     titles = dict(zip(catalogue["item_id"], catalogue["title"], strict=True))
     candidates: list = catalogue["item_id"].to_list()[:10]
     candidates.append(("brand-new-item", "Ultimate trail backpack. hiking, tent. alpine ridge camping map"))
@@ -190,17 +197,30 @@ def _call_service(demo: _Demo, port: int, data: Path) -> None:
                   f"{titles.get(item.item_id, '(cold item, encoded on the fly)')[:40]:40s} {why}")
         recommended = client.recommend("u1", top_k=5)
         print("  Recommend u1 -> " + ", ".join(f"{i.item_id} ({titles.get(i.item_id, '')[:24]})" for i in recommended.items))
-        rng = np.random.default_rng(0)
-        ids = np.array(catalogue["item_id"].to_list())
-        started = time.perf_counter()
-        for n in range(1500):  # traffic for the exposure log the retrain step learns from
-            client.rank(users[n % len(users)], rng.choice(ids, size=20, replace=False).tolist(), top_k=10)
-        print(f"  sent 1500 more Rank requests of 20 candidates in {time.perf_counter() - started:.1f}s "
-              "(their served lists go to the exposure log)")
+    seconds = _traffic(port, data, 1500, seed=0)
+    print(f"  sent 1500 more Rank requests of 20 candidates in {seconds:.1f}s (their served lists go to the exposure log)")
 
 
-def _write_experiment(path: Path, treatment_version: str) -> Path:
-    path.write_text(
+def _traffic(port: int, data: Path, n: int, seed: int) -> float:
+    """n Rank requests of 20 random candidates, users in turn; -> seconds taken."""
+    import numpy as np
+    import polars as pl
+
+    from recsys.serving.client import RankingClient
+
+    users = pl.read_parquet(data / "users.parquet")["user_id"].to_list()
+    ids = np.array(pl.read_parquet(data / "items.parquet")["item_id"].to_list())
+    rng = np.random.default_rng(seed)
+    started = time.perf_counter()
+    with RankingClient(f"localhost:{port}") as client:
+        for k in range(n):
+            client.rank(users[k % len(users)], rng.choice(ids, size=20, replace=False).tolist(), top_k=10)
+    return time.perf_counter() - started
+
+
+def _write_experiment(path: Path, treatment_version: str, coverage: float) -> Path:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(
         "schema: 1\n"
         "name: demo\n"
         "default_ranker: production\n"
@@ -211,43 +231,94 @@ def _write_experiment(path: Path, treatment_version: str) -> Path:
         "  - name: ranking\n"
         "    salt: demo-ranking\n"
         "    experiments:\n"
-        "      - name: zero-shot-vs-finetuned\n"
-        "        salt: zs-ft-1\n"
+        "      - name: zero-shot-vs-current\n"
+        "        salt: zs-cur-1\n"
         "        unit: user\n"
-        "        coverage: 0.10\n"
+        f"        coverage: {coverage}\n"
         "        variants:\n"
         "          - {name: control, weight: 1, ranker: production}\n"
         "          - {name: treatment, weight: 1, ranker: zero_shot}\n"
     )
+    tmp.replace(path)  # the server's config watcher never reads half a file
     return path
 
 
-def _flush_and_simulate(demo: _Demo, server: dict, raw: Path, exposures: Path, out: Path, args: argparse.Namespace) -> None:
+def _simulate_feedback(exposures: Path, out: Path, args: argparse.Namespace) -> None:
+    """Users respond to what they were shown by the generator's planted preferences."""
     import polars as pl
 
-    from recsys.data.synthetic import SyntheticConfig, generate, simulate_responses
     from recsys.serving.exposure import read_exposures
 
     time.sleep(2.5)  # the exposure log flushes on a record bound and a time bound
     shown = read_exposures(exposures)
-    log = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_events=args.events, seed=args.seed))
-    responses = simulate_responses(log, shown.select("user_id", "item_id", "request_id", "position", "timestamp"), seed=1)
+    responses = _responses(shown, args)
     responses.write_parquet(out)
     clicks = responses.filter(pl.col("event_type") == "click").height
     print(f"  exposure log: {shown.height} served items; simulated feedback: {clicks} clicks, "
           f"{responses.height - clicks} carts/purchases -> {out}")
 
 
-def _await_version_change(port: int, before: str, timeout_s: float = 90.0) -> None:
+def _responses(shown: Any, args: argparse.Namespace) -> Any:
+    from recsys.data.synthetic import SyntheticConfig, generate, simulate_responses
+
+    log = generate(SyntheticConfig(n_users=args.users, n_items=args.items, n_events=args.events, seed=args.seed))
+    return simulate_responses(log, shown.select("user_id", "item_id", "request_id", "position", "timestamp"), seed=1)
+
+
+def _run_ab_test(demo: _Demo, port: int, data: Path, config: Path, exposures: Path, args: argparse.Namespace) -> None:
+    """Wait for the server to run the edited config, send traffic, simulate the users' responses by the
+    planted preferences plus a planted A/B difference (treatment users ignore 40% of the lists they would
+    have acted on), and analyse."""
+    import polars as pl
+
+    from recsys.experiments.config import load_config
+    from recsys.serving.client import RankingClient
+    from recsys.serving.exposure import read_exposures
+
+    version = load_config(config).version
+    deadline = time.monotonic() + 60
+    with RankingClient(f"localhost:{port}") as client:
+        while not client.rank("u1", ["i1", "i2"]).variant.endswith(f"@{version}"):
+            if time.monotonic() > deadline:
+                raise RecsysError(f"the server did not load experiment config version {version} within 60 s")
+            time.sleep(0.5)
+    print(f"  the server runs config version {version} (hot reload, no restart)")
+    seconds = _traffic(port, data, 1500, seed=1)
+    time.sleep(2.5)
+    shown = read_exposures(exposures).filter(pl.col("variant").str.ends_with(f"@{version}"))
+    responses = _responses(shown, args)
+    treated = shown.filter(pl.col("variant").str.contains("/treatment@"))["request_id"].unique()
+    ignored = treated.sample(fraction=0.4, seed=2) if treated.len() else treated
+    responses = responses.filter(~pl.col("request_id").is_in(ignored.implode()))
+    events = demo.out / "ab_feedback.parquet"
+    responses.write_parquet(events)
+    print(f"  sent 1500 Rank requests in {seconds:.1f}s; {shown['request_id'].n_unique()} lists served under the "
+          f"experiment, {treated.len()} of them by the zero-shot model")
+    print(f"  planted difference: treatment users ignore {ignored.len()} of their {treated.len()} lists "
+          f"(40% fewer clicks); {responses.height} feedback events -> {events}")
+    demo.recsys("experiment", "analyze", "--config", config, "--exposures", exposures, "--events", events,
+                "--out", demo.out / "ab")
+
+
+def _users(data: Path) -> list[str]:
+    import polars as pl
+
+    return [str(u) for u in pl.read_parquet(data / "users.parquet")["user_id"].to_list()[:20]]
+
+
+def _await_version_change(port: int, before: str, users: list[str], timeout_s: float = 90.0) -> None:
+    """Wait until some user's list comes from a version newer than `before` (the control arm and the
+    default ranker track the registry's current pointer; the treatment arm stays on its pinned version)."""
     from recsys.serving.client import RankingClient
 
     deadline = time.monotonic() + timeout_s
     with RankingClient(f"localhost:{port}") as client:
         while time.monotonic() < deadline:
-            version = client.rank("u1", ["i1", "i2"], top_k=2).model_version
-            if version != before:
-                print(f"  the running service now serves {version} (was {before}), no restart")
-                return
+            for user in users:
+                version = client.rank(user, ["i1", "i2"], top_k=2).model_version
+                if version > before:  # registry versions are v0001, v0002, ...
+                    print(f"  the running service now serves {version} (was {before}), no restart")
+                    return
             time.sleep(0.5)
     print(f"  the service still serves {before}: the candidate was not promoted (see the retrain report)")
 

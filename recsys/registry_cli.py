@@ -35,6 +35,15 @@ def configure_list(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--verify", action="store_true", help="check every file's sha256 (reads all files)")
 
 
+def _provider_here() -> dict[str, Any]:
+    """What `serve`/`score --provider auto` would run the towers on here, and why accelerators were skipped."""
+    from recsys.scoring.providers import plan_providers
+
+    plan = plan_providers("auto")
+    return {"provider": plan.providers[0] if plan.providers else None, "usable": list(plan.providers),
+            "skipped": dict(plan.skipped)}
+
+
 def run_list(args: argparse.Namespace) -> int:
     registry = _open(args)
     current = registry.current()
@@ -60,8 +69,10 @@ def run_list(args: argparse.Namespace) -> int:
                      "items": (manifest.get("embeddings") or {}).get("count"), "integrity": status})
     corrupt = [r["version"] for r in rows if r["integrity"].startswith("CORRUPT")]
     code = EXIT_CHECK_FAILED if corrupt else EXIT_OK
+    provider = _provider_here()
     if args.json:
-        print(json.dumps({"current": current, "history": registry.history(), "versions": rows}, indent=1))
+        print(json.dumps({"current": current, "history": registry.history(), "versions": rows, "provider": provider},
+                         indent=1))
         return code
     if not rows:
         print(f"no versions in {registry.root}")
@@ -74,6 +85,8 @@ def run_list(args: argparse.Namespace) -> int:
         shown = args.verify or r["integrity"].startswith("CORRUPT")
         print(line + (f"  [{r['integrity']}]" if shown else ""))
     print(f"current: {current or 'none'}; rollback history: {', '.join(registry.history()) or 'empty'}")
+    skipped = "; ".join(f"{p}: {why}" for p, why in provider["skipped"].items())
+    print(f"ONNX Runtime provider here (--provider auto): {provider['provider']}" + (f" ({skipped})" if skipped else ""))
     if corrupt:
         print(f"error: {len(corrupt)} CORRUPT version(s): {', '.join(corrupt)} (exit code {code})", file=sys.stderr)
     return code

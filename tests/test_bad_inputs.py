@@ -9,6 +9,7 @@ Exit codes (README): 0 ok, 2 bad input or config (nothing written), 3 ran but th
 from __future__ import annotations
 
 import hashlib
+import importlib.util
 import json
 import os
 from collections.abc import Callable
@@ -344,6 +345,9 @@ SCORE = [
     Case("missing_registry", ["score", "--registry", "{d}/none", "--out", "{d}/out", "--top-k", "5"], 2,
          ("does not exist",), writes=("out/",)),
 ]
+if importlib.util.find_spec("ray") is None:  # issue 18: a missing Ray wrote manifest.json into --out first
+    SCORE.append(Case("ray_engine_without_ray", ["score", "--registry", "{d}/none", "--out", "{d}/out", "--top-k", "5",
+                                                 "--engine", "ray"], 2, ("pip install", "[distributed]")))
 
 
 @pytest.mark.parametrize("case", SCORE, ids=[c.id for c in SCORE])

@@ -155,3 +155,14 @@ def test_minilm_export_parity(tmp_path: Path) -> None:
     for p in manifest["metrics"]["parity"].values():
         assert p["min_cosine"] >= 0.9999
     assert manifest["metrics"]["variants"]["int8"]["cosine_mean"] >= 0.98
+
+
+def test_parity_compare_counts_two_zero_vectors_as_equal() -> None:
+    """The zero-shot user tower returns a zero vector for an empty history in torch and ONNX alike;
+    parity read that as cosine 0 and refused every `publish --base-model` (issue 18, demo step 4)."""
+    from training.export import _compare
+
+    ref = np.array([[0.0, 0.0], [1.0, 0.0]], dtype=np.float32)
+    assert _compare(ref, ref.copy()) == (1.0, 0.0)
+    cos, _ = _compare(ref, np.array([[0.0, 1.0], [1.0, 0.0]], dtype=np.float32))
+    assert cos < 0.5  # a zero vector against a non-zero one still fails

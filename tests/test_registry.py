@@ -131,11 +131,13 @@ def test_models_cli_list_promote_rollback(registry: Registry, capsys: pytest.Cap
     assert main(["models", "list", "--registry", root]) == 0
     out = capsys.readouterr().out
     assert "* v0001" in out and "  v0002" in out and "current: v0001" in out
+    assert "ONNX Runtime provider here (--provider auto): " in out and "ExecutionProvider" in out
     assert main(["models", "promote", "v0002", "--registry", root]) == 0
     assert "current: v0002 (was v0001)" in capsys.readouterr().out
     assert main(["models", "list", "--registry", root, "--json"]) == 0
     listing = json.loads(capsys.readouterr().out)
     assert listing["current"] == "v0002" and listing["history"] == ["v0001"]
+    assert listing["provider"]["provider"] in listing["provider"]["usable"]
     assert listing["versions"][1]["items"] == registry.manifest("v0002")["embeddings"]["count"]
     assert main(["models", "promote", "v0009", "--registry", root]) == 2
     assert "not in the registry" in capsys.readouterr().err

@@ -238,7 +238,7 @@ def test_row_level_error_and_drop(column: str, bad: list, reason: str, phrase: s
     assert EV_SRC in msg and f"column '{column}'" in msg and phrase in msg
     assert "has 2 " in msg
     assert f"data rows 2 ({shown}), 4 (" in msg
-    assert "--on-invalid drop" in msg
+    assert "on_invalid='drop'" in msg  # the library's name; the CLI says --on-invalid drop (test_cli)
     clean, report = validate(_raw(events), on_invalid="drop", now=NOW)
     assert clean.events.height == 3
     assert report.dropped == {reason: 2}

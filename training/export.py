@@ -155,7 +155,10 @@ PARITY_COSINE = 0.9999
 
 
 def _compare(ref: np.ndarray, got: np.ndarray) -> tuple[float, float]:
-    cos = (ref * got).sum(1) / (np.linalg.norm(ref, axis=1) * np.linalg.norm(got, axis=1) + 1e-12)
+    """(min cosine, max |diff|) per row; two zero vectors agree (the zero-shot user tower's empty history)."""
+    ref_norm, got_norm = np.linalg.norm(ref, axis=1), np.linalg.norm(got, axis=1)
+    cos = (ref * got).sum(1) / (ref_norm * got_norm + 1e-12)
+    cos = np.where((ref_norm < 1e-6) & (got_norm < 1e-6), 1.0, cos)
     return float(cos.min()), float(np.abs(ref - got).max())
 
 

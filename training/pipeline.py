@@ -26,6 +26,7 @@ from recsys.data.prepared import PreparedData
 from recsys.data.window import check_window, read_window, training_window
 from recsys.errors import ModelError
 from recsys.files import fault_point
+from recsys.progress import Stages
 from recsys.registry import FORMAT, MANIFEST, Registry, hash_files
 from recsys.scoring.registry_matcher import registry_matcher
 from training.export import ExportConfig, export_checkpoint
@@ -108,16 +109,20 @@ def publish_version(
     check_window(read_window(checkpoint), prepared, "global", ("valid", "test"),
                  what=f"the matcher checkpoint {checkpoint}", fix=_PUBLISH_FIX)
     staging = registry.staging_dir()
+    stages = Stages("publish", 4)  # recsys.progress: a bar on a terminal, silent otherwise
     try:
+        stages.next("export ONNX towers + item embeddings, parity check")
         result = export_checkpoint(checkpoint, staging, export_config, prepared.root)
         # A provisional manifest, so the staged directory reads like a version (registry_matcher).
         provisional = {"format": FORMAT, "version": None, **result.manifest,
                        "files": hash_files(staging, result.hashed)}
         (staging / MANIFEST).write_text(json.dumps(provisional, indent=1))
         matcher = registry_matcher(staging, prepared)
+        stages.next("train the LightGBM blender")
         trained = train_ranker(prepared, staging / RANKER_DIR, matcher, ranker_config,
                                matcher_ref=f"{RANKER_DIR}/.. (the matcher of this registry version)",
                                init_model=ranker_init)
+        stages.next("register")
         copy_checkpoint(checkpoint, staging / CHECKPOINT_DIR)
         hashed = [*result.hashed, *_files_under(staging, RANKER_DIR), *_files_under(staging, CHECKPOINT_DIR)]
         manifest = {
@@ -136,15 +141,19 @@ def publish_version(
         fault_point("publish:staged")
         version = registry.register(staging, manifest, hashed)
     except BaseException:
+        stages.close()
         registry.discard(staging)
         raise
     for warning in manifest["warnings"]:
         log.warning("%s: %s", version, warning)
     log.info("published %s (matcher + ranker + checkpoint) in %s", version, registry.root)
     try:  # the check `models promote` and the server's Reload run: a child process loads and scores it
+        stages.next("load-and-score check in a child process")
         vet_version(registry.root, version, data=prepared.root)
     except ModelError as exc:
         raise ModelError(f"registered {version}, but it is not usable and was not promoted: {exc}") from exc
+    finally:
+        stages.close()
     if promote:
         registry.promote(version)
     return version

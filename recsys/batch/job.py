@@ -9,7 +9,6 @@ commits what comes back. Both write the same parts, so a run may even resume on 
 from __future__ import annotations
 
 import logging
-import sys
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass, field
@@ -198,6 +197,10 @@ def _open_manifest(out: Path, settings: dict[str, Any], overwrite: bool) -> RunM
 
 def run_batch(config: BatchConfig, scorer: ChunkScorer | None = None) -> BatchReport:
     """Score `config.input` into `config.out`; `scorer` reuses a loaded model (local engine only)."""
+    if config.engine == "ray":  # before anything is written: a missing Ray must not leave a manifest behind
+        from recsys.compat import require
+
+        require("ray")
     with output_lock(Path(config.out), what=f"batch output {config.out}"):
         return _run_locked(config, scorer)
 
@@ -276,12 +279,12 @@ def _report(config: BatchConfig, prep: _Prepared, skipped: int, seconds: float, 
 
 
 def _progress(total: int, enabled: bool) -> Callable[[int | None], None]:
-    """A tqdm bar over input rows on stderr (no-op when disabled); call with None to close."""
+    """A bar over input rows on stderr (recsys.progress; no-op when disabled); call with None to close."""
     if not enabled:
         return lambda n: None
-    from tqdm import tqdm
+    from recsys.progress import bar as progress_bar
 
-    bar = tqdm(total=total, unit="row", unit_scale=True, file=sys.stderr, desc="score")
+    bar = progress_bar(desc="score", total=total, unit="row", unit_scale=True)
 
     def update(n: int | None) -> None:
         if n is None:

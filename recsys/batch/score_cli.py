@@ -50,7 +50,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_g.add_argument("--ray-address", help="Ray cluster address (default: $RAY_ADDRESS, else a local Ray)")
     run_g.add_argument("--ray-actors", type=int, default=0, help="scoring actors (0 = one per CPU, or per GPU)")
     run_g.add_argument("--ray-gpus", type=float, help="GPUs per actor (default: 1 when the cluster has GPUs, else 0)")
-    run_g.add_argument("--no-progress", action="store_true", help="no progress bar")
     run_g.add_argument("--json", action="store_true", help="print the counts as JSON")
 
 
@@ -58,6 +57,7 @@ def run(args: argparse.Namespace) -> int:
     from recsys.batch.io import InputSpec
     from recsys.batch.job import BatchConfig, run_batch
     from recsys.errors import InputError
+    from recsys.progress import enabled as progress_enabled
 
     if args.registry is None:
         raise InputError("pass --registry DIR (or set RECSYS_REGISTRY) to name the model registry")
@@ -96,7 +96,7 @@ def run(args: argparse.Namespace) -> int:
         ray_actors=args.ray_actors,
         ray_gpus=args.ray_gpus,
         overwrite=args.overwrite,
-        progress=not args.no_progress,
+        progress=progress_enabled(),
     )
     report = run_batch(config)
     print(json.dumps(report.to_dict(), indent=1) if args.json else report.summary())

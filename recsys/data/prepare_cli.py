@@ -83,12 +83,17 @@ def run(args: argparse.Namespace) -> int:
     rule = StrengthRule(rating=RatingRule(positive_threshold=args.rating_threshold))
     inputs = _inputs(args)
     check_output_path(args.out, ours=is_prepared, kind="prepared dataset", inputs=inputs, overwrite=args.overwrite)
-    with output_lock(args.out, what=f"prepared dataset {args.out}"):
+    from recsys.progress import Stages
+
+    with output_lock(args.out, what=f"prepared dataset {args.out}"), Stages("prepare", 3) as stages:
+        stages.next("read the inputs")
         raw = _read(args)
         from recsys.data.validate import validate
 
+        stages.next("validate")
         clean, report = validate(raw, rule=rule, on_invalid=args.on_invalid)
         print(report.summary())
+        stages.next("split by time, build histories and pairs, write")
         manifest = prepare_tables(
             clean.events, clean.items, clean.users, args.out, config,
             inputs=raw.sources, validation=report.to_dict(), locked=True,

@@ -138,7 +138,7 @@ def _first_rows(df: pl.DataFrame, mask: pl.Expr) -> tuple[int, list[int]]:
     return hits.height, hits[_ROW].head(_SHOWN).to_list()
 
 
-_DROP_HINT = " Or pass on_invalid='drop' (CLI: --on-invalid drop) to drop such rows and count them."
+_DROP_HINT = " Or pass on_invalid='drop' to drop such rows and count them."
 
 
 def _where(raw: RawTables, role: str) -> str:

@@ -45,8 +45,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--k", type=int, default=10, help="headline cut-off for tables and bootstrap (10)")
     parser.add_argument("--negatives", type=int, default=100, help="sampled negatives of the candidate protocol (100)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
-    parser.add_argument("--scores-top", type=int, default=100, help="also write each system's top-N test scores as parquet (0: no)")
-    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--scores-top", type=int, default=100, help="also write each system's top-N test scores as parquet (100; 0 writes none)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed of the bootstrap and the baselines (0)")
     parser.add_argument(
         "--cold-slots", type=int, default=0, metavar="N",
         help="cold-item exploration: also report blend_explore, the blend with the last N of the top --k places "

@@ -74,6 +74,21 @@ def _spec(d: dict[str, str]) -> str:
     return ", ".join(f"{k}={v}" for k, v in d.items())
 
 
+# --------------------------------------------------------------------------- schema
+
+
+def configure_schema(parser: argparse.ArgumentParser) -> None:
+    parser.epilog = ("Editors validate and complete a config with it, e.g. for the YAML language server, first line: "
+                     "# yaml-language-server: $schema=docs/experiments.schema.json")
+
+
+def run_schema(args: argparse.Namespace) -> int:
+    from recsys.experiments.schema import json_schema
+
+    print(json.dumps(json_schema(), indent=2))
+    return 0
+
+
 # --------------------------------------------------------------------------- assign
 
 
@@ -124,9 +139,11 @@ def run_assign(args: argparse.Namespace) -> int:
         ctx = {SESSION_KEY: args.debug, **context}
         print(json.dumps(explain(config, args.debug, args.debug, ctx, when), indent=2))
         return 0
+    from recsys.progress import bar
+
     units = _units(args)
     rows: list[dict[str, Any]] = []
-    for uid in units:  # the id stands for the user, the session and the request alike
+    for uid in bar(units, desc="assign", unit="unit", unit_scale=True):  # the id: user, session and request alike
         a = assign(config, uid, uid, {SESSION_KEY: uid, **context}, when)
         rows.append({"unit_id": uid, "label": a.label, "experiment": a.experiment, "variant": a.variant,
                      "holdout": a.holdout, "ranker": a.ranker, "forced": a.forced})  # fmt: skip

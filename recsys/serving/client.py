@@ -7,10 +7,19 @@
         for item in response.items:
             print(item.position, item.item_id, round(item.score, 3))
         print(response.model_version, response.variant)
+
+Every call has a deadline (`timeout`, 2 s by default; `reload` 120 s). The read-only calls (Rank,
+Recommend, GetModelInfo, ExplainAssignment) are retried by the channel on UNAVAILABLE (a replica
+restarting or draining) with exponential backoff, per gRPC's service-config retry policy. LogEvents is
+retried the same way only when the call carries an idempotency_key (the server folds a repeated key
+once); without one a retry after a lost reply could record the events twice, so it is sent once.
+Reload is never retried.
 """
 
 from __future__ import annotations
 
+import json
+import time
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
 from datetime import datetime
@@ -25,6 +34,26 @@ from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
 # A candidate: "item_id", (item_id, text) for items the catalogue may not know, or a dict with
 # item_id, text, features.
 CandidateLike = str | tuple[str, str] | Mapping[str, Any]
+
+
+# The read-only calls: safe to send again when the first attempt may or may not have reached a server.
+IDEMPOTENT_METHODS = (
+    ("recsys.v1.RankingService", "Rank"), ("recsys.v1.RankingService", "Recommend"),
+    ("recsys.v1.ModelAdmin", "GetModelInfo"), ("recsys.v1.ModelAdmin", "ExplainAssignment"),
+)
+
+
+def service_config(max_attempts: int = 4) -> str:
+    """gRPC service config (JSON): retry UNAVAILABLE on the idempotent calls, 50 ms backoff doubling to 1 s
+    (max_attempts counts the first call: 2..5).
+
+    The call's own deadline still bounds the attempts together."""
+    policy = {
+        "maxAttempts": max_attempts, "initialBackoff": "0.05s", "maxBackoff": "1s", "backoffMultiplier": 2,
+        "retryableStatusCodes": ["UNAVAILABLE"],
+    }
+    names = [{"service": service, "method": method} for service, method in IDEMPOTENT_METHODS]
+    return json.dumps({"methodConfig": [{"name": names, "retryPolicy": policy}]})
 
 
 def _candidate(c: CandidateLike) -> Any:
@@ -59,17 +88,27 @@ class RankingClient:
     def __init__(
         self,
         target: str,
+        *,
         token: str | None = None,
         timeout: float = 2.0,
         tls_ca: Path | None = None,
         client_cert: Path | None = None,
         client_key: Path | None = None,
         server_name: str | None = None,
+        retries: int = 3,
         round_robin: bool = False,
     ) -> None:
-        """round_robin: spread calls over every address the target resolves to (several replicas:
+        """timeout: default deadline of every call but `reload` (seconds); retries: extra attempts of the
+        idempotent calls after UNAVAILABLE (0 disables retrying; gRPC caps attempts at 5); round_robin:
+        spread calls over every address the target resolves to (several replicas:
         "ipv4:10.0.0.1:50051,10.0.0.2:50051" or a DNS name with several records)."""
-        options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+        if retries < 0 or timeout <= 0:
+            raise ValueError("RankingClient: retries must be >= 0 and timeout > 0")
+        options: list[tuple[str, Any]] = [("grpc.enable_retries", 0)]
+        if retries:
+            options = [("grpc.enable_retries", 1), ("grpc.service_config", service_config(min(retries, 4) + 1))]
+        if server_name:
+            options.append(("grpc.ssl_target_name_override", server_name))
         if round_robin:
             options.append(("grpc.lb_policy_name", "round_robin"))
         if tls_ca is not None or client_cert is not None:
@@ -83,6 +122,7 @@ class RankingClient:
             self.channel = grpc.insecure_channel(target, options=options)
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         self.timeout = timeout
+        self.retries = min(retries, 4)
         # Read-your-writes for this client: the token of its last LogEvents goes with its next Rank /
         # Recommend, so whichever replica answers waits (bounded) until it folded those events.
         self.token = ""
@@ -154,9 +194,25 @@ class RankingClient:
             )
             if e.get("timestamp") is not None:
                 event.timestamp.FromDatetime(e["timestamp"])
-        reply = self.ranking.LogEvents(batch, timeout=self.timeout, metadata=self.metadata)
+        reply = self._log_events(batch, attempts=self.retries + 1 if idempotency_key else 1)
         self.token = reply.consistency_token
         return reply
+
+    def _log_events(self, batch: Any, attempts: int) -> Any:
+        """LogEvents is retried on UNAVAILABLE only with an idempotency key (the server folds a repeated
+        key once); the channel's retry policy cannot see the key, so this loop does it, inside one deadline."""
+        deadline = time.monotonic() + self.timeout
+        for attempt in range(attempts):
+            try:
+                return self.ranking.LogEvents(batch, timeout=max(deadline - time.monotonic(), 0.001),
+                                              metadata=self.metadata)
+            except grpc.RpcError as exc:
+                pause = min(0.05 * 2**attempt, 1.0)
+                if exc.code() != grpc.StatusCode.UNAVAILABLE or attempt + 1 == attempts or \
+                        time.monotonic() + pause >= deadline:
+                    raise
+                time.sleep(pause)
+        raise AssertionError("unreachable")
 
     def model_info(self) -> Any:
         return self.admin.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, metadata=self.metadata)
@@ -170,8 +226,6 @@ class RankingClient:
         self, user_id: str, request_id: str = "", context: Mapping[str, str | float] | None = None
     ) -> dict[str, Any]:
         """The experiment assignment of (user, request, context) on the server: buckets, checks, label."""
-        import json
-
         request = pb.ExplainAssignmentRequest(user_id=user_id, request_id=request_id, context=_context(context))
         reply = self.admin.ExplainAssignment(request, timeout=self.timeout, metadata=self.metadata)
         return dict(json.loads(reply.json))

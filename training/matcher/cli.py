@@ -56,7 +56,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     run_group.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1 ...")
     run_group.add_argument("--no-bf16", action="store_true", help="disable bf16 autocast on GPU")
     run_group.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
-    run_group.add_argument("--no-progress", action="store_true", help="no progress bars")
     run_group.add_argument("--no-zero-shot", action="store_true", help="skip the zero-shot baseline evaluation")
 
 
@@ -67,6 +66,7 @@ def run(args: argparse.Namespace) -> int:
         require(module)
     if args.lora:
         require("peft")
+    from recsys.progress import enabled as progress_enabled
     from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
     from training.matcher.train import train
 
@@ -83,7 +83,7 @@ def run(args: argparse.Namespace) -> int:
         weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
         cache_refresh=args.cache_refresh, seed=args.seed, device=args.device, bf16=not args.no_bf16,
         threads=args.threads, resume=args.resume, max_steps=args.max_steps, save_every=args.save_every,
-        patience=args.patience, zero_shot=not args.no_zero_shot, progress=not args.no_progress,
+        patience=args.patience, zero_shot=not args.no_zero_shot, progress=progress_enabled(),
     )
     config = TrainConfig(data=str(args.data), out=str(args.out), model=model, run=run_config)
     report = train(config)
