@@ -296,6 +296,33 @@ class RankingSet:
     sizes: np.ndarray
 
 
+def data_reference(ranker_dir: Path, data_root: Path) -> dict[str, str]:
+    """How a ranker records the prepared dataset it was trained on: the absolute path and the path
+    relative to the ranker's own directory, so a registry moved together with its data (another
+    mount point, another machine, another working directory) still finds it."""
+    import os
+
+    absolute = Path(data_root).resolve()
+    return {"data": str(absolute), "data_relative": os.path.relpath(absolute, Path(ranker_dir).resolve())}
+
+
+def recorded_data_dir(ranker_dir: Path) -> Path:
+    """The prepared dataset a ranker was trained on (id maps, item texts), for serve and score without
+    --data: the path relative to the ranker directory first, then the absolute path it recorded."""
+    meta_path = Path(ranker_dir) / "ranker.json"
+    meta = json.loads(meta_path.read_text()) if meta_path.is_file() else {}
+    tried = [Path(ranker_dir) / meta["data_relative"]] if meta.get("data_relative") else []
+    tried += [Path(meta["data"])] if meta.get("data") else []
+    for candidate in tried:
+        if (candidate / "manifest.json").is_file():
+            return candidate
+    where = " or ".join(str(t) for t in tried) or f"nothing ({meta_path} records no dataset)"
+    raise ConfigError(
+        f"the prepared dataset the ranker in {ranker_dir} was trained on is not at {where}: pass --data PREPARED "
+        f"(the dataset with its id maps and item texts), or keep the registry and the data side by side as published"
+    )
+
+
 def train_lambdamart(
     params: LambdaMARTParams,
     fit: GroupedRows,

@@ -294,3 +294,40 @@ def test_ray_engine_equals_local_and_resumes_a_local_run(artifacts: dict[str, Pa
         assert _read(tmp_path / "mixed").equals(_read(tmp_path / "local"))
     finally:
         ray.shutdown()
+
+
+def test_a_moved_registry_and_data_still_score_and_serve_without_data(prepared_dir: Path, tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture[str],
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """ranker.json records its dataset relative to itself too: a site (registry, ranker, data) moved to
+    another place and used from another working directory scores and serves without --data (the old
+    record was the path as typed, relative to the publisher's working directory)."""
+    import shutil
+
+    from recsys.cli import main
+    from recsys.registry import Registry
+    from recsys.serving.config import ServeConfig
+    from recsys.serving.server import _data_dir
+    from tests.artifacts import build_scoring_artifacts
+
+    site = tmp_path / "site"
+    shutil.copytree(prepared_dir, site / "data")
+    monkeypatch.chdir(site)  # published with relative paths, as the README tour does
+    arts = build_scoring_artifacts(Path("."), Path("data"), rounds=5)
+    moved = tmp_path / "elsewhere" / "site"
+    moved.parent.mkdir()
+    shutil.move(str(site), str(moved))
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    ranker, registry = moved / arts["ranker"], moved / arts["registry"]
+    config = ServeConfig(registry=registry, ranker=ranker, host="127.0.0.1", port=0)
+    assert _data_dir(config, Registry(registry), None).resolve() == (moved / "data").resolve()
+    code = main(["score", "--registry", str(registry), "--ranker", str(ranker), "--provider", "cpu", "--no-progress",
+                 "--mode", "topk", "--top-k", "3", "--out", str(tmp_path / "scores"), "--json"])
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    assert json.loads(out.out)["scored_rows"] > 0
+    shutil.rmtree(moved / "data")  # gone from both places: a clear error naming what was tried and --data
+    assert main(["score", "--registry", str(registry), "--ranker", str(ranker), "--mode", "topk", "--top-k", "3",
+                 "--out", str(tmp_path / "scores2")]) == 2
+    err = " ".join(capsys.readouterr().err.split())
+    assert "pass --data PREPARED" in err and "is not at" in err

@@ -43,6 +43,7 @@ from recsys.ranker import (
     RANKER_FORMAT,
     STATE_DIR,
     LambdaMARTParams,
+    data_reference,
     grouped_ndcg,
     train_lambdamart,
 )
@@ -349,7 +350,7 @@ def train_ranker(
         "training_window": training_window(data, "global", ("valid",)),
         "metrics": metrics,
         "selection": selection,
-        "data": str(data.root),
+        **data_reference(out_dir, data.root),
         "matcher": matcher_ref,
         "seconds": round(time.perf_counter() - started, 2),
     }

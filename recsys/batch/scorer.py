@@ -10,7 +10,6 @@ embeddings, the user tower wrapper and the ranker are the service's objects, not
 
 from __future__ import annotations
 
-import json
 import logging
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import pyarrow as pa
 from recsys.batch.io import REJECT_SCHEMA, InputSpec, normalize
 from recsys.data.prepared import PreparedData
 from recsys.errors import ConfigError, InputError
+from recsys.ranker import recorded_data_dir
 from recsys.scoring.request import RequestBatch, ScoredBatch
 
 log = logging.getLogger(__name__)
@@ -80,11 +80,7 @@ def resolve_data_dir(registry: Path, version: str, ranker: Path | None, data: Pa
             f"(a `recsys train ranker` output)"
         )
     if data is None:
-        meta = Path(ranker_dir) / "ranker.json"
-        recorded = json.loads(meta.read_text()).get("data") if meta.is_file() else None
-        if not recorded:
-            raise ConfigError("pass --data PREPARED: the prepared dataset the ranker was trained on")
-        data = Path(recorded)
+        data = recorded_data_dir(Path(ranker_dir))
     return Path(data), Path(ranker_dir)
 
 

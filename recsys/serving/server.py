@@ -13,7 +13,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import gc
-import json
 import logging
 import signal
 import threading
@@ -30,6 +29,7 @@ from recsys.errors import ConfigError, InputError, ModelError, NotFoundError
 from recsys.experiments.config import ExperimentConfig, RankerSpec, load_config
 from recsys.experiments.router import ConfigWatcher, ExperimentRouter, build_router
 from recsys.features import FeatureState
+from recsys.ranker import recorded_data_dir
 from recsys.registry import Registry
 from recsys.serving.auth import TokenAuthInterceptor, server_credentials
 from recsys.serving.batching import ColdBatcher
@@ -66,12 +66,9 @@ def _data_dir(config: ServeConfig, registry: Registry, version: str | None) -> P
         return config.data
     version_dir = registry.path(registry.resolve(version))
     ranker = version_dir / RANKER_SUBDIR if (version_dir / RANKER_SUBDIR).is_dir() else config.ranker
-    meta_path = ranker / "ranker.json" if ranker is not None else None
-    if meta_path is not None and meta_path.is_file():
-        data = json.loads(meta_path.read_text()).get("data")
-        if data:
-            return Path(data)
-    raise ConfigError("pass --data PREPARED: the prepared dataset the ranker was trained on (id maps, item texts)")
+    if ranker is None:
+        raise ConfigError("pass --data PREPARED: the prepared dataset the ranker was trained on (id maps, item texts)")
+    return recorded_data_dir(ranker)
 
 
 class ServingApp:
