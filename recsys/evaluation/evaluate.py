@@ -647,11 +647,7 @@ def evaluate(
     config = config or EvalConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     matchers = dict(matchers or {})
-    blend_matcher = _check_matchers(data, matchers, blend_matcher)
-    prior = config.blend_config.cold_prior
-    if prior and prior not in matchers:
-        raise ConfigError(f"--cold-prior {prior!r} is not a matcher of this evaluation: name one of the --matcher "
-                          f"systems ({', '.join(matchers) or 'none given'})")
+    blend_matcher = _check_matchers(data, matchers, blend_matcher, config.blend_config.cold_prior)
     cold = held_out_items(data)
     n_items, n_users = data.n_items, data.users.height
     timings: dict[str, float] = {}
@@ -751,8 +747,13 @@ def _dataset_info(
     }
 
 
-def _check_matchers(data: PreparedData, matchers: Mapping[str, EmbeddingMatcher], blend_matcher: str | None) -> str | None:
-    """Refuse matchers over another catalogue or named like a system; -> the blend's matcher name."""
+def _check_matchers(data: PreparedData, matchers: Mapping[str, EmbeddingMatcher], blend_matcher: str | None,
+                    cold_prior: str = "") -> str | None:
+    """Refuse matchers over another catalogue or named like a system, and a --cold-prior that names
+    none of them; -> the blend's matcher name."""
+    if cold_prior and cold_prior not in matchers:
+        raise ConfigError(f"--cold-prior {cold_prior!r} is not a matcher of this evaluation: name one of the --matcher "
+                          f"systems ({', '.join(matchers) or 'none given'})")
     for name, m in matchers.items():
         if len(m.item_embeddings) != data.n_items:
             raise InputError(
