@@ -182,7 +182,7 @@ def text_paths_markdown(report: dict[str, Any], seconds: float) -> str:
     lines = [
         "# Cold items: the text matcher's own paths (ML-100K, 10% of items held out of all training)",
         "",
-        f"`python bench/cold_items.py --text-paths` ({seconds:.0f} s). Full ranking over every unseen item; "
+        f"`python bench/cold_items.py {' '.join(sys.argv[1:]) or '--text-paths'}` ({seconds:.0f} s). Full ranking over every unseen item; "
         "NDCG@10 [bootstrap 95% CI]; cold = targets among the held-out items; `cold by text only` scores the "
         f"{report['no_behaviour_items']} items without a training interaction by their text embedding without the item head; "
         "`fused w` adds w x the zero-shot score. Goal (issue 16): the text matcher >= 2x zero-shot on the cold slice.",

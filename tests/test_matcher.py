@@ -204,6 +204,7 @@ def test_benchmark_only_step_modes_live_in_bench_and_the_default_equals_producti
     spec = importlib.util.spec_from_file_location("bench_matcher", Path(__file__).resolve().parents[1] / "bench" / "matcher.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_matcher"] = bench  # the importlib recipe: dataclasses look their module up there
     spec.loader.exec_module(bench)
     cfg = config(prepared_dir, tmp_path / "o", QUICK, base_model=str(bert))
     losses = {}
