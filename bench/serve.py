@@ -5,6 +5,8 @@ Python loop: torch eager encoder per item, one-row features, one-row LightGBM).
 
     python bench/serve.py                      # MiniLM-L6 towers, writes bench/results/serve.{json,md}
     python bench/serve.py --levels 1,4 --duration 3
+    python bench/serve.py --tail --duration 10 --rounds 2   # tail latency: RPC floor, /work/base, this tree
+                                                           # (bench/serve_tail.py -> serve_tail.{md,json})
 
 Artifacts (synthetic data, exported towers, ranker) are cached in --work between runs.
 """

@@ -1,6 +1,8 @@
 """Benchmark of the shared online state (recsys.state): what durability and sharing cost.
 
     python bench/state.py [--duration 6] [--startup-events 1000000,10000000]
+    python bench/state.py --duration 9 --rank-only --before /work/base --name state_rank   # Rank rows only,
+        # with the journal and Redis servers also run from the starting commit's checkout (before/after)
 
 1. LogEvents through a real `recsys serve` (closed loop, 10 events per call) with the event log in
    memory (nothing durable: the old behaviour), the embedded journal (fsync per group commit) and
@@ -159,6 +161,8 @@ def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argpa
             proc.wait(60)
     rows = [{"backend": n, "rpc": "Rank", "concurrency": 1, **summarise(rank[n], args.duration, errors[n])} for n in backends]
     for (name, level), parts in events.items():
+        if not parts:  # --rank-only
+            continue
         lat = [x for p in parts for x in p["latencies"]]
         failed: dict[str, int] = {}
         for p in parts:

@@ -98,11 +98,13 @@ class ExposureLog:
         session_id: str | None = None,
     ) -> None:
         """One served list, best first (position = index). Cheap: one tuple appended under a lock; the
-        writer thread expands lists into rows at flush time."""
+        writer thread expands lists into rows at flush time. The entry holds only strings, numbers and
+        arrays in tuples, which the cyclic collector stops tracking: a second of buffered lists does
+        not pile up in its oldest generation, whose full passes pause the event loop."""
         k = len(item_ids)
         if not k:
             return
-        entry = (user_id, list(item_ids), t_us, request_id, model_version, variant, np.asarray(scores, np.float64),
+        entry = (user_id, tuple(item_ids), t_us, request_id, model_version, variant, np.asarray(scores, np.float64),
                  np.asarray(match, np.float64), np.asarray(source, np.int8), latency_ms, session_id)
         with self._lock:
             if self._closed:

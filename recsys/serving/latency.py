@@ -85,6 +85,7 @@ NO_CLOCK: Any = _NoClock()
 
 # ------------------------------------------------------------------------------------------- stalls
 
+_FIELDS = ("t_s", "unix_s", "ms", "cpu_ms", "what", "gc", "background", "cause")
 _MONITORS: dict[asyncio.AbstractEventLoop, StallMonitor] = {}
 _original_run: Callable[[asyncio.Handle], None] | None = None
 
@@ -127,7 +128,7 @@ class StallMonitor:
         self.threshold_s = threshold_s
         self.on_stall = on_stall
         self.started = time.perf_counter()
-        self.stalls: deque[dict[str, Any]] = deque(maxlen=capacity)
+        self.stalls: deque[tuple[Any, ...]] = deque(maxlen=capacity)
         self.count = 0
         self.gc_pauses: deque[tuple[float, float, int]] = deque(maxlen=4096)  # (start, end, generation)
         self._gc_start: dict[int, float] = {}
@@ -198,12 +199,20 @@ class StallMonitor:
         }
         record["cause"] = cause(record)
         self.count += 1
-        self.stalls.append(record)
+        # Kept as a tuple of tuples of numbers and strings, which the cyclic collector stops tracking:
+        # 20,000 kept dicts would make its full passes (the stalls this records) longer.
+        self.stalls.append((*(record[k] for k in _FIELDS[:5]), tuple(gcs), tuple(background), record["cause"]))
         if self.on_stall is not None:
             self.on_stall(record)
 
     def timeline(self) -> list[dict[str, Any]]:
-        return list(self.stalls)
+        out = []
+        for kept in list(self.stalls):
+            record = dict(zip(_FIELDS, kept, strict=True))
+            record["gc"] = [{"generation": g, "ms": ms} for g, ms in record["gc"]]
+            record["background"] = list(record["background"])
+            out.append(record)
+        return out
 
     def write(self, path: Path) -> None:
         """The timeline as JSON (temp + rename): threshold, stall count, the most recent stalls."""
