@@ -62,20 +62,17 @@ class _Tour:
 
     def small(self, argv: list[str]) -> list[str]:
         """The README command with only what a small test needs changed (flags appended win in argparse)."""
-        command = tuple(argv[:2]) if argv[0] == "train" else (argv[0],)
-        if command == ("generate",):
-            return argv + [x for kv in LOG.items() for x in kv]
-        if command == ("train", "matcher"):
-            return argv + ["--base-model", self.tiny_bert, "--epochs", "1", "--threads", "1"]
-        if command == ("publish",) and "--base-model" in argv:
-            return _replace(argv, "--base-model", self.tiny_bert) + ["--threads", "1"]
-        if command == ("publish",):
-            return argv + ["--threads", "1"]
-        if command == ("evaluate",):
-            return argv + ["--systems", "popularity,ease", "--n-boot", "50", "--scores-top", "0"]
-        if command == ("retrain",):
-            return argv + ["--epochs", "1", "--threads", "1", "--ranker-rounds", "40", "--bootstrap", "100"]
-        return argv
+        command = " ".join(argv[:2]) if argv[0] == "train" else argv[0]
+        if command == "publish" and "--base-model" in argv:
+            argv = _replace(argv, "--base-model", self.tiny_bert)
+        extra = {
+            "generate": [x for kv in LOG.items() for x in kv],
+            "train matcher": ["--base-model", self.tiny_bert, "--epochs", "1", "--threads", "1"],
+            "publish": ["--threads", "1"],
+            "evaluate": ["--systems", "popularity,ease", "--n-boot", "50", "--scores-top", "0"],
+            "retrain": ["--epochs", "1", "--threads", "1", "--ranker-rounds", "40", "--bootstrap", "100"],
+        }
+        return [*argv, *extra.get(command, [])]
 
     def run(self, argv: list[str], *, cwd: Path | None = None, codes: tuple[int, ...] = (0,)) -> str:
         started = time.perf_counter()
