@@ -226,7 +226,7 @@ def test_prepare_twice_writes_the_same_bytes(synthetic_log, tmp_path):
         outs.append(out)
     files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
     assert {p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file()} == set(files)
-    assert len(files) == 11  # items, users, events, pairs, 6 eval sets, manifest
+    assert len(files) == 13  # items, users, events, pairs, 6 eval sets, manifest, timeline.png/.json
     for name in files:
         first, second = (out / name for out in outs)
         if name.name == "manifest.json":
@@ -235,3 +235,24 @@ def test_prepare_twice_writes_the_same_bytes(synthetic_log, tmp_path):
             assert one == two
         else:
             assert first.read_bytes() == second.read_bytes(), name
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_counts_events_per_day_and_marks_the_cutoffs(tmp_path):
+    pytest.importorskip("matplotlib")
+    day = 24 * 60
+    rows = [("u1", "a", "click", 0), ("u1", "b", "impression", 1), ("u2", "c", "purchase", 2),
+            ("u1", "c", "click", 2 * day), ("u2", "a", "view", 3 * day + 5), ("u2", "b", "click", 3 * day + 9)]
+    config = PrepareConfig(valid_start="2026-01-02T12:00:00Z", test_start="2026-01-04T00:00:00Z")
+    prepare_tables(_events(rows), ITEMS, None, tmp_path / "p", config)
+    series = json.loads((tmp_path / "p" / "timeline.json").read_text())
+    assert series["day"] == ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]  # the empty day included
+    assert series["positive_events"] == [2, 0, 1, 2]
+    assert series["other_events"] == [1, 0, 0, 0]
+    assert series["valid_start"].startswith("2026-01-02T12:00") and series["test_start"].startswith("2026-01-04T00:00")
+    assert (tmp_path / "p" / "timeline.png").read_bytes()[:8] == PNG_MAGIC
+
+    prepare_tables(_events(rows), ITEMS, None, tmp_path / "q", config, plots=False)
+    assert not list((tmp_path / "q").glob("timeline.*"))

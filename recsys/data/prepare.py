@@ -316,13 +316,19 @@ def write_table(frame: pl.DataFrame, path: Path) -> None:
     frame.write_parquet(path, row_group_size=ROW_GROUP_ROWS)
 
 
-def write_prepared(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any]) -> None:
-    """Write into a temp sibling, manifest last, then move it over `out_dir` (the caller holds the lock)."""
+def write_prepared(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any],
+                   timeline: dict[str, Any] | None = None) -> None:
+    """Write into a temp sibling, manifest last, then move it over `out_dir` (the caller holds the lock).
+    `timeline`: the series of timeline.png (drawn unless None)."""
     tmp_dir = temp_path(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     (tmp_dir / "eval").mkdir(parents=True)
     for name, frame in tables.items():
         write_table(frame, tmp_dir / name)
+    if timeline is not None:
+        from recsys.data.timeline import write_timeline
+
+        write_timeline(tmp_dir, timeline)
     fault_point("prepare:written")
     # The manifest last: a directory with a manifest is a complete prepared dataset.
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -339,11 +345,13 @@ def prepare_tables(
     inputs: dict[str, str] | None = None,
     validation: dict[str, Any] | None = None,
     locked: bool = False,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Write the prepared dataset for clean canonical tables (events carry `strength`).
 
     Returns the manifest. Writes atomically under `out_dir`'s output lock (`locked`: the caller holds
-    it): a temp sibling directory renamed over `out_dir`.
+    it): a temp sibling directory renamed over `out_dir`. `plots`: also timeline.png (events per day,
+    split cutoffs marked) with its numbers in timeline.json.
     """
     config = config or PrepareConfig()
     started = time.perf_counter()
@@ -398,10 +406,15 @@ def prepare_tables(
                          cutoffs=(valid_start, test_start), inputs=inputs, validation=validation, started=started)
     tables = {"items.parquet": items, "users.parquet": user_frame, "events.parquet": events, "pairs.parquet": pairs,
               **{f"eval/{name}.parquet": frame for name, frame in eval_sets.items()}}
+    timeline = None
+    if plots:
+        from recsys.data.timeline import timeline_series
+
+        timeline = timeline_series(events, valid_start, test_start)
     if locked:
-        write_prepared(out_dir, tables, manifest)
+        write_prepared(out_dir, tables, manifest, timeline)
     else:
         with output_lock(out_dir, what=f"prepared dataset {out_dir}"):
-            write_prepared(out_dir, tables, manifest)
+            write_prepared(out_dir, tables, manifest, timeline)
     log.debug("prepared %s: %s", out_dir, manifest["rows"])
     return manifest
