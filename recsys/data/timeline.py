@@ -19,7 +19,7 @@ def timeline_series(events: pl.DataFrame, valid_start: datetime, test_start: dat
     daily = events.group_by(pl.col("timestamp").dt.date().alias("day")).agg(
         (pl.col("strength") > 0).sum().alias("positive"), (pl.col("strength") <= 0).sum().alias("other"),
     )
-    days = pl.DataFrame({"day": pl.date_range(daily["day"].min(), daily["day"].max(), "1d", eager=True)})
+    days = daily.select(pl.date_range(pl.col("day").min(), pl.col("day").max(), "1d").alias("day"))
     daily = days.join(daily, on="day", how="left", maintain_order="left").fill_null(0)
     return {
         "day": [d.isoformat() for d in daily["day"].to_list()],
