@@ -178,16 +178,29 @@ def test_readme_tour_runs_as_written_with_the_site_moved_half_way(tiny_bert: Pat
             server.wait()
 
     # Key output of each step.
-    assert (site / "data" / "prepared" / "manifest.json").exists()
+    png = b"\x89PNG\r\n\x1a\n"
+    assert (site / "data" / "prepared" / "timeline.png").read_bytes()[:8] == png
     listing = t.outputs["models list"]
     assert "v0001" in listing and "v0002" in listing and "CPUExecutionProvider" in listing, listing
     assert "fine_tuned" in (site / "runs" / "report" / "evaluation.md").read_text()
     assert "valid" in t.outputs["experiment validate"]
     assert list((site / "runs" / "scores").glob("part-*.parquet"))
     report = json.loads((site / "runs" / "ab" / "report.json").read_text())
-    assert (site / "runs" / "ab" / "lift.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    assert "treatment" in json.dumps(report)
-    assert (site / "runs" / "retrain" / "retrain_report.md").exists()
+    for name in ("lift.png", "lift_over_time.png"):
+        assert (site / "runs" / "ab" / name).read_bytes()[:8] == png
+    (experiment,) = report["experiments"]
+    assert experiment["srm"]["mismatch"] is False
+    assert experiment["over_time"][-1]["units"] == {a["arm"]: a["units"] for a in experiment["arms"]}
+    ctr = next(r for r in experiment["results"] if r["metric"] == "ctr")
+    assert ctr["rel_lift"] < 0  # the planted difference: treatment users ignore 40% of their lists
+    retrain = json.loads((site / "runs" / "retrain" / "retrain_report.json").read_text())
+    assert retrain["plot"] == "metrics.png" and (site / "runs" / "retrain" / "metrics.png").read_bytes()[:8] == png
+    for row in retrain["metrics"].values():
+        if row.get("bootstrap95"):
+            for who in ("current", "candidate"):
+                lo, hi = row[f"{who}95"]
+                assert lo - 1e-9 <= row[who] <= hi + 1e-9, (who, row)
+    assert "](metrics.png)" in (site / "runs" / "retrain" / "retrain_report.md").read_text()
     assert not (tmp_path / "site").exists()
 
     # The moved registry also scores without --data, from another working directory (README: Ray example).
