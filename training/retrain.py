@@ -599,37 +599,48 @@ def _decide(config: RetrainConfig, registry: Registry, candidate: str, verdict: 
 
 def plot_metrics(report: dict[str, Any], path: Path) -> str | None:
     """Current vs candidate per metric with 95% bootstrap intervals (over the holdout's request groups
-    or users), the paired delta's interval in the label; -> the PNG's name, or None if not drawn."""
+    or users), the paired delta's interval in the label; a second panel for the fixed holdout when
+    there is one. -> the PNG's name, or None if not drawn."""
     from recsys.plots import write_plot
 
-    rows = [(name, row) for name, row in report["metrics"].items() if row.get("current") is not None
-            and row.get("candidate") is not None]
+    panels = [(f"holdout from {str(report['holdout']['from'])[:16]}", report["metrics"])]
+    if report.get("fixed_holdout"):
+        fixed = report["fixed_holdout"]
+        panels.append((f"fixed holdout (base test window) from {str(fixed['window_from'])[:16]}", fixed["metrics"]))
 
     def draw(plt: Any) -> Any:
-        fig, ax = plt.subplots(figsize=(8, 0.9 * max(len(rows), 1) + 1.3))
-        for y, (_, row) in enumerate(rows):
-            for offset, who, color in ((-0.15, "current", "tab:gray"), (0.15, "candidate", "tab:blue")):
-                value, ci = row[who], row.get(f"{who}95")
-                err = [[value - ci[0]], [ci[1] - value]] if ci else None
-                ax.errorbar(value, y + offset, xerr=err, fmt="o", color=color, capsize=3,
-                            label=f"{who} {report[who]}" if y == 0 else None)
-        labels = []
-        for name, row in rows:
-            ci = row.get("bootstrap95")
-            delta = "n/a" if row.get("delta") is None else f"{row['delta']:+.4f}"
-            gated = " (gated)" if row["gated"] else ""
-            labels.append(f"{name}{gated}\ndelta {delta}" + (f" [{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else ""))
-        ax.set_yticks(range(len(rows)), labels, fontsize=8)
-        ax.invert_yaxis()
-        ax.set_xlabel("holdout metric (95% bootstrap interval)")
+        height = max(len(m) for _, m in panels)
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.9 * height + 1.6), squeeze=False)
+        for ax, (title, metrics) in zip(axes[0], panels, strict=True):
+            _metrics_panel(ax, metrics, report)
+            ax.set_title(title, fontsize=9)
         verdict = "PROMOTED" if report["promoted"] else "NOT promoted"
-        ax.set_title(f"retrain: candidate {report['candidate']} {verdict}", fontsize=10)
-        ax.legend(fontsize=8, loc="best")
+        fig.suptitle(f"retrain: candidate {report['candidate']} {verdict} (current {report['current']})", fontsize=10)
         fig.tight_layout()
         return fig
 
     drawn = write_plot(path, draw)
     return drawn.name if drawn else None
+
+
+def _metrics_panel(ax: Any, metrics: dict[str, Any], report: dict[str, Any]) -> None:
+    rows = [(n, r) for n, r in metrics.items() if r.get("current") is not None and r.get("candidate") is not None]
+    for y, (_, row) in enumerate(rows):
+        for offset, who, color in ((-0.15, "current", "tab:gray"), (0.15, "candidate", "tab:blue")):
+            value, ci = row[who], row.get(f"{who}95")
+            err = [[value - ci[0]], [ci[1] - value]] if ci else None
+            ax.errorbar(value, y + offset, xerr=err, fmt="o", color=color, capsize=3,
+                        label=f"{who} {report[who]}" if y == 0 else None)
+    labels = []
+    for name, row in rows:
+        ci = row.get("bootstrap95")
+        delta = "n/a" if row.get("delta") is None else f"{row['delta']:+.4f}"
+        labels.append(f"{name}{' (gated)' if row['gated'] else ''}\ndelta {delta}"
+                      + (f" [{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else ""))
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("metric (95% bootstrap interval)")
+    ax.legend(fontsize=8, loc="best")
 
 
 def markdown(report: dict[str, Any]) -> str:
