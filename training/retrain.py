@@ -542,12 +542,17 @@ def _retrain(config: RetrainConfig) -> dict[str, Any]:
         "blender": cand_manifest.get("ranker", {}).get("selection"),
         "seconds": timings,
     }
+    _write_report(config, report)
+    log.info("retrain: candidate %s %s (current %s)", candidate, "PROMOTED" if promoted else "not promoted", current)
+    return report
+
+
+def _write_report(config: RetrainConfig, report: dict[str, Any]) -> None:
+    """metrics.png (unless --no-plots), retrain_report.json and retrain_report.md, which links the picture."""
     if config.plots:
         report["plot"] = plot_metrics(report, config.out / PLOT)
     write_json_atomic(config.out / REPORT_JSON, json.loads(json.dumps(report, default=str)))
     (config.out / REPORT_MD).write_text(markdown(report))
-    log.info("retrain: candidate %s %s (current %s)", candidate, "PROMOTED" if promoted else "not promoted", current)
-    return report
 
 
 def _evaluate(config: RetrainConfig, registry: Registry, versions: tuple[Path, str],

@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -411,10 +412,7 @@ def prepare_tables(
         from recsys.data.timeline import timeline_series
 
         timeline = timeline_series(events, valid_start, test_start)
-    if locked:
+    with nullcontext() if locked else output_lock(out_dir, what=f"prepared dataset {out_dir}"):
         write_prepared(out_dir, tables, manifest, timeline)
-    else:
-        with output_lock(out_dir, what=f"prepared dataset {out_dir}"):
-            write_prepared(out_dir, tables, manifest, timeline)
     log.debug("prepared %s: %s", out_dir, manifest["rows"])
     return manifest
