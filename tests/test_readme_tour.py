@@ -200,6 +200,7 @@ def test_readme_tour_runs_as_written_with_the_site_moved_half_way(tiny_bert: Pat
             for who in ("current", "candidate"):
                 lo, hi = row[f"{who}95"]
                 assert lo - 1e-9 <= row[who] <= hi + 1e-9, (who, row)
+    assert retrain["command"] == "retrain" and retrain["flags"]["exposures"] == [str(site / "runs" / "exposures")]
     assert "](metrics.png)" in (site / "runs" / "retrain" / "retrain_report.md").read_text()
     assert not (tmp_path / "site").exists()
 

@@ -100,6 +100,7 @@ class RetrainConfig:
     skip_checks: tuple[str, ...] = ()  # data checks to skip (names in recsys.data.checks.CHECKS, or "all")
     keep_refused: bool = False  # keep a candidate that is not promoted (default: retire it, freeing the disk)
     plots: bool = True  # metrics.png (current vs candidate with intervals) and the fresh data's timeline.png
+    flags: dict[str, Any] = field(default_factory=dict)  # the command line's, saved in the report for --config
 
     def __post_init__(self) -> None:
         for name in self.skip_checks:
@@ -541,6 +542,8 @@ def _retrain(config: RetrainConfig) -> dict[str, Any]:
                     "best_epoch": train_report.get("best_epoch")},
         "blender": cand_manifest.get("ranker", {}).get("selection"),
         "seconds": timings,
+        "command": "retrain",
+        "flags": config.flags,
     }
     _write_report(config, report)
     log.info("retrain: candidate %s %s (current %s)", candidate, "PROMOTED" if promoted else "not promoted", current)

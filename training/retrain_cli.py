@@ -11,6 +11,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recsys.cli_config import flags_of
 from recsys.compat import require
 from recsys.errors import InputError
 from recsys.plots import add_plots_flag
@@ -103,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         guard_metrics=() if args.no_guard else tuple(args.guard or ("recall@10",)), promote=not args.no_promote,
         on_invalid=args.on_invalid, warm_start=args.warm_start, ranker_warm_start=not args.fresh_ranker, matcher_overrides=overrides, ranker=ranker,
         bootstrap=args.bootstrap, seed=args.seed, skip_checks=tuple(args.skip_data_check),
-        keep_refused=args.keep_refused, plots=not args.no_plots,
+        keep_refused=args.keep_refused, plots=not args.no_plots, flags=flags_of(args),
     )
     report = retrain(config)
     print(markdown(report))
