@@ -114,8 +114,13 @@ def plot_over_time(result: AnalysisResult, path: Path) -> Path | None:
     level = f"{1 - result.analysis.alpha:.0%}"
 
     def draw(plt: Any) -> Any:
+        import matplotlib.dates as mdates
+
         fig, axes = plt.subplots(len(experiments), 1, figsize=(8, 3.2 * len(experiments)), squeeze=False)
         for ax, e in zip(axes[:, 0], experiments, strict=True):
+            locator = mdates.AutoDateLocator()
+            ax.xaxis.set_major_locator(locator)
+            ax.xaxis.set_major_formatter(mdates.ConciseDateFormatter(locator))
             times = [datetime.fromisoformat(p["until"]) for p in e.over_time]
             for arm in (a.arm for a in e.arms if a.arm != e.control):
                 lift = [_finite(p["lift"][arm]["rel_lift"]) for p in e.over_time]
@@ -132,7 +137,6 @@ def plot_over_time(result: AnalysisResult, path: Path) -> Path | None:
             ax.set_ylabel(f"relative lift, % ({level} CI)")
             ax.legend(fontsize=8, loc="best")
         axes[-1, 0].set_xlabel("exposures served up to (UTC)")
-        fig.autofmt_xdate()
         fig.tight_layout()
         return fig
 
