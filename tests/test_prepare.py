@@ -256,3 +256,15 @@ def test_timeline_counts_events_per_day_and_marks_the_cutoffs(tmp_path):
 
     prepare_tables(_events(rows), ITEMS, None, tmp_path / "q", config, plots=False)
     assert not list((tmp_path / "q").glob("timeline.*"))
+
+
+def test_without_matplotlib_prepare_still_writes_the_dataset(tmp_path, monkeypatch, caplog):
+    """matplotlib comes with the train extra; a runtime-only install prepares data and says why no picture."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rows = [("u1", "a", "click", 0), ("u1", "b", "click", 60), ("u2", "c", "click", 120), ("u2", "a", "click", 180)]
+    with caplog.at_level("WARNING", logger="recsys.plots"):
+        prepare_tables(_events(rows), ITEMS, None, tmp_path / "p", PrepareConfig(valid_frac=0.25, test_frac=0.25))
+    assert (tmp_path / "p" / "manifest.json").exists() and not (tmp_path / "p" / "timeline.png").exists()
+    assert "timeline.png not drawn" in caplog.text and "pip install" in caplog.text and "--no-plots" in caplog.text

@@ -648,7 +648,10 @@ def _metrics_panel(ax: Any, metrics: dict[str, Any], report: dict[str, Any]) -> 
     ax.set_yticks(range(len(rows)), labels, fontsize=8)
     ax.invert_yaxis()
     ax.set_xlabel("metric (95% bootstrap interval)")
-    ax.legend(fontsize=8, loc="best")
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no metric measurable for both versions", ha="center", transform=ax.transAxes)
 
 
 def markdown(report: dict[str, Any]) -> str:
