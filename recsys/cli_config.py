@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -88,6 +88,18 @@ def _config_path(argv: list[str]) -> Path | None:
     return None
 
 
+class Typed:
+    """An argparse `type` whose parsed values can be written back as text that parses to them, so
+    flags_of saves them (`--ks 5,10` -> (5, 10) -> "5,10"; `--matcher a=dir` -> ("a", Path) -> "a=dir")."""
+
+    def __init__(self, parse: Callable[[str], Any], as_text: Callable[[Any], str]) -> None:
+        self.parse, self.as_text = parse, as_text
+        self.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its errors
+
+    def __call__(self, text: str) -> Any:
+        return self.parse(text)
+
+
 def flags_of(args: argparse.Namespace, leave_out: tuple[str, ...] = ("out",)) -> dict[str, Any]:
     """The settings a command ran with, as a --config file gives them: {long flag without dashes: value}
     (paths absolute, so the file reproduces the run from any working directory; unset flags left out)."""
@@ -101,6 +113,9 @@ def flags_of(args: argparse.Namespace, leave_out: tuple[str, ...] = ("out",)) ->
             continue
         if action.nargs == 0:  # a switch (store_true/store_false): whether it is on
             value = value == action.const
+        elif isinstance(action.type, Typed):
+            text = action.type.as_text
+            value = [text(v) for v in value] if isinstance(action, argparse._AppendAction) else text(value)
         flags[action.option_strings[-1].lstrip("-")] = _plain(value)
     return flags
 

@@ -61,3 +61,22 @@ def test_retrain_flags_round_trip_through_the_saved_report(tmp_path: Path, capsy
     assert main(["train", "matcher", "--config", str(report), "--out", str(tmp_path / "m")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "holds the flags of `recsys retrain`, not of `recsys train matcher`" in err
+
+
+def test_saved_evaluate_flags_rerun_the_same_evaluation(prepared_dir: Path, tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture[str]) -> None:
+    """Typed flags (`--ks 5,20`, `--matcher NAME=DIR`) are saved as the text that parses back to them."""
+    argv = ["evaluate", "--data", str(prepared_dir), "--out", str(tmp_path / "first"), "--systems", "popularity",
+            "--no-blend", "--ks", "5,20", "--k", "5", "--n-boot", "20", "--scores-top", "0", "--seed", "3"]
+    assert main(argv) == 0, capsys.readouterr().err
+    saved = json.loads((tmp_path / "first" / "evaluation.json").read_text())
+    assert saved["command"] == "evaluate" and saved["flags"]["ks"] == "5,20" and saved["flags"]["no-blend"] is True
+    rerun = ["evaluate", "--config", str(tmp_path / "first" / "evaluation.json"), "--out", str(tmp_path / "again")]
+    assert _settings(_parsed(rerun)) == _settings(_parsed(argv))
+    assert main(rerun) == 0, capsys.readouterr().err
+    again = json.loads((tmp_path / "again" / "evaluation.json").read_text())
+    assert again["flags"] == saved["flags"]
+    strip = ("flags", "timings_s")
+    assert {k: v for k, v in again.items() if k not in strip} == {k: v for k, v in saved.items() if k not in strip}
+    with_matcher = _parsed(["evaluate", "--data", "d", "--matcher", "ft=reg/v1", "--out", "o"])
+    assert flags_of(with_matcher)["matcher"] == [f"ft={Path('reg/v1').absolute()}"]
