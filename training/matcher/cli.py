@@ -28,7 +28,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
                        help="per pair, N shown-but-not-clicked items as extra negatives (0: off)")
     model.add_argument("--logq", action="store_true", help="logQ correction by each item's sampling probability")
     model.add_argument("--cache-negatives", type=int, default=0, metavar="N",
-                       help="N extra negatives per step from the no-grad embedding cache (>= n_items: all)")
+                       help="N extra catalogue negatives per step, encoded with gradient like the targets "
+                       "(>= n_items: all)")
     model.add_argument("--train-layers", type=int, default=0, metavar="N",
                        help="full fine-tuning of only the top N transformer layers (0: all)")
     model.add_argument("--item-head", type=int, default=0, metavar="H",

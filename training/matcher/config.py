@@ -50,7 +50,7 @@ class MatcherModelConfig:
     temperature: float = 0.05
     hard_negatives: int = 0  # per pair, from neg_item_idx
     logq: bool = False
-    cache_negatives: int = 0  # extra negatives from the no-grad cache (>= n_items: whole catalogue)
+    cache_negatives: int = 0  # extra catalogue negatives per step, encoded with gradient (>= n_items: all)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:

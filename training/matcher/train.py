@@ -1,8 +1,11 @@
 """Fine-tuning loop for the two-tower matcher.
 
 Per step (batch of B positive pairs):
-  1. columns = unique(target items, sampled hard negatives): each item is encoded once, with grad,
-     in length-bucketed chunks; optional extra negatives come from the no-grad embedding cache;
+  1. columns = unique(target items, sampled hard negatives, sampled catalogue negatives): each item
+     is encoded once, with grad, in length-bucketed chunks. Every softmax column carries gradient:
+     negatives read from a no-grad cache while the positives are fresh bias the item-side gradient
+     (the positives' push towards the users is no longer balanced by the negatives' push away), and
+     a warm-started matcher lost a third of its NDCG in 12 steps that way (issue #16, measured);
   2. user vectors come from the *cached* embeddings of history items (no encoder pass for B x N
      history items: the dominant cost otherwise); the cache is refreshed from the encoder every
      `cache_refresh` steps and at every validation, and rows of the step's columns are overwritten
@@ -360,12 +363,15 @@ class _Trainer:
         targets = pairs.item[rows]
         hist = pairs.hist_item[rows]
         negs = pairs.sample_hard_negatives(rows, cfg.model.hard_negatives, rng)
-        plan = self.step_items(targets, negs, hist)
-        columns, labels = plan.columns, plan.labels
         extra = np.zeros(0, dtype=np.int64)
         if cfg.model.cache_negatives > 0:
-            pool = np.setdiff1d(self.negative_pool, columns)
+            pool = np.setdiff1d(self.negative_pool, np.concatenate([targets, negs]))
             extra = pool if cfg.model.cache_negatives >= len(pool) else rng.choice(pool, cfg.model.cache_negatives, replace=False)
+        head_only = self.lower is not None and self.lower.ndim == 2
+        if not head_only:  # catalogue negatives are encoded with the step's items: every column carries gradient
+            negs, extra = np.concatenate([negs, extra]), extra[:0]
+        plan = self.step_items(targets, negs, hist)
+        columns, labels = plan.columns, plan.labels
         all_cols = np.concatenate([columns, extra])
         fn_mask = false_negative_mask(pairs.user[rows], all_cols, self.n_items, self.positives, hist)
         log_q = None
@@ -374,7 +380,7 @@ class _Trainer:
             log_q = torch.from_numpy(inclusion_log_prob(self.item_prob[all_cols], len(rows), uniform)).to(self.device)
 
         dev = self.device
-        if self.lower is not None and self.lower.ndim == 2:
+        if head_only:
             return self._head_only_step(rows, all_cols, labels, fn_mask, log_q)
         chunks = model_chunks(
             self.tokens.chunks(plan.encode, cfg.run.encode_chunk, bucket=self.bucket), plan.encode, self.device, self.lower
@@ -383,8 +389,6 @@ class _Trainer:
         with autocast(dev, self.bf16):
             users, enc = self.encode_step([(x, mask) for _, x, mask in chunks], chunks, plan, history)
             items = enc[torch.from_numpy(plan.col_pos).to(dev)]
-            if len(extra):
-                items = torch.cat([items, self.cache[torch.from_numpy(extra).to(dev)]])
             loss = self._loss(users, items, rows, labels, fn_mask, log_q)
         self._optimise(loss)
         with torch.no_grad():  # fresh (train-mode) embeddings of this step's items keep the cache current
