@@ -283,6 +283,13 @@ class Reference:
     recall: np.ndarray | None
 
 
+def catalogue_encoder(model: Path, tokenizer: Path, max_len: int, provider: str, config: ExportConfig) -> ItemEncoder:
+    """The item encoder a publish encodes the catalogue with: token-budget batches, and intra-op threads
+    that sleep between ops instead of spinning (bench/encoder.py: spinning burns a fifth of the CPU time
+    on a shared machine for no throughput)."""
+    return ItemEncoder(model, tokenizer, max_len, provider, config.threads, config.batch_size, spinning=False)
+
+
 def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prepared: PreparedData | None) -> Reference:
     """Encode the texts with the fp32 item model; with data, its per-user Recall@k on the eval users."""
     item_ids, evaluator = None, None
@@ -293,7 +300,7 @@ def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prep
         evaluator = RankingEvaluator(eval_set, config.k)
     else:
         texts = fallback_texts(seed=config.seed)
-    fp32 = ItemEncoder(out_dir / "item.opt.onnx", out_dir / "tokenizer.json", max_len, "cpu", config.threads, config.batch_size)
+    fp32 = catalogue_encoder(out_dir / "item.opt.onnx", out_dir / "tokenizer.json", max_len, "cpu", config)
     users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads)
     emb = fp32.encode(texts)
     recall = onnx_recall(evaluator, emb, users) if evaluator is not None else None
@@ -427,7 +434,7 @@ def build_variants(out_dir: Path, max_len: int, config: ExportConfig, ref: Refer
     for name, build, provider in wanted:
         path = out_dir / f"item.{name}.onnx"
         build(out_dir / "item.opt.onnx", path)
-        variant = ItemEncoder(path, out_dir / "tokenizer.json", max_len, provider, config.threads, config.batch_size)
+        variant = catalogue_encoder(path, out_dir / "tokenizer.json", max_len, provider, config)
         report = judge_variant(name, variant, ref, config)
         if provider == "cpu" and name == "fp16":
             report["note"] = "judged on CPU (no usable CUDA here); speed is only meaningful on a GPU"
