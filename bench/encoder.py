@@ -508,6 +508,10 @@ def markdown(report: dict[str, Any]) -> str:
             extra = f" [{pct(r['share_of_fp32_peak'])} of fp32]" if r["int8"] else ""
             cells.append(f"{r['seq_per_s']:.0f} | {r['gflops']:.1f} | {pct(r['share_of_peak'])} ({pct(r['share_of_peak_cpu'])}){extra}")
         lines.append(f"| {method} | " + " | ".join(cells) + " |")
+    if m["load_avg_1m_at_end"] > m["cores"]:
+        lines += ["", f"The machine was oversubscribed (load {m['load_avg_1m_at_end']:.1f} on {m['cores']} cores): wall-clock rates "
+                  "depend on which moments each job got the cores (shares above 100% mean the peak GEMMs ran in busier moments), "
+                  "so compare variants by the per-CPU-second share in brackets."]
     lines += ["", verdict(report, fp32_peak)]
     knee = [r for r in rows if r["section"] == "knee"]
     if knee:
@@ -535,7 +539,7 @@ def verdict(report: dict[str, Any], fp32_peak: float) -> str:
                        for r in pub)
     return (f"Publish-time encoding (fp32, what the embedding store is built with): {shares}. Its GEMMs (MatMul, and the "
             f"QKV GEMM inside the fused Attention) take {pct(prof['gemm_share'])} of the kernel time and run at "
-            f"{prof['gemm_gflops']:.0f} GFLOP/s ({pct(prof['gemm_gflops'] / fp32_peak)} of peak) counting padded tokens; the other "
+            f"{prof['gemm_gflops']:.0f} GFLOP/s wall clock ({pct(prof['gemm_gflops'] / fp32_peak)} of peak) counting padded tokens; the other "
             f"{pct(1 - prof['gemm_share'])} (LayerNorm, GELU, softmax, embeddings: memory-bound at h = {report['floor']['hidden']}) "
             f"and {pct(prof['padded_tokens'] / prof['real_tokens'] - 1)} padding are the gap to 100%.")
 
