@@ -22,9 +22,10 @@ from recsys.errors import InputError, ModelError
 from recsys.scoring.providers import TENSORRT, SessionInfo, create_session
 
 ITEM_INPUTS = ("input_ids", "attention_mask")
-# Padded tokens per item-encoder batch on CPU: inside the 256-1,024 plateau of bench/results/encoder.md's
-# knee; larger batches spill the [tokens, 1536] FFN activations out of the cores' L2 caches.
-TOKENS_PER_BATCH = 512
+# Padded tokens per item-encoder batch on CPU: the knee in bench/results/encoder.md (256 ahead of 512 and
+# 1,024 in three runs, per CPU-second); larger batches spill the [tokens, 1536] FFN activations out of the
+# cores' L2 caches, and per-op overhead stays small down to batches of 8 short texts.
+TOKENS_PER_BATCH = 256
 USER_INPUTS = ("hist_emb", "hist_type", "hist_age", "hist_mask")
 
 
