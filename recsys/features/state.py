@@ -460,7 +460,7 @@ class FeatureState:
         out.update({name: getattr(self, name)[: self.n_users] for name in _USER_ARRAYS})
         for name in _SPARSE:
             sparse: SparseMap = getattr(self, name)
-            out[f"{name}.keys"], out[f"{name}.values"] = sparse.keys, sparse.values
+            out[f"{name}.keys"], out[f"{name}.values"] = sparse.arrays()
         cat = self.catalogue
         out.update(
             {
