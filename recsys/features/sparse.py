@@ -38,20 +38,6 @@ def _merge(keys: np.ndarray, values: np.ndarray, more_keys: np.ndarray, more_val
     return np.insert(keys, pos, more_keys), np.insert(values, pos, more_values)
 
 
-def _row_values(keys: np.ndarray, values: np.ndarray, base: int, cols: np.ndarray) -> np.ndarray | None:
-    """Values at (row, cols) from one level (0 where absent), None when the level lacks the row."""
-    lo, hi = keys.searchsorted(base), keys.searchsorted(base + (1 << 32))
-    if lo == hi:
-        return None
-    keys = keys[lo:hi]
-    want = cols | base
-    pos = keys.searchsorted(want)
-    np.minimum(pos, hi - lo - 1, out=pos)
-    out = values[lo:hi][pos]
-    out[keys[pos] != want] = 0.0
-    return out
-
-
 class SparseMap:
     """(row, col) -> float64 as sorted unique int64 keys (row << 32 | col) and values, in two levels
     (base + delta, disjoint keys; see the module docstring).
@@ -135,23 +121,34 @@ class SparseMap:
                 out[found] += level_values[pos[found]]
         return out.reshape(keys.shape)
 
+    def _row_slice(self, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """(keys, values) of one row over both levels, keys ascending (views when one level holds it)."""
+        base, top = int(row) << 32, (int(row) + 1) << 32
+        lo, hi = self._keys.searchsorted(base), self._keys.searchsorted(top)
+        keys, values = self._keys[lo:hi], self._values[lo:hi]
+        if len(self._dkeys):
+            dlo, dhi = self._dkeys.searchsorted(base), self._dkeys.searchsorted(top)
+            if dhi > dlo and hi > lo:  # a few entries each: concatenate and sort beats two lookups
+                keys = np.concatenate((keys, self._dkeys[dlo:dhi]))
+                order = keys.argsort()
+                keys, values = keys[order], np.concatenate((values, self._dvalues[dlo:dhi]))[order]
+            elif dhi > dlo:
+                keys, values = self._dkeys[dlo:dhi], self._dvalues[dlo:dhi]
+        return keys, values
+
     def get_row(self, row: int, cols: np.ndarray) -> np.ndarray:
         """Values of one row at cols [n]; 0 where absent. Searches only that row's slice of each level."""
-        base = int(row) << 32
-        cols = np.asarray(cols, np.int64)
-        out = _row_values(self._keys, self._values, base, cols)
-        if len(self._dkeys):
-            more = _row_values(self._dkeys, self._dvalues, base, cols)
-            if more is not None:
-                out = more if out is None else out + more
-        return np.zeros(len(cols), np.float64) if out is None else out
+        keys, values = self._row_slice(row)
+        if not len(keys):
+            return np.zeros(len(cols), np.float64)
+        want = np.asarray(cols, np.int64) | (int(row) << 32)
+        pos = keys.searchsorted(want)
+        np.minimum(pos, len(keys) - 1, out=pos)
+        out = values[pos]
+        out[keys[pos] != want] = 0.0
+        return out
 
     def row(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         """(cols, values) of one row, cols ascending."""
-        bounds = [np.int64(row) << _SHIFT, np.int64(row + 1) << _SHIFT]
-        lo, hi = np.searchsorted(self._keys, bounds)
-        keys, values = self._keys[lo:hi], self._values[lo:hi]
-        dlo, dhi = np.searchsorted(self._dkeys, bounds)
-        if dhi > dlo:
-            keys, values = _merge(keys, values, self._dkeys[dlo:dhi], self._dvalues[dlo:dhi])
+        keys, values = self._row_slice(row)
         return (keys & _COL_MASK).astype(np.int64), values
