@@ -113,3 +113,24 @@ def test_saved_state_is_the_same_with_a_delta_and_after_compaction(prepared_dir,
     whole = _saved(FeatureState.build(data.items, data.events().collect()).save(tmp_path / "whole"))
     for name in _SPARSE:  # one fold (everything in one delta): the same keys, sums up to float order
         assert whole[f"{name}.keys"] == _saved(tmp_path / "compact")[f"{name}.keys"]
+
+
+def test_deferred_merges_are_prepared_aside_and_refused_when_the_map_changed() -> None:
+    """The follower's protocol: with defer_merges, add leaves a due merge to prepare_merge (no change
+    to the map) and install_merge (refused when the map changed in between); a backstop still merges."""
+    rng = np.random.default_rng(2)
+    sparse = SparseMap()
+    sparse.MIN_DELTA, sparse.defer_merges = 50, True
+    sparse.add(rng.integers(0, 10, 80), rng.integers(0, 1000, 80))
+    assert sparse.prepare_merge() is not None and not len(sparse._keys)  # due, not merged inline
+    before = sparse.arrays()
+    merge = sparse.prepare_merge()
+    assert merge is not None and len(sparse._dkeys) == len(before[0])  # preparing changed nothing
+    sparse.add(np.array([3]), np.array([5000]))
+    assert not sparse.install_merge(merge)  # stale: would lose that add
+    merge = sparse.prepare_merge()
+    assert merge is not None and sparse.install_merge(merge)
+    assert not len(sparse._dkeys) and sparse.get(3, 5000) == 1.0
+    np.testing.assert_array_equal(sparse.arrays()[0], np.union1d(before[0], SparseMap.key(3, 5000)))
+    sparse.add(rng.integers(0, 10, 1000), rng.integers(0, 10**6, 1000))  # > MERGE_BACKSTOP x the limit
+    assert not len(sparse._dkeys)  # merged inline

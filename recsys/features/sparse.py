@@ -9,7 +9,9 @@ adds in place to keys either level holds and inserts its new keys into the delta
 the delta (bounded by a fraction of the base), not the whole map; the delta is merged into the base
 once it outgrows max(MIN_DELTA, len(base) / DELTA_FRACTION). Amortised, a batch of b keys costs
 O(b log b + |delta| + nnz * b_new / threshold) instead of O(nnz): served lists folded as impressions
-every 0.25 s no longer copy a 10M-entry map per fold (bench/sparse.py).
+every 0.25 s no longer copy a 10M-entry map per fold (bench/sparse.py). A server's follower goes
+further: with `defer_merges` it builds the merged base outside the state's write lock
+(`prepare_merge`, a read) and only swaps it in under the lock (`install_merge`).
 """
 
 from __future__ import annotations
@@ -48,11 +50,14 @@ class SparseMap:
 
     MIN_DELTA = 65_536  # the delta may always grow this far before a merge
     DELTA_FRACTION = 8  # ... or to len(base) / DELTA_FRACTION
+    MERGE_BACKSTOP = 4  # with defer_merges, `add` still merges a delta this many limits large
 
     def __init__(self, keys: np.ndarray | None = None, values: np.ndarray | None = None) -> None:
         self._keys = _EMPTY_KEYS.copy() if keys is None else np.asarray(keys, np.int64)
         self._values = _EMPTY_VALUES.copy() if values is None else np.asarray(values, np.float64)
         self._dkeys, self._dvalues = _EMPTY_KEYS.copy(), _EMPTY_VALUES.copy()
+        self.defer_merges = False  # the owner merges with prepare_merge / install_merge (the server's follower)
+        self._version = 0  # bumped by every change: an install_merge prepared before one is refused
 
     def __len__(self) -> int:
         return len(self._keys) + len(self._dkeys)
@@ -71,6 +76,7 @@ class SparseMap:
         keys = self.key(rows, cols).ravel()
         if not len(keys):
             return
+        self._version += 1
         weights = np.broadcast_to(np.asarray(values, np.float64), keys.shape)
         uniq, inverse = np.unique(keys, return_inverse=True)
         sums = np.bincount(inverse, weights=weights, minlength=len(uniq))
@@ -85,14 +91,31 @@ class SparseMap:
         if new.any():
             self._dkeys = np.insert(self._dkeys, pos[new], uniq[new])
             self._dvalues = np.insert(self._dvalues, pos[new], sums[new])
-            if len(self._dkeys) > self.delta_limit:
+            if len(self._dkeys) > self.delta_limit * (self.MERGE_BACKSTOP if self.defer_merges else 1):
                 self.compact()
 
     def compact(self) -> None:
         """Merge the delta into the base (one O(nnz) copy)."""
         if len(self._dkeys):
-            self._keys, self._values = _merge(self._keys, self._values, self._dkeys, self._dvalues)
-            self._dkeys, self._dvalues = _EMPTY_KEYS.copy(), _EMPTY_VALUES.copy()
+            self.install_merge((self._version, *self.arrays()))
+
+    def prepare_merge(self) -> tuple[int, np.ndarray, np.ndarray] | None:
+        """When the delta is over its limit: the merged base, built without changing the map (a read:
+        requests may read the map meanwhile, so the O(nnz) copy need not hold a writer's lock), for
+        `install_merge` to swap in. None when no merge is due."""
+        if len(self._dkeys) <= self.delta_limit:
+            return None
+        return (self._version, *self.arrays())
+
+    def install_merge(self, merge: tuple[int, np.ndarray, np.ndarray]) -> bool:
+        """Swap in a prepared merge (O(1)); refused (False) when the map changed since it was prepared."""
+        version, keys, values = merge
+        if version != self._version:
+            return False
+        self._keys, self._values = keys, values
+        self._dkeys, self._dvalues = _EMPTY_KEYS.copy(), _EMPTY_VALUES.copy()
+        self._version += 1
+        return True
 
     def arrays(self) -> tuple[np.ndarray, np.ndarray]:
         """(keys, values): every entry as one sorted pair, the format a map saves as. Does not change
@@ -107,6 +130,7 @@ class SparseMap:
             keys = getattr(self, keys_name)
             keep = ~np.isin(keys >> _SHIFT, rows)
             if not keep.all():
+                self._version += 1
                 setattr(self, keys_name, keys[keep])
                 setattr(self, values_name, getattr(self, values_name)[keep])
 
