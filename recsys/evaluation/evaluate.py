@@ -3,6 +3,7 @@
 Systems (each a score matrix [U, n_items] over the evaluated users of a window):
     popularity, itemknn (co-visitation cosine), als (`implicit`), ease   collaborative baselines
     <matcher names> (e.g. zero_shot, fine_tuned)    text encoders: <user(history), item> cosines
+    <sequence names> (sasrec)                       exported sequence models over ordered histories
     blend                                           two-stage: candidates + LightGBM re-ranking
 
 The blend is the production answer to "beat strong CF in full ranking": candidate generation is the
@@ -52,6 +53,7 @@ from recsys.errors import ConfigError, InputError
 from recsys.evaluation.baselines import Popularity
 from recsys.evaluation.collaborative import ALS, EASE, ItemKNN, rows_matrix
 from recsys.evaluation.metrics import per_user_metrics, top_k
+from recsys.evaluation.sequence import SequenceSystem
 from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState
 from recsys.ranker import LambdaMARTParams, Ranker, RankingSet, train_lambdamart
 from recsys.scoring.explore import cold_share, reserve_cold_slots
@@ -635,6 +637,7 @@ def evaluate(
     matchers: Mapping[str, EmbeddingMatcher] | None = None,
     blend_matcher: str | None = None,
     ranker: Ranker | None = None,
+    sequences: Mapping[str, SequenceSystem] | None = None,
 ) -> EvalResult:
     """Run every system on the test window of `config.protocol` and compare them.
 
@@ -642,7 +645,8 @@ def evaluate(
     text systems, and `blend_matcher` (default: "fine_tuned" if given, else the first) feeds the
     blend. ranker: a trained `recsys.ranker.Ranker` to use as the blend's re-ranker instead of
     training one on the valid window (its feature names must be computable here, or it is refused
-    with the missing feature named)."""
+    with the missing feature named). sequences: name -> exported sequence model (SASRec), scored over
+    each user's ordered interactions before the window; compared, not blended."""
     config = config or EvalConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     matchers = dict(matchers or {})
@@ -662,6 +666,13 @@ def evaluate(
     for name, m in matchers.items():
         test_scores[name] = matcher_scores(m, test.history)
     started = _stage(timings, "matchers_test", started)
+    sequences = dict(sequences or {})
+    for name, seq in sequences.items():
+        if name in (*CF_SYSTEMS, BLEND, *matchers):
+            raise ConfigError(f"sequence system name {name!r} clashes with another system: rename it")
+        test_scores[name] = seq.scores(data, config.protocol, "test", test.users, test.cutoff_us)
+    if sequences:
+        started = _stage(timings, "sequences_test", started)
 
     sampled = sampled_candidates(n_items, test.seen, test.targets, config.sampled_negatives, config.seed)
     blend_info: dict[str, Any] = {}
@@ -678,7 +689,7 @@ def evaluate(
     no_behaviour = np.bincount(test.fit_item, minlength=n_items) == 0  # the service's "cold": unseen items
     explore = _explore(config, test, test_scores, blend_matcher, no_behaviour)
 
-    systems = [s for s in config.systems] + list(matchers) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
+    systems = [s for s in config.systems] + list(matchers) + list(sequences) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
     new_users = np.flatnonzero(fit_counts <= config.new_user_max)
     slices = slice_targets(test.targets, test.users, cold, new_users)

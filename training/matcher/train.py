@@ -186,7 +186,7 @@ def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
     """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build."""
     model_kwargs = dict(
         temperature=cfg.model.temperature, dropout=cfg.model.dropout, max_history=cfg.model.max_history,
-        max_text_tokens=cfg.model.max_text_tokens,
+        max_text_tokens=cfg.model.max_text_tokens, user_tower=cfg.model.user_tower,
     )
     torch.manual_seed(cfg.run.seed)  # the user tower's (and LoRA's) initial weights
     if not cfg.model.warm_start:
@@ -194,8 +194,13 @@ def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
     ckpt = Path(cfg.model.warm_start)
     model, tokenizer = load_checkpoint(ckpt)
     _check_warm_start(ckpt, cfg, tokenizer)
+    if model.config.user_tower != cfg.model.user_tower:
+        raise ConfigError(f"--warm-start {ckpt} has a {model.config.user_tower} user tower, this run asks for "
+                          f"--user-tower {cfg.model.user_tower}: pass --user-tower {model.config.user_tower}")
     model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-    model.user_tower.dropout.p = cfg.model.dropout
+    for module in model.user_tower.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = cfg.model.dropout
     if cfg.model.item_head and model.item_tower.head is None:  # add a fresh (identity) head
         model.item_tower.head = ItemHead(model.config.dim, cfg.model.item_head)
         model.config = replace(model.config, item_head=cfg.model.item_head)
@@ -595,7 +600,12 @@ def _unbucket(enc: torch.Tensor, chunks: list[tuple[np.ndarray, torch.Tensor, to
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a matcher; returns the training report (also written to out/)."""
-    trainer = _Trainer(cfg)
+    if cfg.model.user_tower == "sequential":
+        from training.matcher.sequence_train import SequenceTrainer
+
+        trainer: _Trainer = SequenceTrainer(cfg)
+    else:
+        trainer = _Trainer(cfg)
     try:
         return trainer.run()
     finally:
