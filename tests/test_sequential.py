@@ -161,7 +161,7 @@ def test_sasrec_directory_errors_name_the_fix(prepared_dir: Path, tmp_path: Path
         SASRecConfig(dim=10, heads=3)
 
 
-def test_sequential_user_tower_trains_end_to_end_and_exports(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:
+def test_sequential_user_tower_trains_end_to_end_and_exports(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:  # noqa: F811
     from training.matcher.checkpoint import load_towers
     from training.matcher.config import MatcherModelConfig
 
