@@ -114,7 +114,7 @@ def zero_shot_matcher(data: Any, threads: int) -> Any:
 
 
 def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace,
-                       user_tower: str = "pooling") -> tuple[Any, dict[str, Any]]:
+                       user_tower: str = "pooling", warm_start: Path | None = None) -> tuple[Any, dict[str, Any]]:
     from training.matcher.checkpoint import load_checkpoint
     from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
     from training.matcher.train import train
@@ -125,6 +125,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
             protocol=protocol, train_layers=args.train_layers, item_head=args.item_head, head_dropout=args.head_dropout,
             freeze_encoder=args.freeze_encoder, cache_negatives=args.cache_negatives, max_text_tokens=48,
             max_history=data.max_history, user_tower=user_tower, logq=user_tower == "sequential",
+            warm_start=str(warm_start) if warm_start else None,
         )
         sequential = user_tower == "sequential"
         run = RunConfig(
@@ -139,7 +140,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     model, tokenizer = load_checkpoint(out)
     _TOKENIZERS[id(model)] = tokenizer
     keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
-    mode = {"user_tower": user_tower, "item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
+    mode = {"user_tower": user_tower, "warm_start": str(warm_start) if warm_start else None, "item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
     return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
 
 
@@ -220,7 +221,9 @@ def main() -> int:
     parser.add_argument("--user-towers", default="pooling,sequential",
                         help="fine-tuned matchers to train: pooling (system fine_tuned), sequential (fine_tuned_seq)")
     parser.add_argument("--blend-matcher", default="fine_tuned_seq", help="the matcher feeding the blend (if trained)")
-    parser.add_argument("--seq-epochs", type=int, default=10, help="sequential tower epochs")
+    parser.add_argument("--seq-epochs", type=int, default=5, help="sequential tower epochs")
+    parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the sequential tower's item tower from the pooling matcher's")
     parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
     parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True, help="SASRec baseline (torch)")
     parser.add_argument("--sasrec-length", type=int, default=200)
@@ -270,8 +273,12 @@ def main() -> int:
                     system, suffix = TOWER_SYSTEMS[tower]
                     key = f"{train_protocol}{suffix}"
                     if key not in fine_cache:
+                        # The sequential tower starts from the pooling matcher's trained item tower (a fresh
+                        # user tower; training/matcher/train.py `_initial_model`) when that one is trained.
+                        pooled = args.cache / f"{name}_{train_protocol}_matcher"
+                        warm = pooled if tower == "sequential" and args.seq_warm_start and (pooled / "training_report.json").exists() else None
                         fine_cache[key] = fine_tuned_matcher(
-                            data, train_protocol, args.cache / f"{name}_{key}_matcher", args, tower
+                            data, train_protocol, args.cache / f"{name}_{key}_matcher", args, tower, warm
                         )
                     matchers[system], info = fine_cache[key]
                     matcher_info[system] = {**info, "trained_on": f"{train_protocol} train split"}

@@ -189,3 +189,24 @@ def test_sequential_user_tower_trains_end_to_end_and_exports(prepared_dir: Path,
     assert vectors.shape == (8, matcher.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
     with pytest.raises(Exception, match="user_tower"):
         MatcherModelConfig(user_tower="sequential")  # needs the frozen-encoder path
+
+
+def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:  # noqa: F811
+    """--user-tower sequential --warm-start POOLING_CKPT: the trained item head carries over, the user
+    tower starts fresh as the sequential kind."""
+    from training.matcher.checkpoint import load_checkpoint
+    from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
+    from training.matcher.train import _initial_model, train
+
+    run = RunConfig(batch_size=128, lr=1e-3, progress=False, threads=1, max_steps=2, zero_shot=False, eval_test=False)
+    pooled = tmp_path / "pooled"
+    common = dict(protocol="loo", freeze_encoder=True, item_head=16, cache_negatives=10_000)
+    train(TrainConfig(data=str(prepared_dir), out=str(pooled), model=MatcherModelConfig(base_model=str(bert), **common), run=run))
+    cfg = TrainConfig(data=str(prepared_dir), out=str(tmp_path / "seq"), run=run,
+                      model=MatcherModelConfig(warm_start=str(pooled), user_tower="sequential", **common))
+    model, _ = _initial_model(cfg)
+    source, _ = load_checkpoint(pooled)
+    assert isinstance(model.user_tower, SequentialUserTower) and model.config.user_tower == "sequential"
+    assert model.item_tower.head is not None and source.item_tower.head is not None
+    assert torch.equal(model.item_tower.head.fc2.weight, source.item_tower.head.fc2.weight)
+    assert source.item_tower.head.fc2.weight.abs().sum() > 0  # trained, not the identity start

@@ -68,6 +68,7 @@ from training.matcher.model import (
     build_model,
     find_layers,
     load_encoder,
+    make_user_tower,
     resolve_base_model,
 )
 
@@ -194,10 +195,10 @@ def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
     ckpt = Path(cfg.model.warm_start)
     model, tokenizer = load_checkpoint(ckpt)
     _check_warm_start(ckpt, cfg, tokenizer)
-    if model.config.user_tower != cfg.model.user_tower:
-        raise ConfigError(f"--warm-start {ckpt} has a {model.config.user_tower} user tower, this run asks for "
-                          f"--user-tower {cfg.model.user_tower}: pass --user-tower {model.config.user_tower}")
+    other_tower = model.config.user_tower != cfg.model.user_tower
     model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
+    if other_tower:  # another user tower kind: keep the trained item tower, start a fresh user tower
+        model.user_tower = make_user_tower(model.config)
     for module in model.user_tower.modules():
         if isinstance(module, nn.Dropout):
             module.p = cfg.model.dropout
