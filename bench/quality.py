@@ -152,7 +152,8 @@ def sasrec_system(data: Any, protocol: str, out: Path, args: argparse.Namespace)
 
     if not (out / "manifest.json").exists():
         config = SASRecConfig(protocol=protocol, max_length=args.sasrec_length, epochs=args.sasrec_epochs,
-                              patience=args.sasrec_patience, seed=args.seed, threads=args.threads)
+                              patience=args.sasrec_patience, budget_minutes=args.sasrec_budget, seed=args.seed,
+                              threads=args.threads)
         train_sasrec(data.root, out, config)
     system = load_sequence_system(out, data)
     return system, dict(system.manifest["training"]) | {"max_length": system.max_length}
@@ -221,7 +222,7 @@ def main() -> int:
     parser.add_argument("--user-towers", default="pooling,sequential",
                         help="fine-tuned matchers to train: pooling (system fine_tuned), sequential (fine_tuned_seq)")
     parser.add_argument("--blend-matcher", default="fine_tuned_seq", help="the matcher feeding the blend (if trained)")
-    parser.add_argument("--seq-epochs", type=int, default=5, help="sequential tower epochs")
+    parser.add_argument("--seq-epochs", type=int, default=2, help="sequential tower epochs")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
     parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
@@ -229,6 +230,7 @@ def main() -> int:
     parser.add_argument("--sasrec-length", type=int, default=200)
     parser.add_argument("--sasrec-epochs", type=int, default=200)
     parser.add_argument("--sasrec-patience", type=int, default=5)
+    parser.add_argument("--sasrec-budget", type=float, default=0.0, help="SASRec training minutes (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)

@@ -109,6 +109,7 @@ def sasrec_dir(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> 
 def test_sasrec_trains_exports_and_is_scored_by_evaluate(sasrec_dir: Path, prepared_dir: Path, tmp_path: Path) -> None:
     manifest = json.loads((sasrec_dir / "manifest.json").read_text())
     assert manifest["kind"] == "sasrec" and manifest["onnx_max_abs_diff"] < 1e-4
+    assert manifest["training"]["stopped_by"] in ("patience", "epochs")
     assert manifest["training_window"]["splits"] == ["train"] and manifest["training_window"]["protocol"] == "loo"
     curve = [row["loss"] for row in manifest["curve"]]
     assert curve[-1] < curve[0]
@@ -210,3 +211,12 @@ def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: 
     assert model.item_tower.head is not None and source.item_tower.head is not None
     assert torch.equal(model.item_tower.head.fc2.weight, source.item_tower.head.fc2.weight)
     assert source.item_tower.head.fc2.weight.abs().sum() > 0  # trained, not the identity start
+
+
+def test_sasrec_time_budget_keeps_the_best_epoch(prepared_dir: Path) -> None:
+    from training.sasrec import fit
+
+    data = PreparedData.load(prepared_dir)
+    model, report = fit(data, SASRecConfig(protocol="loo", dim=16, max_length=20, epochs=50, budget_minutes=1e-9, threads=1))
+    assert report["stopped_by"] == "time budget" and report["epochs_run"] == 1 == report["best_epoch"]
+    assert not model.training

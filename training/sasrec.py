@@ -52,6 +52,7 @@ class SASRecConfig:
     batch_size: int = 128
     epochs: int = 200
     patience: int = 10  # epochs without a better valid NDCG@10
+    budget_minutes: float = 0.0  # > 0: no new epoch after this much training time (the best epoch is kept)
     seed: int = 0
     threads: int = 0
 
@@ -181,7 +182,7 @@ def fit(data: PreparedData, config: SASRecConfig) -> tuple[SASRec, dict[str, Any
     opt = torch.optim.Adam(model.parameters(), lr=config.lr, betas=(0.9, 0.98))
     rng = np.random.default_rng(config.seed)
     lengths = (inputs >= 0).sum(1)
-    best, best_epoch, best_state, curve = -1.0, 0, None, []
+    best, best_epoch, best_state, curve, stopped = -1.0, 0, None, [], "epochs"
     started = time.perf_counter()
     for epoch in range(1, config.epochs + 1):
         model.train()
@@ -201,11 +202,16 @@ def fit(data: PreparedData, config: SASRecConfig) -> tuple[SASRec, dict[str, Any
             best, best_epoch = ndcg, epoch
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         elif epoch - best_epoch >= config.patience:
+            stopped = "patience"
+            break
+        if config.budget_minutes and time.perf_counter() - started > config.budget_minutes * 60:
+            stopped = "time budget"
             break
     assert best_state is not None
     model.load_state_dict(best_state)
     model.eval()
-    report = {"best_epoch": best_epoch, "valid_ndcg@10": best, "epochs_run": len(curve), "sequences": len(inputs),
+    report = {"best_epoch": best_epoch, "valid_ndcg@10": best, "epochs_run": len(curve), "stopped_by": stopped,
+              "sequences": len(inputs),
               "train_seconds": round(time.perf_counter() - started, 1), "curve": curve}
     return model, report
 

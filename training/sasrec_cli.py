@@ -21,6 +21,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--batch-size", type=int, default=128, help="sequences per step (128)")
     parser.add_argument("--epochs", type=int, default=200, help="most epochs (200)")
     parser.add_argument("--patience", type=int, default=10, help="epochs without a better valid NDCG@10 (10)")
+    parser.add_argument("--budget-minutes", type=float, default=0.0,
+                        help="start no epoch after this many minutes of training; the best epoch is kept (0: no limit)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
 
@@ -34,7 +36,7 @@ def run(args: argparse.Namespace) -> int:
     config = SASRecConfig(
         protocol=args.protocol, dim=args.dim, blocks=args.blocks, heads=args.heads, max_length=args.max_length,
         dropout=args.dropout, lr=args.lr, batch_size=args.batch_size, epochs=args.epochs, patience=args.patience,
-        seed=args.seed, threads=args.threads,
+        budget_minutes=args.budget_minutes, seed=args.seed, threads=args.threads,
     )
     report = train_sasrec(args.data, args.out, config)
     print(json.dumps({"out": str(args.out), **report}, indent=2))
