@@ -221,7 +221,9 @@ def main() -> int:
     parser.add_argument("--no-matcher", action="store_true", help="CF systems and the blend only (no torch)")
     parser.add_argument("--user-towers", default="pooling,sequential",
                         help="fine-tuned matchers to train: pooling (system fine_tuned), sequential (fine_tuned_seq)")
-    parser.add_argument("--blend-matcher", default="fine_tuned_seq", help="the matcher feeding the blend (if trained)")
+    parser.add_argument("--blend-matcher", default="fine_tuned", help="the matcher feeding the blend's match features")
+    parser.add_argument("--blend-extra", default="fine_tuned_seq",
+                        help="other matchers whose scores are extra blend features (comma list; those trained)")
     parser.add_argument("--seq-epochs", type=int, default=2, help="sequential tower epochs")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
@@ -289,8 +291,9 @@ def main() -> int:
             if args.sasrec:
                 sequences["sasrec"], sasrec_info = sasrec_system(data, protocol, args.cache / f"{name}_{protocol}_sasrec", args)
             matcher_s = time.perf_counter() - t1
+            extra = tuple(m for m in args.blend_extra.split(",") if m in matchers and m != args.blend_matcher)
             config = EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed,
-                                blend_config=BlendConfig(cold_slots=args.cold_slots))
+                                blend_config=BlendConfig(cold_slots=args.cold_slots, matchers_from=extra))
             blend_matcher = args.blend_matcher if args.blend_matcher in matchers else None
             result = evaluate(data, config, matchers, blend_matcher, sequences=sequences)
             prefix = f"quality_{name}_{protocol}"
@@ -323,7 +326,8 @@ def main() -> int:
         + ", softmax over every item with a training positive). `fine_tuned` has the attention-pooling "
         f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer trained "
         f"on the next item at every history position, up to {args.seq_epochs} epochs of {args.seq_batch_size} "
-        f"windows per step); the blend's matcher is `{args.blend_matcher}` when trained. `sasrec`: SASRec "
+        f"windows per step); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
+        "as extra blend features when trained. `sasrec`: SASRec "
         f"(training/sasrec.py; 2 blocks, width 64, length {args.sasrec_length}, full-softmax cross-entropy, early "
         f"stopping on the valid window, patience {args.sasrec_patience}) trained on each protocol's train split and "
         "scored from its ONNX export over each user's ordered interactions before the window.\n\n"

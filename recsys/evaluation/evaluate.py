@@ -82,6 +82,7 @@ class BlendConfig:
     itemknn_top: int = 50
     popularity_top: int = 50
     features_from: tuple[str, ...] = ("ease", "itemknn", "als", "popularity")  # extra score features
+    matchers_from: tuple[str, ...] = ()  # other matchers (by name) whose scores are extra features too
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
     cold_slots: int = 0  # > 0: also report blend_explore, the last N top-k places for cold items (scoring/explore.py)
     # Binary labels (a valid target or not), rows of one user per group, truncated at 20; 1 LightGBM
@@ -681,6 +682,7 @@ def evaluate(
         blend_full, blend_cand, blend_info = _run_blend(
             data, config, test, test_scores, sampled=sampled, matcher_name=blend_matcher,
             matcher=matchers[blend_matcher] if blend_matcher else None, ranker=ranker, cold=cold, timings=timings,
+            extra_matchers=_blend_matchers(config, matchers),
         )
         blend_info["matcher"] = blend_matcher
         test_scores[BLEND] = blend_full
@@ -728,6 +730,14 @@ def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray
     test_scores[EXPLORE] = reserve_cold_slots(test_scores[BLEND], test_scores[blend_matcher], no_behaviour, test.seen,
                                               k=config.k, slots=config.blend_config.cold_slots)
     return True
+
+
+def _blend_matchers(config: EvalConfig, matchers: Mapping[str, EmbeddingMatcher]) -> dict[str, EmbeddingMatcher]:
+    """The matchers whose scores BlendConfig.matchers_from adds to the blend's features."""
+    missing = [n for n in config.blend_config.matchers_from if n not in matchers]
+    if missing:
+        raise ConfigError(f"blend matchers_from {missing[0]!r} is not among the matchers ({', '.join(matchers) or 'none'})")
+    return {n: matchers[n] for n in config.blend_config.matchers_from}
 
 
 def _cf_needed(config: EvalConfig) -> list[str]:
@@ -817,16 +827,18 @@ def _retrieval(config: EvalConfig, scores: Mapping[str, np.ndarray], match: np.n
 
 def _fit_blend(
     data: PreparedData, config: EvalConfig, cf_names: Sequence[str], matcher: EmbeddingMatcher | None,
-    *, cold: np.ndarray, timings: dict[str, float],
+    *, extra_matchers: Mapping[str, EmbeddingMatcher], cold: np.ndarray, timings: dict[str, float],
 ) -> tuple[Ranker, dict[str, Any]]:
     """The blend's LambdaMART on the valid window (CF and popularity fit on train) as a Ranker."""
     started = time.perf_counter()
     bc = config.blend_config
     valid = load_window(data, config.protocol, "valid", ("train",))
     valid_scores = cf_scores(valid, data.n_items, data.users.height, config, cf_names, cold)
+    for name, other in extra_matchers.items():
+        valid_scores[name] = matcher_scores(other, valid.history)
     match_v = matcher_scores(matcher, valid.history) if matcher is not None else None
     cands_v = candidate_union(_retrieval(config, valid_scores, match_v), valid.seen)
-    extra_v = retriever_extras(valid_scores, bc.features_from, valid.seen)
+    extra_v = retriever_extras(valid_scores, (*bc.features_from, *bc.matchers_from), valid.seen)
     blocks_v, names = window_features(data, valid, cands_v, matcher, extra=extra_v, config=config.feature_config, drop_items=cold)
     started = _stage(timings, "blend_valid_features", started)
     trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
@@ -852,16 +864,18 @@ def _run_blend(
     sampled: list[np.ndarray],
     matcher_name: str | None,
     matcher: EmbeddingMatcher | None,
+    extra_matchers: Mapping[str, EmbeddingMatcher],
     ranker: Ranker | None,
     cold: np.ndarray,
     timings: dict[str, float],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """-> (full-ranking scores [U, I] with -inf outside the union, scores on union + sampled, info)."""
     bc = config.blend_config
-    info: dict[str, Any] = {"features_from": list(bc.features_from)}
+    info: dict[str, Any] = {"features_from": [*bc.features_from, *bc.matchers_from]}
     if ranker is None:
         ranker, trained_info = _fit_blend(
-            data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, cold=cold, timings=timings
+            data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, extra_matchers=extra_matchers,
+            cold=cold, timings=timings,
         )
         info.update(trained_info)
     else:
@@ -873,7 +887,7 @@ def _run_blend(
     info["test_candidate_recall"] = hits / max(1, sum(len(t) for t in test.targets))
     info["mean_candidates"] = float(np.mean([len(c) for c in cands_t]))
     info["retrievers"] = {n: top for n, (_, top) in _retrieval(config, test_scores, match_t).items()}
-    extras = retriever_extras(test_scores, bc.features_from, test.seen)
+    extras = retriever_extras(test_scores, (*bc.features_from, *bc.matchers_from), test.seen)
     extra_t = {k: v for k, v in extras.items() if k in set(ranker.feature_names)}
     scored = [np.union1d(c, s) for c, s in zip(cands_t, sampled, strict=True)]
     blocks_t, names_t = window_features(
