@@ -5,6 +5,8 @@ Python loop: torch eager encoder per item, one-row features, one-row LightGBM).
 
     python bench/serve.py                      # MiniLM-L6 towers, writes bench/results/serve.{json,md}
     python bench/serve.py --levels 1,4 --duration 3
+    python bench/serve.py --tail --duration 10 --rounds 2   # tail latency: RPC floor, /work/base, this tree
+                                                           # (bench/serve_tail.py -> serve_tail.{md,json})
 
 Artifacts (synthetic data, exported towers, ranker) are cached in --work between runs.
 """
@@ -99,14 +101,16 @@ def _requests(scenario: str, users: list[str], items: list[str], seed: int) -> A
         yield head.SerializeToString() + pool[k % len(pool)]
 
 
-def client_process(args: tuple[str, str, str, float, float, list[str], list[str], int]) -> dict[str, Any]:
+def client_process(args: tuple[Any, ...]) -> dict[str, Any]:
     """One load-generator process for `duration` seconds, either closed-loop (`mode` "concurrency":
     `level` callers, each sending its next request when the last one returns) or open-loop (`mode`
     "rate": Poisson arrivals at `level` requests/s, sent on schedule whatever the server does, so a
     stalled server cannot slow the arrivals and hide its queueing: no coordinated omission). Latency
     runs from the actual send; the lag of each send behind its schedule (asyncio timers wake up to
     ~1 ms late) is returned separately, as a check that the generator kept up."""
-    target, scenario, mode, level, duration, users, items, seed = args
+    target, scenario, mode, level, duration, users, items, seed, *pin = args
+    if pin and pin[0]:
+        os.sched_setaffinity(0, pin[0])  # --tail: the generator on its own core
     import grpc
 
     from recsys.serving.proto import ranking_pb2 as pb
@@ -417,6 +421,19 @@ def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int
                            users=warm, items=items, out=args.out)
 
 
+def tail_run_main(args: argparse.Namespace, paths: dict[str, Path]) -> int:
+    import polars as pl
+    from serve_tail import tail_run
+
+    warm = (
+        pl.read_parquet(paths["data"] / "events.parquet").filter(pl.col("strength") > 0)
+        .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
+    )
+    items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
+    return tail_run(paths, args.work, before_root=args.before, duration=args.duration, rounds=args.rounds,
+                    users=warm, items=items, out=args.out)
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--work", type=Path, default=Path("/tmp/recsys-bench-serve"))
@@ -432,6 +449,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--naive-requests", type=int, default=10)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="serve")
+    parser.add_argument("--tail", action="store_true",
+                        help="only the tail-latency table: RPC floor, --before checkout and this tree (bench/serve_tail.py)")
+    parser.add_argument("--before", type=Path, default=Path("/work/base"), help="--tail: the checkout serving the before rows")
+    parser.add_argument("--rounds", type=int, default=2, help="--tail: rounds alternating the servers")
     parser.add_argument("--compare-workers", type=int, default=0, metavar="N",
                         help="only compare `recsys serve --workers 1` with `--workers N` (bench/workers.py)")
     args = parser.parse_args(argv)
@@ -440,6 +461,8 @@ def main(argv: list[str] | None = None) -> int:
     paths = build(args.work, args.items, seed=0)
     if args.compare_workers:
         return compare_workers_run(args, paths)
+    if args.tail:
+        return tail_run_main(args, paths)
 
     import polars as pl
 

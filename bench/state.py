@@ -1,6 +1,8 @@
 """Benchmark of the shared online state (recsys.state): what durability and sharing cost.
 
     python bench/state.py [--duration 6] [--startup-events 1000000,10000000]
+    python bench/state.py --duration 9 --rank-only --before /work/base --name state_rank   # Rank rows only,
+        # with the journal and Redis servers also run from the starting commit's checkout (before/after)
 
 1. LogEvents through a real `recsys serve` (closed loop, 10 events per call) with the event log in
    memory (nothing durable: the old behaviour), the embedded journal (fsync per group commit) and
@@ -57,14 +59,17 @@ def start_redis(work: Path) -> Any:
     return redis
 
 
-def start_server(paths: dict[str, Path], work: Path, state: list[str], *extra: str) -> tuple[subprocess.Popen[bytes], str]:
+def start_server(paths: dict[str, Path], work: Path, state: list[str], *extra: str,
+                 root: Path = ROOT) -> tuple[subprocess.Popen[bytes], str]:
+    """`recsys serve` from checkout `root` (--before: the starting commit's code on the same artifacts)."""
     ready = work / "ready.json"
     ready.unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
          "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready), "--threads", "2",
          "--max-inflight", "512", "--exposure-dir", str(work / "exposures"), *state, *extra],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"),  # noqa: SIM115 (lives with the server)
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
+        stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"),  # noqa: SIM115 (lives with the server)
     )
     while not ready.exists():
         if proc.poll() is not None:
@@ -122,12 +127,19 @@ def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argpa
         # the journal's own cost, without folding served lists (which the in-memory server does not do)
         "journal-nofold (--state-dir --no-fold-exposures)": ["--state-dir", str(work / "journal-nofold"), "--no-fold-exposures"],
     }
-    shutil.rmtree(work / "journal", ignore_errors=True)
-    shutil.rmtree(work / "journal-nofold", ignore_errors=True)
+    roots = dict.fromkeys(backends, ROOT)
+    if args.before is not None:  # the same backends on the starting commit's code: before/after in one run
+        for name in ("journal (--state-dir)", "redis (--state)"):
+            before = f"{name.split()[0]}-before ({args.before})"
+            backends[before] = [f.replace("journal", "journal-before").replace("bench:serve", "bench:before")
+                                for f in backends[name]]
+            roots[before] = args.before
+    for name in backends:
+        shutil.rmtree(work / name.split()[0], ignore_errors=True)
     servers = {}
     for name, flags in backends.items():
         (work / name.split()[0]).mkdir(exist_ok=True)
-        servers[name] = start_server(paths, work / name.split()[0], flags)
+        servers[name] = start_server(paths, work / name.split()[0], flags, root=roots[name])
     share = args.duration / ROUNDS
     rank: dict[str, list[float]] = {n: [] for n in backends}
     errors: dict[str, dict[str, int]] = {n: {} for n in backends}
@@ -139,7 +151,7 @@ def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argpa
                 rank[name] += out["latencies"]
                 for code, k in out["errors"].items():
                     errors[name][code] = errors[name].get(code, 0) + k
-            for level in (1, 16):
+            for level in () if args.rank_only else (1, 16):
                 for name, (_, target) in servers.items():
                     events[name, level].append(log_events_load(target, level, share, users=users, items=items))
     finally:
@@ -149,6 +161,8 @@ def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argpa
             proc.wait(60)
     rows = [{"backend": n, "rpc": "Rank", "concurrency": 1, **summarise(rank[n], args.duration, errors[n])} for n in backends]
     for (name, level), parts in events.items():
+        if not parts:  # --rank-only
+            continue
         lat = [x for p in parts for x in p["latencies"]]
         failed: dict[str, int] = {}
         for p in parts:
@@ -331,6 +345,9 @@ def markdown(report: dict[str, Any]) -> str:
         lines.append(f"| {r['events']:,} | {r['journal_mb']} | {r['replay_s']} | {r['replay_events_per_s']:,} | "
                      f"{r['snapshot_store_s']} | {r['snapshot_mb']} | {r['start_from_snapshot_s']} |")
     lag = report["lag"]
+    if not lag:
+        return "\n".join([*lines, "", "## Ratios", "", *(f"- {k}: {v}" for k, v in report["ratios"].items()), "",
+                          report["notes"], ""])
     lines += ["", f"## Replica lag at {lag['events_per_s']:.0f} events/s (Redis stream, records of 10 events)", "",
               f"acknowledged -> folded on the other replica: p50 {lag['delay_p50_ms']} ms, p99 {lag['delay_p99_ms']} ms, "
               f"max {lag['delay_max_ms']} ms over {lag['records']} records; lag sampled every 0.1 s: "
@@ -349,6 +366,9 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--lag-seconds", type=float, default=10.0)
     parser.add_argument("--out", type=Path, default=ROOT / "bench" / "results")
     parser.add_argument("--name", default="state")
+    parser.add_argument("--before", type=Path, help="also run the journal and Redis servers from this checkout")
+    parser.add_argument("--rank-only", action="store_true",
+                        help="only the Rank rows (shared state vs in-process) and their ratios")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     paths = build(args.work, 3000, seed=0)
@@ -364,19 +384,22 @@ def main(argv: list[str] | None = None) -> int:
     redis = start_redis(args.work)
     try:
         serving = serving_rows(paths, args.work, redis.url, args, users=warm, items=items)
-        lag = lag_rows(paths, redis.url, args.lag_rate, args.lag_seconds)
+        lag = {} if args.rank_only else lag_rows(paths, redis.url, args.lag_rate, args.lag_seconds)
         print(lag, file=sys.stderr)
     finally:
         redis.stop()
-    startup = startup_rows(paths, args.work, [int(x) for x in args.startup_events.split(",") if x])
+    sizes = [] if args.rank_only else [int(x) for x in args.startup_events.split(",") if x]
+    startup = startup_rows(paths, args.work, sizes)
 
     def row(backend: str, rpc: str, level: int) -> dict[str, Any]:
         return next(r for r in serving if r["backend"].startswith(backend) and r["rpc"].startswith(rpc) and r["concurrency"] == level)
 
     ratios = {}
-    for backend in ("journal (", "redis", "journal-nofold"):
-        ratios[f"Rank p99 at concurrency 1, {backend.rstrip(' (')} / memory (target <= 1.2x)"] = \
+    names = [r["backend"] for r in serving if r["rpc"] == "Rank" and not r["backend"].startswith("memory")]
+    for backend in names:
+        ratios[f"Rank p99 at concurrency 1, {backend} / memory (target <= 1.2x)"] = \
             f"{row(backend, 'Rank', 1)['p99_ms'] / row('memory', 'Rank', 1)['p99_ms']:.2f}x"
+    for backend in () if args.rank_only else ("journal (", "redis", "journal-nofold"):
         ratios[f"LogEvents events/s at concurrency 16, {backend.rstrip(' (')} / memory"] = \
             f"{row(backend, 'LogEvents', 16)['events_per_s'] / row('memory', 'LogEvents', 16)['events_per_s']:.2f}x"
     for r in startup:

@@ -79,6 +79,70 @@ def _client(args: tuple[str, str, float, float, list[str], list[str], int]) -> d
     return asyncio.run(run())
 
 
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _proc_cpu(pid: int) -> float:
+    """CPU seconds (user + system) of one process, 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / TICK
+
+
+def _tree(root: int) -> list[int]:
+    """root and every descendant process (a --workers N server is a parent and N spawned children)."""
+    parents: dict[int, int] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            parents[int(stat.parent.name)] = int(stat.read_text().rpartition(")")[2].split()[1])
+        except (OSError, ValueError, IndexError):
+            continue
+    out, frontier = [root], [root]
+    while frontier:
+        frontier = [p for p, pp in parents.items() if pp in frontier]
+        out += frontier
+    return out
+
+
+def _machine_cpu() -> float:
+    """CPU seconds spent by everything on the machine (/proc/stat: all but idle and iowait)."""
+    values = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    return (sum(values[:8]) - values[3] - values[4]) / TICK
+
+
+class CpuMeter:
+    """CPU time of one load row split by who spent it: the load generator (this script's reaped
+    children), the server process tree, redis-server, and everything else on the machine."""
+
+    def __init__(self, server: int, redis: int) -> None:
+        self.server, self.redis = server, redis
+
+    def __enter__(self) -> CpuMeter:
+        import resource
+
+        self._pids = _tree(self.server)
+        self._start = (resource.getrusage(resource.RUSAGE_CHILDREN), sum(map(_proc_cpu, self._pids)),
+                       _proc_cpu(self.redis), _machine_cpu())
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        import resource
+
+        kids, server, redis, machine = self._start
+        now = resource.getrusage(resource.RUSAGE_CHILDREN)
+        self.generator = now.ru_utime + now.ru_stime - kids.ru_utime - kids.ru_stime
+        self.server_s = sum(map(_proc_cpu, self._pids)) - server
+        self.redis_s = _proc_cpu(self.redis) - redis
+        self.other = max(_machine_cpu() - machine - self.generator - self.server_s - self.redis_s, 0.0)
+
+    def per_request(self, requests: int) -> dict[str, float]:
+        n = max(requests, 1)
+        return {"cpu_ms_generator": round(self.generator / n * 1000, 3), "cpu_ms_server": round(self.server_s / n * 1000, 3),
+                "cpu_ms_redis": round(self.redis_s / n * 1000, 3), "cpu_ms_other": round(self.other / n * 1000, 3)}
+
+
 def _level(target: str, mode: str, level: float, *, duration: float, clients: int, users: list[str], items: list[str]) -> dict[str, Any]:
     procs = max(1, min(clients, int(level))) if mode == "concurrency" else clients
     share = [level / procs] * procs if mode == "rate" else [level // procs + (1 if i < level % procs else 0) for i in range(procs)]
@@ -163,21 +227,25 @@ def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: flo
         for workers in (1, n):
             servers[workers] = _start(paths, work, workers, redis.url)
         sat: dict[int, list[float]] = {1: [], n: []}
+        assert redis.proc is not None
         for name, mode, level in (("saturated (32 callers)", "concurrency", 32), ("concurrency 1", "concurrency", 1),
                                   ("half saturation (open loop)", "rate", 0)):
             for r in range(ROUNDS):
-                for workers, (_, target) in servers.items():
+                for workers, (proc, target) in servers.items():
                     rate = round(float(np.mean(sat[workers])) / 2, 1) if mode == "rate" else level
-                    row = _level(target, mode, rate, clients=1 if level == 1 else clients, **load)
+                    with CpuMeter(proc.pid, redis.proc.pid) as cpu:
+                        row = _level(target, mode, rate, clients=1 if level == 1 else clients, **load)
                     if level == 32:
                         sat[workers].append(row["qps"])
-                    rows.append({"workers": workers, "load": name, "round": r, **row})
+                    rows.append({"workers": workers, "load": name, "round": r, **row, **cpu.per_request(row["requests"])})
                     print(rows[-1], file=sys.stderr)
         if shutil.which("h2load"):
             for r in range(ROUNDS):
-                for workers, (_, target) in servers.items():
-                    row = _h2load(target, work, duration=duration / ROUNDS, users=users, items=items)
-                    rows.append({"workers": workers, "load": "saturated, C load generator (h2load)", "round": r, **row})
+                for workers, (proc, target) in servers.items():
+                    with CpuMeter(proc.pid, redis.proc.pid) as cpu:
+                        row = _h2load(target, work, duration=duration / ROUNDS, users=users, items=items)
+                    rows.append({"workers": workers, "load": "saturated, C load generator (h2load)", "round": r, **row,
+                                 **cpu.per_request(row["requests"])})
                     print(rows[-1], file=sys.stderr)
     finally:
         for server, _ in servers.values():
@@ -185,6 +253,34 @@ def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: flo
             server.wait(90)
         redis.stop()
     return _report(rows, n, duration=duration, clients=clients, out=out)
+
+
+def cpu_bound(rows: list[dict[str, Any]], n: int) -> list[str]:
+    """What the cores allow: per saturated load, the CPU a request costs each party, and the Rank/s
+    the N-worker server could reach at best on otherwise idle cores (cores / the generator's, the
+    servers' and Redis's CPU per request), against the 1-worker server's measured rate."""
+    cores = os.cpu_count() or 1
+    out = ["CPU per saturated request (mean of rounds; 'other' = the rest of the machine: other users' jobs):", ""]
+    for load in ("saturated (", "saturated, C"):
+        picked = {w: [r for r in rows if r["workers"] == w and r["load"].startswith(load)] for w in (1, n)}
+        if not picked[1] or not picked[n]:
+            continue
+        cost = {w: {k: float(np.mean([r[k] for r in picked[w]])) for k in
+                    ("cpu_ms_generator", "cpu_ms_server", "cpu_ms_redis", "cpu_ms_other", "qps")} for w in (1, n)}
+        for w in (1, n):
+            c = cost[w]
+            out.append(f"- {picked[w][0]['load']}, --workers {w}: generator {c['cpu_ms_generator']:.2f} + server "
+                       f"{c['cpu_ms_server']:.2f} + redis {c['cpu_ms_redis']:.2f} ms (+ other {c['cpu_ms_other']:.2f} ms) "
+                       f"at {c['qps']:.0f} Rank/s")
+        c, one = cost[n], cost[1]
+        ours = c["cpu_ms_generator"] + c["cpu_ms_server"] + c["cpu_ms_redis"]
+        bound = cores * 1000 / ours
+        out.append(f"- the 1-worker server already keeps {one['qps'] * one['cpu_ms_server'] / 1000:.2f} cores busy (its "
+                   f"poller, fold and log threads beside the loop), and {n} workers cost "
+                   f"{c['cpu_ms_server'] / one['cpu_ms_server']:.2f}x its CPU per request (each folds every served list); "
+                   f"so {cores} quiet cores give at most {bound:.0f} Rank/s with this generator ({cores} x 1000 ms / "
+                   f"{ours:.2f} ms), {bound / one['qps']:.2f}x the 1-worker rate measured here")
+    return out
 
 
 def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int, out: Path) -> int:
@@ -207,8 +303,10 @@ def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int
              f"{report['machine']}; {clients} load-generator processes x {CHANNELS} connections; {duration:.0f} s per row; "
              "both servers fold a local Redis stream (--state). Command: `python bench/serve.py --compare-workers "
              f"{n} --clients {clients}`.", "",
-             "| workers | load | round | requests/s | p50 ms | p99 ms | errors |", "|---|---|---|---|---|---|---|"]
+             "| workers | load | round | requests/s | p50 ms | p99 ms | CPU ms per request: generator / server / redis / other | errors |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['workers']} | {r['load']} | {r['round']} | {r['qps']} | {r.get('p50_ms', '')} | {r.get('p99_ms', '')} | "
+              f"{r['cpu_ms_generator']} / {r['cpu_ms_server']} / {r['cpu_ms_redis']} / {r['cpu_ms_other']} | "
               f"{r['errors'] or ''} |" for r in rows]
     h2 = [r for r in rows if r["mode"] == "h2load"]
     if h2:
@@ -216,7 +314,7 @@ def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int
                   "to the same request (an error status carries no message): "
                   + "; ".join(f"workers {r['workers']} round {r['round']}: {r['mean_ms']} ms, {r['reply_bytes']} of "
                               f"{r['expected_reply_bytes']} bytes" for r in h2)]
-    lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], ""]
+    lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], "", *cpu_bound(rows, n), ""]
     out.mkdir(parents=True, exist_ok=True)
     (out / "serve_workers.json").write_text(json.dumps(report, indent=1))
     (out / "serve_workers.md").write_text("\n".join(lines))

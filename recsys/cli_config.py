@@ -4,13 +4,18 @@ The file is a YAML or JSON mapping whose keys are the command's flags (`epochs: 
 or `base_model: ...`); its values become the command's defaults, so a flag typed on the command line
 overrides the file and `--help` stays the one reference. Unknown keys and values a flag would refuse
 are errors naming the file and the key.
+
+The commands save the flags they ran with beside what they wrote (`flags_of`: `train matcher` into the
+checkpoint's matcher_config.json, `retrain` into retrain_report.json, under `command` and `flags`), and
+such a file is read as its `flags`: passing it back reproduces the run (`--out` is left out, so the
+rerun names a new one).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -44,7 +49,7 @@ def apply_config_file(parser: argparse.ArgumentParser, argv: Sequence[str]) -> N
                 if flag.startswith("--"):
                     by_name[flag[2:].replace("-", "_")] = (action, True)
     defaults = {}
-    for key, value in _read(path).items():
+    for key, value in _read(path, name).items():
         match = by_name.get(str(key).lstrip("-").replace("-", "_"))
         if match is None:
             known = ", ".join(sorted({a.option_strings[-1][2:] for a, flag in by_name.values()}))
@@ -83,7 +88,47 @@ def _config_path(argv: list[str]) -> Path | None:
     return None
 
 
-def _read(path: Path) -> dict[str, Any]:
+class Typed:
+    """An argparse `type` whose parsed values can be written back as text that parses to them, so
+    flags_of saves them (`--ks 5,10` -> (5, 10) -> "5,10"; `--matcher a=dir` -> ("a", Path) -> "a=dir")."""
+
+    def __init__(self, parse: Callable[[str], Any], as_text: Callable[[Any], str]) -> None:
+        self.parse, self.as_text = parse, as_text
+        self.__name__ = getattr(parse, "__name__", "value")  # argparse names the type in its errors
+
+    def __call__(self, text: str) -> Any:
+        return self.parse(text)
+
+
+def flags_of(args: argparse.Namespace, leave_out: tuple[str, ...] = ("out",)) -> dict[str, Any]:
+    """The settings a command ran with, as a --config file gives them: {long flag without dashes: value}
+    (paths absolute, so the file reproduces the run from any working directory; unset flags left out)."""
+    parser: argparse.ArgumentParser = args._parser
+    flags: dict[str, Any] = {}
+    for action in parser._actions:
+        if not action.option_strings or action.dest in _NOT_IN_FILES or action.dest in leave_out:
+            continue
+        value = getattr(args, action.dest, None)
+        if value is None:
+            continue
+        if action.nargs == 0:  # a switch (store_true/store_false): whether it is on
+            value = value == action.const
+        elif isinstance(action.type, Typed):
+            text = action.type.as_text
+            value = [text(v) for v in value] if isinstance(action, argparse._AppendAction) else text(value)
+        flags[action.option_strings[-1].lstrip("-")] = _plain(value)
+    return flags
+
+
+def _plain(value: Any) -> Any:
+    if isinstance(value, Path):
+        return str(value.absolute())
+    if isinstance(value, list | tuple):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _read(path: Path, command: str) -> dict[str, Any]:
     if not path.is_file():
         raise InputError(f"--config {path} does not exist: pass a YAML or JSON file of flag values")
     text = path.read_text()
@@ -100,6 +145,11 @@ def _read(path: Path) -> dict[str, Any]:
         return {}
     if not isinstance(data, dict):
         raise InputError(f"--config {path} must be a mapping of flag: value, got {type(data).__name__}")
+    if isinstance(data.get("flags"), dict):  # saved beside an artifact by the command that wrote it
+        if data.get("command") != command:
+            raise InputError(f"--config {path} holds the flags of `recsys {data.get('command')}`, not of "
+                             f"`recsys {command}`: pass the file that command saved")
+        return dict(data["flags"])
     return data
 
 

@@ -144,7 +144,10 @@ def run(args: argparse.Namespace) -> int:
     finally:
         demo.title("Shut down: SIGTERM -> NOT_SERVING, drain, flush the exposure log, stop")
         _stop_server(server)
-    print(f"\ndemo finished in {time.perf_counter() - demo.started:.0f}s; everything it wrote is under {out}")
+    pictures = [p for p in (data / "timeline.png", report / "evaluation_ndcg_at_k.png", out / "retrain" / "metrics.png",
+                            out / "ab" / "lift_over_time.png") if p.exists()]
+    print("\npictures: " + ", ".join(str(p) for p in pictures))
+    print(f"demo finished in {time.perf_counter() - demo.started:.0f}s; everything it wrote is under {out}")
     return 0
 
 
@@ -162,7 +165,7 @@ def _print_matcher_report(ckpt: Path) -> None:
 def _start_server(demo: _Demo, registry: Path, data: Path, exposures: Path, experiments: Path) -> dict:
     ready = demo.out / "serve.ready.json"
     argv = ["serve", "--registry", str(registry), "--data", str(data), "--experiments", str(experiments),
-            "--port", "0", "--ready-file", str(ready), "--exposure-dir", str(exposures),
+            "--port", "0", "--metrics-port", "0", "--ready-file", str(ready), "--exposure-dir", str(exposures),
             "--exposure-flush-records", "50", "--watch-registry", "1", "--drain-seconds", "1",
             "--experiments-poll-s", "1"]
     print("$ recsys " + " ".join(argv) + " &", flush=True)

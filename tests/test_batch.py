@@ -4,6 +4,7 @@ callers of the request path: tests/test_request_path.py."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 from datetime import datetime, timezone
 from pathlib import Path
@@ -331,3 +332,56 @@ def test_a_moved_registry_and_data_still_score_and_serve_without_data(prepared_d
                  "--out", str(tmp_path / "scores2")]) == 2
     err = " ".join(capsys.readouterr().err.split())
     assert "pass --data PREPARED" in err and "is not at" in err
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("signum", ["SIGTERM", "SIGINT", "SIGKILL"])
+def test_a_killed_ray_run_leaves_no_ray_processes(artifacts: dict[str, Path], pairs_file: Path, tmp_path: Path,
+                                                 signum: str) -> None:
+    """`recsys score --engine ray` started its own local Ray instance: killed mid-run (kill PID, Ctrl-C,
+    or kill -9, which the driver cannot see: then recsys.batch.ray_reaper does it), every process that
+    instance started (GCS, raylet, dashboard and runtime-env agents, workers) stops too."""
+    pytest.importorskip("ray")
+    pytest.importorskip("ray.data")
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    psutil = pytest.importorskip("psutil")
+    env = {**os.environ, "RAY_ADDRESS": ""}
+    env.pop("RAY_ADDRESS")
+    argv = [sys.executable, "-m", "recsys.cli", "score", "--engine", "ray", "--ray-actors", "1", "--no-progress",
+            "--registry", str(artifacts["registry"]), "--ranker", str(artifacts["ranker"]),
+            "--data", str(artifacts["data"]), "--input", str(pairs_file), "--chunk-rows", "20",
+            "--out", str(tmp_path / "out")]
+    driver = subprocess.Popen(argv, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, start_new_session=True)
+    seen: dict[int, str] = {}
+    try:
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and driver.poll() is None:
+            for child in psutil.Process(driver.pid).children(recursive=True):
+                with contextlib.suppress(psutil.Error):
+                    seen[child.pid] = " ".join(child.cmdline())[:120]
+            names = " ".join(seen.values())
+            if "raylet" in names and "gcs_server" in names and "Agent" in names and "RayChunkScorer" in names:
+                break  # the instance is up and an actor scores chunks: kill the driver mid-run
+            time.sleep(0.3)
+        assert driver.poll() is None, (seen, driver.communicate()[0].decode()[-3000:])
+        assert any("raylet" in c for c in seen.values()), seen
+        os.kill(driver.pid, getattr(signal, signum))
+        output = driver.communicate(timeout=60)[0].decode()
+        assert driver.returncode != 0, output[-3000:]
+        deadline = time.monotonic() + 30
+        alive = [p for p in seen if psutil.pid_exists(p)]
+        while alive and time.monotonic() < deadline:
+            time.sleep(0.5)
+            alive = [p for p in alive if psutil.pid_exists(p) and psutil.Process(p).status() != psutil.STATUS_ZOMBIE]
+        assert not alive, {p: seen[p] for p in alive}
+    finally:
+        if driver.poll() is None:
+            os.killpg(driver.pid, signal.SIGKILL)
+        for pid in seen:  # whatever the code under test left behind (the test's own cleanup)
+            with contextlib.suppress(psutil.Error):
+                psutil.Process(pid).kill()

@@ -175,6 +175,16 @@ def test_true_lift_is_found(ab: ExperimentConfig) -> None:
     assert e.result("ndcg@10", "treatment").rel_lift > 0
     assert e.verdicts()["treatment"].startswith("better than control on ctr")
 
+    # Cumulative lift over time: growing prefixes of the run, the last one the whole analysis.
+    points = e.over_time
+    assert 10 <= len(points) <= 20
+    units = [sum(p["units"].values()) for p in points]
+    assert units == sorted(units) and units[0] < units[-1] == sum(a.units for a in e.arms)
+    last = points[-1]["lift"]["treatment"]
+    assert last["rel_lift"] == pytest.approx(c.rel_lift) and last["rel_ci"] == pytest.approx(list(c.rel_ci))
+    width = [p["lift"]["treatment"]["rel_ci"][1] - p["lift"]["treatment"]["rel_ci"][0] for p in points]
+    assert width[-1] < 0.5 * width[0]  # the interval narrows as traffic accumulates
+
 
 # --------------------------------------------------------------------------- guardrail, report, CLI
 
@@ -194,7 +204,11 @@ def test_latency_guardrail_report_and_cli(tmp_path: Path, ab: ExperimentConfig, 
     assert {r["metric"] for r in report["experiments"][0]["results"]} == {"ctr", "conversion_per_unit", "ndcg@10", "latency_ms"}
     md = paths["markdown"].read_text()
     assert "Sample-ratio check" in md and "Guardrail latency_ms (treatment):** FAIL" in md
-    assert paths["plot"].stat().st_size > 1000
+    for name in ("lift", "lift_over_time"):
+        assert paths[name].read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and paths[name].stat().st_size > 1000
+        assert f"]({name}.png)" in md
+    assert report["experiments"][0]["over_time"][-1]["lift"]["treatment"]["rel_lift"] == pytest.approx(
+        e.result("ctr", "treatment").rel_lift)
 
     from recsys.cli import main
 
@@ -209,6 +223,12 @@ def test_latency_guardrail_report_and_cli(tmp_path: Path, ab: ExperimentConfig, 
                  "--events", str(tmp_path / "events.jsonl"), "--out", str(out), "--window", "1h"])  # fmt: skip
     assert code == 0, capsys.readouterr().err
     assert (out / "report.md").exists() and "ab/treatment:" in capsys.readouterr().out
+    assert (out / "lift_over_time.png").exists()
+    bare = tmp_path / "no-plots"
+    assert main(["experiment", "analyze", "--config", str(config_path), "--exposures", str(exposure_dir),
+                 "--events", str(tmp_path / "events.jsonl"), "--out", str(bare), "--window", "1h", "--no-plots"]) == 0
+    assert sorted(p.name for p in bare.iterdir()) == ["report.json", "report.md"]
+    assert "](lift" not in (bare / "report.md").read_text()
     # a merged log (impressions + events in one table) works without --events
     merged = pl.concat([log.select("user_id", "item_id", "event_type", "timestamp", "request_id", "position", "variant"),
                         events.with_columns(pl.lit(None, pl.Int32).alias("position"), pl.lit(None, pl.Utf8).alias("variant"))],

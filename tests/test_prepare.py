@@ -187,3 +187,84 @@ def test_a_request_is_never_cut_by_a_split_boundary(tmp_path):
     per_request = events.group_by("request_id").agg(pl.col("split_global").n_unique().alias("splits"))
     assert (per_request["splits"] == 1).all()
     assert set(events["split_global"]) == {"train", "valid", "test"}
+
+
+def test_parquet_bytes_do_not_depend_on_how_the_frame_is_chunked(tmp_path):
+    """A join or sort splits its output by thread; the row groups written must not follow those chunks."""
+    from recsys.data.prepare import write_table
+
+    frame = pl.DataFrame({"x": np.arange(120_000, dtype=np.int64), "s": np.arange(120_000) % 7})
+    chunked = pl.concat([frame.slice(0, 88_752), frame.slice(88_752)], rechunk=False)
+    assert chunked.n_chunks() == 2
+    write_table(frame, tmp_path / "one.parquet")
+    write_table(chunked, tmp_path / "two.parquet")
+    assert (tmp_path / "one.parquet").read_bytes() == (tmp_path / "two.parquet").read_bytes()
+
+
+def test_prepare_twice_writes_the_same_bytes(synthetic_log, tmp_path):
+    """Two `recsys prepare` runs on the same input (one with 1 thread, one with 4) write identical files.
+
+    The one exception is the manifest's `run` field (creation time, seconds taken), left out here.
+    """
+    import os
+    import subprocess
+    import sys
+
+    raw = tmp_path / "raw"
+    raw.mkdir()
+    for name in ("events", "items", "users"):
+        getattr(synthetic_log, name).write_parquet(raw / f"{name}.parquet")
+    outs = []
+    for threads in (1, 4):
+        out = tmp_path / f"prepared-{threads}"
+        env = {**os.environ, "POLARS_MAX_THREADS": str(threads)}
+        subprocess.run(
+            [sys.executable, "-m", "recsys.cli", "prepare", "--events", str(raw / "events.parquet"),
+             "--items", str(raw / "items.parquet"), "--users", str(raw / "users.parquet"), "--out", str(out)],
+            check=True, capture_output=True, env=env,
+        )
+        outs.append(out)
+    files = sorted(p.relative_to(outs[0]) for p in outs[0].rglob("*") if p.is_file())
+    assert {p.relative_to(outs[1]) for p in outs[1].rglob("*") if p.is_file()} == set(files)
+    assert len(files) == 13  # items, users, events, pairs, 6 eval sets, manifest, timeline.png/.json
+    for name in files:
+        first, second = (out / name for out in outs)
+        if name.name == "manifest.json":
+            one, two = (json.loads(p.read_text()) for p in (first, second))
+            assert set(one.pop("run")) == set(two.pop("run")) == {"created_at", "seconds"}
+            assert one == two
+        else:
+            assert first.read_bytes() == second.read_bytes(), name
+
+
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+
+def test_timeline_counts_events_per_day_and_marks_the_cutoffs(tmp_path):
+    pytest.importorskip("matplotlib")
+    day = 24 * 60
+    rows = [("u1", "a", "click", 0), ("u1", "b", "impression", 1), ("u2", "c", "purchase", 2),
+            ("u1", "c", "click", 2 * day), ("u2", "a", "view", 3 * day + 5), ("u2", "b", "click", 3 * day + 9)]
+    config = PrepareConfig(valid_start="2026-01-02T12:00:00Z", test_start="2026-01-04T00:00:00Z")
+    prepare_tables(_events(rows), ITEMS, None, tmp_path / "p", config)
+    series = json.loads((tmp_path / "p" / "timeline.json").read_text())
+    assert series["day"] == ["2026-01-01", "2026-01-02", "2026-01-03", "2026-01-04"]  # the empty day included
+    assert series["positive_events"] == [2, 0, 1, 2]
+    assert series["other_events"] == [1, 0, 0, 0]
+    assert series["valid_start"].startswith("2026-01-02T12:00") and series["test_start"].startswith("2026-01-04T00:00")
+    assert (tmp_path / "p" / "timeline.png").read_bytes()[:8] == PNG_MAGIC
+
+    prepare_tables(_events(rows), ITEMS, None, tmp_path / "q", config, plots=False)
+    assert not list((tmp_path / "q").glob("timeline.*"))
+
+
+def test_without_matplotlib_prepare_still_writes_the_dataset(tmp_path, monkeypatch, caplog):
+    """matplotlib comes with the train extra; a runtime-only install prepares data and says why no picture."""
+    import sys
+
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rows = [("u1", "a", "click", 0), ("u1", "b", "click", 60), ("u2", "c", "click", 120), ("u2", "a", "click", 180)]
+    with caplog.at_level("WARNING", logger="recsys.plots"):
+        prepare_tables(_events(rows), ITEMS, None, tmp_path / "p", PrepareConfig(valid_frac=0.25, test_frac=0.25))
+    assert (tmp_path / "p" / "manifest.json").exists() and not (tmp_path / "p" / "timeline.png").exists()
+    assert "timeline.png not drawn" in caplog.text and "pip install" in caplog.text and "--no-plots" in caplog.text

@@ -47,6 +47,9 @@ def test_decision_gates_every_metric_with_the_tolerance() -> None:
     assert ci["lo"] == pytest.approx(-0.004) and ci["hi"] == pytest.approx(-0.004)  # constant paired shift
     worse = compare(_scores("v1", g, u), _scores("v2", g, u - 0.05), ("ndcg@10", "recall@10"), 0.005)
     assert not worse["promote"] and any("recall@10 dropped by 0.0500" in r for r in worse["reasons"])
+    for who, values in (("current", g), ("candidate", g - 0.004)):  # per-version intervals, for metrics.png
+        lo, hi = same["metrics"]["ndcg@10"][f"{who}95"]
+        assert lo < values.mean() < hi and hi - lo < 0.2
     # A guard that is off does not block; a version without a ranker is not compared blind.
     assert compare(_scores("v1", g, u), _scores("v2", g, u - 0.05), ("ndcg@10",), 0.005)["promote"]
     blind = compare(_scores("v1", None, u), _scores("v2", g, u), ("ndcg@10",), 0.005)  # type: ignore[arg-type]
@@ -56,6 +59,22 @@ def test_decision_gates_every_metric_with_the_tolerance() -> None:
     assert "recall@10: not comparable (0 for both versions: not measurable" in " ".join(zero["reasons"])
     only_zero = compare(_scores("v1", g, 0 * u), _scores("v2", g, 0 * u), ("recall@10",), 0.005)
     assert not only_zero["promote"] and "not promoting blind" in only_zero["reasons"][-1]
+
+
+def test_metrics_plot_draws_both_holdouts(tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    pytest.importorskip("matplotlib")
+    from training.retrain import compare, plot_metrics
+
+    rng = np.random.default_rng(1)
+    g, u = rng.random(200), rng.random(100)
+    verdict = compare(_scores("v1", g, u), _scores("v2", g + 0.01, u), ("ndcg@10",), 0.005)
+    report = {"current": "v1", "candidate": "v2", "promoted": True, "metrics": verdict["metrics"],
+              "holdout": {"from": "2026-02-01T00:00:00+00:00"},
+              "fixed_holdout": {"window_from": "2026-01-20T00:00:00+00:00", "metrics": verdict["metrics"]}}
+    assert plot_metrics(report, tmp_path / "metrics.png") == "metrics.png"
+    assert (tmp_path / "metrics.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert not list(tmp_path.glob(".*tmp"))  # written via a temp file, renamed
 
 
 def test_exposures_merge_as_impressions_without_serving_columns(prepared_dir: Path, tmp_path: Path) -> None:

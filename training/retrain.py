@@ -48,7 +48,7 @@ from recsys.data.schema import EVENT_COLUMNS
 from recsys.data.validate import validate
 from recsys.data.window import check_window, version_window
 from recsys.errors import ConfigError, DataCheckError, InputError
-from recsys.evaluation.evaluate import matcher_scores, paired_bootstrap
+from recsys.evaluation.evaluate import matcher_scores, mean_ci, paired_bootstrap
 from recsys.evaluation.metrics import per_user_metrics, top_k
 from recsys.features import EventBatch, FeatureConfig, FeatureState, to_us
 from recsys.files import fault_point, output_lock, write_json_atomic
@@ -70,6 +70,7 @@ log = logging.getLogger(__name__)
 REPORT_JSON = "retrain_report.json"
 NEW_ROW = "__new_row"  # merged events: whether the row came from the new files (data checks)
 REPORT_MD = "retrain_report.md"
+PLOT = "metrics.png"
 METRICS = ("ndcg@10", "recall@10", "matcher_ndcg@10")
 # Columns prepare adds; dropped before re-validating the base tables.
 _DERIVED = ("user_idx", "item_idx", "strength", "split_global", "split_loo", "split_tail", "text", "first_seen")
@@ -98,6 +99,8 @@ class RetrainConfig:
     seed: int = 0
     skip_checks: tuple[str, ...] = ()  # data checks to skip (names in recsys.data.checks.CHECKS, or "all")
     keep_refused: bool = False  # keep a candidate that is not promoted (default: retire it, freeing the disk)
+    plots: bool = True  # metrics.png (current vs candidate with intervals) and the fresh data's timeline.png
+    flags: dict[str, Any] = field(default_factory=dict)  # the command line's, saved in the report for --config
 
     def __post_init__(self) -> None:
         for name in self.skip_checks:
@@ -310,7 +313,7 @@ def prepare_fresh(base: PreparedData, config: RetrainConfig, context: Sequence[s
     if test_start is not None:
         prep = replace(prep, valid_start=valid_start.isoformat(), test_start=test_start.isoformat())
     manifest = prepare_tables(clean.events, clean.items, clean.users, config.out / "data", prep,
-                              inputs=raw.sources, validation=report.to_dict())
+                              inputs=raw.sources, validation=report.to_dict(), plots=config.plots)
     return PreparedData.load(config.out / "data"), {
         "input_rows": counts, "validation": report.to_dict(), "data_checks": checks, "fixed_holdout": fixed, "split": why,
         "base_end": str(base_end),
@@ -415,6 +418,7 @@ def compare(current: VersionScores, candidate: VersionScores, gated: Sequence[st
             row["units"] = int(ok.sum())
             if n_boot and ok.any():
                 row["bootstrap95"] = paired_bootstrap(a[ok], b[ok], n_boot, seed)
+                row["current95"], row["candidate95"] = mean_ci(b[ok], n_boot, seed), mean_ci(a[ok], n_boot, seed)
         if row["delta"] is not None and not cur[metric] and not cand[metric]:
             row.update(delta=None, note="0 for both versions: not measurable on this holdout")
         if metric in gated:
@@ -538,11 +542,20 @@ def _retrain(config: RetrainConfig) -> dict[str, Any]:
                     "best_epoch": train_report.get("best_epoch")},
         "blender": cand_manifest.get("ranker", {}).get("selection"),
         "seconds": timings,
+        "command": "retrain",
+        "flags": config.flags,
     }
-    write_json_atomic(config.out / REPORT_JSON, json.loads(json.dumps(report, default=str)))
-    (config.out / REPORT_MD).write_text(markdown(report))
+    _write_report(config, report)
     log.info("retrain: candidate %s %s (current %s)", candidate, "PROMOTED" if promoted else "not promoted", current)
     return report
+
+
+def _write_report(config: RetrainConfig, report: dict[str, Any]) -> None:
+    """metrics.png (unless --no-plots), retrain_report.json and retrain_report.md, which links the picture."""
+    if config.plots:
+        report["plot"] = plot_metrics(report, config.out / PLOT)
+    write_json_atomic(config.out / REPORT_JSON, json.loads(json.dumps(report, default=str)))
+    (config.out / REPORT_MD).write_text(markdown(report))
 
 
 def _evaluate(config: RetrainConfig, registry: Registry, versions: tuple[Path, str],
@@ -592,6 +605,55 @@ def _decide(config: RetrainConfig, registry: Registry, candidate: str, verdict: 
     return False, True
 
 
+def plot_metrics(report: dict[str, Any], path: Path) -> str | None:
+    """Current vs candidate per metric with 95% bootstrap intervals (over the holdout's request groups
+    or users), the paired delta's interval in the label; a second panel for the fixed holdout when
+    there is one. -> the PNG's name, or None if not drawn."""
+    from recsys.plots import write_plot
+
+    panels = [(f"holdout from {str(report['holdout']['from'])[:16]}", report["metrics"])]
+    if report.get("fixed_holdout"):
+        fixed = report["fixed_holdout"]
+        panels.append((f"fixed holdout (base test window) from {str(fixed['window_from'])[:16]}", fixed["metrics"]))
+
+    def draw(plt: Any) -> Any:
+        height = max(len(m) for _, m in panels)
+        fig, axes = plt.subplots(1, len(panels), figsize=(6.5 * len(panels), 0.9 * height + 1.6), squeeze=False)
+        for ax, (title, metrics) in zip(axes[0], panels, strict=True):
+            _metrics_panel(ax, metrics, report)
+            ax.set_title(title, fontsize=9)
+        verdict = "PROMOTED" if report["promoted"] else "NOT promoted"
+        fig.suptitle(f"retrain: candidate {report['candidate']} {verdict} (current {report['current']})", fontsize=10)
+        fig.tight_layout()
+        return fig
+
+    drawn = write_plot(path, draw)
+    return drawn.name if drawn else None
+
+
+def _metrics_panel(ax: Any, metrics: dict[str, Any], report: dict[str, Any]) -> None:
+    rows = [(n, r) for n, r in metrics.items() if r.get("current") is not None and r.get("candidate") is not None]
+    for y, (_, row) in enumerate(rows):
+        for offset, who, color in ((-0.15, "current", "tab:gray"), (0.15, "candidate", "tab:blue")):
+            value, ci = row[who], row.get(f"{who}95")
+            err = [[value - ci[0]], [ci[1] - value]] if ci else None
+            ax.errorbar(value, y + offset, xerr=err, fmt="o", color=color, capsize=3,
+                        label=f"{who} {report[who]}" if y == 0 else None)
+    labels = []
+    for name, row in rows:
+        ci = row.get("bootstrap95")
+        delta = "n/a" if row.get("delta") is None else f"{row['delta']:+.4f}"
+        labels.append(f"{name}{' (gated)' if row['gated'] else ''}\ndelta {delta}"
+                      + (f" [{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else ""))
+    ax.set_yticks(range(len(rows)), labels, fontsize=8)
+    ax.invert_yaxis()
+    ax.set_xlabel("metric (95% bootstrap interval)")
+    if rows:
+        ax.legend(fontsize=8, loc="best")
+    else:
+        ax.text(0.5, 0.5, "no metric measurable for both versions", ha="center", transform=ax.transAxes)
+
+
 def markdown(report: dict[str, Any]) -> str:
     def fmt(v: Any, sign: str = "") -> str:
         return "n/a" if v is None else format(v, f"{sign}.4f")
@@ -608,6 +670,8 @@ def markdown(report: dict[str, Any]) -> str:
         interval = f"[{ci['lo']:+.4f}, {ci['hi']:+.4f}]" if ci else "n/a"
         lines.append(f"| {name} | {'yes' if row['gated'] else 'no'} | {fmt(row['current'])} | "
                      f"{fmt(row['candidate'])} | {fmt(row['delta'], '+')} | {interval} |")
+    if report.get("plot"):
+        lines += ["", f"![current vs candidate]({report['plot']})"]
     lines += ["", f"Decision (tolerance {report['decision']['tolerance']}):", ""]
     lines += [f"- {r}" for r in report["decision"]["reasons"]]
     lines += [f"- WARNING: {w}" for w in report.get("warnings", [])]

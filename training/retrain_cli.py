@@ -11,8 +11,10 @@ import sys
 from pathlib import Path
 from typing import Any
 
+from recsys.cli_config import flags_of
 from recsys.compat import require
 from recsys.errors import InputError
+from recsys.plots import add_plots_flag
 
 _METRICS = ("ndcg@10", "recall@10", "matcher_ndcg@10")
 
@@ -65,6 +67,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--keep-refused", action="store_true",
                         help="keep a candidate that is not promoted in the registry (default: remove it)")
     parser.add_argument("--seed", type=int, default=0)
+    add_plots_flag(parser, "metrics.png (current vs candidate with intervals) and the new data's timeline.png")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -101,7 +104,7 @@ def run(args: argparse.Namespace) -> int:
         guard_metrics=() if args.no_guard else tuple(args.guard or ("recall@10",)), promote=not args.no_promote,
         on_invalid=args.on_invalid, warm_start=args.warm_start, ranker_warm_start=not args.fresh_ranker, matcher_overrides=overrides, ranker=ranker,
         bootstrap=args.bootstrap, seed=args.seed, skip_checks=tuple(args.skip_data_check),
-        keep_refused=args.keep_refused,
+        keep_refused=args.keep_refused, plots=not args.no_plots, flags=flags_of(args),
     )
     report = retrain(config)
     print(markdown(report))

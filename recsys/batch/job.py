@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Iterator
+from contextlib import ExitStack
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -210,12 +211,22 @@ def _run_locked(config: BatchConfig, scorer: ChunkScorer | None) -> BatchReport:
     prep = prepare(config)
     per_user = prep.params.retrieve_k if prep.params.spec.mode == "topk" else 1
     total_rows = pq.ParquetFile(prep.source).metadata.num_rows
-    if config.engine == "ray":
-        from recsys.batch.ray_engine import score_with_ray
+    with ExitStack() as stack:
+        if config.engine == "ray":
+            from recsys.batch.ray_engine import ray_session, score_with_ray
 
-        results: Iterator[ChunkResult | int] = score_with_ray(config, prep.manifest, prep.source, prep.ref, prep.params)
-    else:
-        results = _score_local(config, prep, per_user, scorer)
+            stack.enter_context(ray_session(config.ray_address))  # torn down with this command, even on SIGTERM
+            results: Iterator[ChunkResult | int] = score_with_ray(config, prep.manifest, prep.source, prep.ref, prep.params)
+        else:
+            results = _score_local(config, prep, per_user, scorer)
+        skipped, committed = _commit_all(config, prep, results, total_rows)
+    complete = config.stop_after is None or committed < config.stop_after
+    return _report(config, prep, skipped, time.perf_counter() - started, complete)
+
+
+def _commit_all(config: BatchConfig, prep: _Prepared, results: Iterator[ChunkResult | int],
+                total_rows: int) -> tuple[int, int]:
+    """Commit every result as it arrives -> (chunks skipped, chunks committed)."""
     committed = skipped = 0
     bar = _progress(total_rows, config.progress)
     for result in results:
@@ -230,8 +241,7 @@ def _run_locked(config: BatchConfig, scorer: ChunkScorer | None) -> BatchReport:
         if config.stop_after is not None and committed >= config.stop_after:
             break
     bar(None)
-    complete = config.stop_after is None or committed < config.stop_after
-    return _report(config, prep, skipped, time.perf_counter() - started, complete)
+    return skipped, committed
 
 
 def _score_local(

@@ -16,7 +16,13 @@ from __future__ import annotations
 import json
 import logging
 import os
+import signal
+import subprocess
+import sys
+import threading
+import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -74,14 +80,60 @@ def plan(source: Path, params: ScoreParams, chunk_rows: int) -> list[tuple[int, 
     return [(c.index, c.start, c.rows) for c in iter_chunks(source, spec, chunk_rows, columns, per_user)]
 
 
+class Terminated(SystemExit):
+    """SIGTERM, raised in the main thread so that cleanup (`finally`, context managers) runs."""
+
+
+@contextmanager
+def ray_session(address: str | None) -> Iterator[None]:
+    """Join the Ray cluster at `address` ($RAY_ADDRESS when None), or start a local Ray instance, for
+    the duration of the block. The session ends with the block, however it ends: Python's default
+    SIGTERM kills the driver without cleanup, which leaves a local instance's GCS, raylet, dashboard
+    and runtime-env agents and idle workers running; here SIGTERM becomes an exception (SIGINT
+    already is one) so `ray.shutdown()` stops every process the session started. A session the caller
+    opened before (ray.init in a notebook or a test) is theirs: used, not ended."""
+    ray = require("ray")
+    require("ray.data")
+    if ray.is_initialized():
+        yield
+        return
+    main = threading.current_thread() is threading.main_thread()
+    previous = signal.getsignal(signal.SIGTERM) if main else None
+    # A driver killed outright (SIGKILL) runs none of this: ray_reaper stops what a local instance left.
+    reaper = _start_reaper() if not (address or os.environ.get("RAY_ADDRESS")) else None
+    try:
+        ray.init(address=address, log_to_driver=False, include_dashboard=False)
+        if main:  # after init, which installs its own handler (sys.exit(15), exit code 15)
+            signal.signal(signal.SIGTERM, _terminate)
+        yield
+    finally:
+        try:
+            ray.shutdown()
+        finally:
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+            if reaper is not None:
+                reaper.stdin.close()  # type: ignore[union-attr]  # EOF: sweep what is left, then exit
+                reaper.wait(timeout=30)
+
+
+def _start_reaper() -> subprocess.Popen[bytes]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "recsys.batch.ray_reaper", str(os.getpid()), f"{time.time() - 1.0:.3f}"],
+        stdin=subprocess.PIPE, start_new_session=True,
+    )
+
+
+def _terminate(signum: int, frame: Any) -> None:
+    raise Terminated(128 + signum)
+
+
 def score_with_ray(
     config: Any, manifest: RunManifest, source: Path, ref: ModelRef, params: ScoreParams
 ) -> Iterator[ChunkResult | int]:
-    """Yield skipped chunks' row counts, then ChunkResults as actors finish them (any order)."""
+    """Yield skipped chunks' row counts, then ChunkResults as actors finish them (any order).
+    Runs inside `ray_session` (the caller's, so the session outlives this generator's consumer)."""
     ray = require("ray")
-    require("ray.data")
-    if not ray.is_initialized():
-        ray.init(address=config.ray_address, log_to_driver=False)
     ray.data.DataContext.get_current().enable_progress_bars = False  # the driver's own bar counts rows
     chunks = plan(source, params, config.chunk_rows)
     todo = [c for c in chunks if not manifest.done(c[0])]

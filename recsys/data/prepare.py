@@ -14,6 +14,7 @@ import json
 import logging
 import shutil
 import time
+from contextlib import nullcontext
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -205,10 +206,6 @@ def _eval_sets(pairs: pl.DataFrame) -> dict[str, pl.DataFrame]:
                 .first()
                 .select("user_idx", pl.col("timestamp").alias("cutoff"), *hist_cols)
             )
-            targets = window.group_by("user_idx").agg(
-                pl.col("item_idx").alias("target_item_idx"),
-                pl.col("strength").alias("target_strength"),
-            )
             # Keep the strongest event per target item (a click then a purchase counts once).
             targets = (
                 window.group_by("user_idx", "item_idx")
@@ -228,12 +225,13 @@ def _indexed(
     items = items.with_row_index("item_idx").with_columns(pl.col("item_idx").cast(pl.Int32))
     items = items.with_columns(build_item_text(items, config.text_template, config.max_text_words))
     first_seen = events.group_by("item_id").agg(pl.col("timestamp").min().alias("first_seen"))
-    items = items.join(first_seen, on="item_id", how="left")
+    items = items.join(first_seen, on="item_id", how="left", maintain_order="left")
 
     user_ids = events.select(pl.col("user_id").unique().sort())
     user_frame = user_ids.with_row_index("user_idx").with_columns(pl.col("user_idx").cast(pl.Int32))
     if users is not None:
-        user_frame = user_frame.join(users.unique("user_id", keep="first"), on="user_id", how="left")
+        user_frame = user_frame.join(users.unique("user_id", keep="first", maintain_order=True), on="user_id", how="left",
+                                     maintain_order="left")
 
     # Same-second ties keep the input order (then item id): never the label. Ordering ties by
     # strength would make the highest-rated tie each user's last positive, the leave-last-out target.
@@ -276,12 +274,11 @@ def _manifest(
     valid_start, test_start = cutoffs
     user_frame = users
     def split_counts(column: str) -> dict[str, int]:
-        counts = pairs.group_by(column).len()
+        counts = pairs.group_by(column).len().sort(column)
         return dict(zip(counts[column].to_list(), counts["len"].to_list(), strict=True))
 
     manifest: dict[str, Any] = {
         "schema_version": SCHEMA_VERSION,
-        "created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
         "inputs": inputs or {},
         "config": asdict(config),
         "cutoffs": {"valid_start": str(valid_start), "test_start": str(test_start)},
@@ -296,7 +293,9 @@ def _manifest(
         "splits": {protocol: split_counts(SPLIT_COLUMN[protocol]) for protocol in PROTOCOLS},
         "eval_users": {name: frame.height for name, frame in eval_sets.items()},
         "validation": validation or {},
-        "seconds": round(time.perf_counter() - started, 3),
+        # The one part that differs between two runs on the same input (everything else is byte-identical).
+        "run": {"created_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "seconds": round(time.perf_counter() - started, 3)},
     }
     return manifest
 
@@ -309,13 +308,28 @@ def is_prepared(path: Path) -> bool:
         return False
 
 
-def write_prepared(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any]) -> None:
-    """Write into a temp sibling, manifest last, then move it over `out_dir` (the caller holds the lock)."""
+ROW_GROUP_ROWS = 512 * 512
+
+
+def write_table(frame: pl.DataFrame, path: Path) -> None:
+    """Same rows, same bytes: row groups of a fixed size, not wherever the frame's chunks happen to end
+    (a join or sort splits its output by thread, so the chunks depend on the machine's core count)."""
+    frame.write_parquet(path, row_group_size=ROW_GROUP_ROWS)
+
+
+def write_prepared(out_dir: Path, tables: dict[str, pl.DataFrame], manifest: dict[str, Any],
+                   timeline: dict[str, Any] | None = None) -> None:
+    """Write into a temp sibling, manifest last, then move it over `out_dir` (the caller holds the lock).
+    `timeline`: the series of timeline.png (drawn unless None)."""
     tmp_dir = temp_path(out_dir)
     shutil.rmtree(tmp_dir, ignore_errors=True)
     (tmp_dir / "eval").mkdir(parents=True)
     for name, frame in tables.items():
-        frame.write_parquet(tmp_dir / name)
+        write_table(frame, tmp_dir / name)
+    if timeline is not None:
+        from recsys.data.timeline import write_timeline
+
+        write_timeline(tmp_dir, timeline)
     fault_point("prepare:written")
     # The manifest last: a directory with a manifest is a complete prepared dataset.
     (tmp_dir / "manifest.json").write_text(json.dumps(manifest, indent=2, default=str))
@@ -332,11 +346,13 @@ def prepare_tables(
     inputs: dict[str, str] | None = None,
     validation: dict[str, Any] | None = None,
     locked: bool = False,
+    plots: bool = True,
 ) -> dict[str, Any]:
     """Write the prepared dataset for clean canonical tables (events carry `strength`).
 
     Returns the manifest. Writes atomically under `out_dir`'s output lock (`locked`: the caller holds
-    it): a temp sibling directory renamed over `out_dir`.
+    it): a temp sibling directory renamed over `out_dir`. `plots`: also timeline.png (events per day,
+    split cutoffs marked) with its numbers in timeline.json.
     """
     config = config or PrepareConfig()
     started = time.perf_counter()
@@ -375,13 +391,13 @@ def prepare_tables(
         pl.Series("hist_age_s", hist["hist_age_s"]),
     )
     negatives = _hard_negatives(events)
-    pairs = pairs.join(negatives, on="request_id", how="left").with_columns(
+    pairs = pairs.join(negatives, on="request_id", how="left", maintain_order="left").with_columns(
         pl.col("neg_item_idx").fill_null(pl.lit([], dtype=pl.List(pl.Int32)))
     )
     # Per-user split labels of interactions back onto every event of them (impressions: "train").
     keys = ["user_idx", "item_idx", "_interaction"]
     events = (
-        events.join(positive.select(*keys, "split_loo", "split_tail"), on=keys, how="left")
+        events.join(positive.select(*keys, "split_loo", "split_tail"), on=keys, how="left", maintain_order="left")
         .with_columns(pl.col("split_loo", "split_tail").fill_null("train"))
         .drop("_interaction", "_split_ts", "_row")
     )
@@ -391,10 +407,12 @@ def prepare_tables(
                          cutoffs=(valid_start, test_start), inputs=inputs, validation=validation, started=started)
     tables = {"items.parquet": items, "users.parquet": user_frame, "events.parquet": events, "pairs.parquet": pairs,
               **{f"eval/{name}.parquet": frame for name, frame in eval_sets.items()}}
-    if locked:
-        write_prepared(out_dir, tables, manifest)
-    else:
-        with output_lock(out_dir, what=f"prepared dataset {out_dir}"):
-            write_prepared(out_dir, tables, manifest)
+    timeline = None
+    if plots:
+        from recsys.data.timeline import timeline_series
+
+        timeline = timeline_series(events, valid_start, test_start)
+    with nullcontext() if locked else output_lock(out_dir, what=f"prepared dataset {out_dir}"):
+        write_prepared(out_dir, tables, manifest, timeline)
     log.debug("prepared %s: %s", out_dir, manifest["rows"])
     return manifest

@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from recsys.errors import InputError
+from recsys.plots import add_plots_flag
 
 if TYPE_CHECKING:
     from recsys.data.readers import RawTables
@@ -40,6 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "--on-invalid", choices=["error", "drop"], default="error",
         help="bad rows: stop with an error (default) or drop them and report the counts",
     )
+    add_plots_flag(parser, "timeline.png (events per day with the split cutoffs)")
 
 
 def _inputs(args: argparse.Namespace) -> list[Path]:
@@ -96,7 +98,7 @@ def run(args: argparse.Namespace) -> int:
         stages.next("split by time, build histories and pairs, write")
         manifest = prepare_tables(
             clean.events, clean.items, clean.users, args.out, config,
-            inputs=raw.sources, validation=report.to_dict(), locked=True,
+            inputs=raw.sources, validation=report.to_dict(), locked=True, plots=not args.no_plots,
         )
     rows = manifest["rows"]
     print(
@@ -104,6 +106,8 @@ def run(args: argparse.Namespace) -> int:
         f"{rows['users']:,} users, {rows['items']:,} items; global cutoffs valid>={manifest['cutoffs']['valid_start']} "
         f"test>={manifest['cutoffs']['test_start']}"
     )
+    if (args.out / "timeline.png").exists():
+        print(f"timeline of events per day with the cutoffs: {args.out / 'timeline.png'}")
     return 0
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from recsys.cli_config import Typed, flags_of
+
 
 def _ints(text: str) -> tuple[int, ...]:
     try:
@@ -23,12 +25,16 @@ def _matcher(text: str) -> tuple[str, Path]:
     return name, Path(path)
 
 
+MATCHER = Typed(_matcher, lambda v: f"{v[0]}={v[1].absolute()}")
+INTS = Typed(_ints, lambda values: ",".join(map(str, values)))
+
+
 def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", type=Path, required=True, help="prepared dataset directory (recsys prepare --out)")
     parser.add_argument("--out", type=Path, help="report directory (evaluation.md/.json/.png); required unless --write-holdout")
     parser.add_argument("--protocol", choices=["global", "loo", "tail"], default="tail", help="time split to evaluate (tail)")
     parser.add_argument(
-        "--matcher", type=_matcher, action="append", default=[], metavar="NAME=DIR",
+        "--matcher", type=MATCHER, action="append", default=[], metavar="NAME=DIR",
         help="a text system: registry version directory of an exported matcher (repeatable, e.g. "
         "zero_shot=DIR fine_tuned=DIR)",
     )
@@ -46,7 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--systems", default="popularity,itemknn,als,ease", help="collaborative baselines (all four)")
     parser.add_argument("--no-blend", action="store_true", help="skip the two-stage blend")
     parser.add_argument("--no-refit", action="store_true", help="test window: fit CF on train only (default: train + valid)")
-    parser.add_argument("--ks", type=_ints, default=(5, 10, 20, 50), help="cut-offs (5,10,20,50)")
+    parser.add_argument("--ks", type=INTS, default=(5, 10, 20, 50), help="cut-offs (5,10,20,50)")
     parser.add_argument("--k", type=int, default=10, help="headline cut-off for tables and bootstrap (10)")
     parser.add_argument("--negatives", type=int, default=100, help="sampled negatives of the candidate protocol (100)")
     parser.add_argument("--n-boot", type=int, default=1000, help="bootstrap resamples (1000)")
@@ -114,7 +120,8 @@ def run(args: argparse.Namespace) -> int:
 
         ranker = Ranker.load(args.ranker)
     result = evaluate(data, config, matchers, args.blend_matcher, ranker, sequences)
-    paths = write_report(result, args.out, title=f"{data.root.name}, {args.protocol} protocol")
+    paths = write_report(result, args.out, title=f"{data.root.name}, {args.protocol} protocol",
+                         extra={"command": "evaluate", "flags": flags_of(args)})  # --config reads these back
     if args.scores_top > 0:
         write_scores(result, data, args.out, args.scores_top)
     print(main_table(result))

@@ -191,14 +191,15 @@ def plot(result: EvalResult, out_dir: Path, prefix: str) -> dict[str, str]:
     return files
 
 
-def write_report(result: EvalResult, out_dir: Path | str, prefix: str = "evaluation", title: str | None = None) -> dict[str, Path]:
-    """Write <prefix>.md, <prefix>.json and <prefix>_*.png into out_dir; returns role -> path."""
+def write_report(result: EvalResult, out_dir: Path | str, prefix: str = "evaluation", title: str | None = None,
+                 extra: dict[str, Any] | None = None) -> dict[str, Path]:
+    """Write <prefix>.md, <prefix>.json (with `extra`'s keys) and <prefix>_*.png into out_dir; returns role -> path."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     plots = plot(result, out_dir, prefix)
     paths = {"markdown": out_dir / f"{prefix}.md", "json": out_dir / f"{prefix}.json"}
     paths["markdown"].write_text(markdown(result, title, plots))
-    payload = {**result.to_dict(), "plots": plots}
+    payload = {**result.to_dict(), "plots": plots, **(extra or {})}
     paths["json"].write_text(json.dumps(payload, indent=2, default=_json_default))
     paths.update({name: out_dir / file for name, file in plots.items()})
     return paths

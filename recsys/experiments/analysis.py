@@ -203,13 +203,20 @@ def unit_table(rows: pl.DataFrame, unit: str, k: int) -> tuple[pl.DataFrame, pl.
         pl.col("conversions").sum(),
         gain.sum().alias("dcg"),
         pl.col("clicked").sum().clip(upper_bound=k).alias("n_rel"),
+        pl.col("timestamp").min(),
         *([pl.col("latency_ms").first()] if has_latency else []),
     )
     idcg = pl.Series(ideal)[requests["n_rel"].to_numpy().astype(np.int64)]
     requests = requests.with_columns(
         pl.when(pl.col("n_rel") > 0).then(pl.col("dcg") / idcg).otherwise(0.0).alias("ndcg")
     )
-    units = requests.group_by("unit", "arm").agg(
+    return requests, units_of(requests)
+
+
+def units_of(requests: pl.DataFrame) -> pl.DataFrame:
+    """Per-unit totals of a request table (unit_table's first part)."""
+    has_latency = "latency_ms" in requests.columns
+    return requests.group_by("unit", "arm").agg(
         pl.col("exposures").sum(),
         pl.col("clicks").sum(),
         pl.col("conversions").sum(),
@@ -221,7 +228,6 @@ def unit_table(rows: pl.DataFrame, unit: str, k: int) -> tuple[pl.DataFrame, pl.
             else []
         ),
     )
-    return requests, units
 
 
 # --------------------------------------------------------------------------- results
@@ -270,6 +276,7 @@ class ExperimentResult:
     alpha: float
     primary_metric: str
     warnings: list[str] = field(default_factory=list)
+    over_time: list[dict[str, Any]] = field(default_factory=list)  # cumulative lift: see lift_over_time
 
     def result(self, metric: str, arm: str) -> Comparison:
         for r in self.results:
@@ -315,6 +322,7 @@ class ExperimentResult:
             "srm": {**asdict(self.srm), "mismatch": self.srm.mismatch},
             "guardrails": [asdict(g) for g in self.guardrails],
             "excluded": self.excluded, "warnings": self.warnings, "verdicts": self.verdicts(),
+            "over_time": self.over_time,
         })
 
 
@@ -401,14 +409,42 @@ def analyze_experiment(rows: pl.DataFrame, exp: Experiment, cfg: AnalysisConfig)
             limit = cfg.latency_max_increase
             status = "pass" if hi < limit else "fail" if lo > limit else "inconclusive"
             guardrails.append(Guardrail("latency_ms", arm, status, c.rel_lift, c.rel_ci, limit))
+    over_time = lift_over_time(requests, arms, control, cfg)
     srm = srm_check({s.arm: s.units for s in summaries}, exp.expected_shares(), cfg.srm_alpha)
     if srm.mismatch:
         warnings.insert(0, f"sample-ratio mismatch: p={srm.p_value:.2g} < {cfg.srm_alpha}; results are not trustworthy")
     return ExperimentResult(
         experiment=exp.name, unit=exp.unit, control=control, arms=summaries, results=results, srm=srm,
         guardrails=guardrails, config_versions=versions, excluded=excluded, alpha=cfg.alpha,
-        primary_metric=cfg.primary_metric, warnings=warnings,
+        primary_metric=cfg.primary_metric, warnings=warnings, over_time=over_time,
     )
+
+
+def lift_over_time(requests: pl.DataFrame, arms: list[str], control: str, cfg: AnalysisConfig,
+                   points: int = 20) -> list[dict[str, Any]]:
+    """The primary metric's lift per treatment arm, re-estimated (same estimator, same interval) on the
+    requests served up to each of `points` times, which split the analysed requests into equal shares;
+    the last point is the whole analysis. Shows how an estimate and its interval settled over the run:
+    a lift that flips sign, or an interval that stops shrinking, is worth a look before any decision."""
+    if not requests.height:
+        return []
+    stamps = requests["timestamp"].sort()
+    cuts = sorted({stamps[-(-len(stamps) * k // points) - 1] for k in range(1, points + 1)})
+    out = []
+    for cut in cuts:
+        units = units_of(requests.filter(pl.col("timestamp") <= cut))
+        estimates = {arm: _estimates(units.filter(pl.col("arm") == arm), cfg) for arm in arms}
+        if cfg.primary_metric not in estimates[control]:
+            return []  # latency_ms without a latency column: nothing to plot
+        lifts = {}
+        for arm in arms:
+            if arm != control:
+                c = compare(estimates[arm][cfg.primary_metric], estimates[control][cfg.primary_metric], cfg.alpha)
+                lifts[arm] = {"rel_lift": c.rel_lift, "rel_ci": list(c.rel_ci), "abs_lift": c.abs_lift,
+                              "abs_ci": list(c.abs_ci), "p_value": c.p_value}
+        counts = {arm: units.filter(pl.col("arm") == arm).height for arm in arms}
+        out.append({"until": cut.isoformat(), "units": counts, "lift": lifts})
+    return out
 
 
 def analyze(

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.errors import EXIT_CHECK_FAILED
+from recsys.plots import add_plots_flag
 
 _DURATION = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([smhd]?)\s*$")
 _SECONDS = {"": 1.0, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -214,6 +215,7 @@ def configure_analyze(parser: argparse.ArgumentParser) -> None:
                         help="latency guardrail: tolerated relative increase of mean latency (0.10)")
     parser.add_argument("--primary-metric", default="ctr", help="metric the verdict uses (ctr)")
     parser.add_argument("--include-qa", action="store_true", help="keep forced (QA) traffic in the analysis")
+    add_plots_flag(parser, "lift.png and lift_over_time.png (cumulative lift with its interval)")
 
 
 def run_analyze(args: argparse.Namespace) -> int:
@@ -239,13 +241,13 @@ def run_analyze(args: argparse.Namespace) -> int:
     if "event_type" in exposures.columns:
         exposures = exposures.filter(pl.col("event_type").cast(pl.Utf8).str.to_lowercase() == "impression")
     result = analyze(config, exposures, events, cfg, args.experiment or None)
-    paths = write_report(result, args.out)
+    paths = write_report(result, args.out, plots=not args.no_plots)
     for e in result.experiments:
         for w in e.warnings:
             print(f"warning: {e.experiment}: {w}", file=sys.stderr)
         for arm, verdict in e.verdicts().items():
             print(f"{e.experiment}/{arm}: {verdict}")
-    print(f"report: {paths['markdown']} ({paths['json'].name}, {paths['plot'].name})")
+    print(f"report: {paths['markdown']} ({', '.join(p.name for k, p in paths.items() if k != 'markdown')})")
     mismatched = [e.experiment for e in result.experiments if e.srm.mismatch]
     if mismatched:
         print(f"error: sample-ratio mismatch in {', '.join(mismatched)}: the results are not trustworthy "

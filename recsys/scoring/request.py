@@ -267,18 +267,30 @@ class RequestScorer:
     # ------------------------------------------------------------------------------ scoring
 
     def score(
-        self, batch: RequestBatch, *, top_k: int = 0, explain: bool = False, vectors: np.ndarray | None = None
+        self, batch: RequestBatch, *, top_k: int = 0, explain: bool = False, vectors: np.ndarray | None = None,
+        clock: Any = None,
     ) -> ScoredBatch:
         """Features, one LightGBM call, each request's list best first (top_k 0: all candidates; ties
-        by position: a stable sort, as LightGBM's piecewise-constant scores tie often)."""
+        by position: a stable sort, as LightGBM's piecewise-constant scores tie often). `clock`: a
+        stopwatch whose lap(stage) the service uses for its stage histograms (recsys.serving.latency)."""
         if self.ranker is None:
             raise ModelError("this scorer has no ranker: it computes features only")
-        features, match, source = self.features(batch, vectors=vectors)
+        histories = self.histories(batch)
+        vectors = self.user_vectors(histories) if vectors is None else vectors
+        if clock is not None:
+            clock.lap("user_tower")
+        features, match, source = self.features(batch, histories, vectors)
+        if clock is not None:
+            clock.lap("features")
         scores = self.ranker.score(features) if len(features.matrix) else np.zeros(0)
+        if clock is not None:
+            clock.lap("lightgbm")
         order = []
         for r in range(len(batch)):
             lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
             order.append(np.argsort(-scores[lo:hi], kind="stable")[: hi - lo if top_k <= 0 else top_k])
+        if clock is not None:
+            clock.lap("topk")
         scored = ScoredBatch(batch.indptr, batch.items, features, match, source, np.asarray(scores, np.float64), order)
         if explain:
             self._explain(scored)

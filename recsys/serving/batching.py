@@ -17,9 +17,11 @@ import asyncio
 from collections.abc import Sequence
 from concurrent.futures import Executor
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 
+from recsys.serving.latency import NO_MONITOR
 from recsys.serving.model import ServingModel
 
 
@@ -51,6 +53,7 @@ class ColdBatcher:
         self._queues: dict[int, _Queue] = {}
         self.batch_sizes: list[int] = []  # recent pass sizes (metrics read and clear them)
         self.dropped = 0  # entries dropped unencoded: cancelled or past their deadline
+        self.monitor: Any = NO_MONITOR  # the server's stall monitor marks encoder passes
 
     async def encode(self, model: ServingModel, texts: Sequence[str], deadline: float | None = None) -> np.ndarray:
         """texts -> [n, D] float32 in order (cache hits are not re-encoded). `deadline` (event-loop
@@ -99,6 +102,10 @@ class ColdBatcher:
                 texts[text] = None
         return list(texts)
 
+    def _encode(self, model: ServingModel, texts: list[str]) -> np.ndarray:
+        with self.monitor.activity("cold-encode"):
+            return model.encode_texts(texts)
+
     async def _drain(self, key: int) -> None:
         queue = self._queues[key]
         loop = asyncio.get_running_loop()
@@ -109,7 +116,7 @@ class ColdBatcher:
                     break
                 unique = self._next_pass(queue)
                 try:
-                    vectors = await loop.run_in_executor(self.executor, queue.model.encode_texts, unique)
+                    vectors = await loop.run_in_executor(self.executor, self._encode, queue.model, unique)
                 except Exception as exc:
                     for entry in queue.waiting:
                         if not entry.future.done() and any(t in unique for t in entry.pending()):

@@ -50,7 +50,9 @@ class ServeConfig:
     cold_cache: int = 10_000
     # Exposure log.
     exposure_dir: Path | None = None
-    exposure_flush_records: int = 2000
+    # A flush is a few ms of Python and Polars work beside the event loop: the time bound sets the pace
+    # (at most flush_s of rows is lost to a kill -9); the record bound only caps memory.
+    exposure_flush_records: int = 50_000
     exposure_flush_s: float = 1.0
     # Operations.
     metrics_port: int | None = None
@@ -80,6 +82,10 @@ class ServeConfig:
     # None: on when an event log is configured (state or state_dir), off for the in-memory default.
     fold_exposures: bool | None = None
     reuse_port: bool = False  # SO_REUSEPORT: several processes share the port (recsys serve --workers N)
+    # Event-loop stall monitor (recsys.serving.latency): callbacks longer than stall_ms are recorded with
+    # their cause (0 = off); stall_log: the timeline written as JSON at shutdown.
+    stall_ms: float = 0.0
+    stall_log: Path | None = None
 
     def __post_init__(self) -> None:
         positive = {
@@ -120,6 +126,8 @@ class ServeConfig:
             raise ConfigError("TLS needs both --tls-cert and --tls-key")
         if self.tls_client_ca is not None and self.tls_cert is None:
             raise ConfigError("--tls-client-ca (mutual TLS) needs --tls-cert and --tls-key")
+        if self.stall_ms < 0 or (self.stall_log is not None and not self.stall_ms):
+            raise ConfigError("--stall-ms must be >= 0, and --stall-log needs --stall-ms > 0 (the stall threshold)")
         if self.auth_all and not self.auth_token:
             raise ConfigError("--auth-all needs a token (--auth-token-file or RECSYS_SERVE_TOKEN)")
 

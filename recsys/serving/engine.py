@@ -24,6 +24,7 @@ import hashlib
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import polars as pl
@@ -108,32 +109,34 @@ class LiveState:
         return self.users.get(user_id, -1)
 
     def apply(self, events: EventsInput) -> tuple[int, int, int]:
-        """-> (accepted, skipped for unknown items, new users). Runs in a worker thread."""
+        """-> (accepted, skipped for unknown items, new users). Runs in a worker thread (the follower).
+
+        Everything that reads only the events (item lookup, strengths, event codes, request keys) is
+        computed before the write lock; the lock covers the user index and the state update alone,
+        so the requests it holds off (an inline Rank goes to the pool instead) wait the least."""
         items = self.catalogue.lookup(events.item_ids)
         keep = np.flatnonzero(items >= 0)
+        types = [events.event_types[i] for i in keep]
+        request = request_keys(pl.Series([events.request_ids[i] for i in keep], dtype=pl.Utf8))
+        strength = strengths(types, events.values[keep])
+        codes = np.asarray([EVENT_CODES[t] for t in types], np.int8)
         with self.lock.write():
             users, evicted, new_users = self.users.assign([events.user_ids[i] for i in keep], events.ts_us[keep])
             self.state.forget_users(evicted)
             if len(keep):
-                types = [events.event_types[i] for i in keep]
-                frame = pl.DataFrame(
-                    {
-                        "event_type": types,
-                        "value": events.values[keep],
-                        "request_id": pl.Series([events.request_ids[i] for i in keep], dtype=pl.Utf8),
-                    }
-                ).with_columns(_STRENGTH.expr())
-                batch = EventBatch(
-                    user_idx=users,
-                    item_idx=items[keep],
-                    ts_us=events.ts_us[keep],
-                    strength=frame["strength"].fill_null(0.0).to_numpy(),
-                    event_code=np.asarray([EVENT_CODES[t] for t in types], np.int8),
-                    request=request_keys(frame["request_id"]),
-                )
-                self.state.apply(batch)
+                self.state.apply(EventBatch(users, items[keep], events.ts_us[keep], strength, codes, request))
                 self.events_applied += len(keep)
         return len(keep), len(events) - len(keep), new_users
+
+
+def strengths(event_types: list[str], values: np.ndarray) -> np.ndarray:
+    """Event strengths [n] (StrengthRule, unknown types 0). Batches without ratings (served lists,
+    clicks) map types through the rule's table; ratings take the rule's Polars expression."""
+    table = _STRENGTH.event_strength
+    if "rating" not in event_types:
+        return np.fromiter((table.get(t, 0.0) for t in event_types), np.float64, len(event_types))
+    frame = pl.DataFrame({"event_type": event_types, "value": values}, schema={"event_type": pl.Utf8, "value": pl.Float64})
+    return frame.select(_STRENGTH.expr())["strength"].fill_null(0.0).to_numpy()
 
 
 @dataclass
@@ -191,11 +194,12 @@ def _history(live: LiveState, history: HistoryInput | None, t_us: int) -> list[H
 
 def rank(
     model: ServingModel, live: LiveState, request: RankInput, item_idx: np.ndarray,
-    cold_vectors: np.ndarray | None = None, *, blocking: bool = True,
+    cold_vectors: np.ndarray | None = None, *, blocking: bool = True, clock: Any = None,
 ) -> Ranked:
     """Score a validated Rank request's candidates item_idx [n] (-1 = not in the catalogue; the
     vectors of the ones with text in `cold_vectors` [m, D], in order) and order them.
-    blocking=False: StateBusy rather than wait while events are being applied."""
+    blocking=False: StateBusy rather than wait while events are being applied. `clock`: the request's
+    stage stopwatch (recsys.serving.latency.StageClock)."""
     cold = bool(len(item_idx)) and int(item_idx.min()) < 0
     has_text = np.fromiter(map(bool, request.texts), bool, len(request.texts)) if cold else None
     batch = RequestBatch(
@@ -210,7 +214,7 @@ def rank(
         has_text=has_text,
     )
     with live.lock.read(blocking):
-        scored = model.scorer(live.state).score(batch, top_k=request.top_k, explain=request.explain)
+        scored = model.scorer(live.state).score(batch, top_k=request.top_k, explain=request.explain, clock=clock)
     return _ranked(scored)
 
 

@@ -35,6 +35,7 @@ import numpy as np
 import polars as pl
 
 from recsys.files import output_lock
+from recsys.serving.latency import NO_MONITOR, lower_priority
 
 log = logging.getLogger(__name__)
 
@@ -59,7 +60,7 @@ SOURCE_NAMES = {1: "catalogue", 2: "encoded", 3: "no_text"}
 class ExposureLog:
     """Buffered, durable appends of served lists (thread-safe; writes happen on one writer thread)."""
 
-    def __init__(self, directory: Path | str, flush_records: int = 2000, flush_s: float = 1.0) -> None:
+    def __init__(self, directory: Path | str, flush_records: int = 50_000, flush_s: float = 1.0) -> None:
         self.directory = Path(directory)
         self._owner = contextlib.ExitStack()  # one server owns the directory: a second one is refused (exit 2)
         self._owner.enter_context(output_lock(self.directory, what=f"exposure log {self.directory}"))
@@ -73,9 +74,10 @@ class ExposureLog:
         self._pending = 0
         self._lock = threading.Lock()
         self._seq = 0
-        self._writer = ThreadPoolExecutor(1, thread_name_prefix="exposure")
+        self._writer = ThreadPoolExecutor(1, thread_name_prefix="exposure", initializer=lower_priority)
         self._last_flush = time.monotonic()
         self._closed = False
+        self.monitor: Any = NO_MONITOR  # the server's stall monitor marks flushes
 
     @property
     def pending(self) -> int:
@@ -96,11 +98,13 @@ class ExposureLog:
         session_id: str | None = None,
     ) -> None:
         """One served list, best first (position = index). Cheap: one tuple appended under a lock; the
-        writer thread expands lists into rows at flush time."""
+        writer thread expands lists into rows at flush time. The entry holds only strings, numbers and
+        arrays in tuples, which the cyclic collector stops tracking: a second of buffered lists does
+        not pile up in its oldest generation, whose full passes pause the event loop."""
         k = len(item_ids)
         if not k:
             return
-        entry = (user_id, list(item_ids), t_us, request_id, model_version, variant, np.asarray(scores, np.float64),
+        entry = (user_id, tuple(item_ids), t_us, request_id, model_version, variant, np.asarray(scores, np.float64),
                  np.asarray(match, np.float64), np.asarray(source, np.int8), latency_ms, session_id)
         with self._lock:
             if self._closed:
@@ -163,6 +167,10 @@ class ExposureLog:
 
     def _write_pending(self) -> int:
         """Write pending rows as one part file (temp + fsync + rename + directory fsync); writer thread only."""
+        with self.monitor.activity("exposure-flush"):
+            return self._write_frame()
+
+    def _write_frame(self) -> int:
         frame = self._take()
         self._last_flush = time.monotonic()
         if frame is None:

@@ -51,10 +51,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     net.add_argument("--ready-file", type=Path, help="write {'port': N, 'metrics_port': M} here once serving (for scripts using --port 0)")
     logs = parser.add_argument_group("logs and metrics")
     logs.add_argument("--exposure-dir", type=Path, help="write served lists here as parquet parts (recsys prepare reads them)")
-    logs.add_argument("--exposure-flush-records", type=int, default=2000, help="flush after this many rows (2000)")
+    logs.add_argument("--exposure-flush-records", type=int, default=50_000,
+                      help="flush after this many rows (50000; the time bound --exposure-flush-s usually comes first)")
     logs.add_argument("--exposure-flush-s", type=float, default=1.0, help="flush rows older than this (1.0 s)")
     logs.add_argument("--metrics-port", type=int, help="serve Prometheus /metrics on this port")
     logs.add_argument("--log-json", action="store_true", help="structured JSON log lines")
+    logs.add_argument("--stall-ms", type=float, default=0.0, metavar="MS",
+                      help="record event-loop callbacks longer than MS with their cause (recsys_loop_stall_seconds; 0 = off)")
+    logs.add_argument("--stall-log", type=Path, metavar="FILE",
+                      help="with --stall-ms: write the stall timeline (JSON) here at shutdown")
     st = parser.add_argument_group("online state (events, served lists)")
     st.add_argument("--state", metavar="URL",
                     help="shared event log: redis://HOST:PORT/DB[?stream=NAME] (Redis Streams; run Redis with appendonly yes)")
@@ -114,6 +119,7 @@ def run(args: argparse.Namespace) -> int:
         experiments=args.experiments, experiments_poll_s=args.experiments_poll_s,
         state=args.state, state_dir=args.state_dir, consistency_wait_ms=args.consistency_wait_ms,
         snapshot_events=args.snapshot_events, snapshot_s=args.snapshot_s, fold_exposures=args.fold_exposures,
+        stall_ms=args.stall_ms, stall_log=args.stall_log,
     )
     if args.workers != 1:
         from recsys.serving.workers import serve_workers

@@ -15,6 +15,7 @@ import contextlib
 import gc
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -36,6 +37,7 @@ from recsys.serving.batching import ColdBatcher
 from recsys.serving.config import ServeConfig
 from recsys.serving.engine import LiveState
 from recsys.serving.exposure import ExposureLog
+from recsys.serving.latency import StallMonitor
 from recsys.serving.metrics import ServingMetrics
 from recsys.serving.model import (
     CONTROL,
@@ -57,6 +59,7 @@ from recsys.state.service import StateService
 
 log = logging.getLogger("recsys.serving")
 SERVICES = tuple(pb.DESCRIPTOR.services_by_name[name].full_name for name in ("RankingService", "ModelAdmin"))
+SWITCH_INTERVAL_S = 0.0005  # sys.setswitchinterval while serving (CPython's default is 0.005)
 STATE_HEALTH = "recsys.state"  # health name: NOT_SERVING while the event log is unreachable (Rank still serves)
 
 
@@ -430,8 +433,20 @@ class RankingServer:
         self.metrics_port: int | None = None
         self._tasks: list[asyncio.Task[None]] = []
         self._stopped = asyncio.Event()
+        self.monitor: StallMonitor | None = None
+
+    def _monitor_stalls(self) -> None:
+        """--stall-ms: time this loop's callbacks; background work marks itself for the attribution."""
+        app = self.app
+        self.monitor = StallMonitor(app.config.stall_ms / 1000, on_stall=app.metrics.stall)
+        self.monitor.install(asyncio.get_running_loop())
+        for part in (app.exposure, app.state, app.state.follower, app.batcher):
+            if part is not None:
+                part.monitor = self.monitor
 
     async def start(self) -> None:
+        if self.app.config.stall_ms:
+            self._monitor_stalls()
         await self.grpc.start()
         self.app.state.start()
         self._tasks.append(asyncio.ensure_future(self.app.background()))
@@ -495,6 +510,10 @@ class RankingServer:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
         await asyncio.get_running_loop().run_in_executor(None, self.app.close)
+        if self.monitor is not None:
+            self.monitor.uninstall()
+            if self.app.config.stall_log is not None:
+                self.monitor.write(self.app.config.stall_log)
         if self.metrics_http is not None:
             self.metrics_http.shutdown()
         self._stopped.set()
@@ -537,7 +556,7 @@ async def create_server(config: ServeConfig, router: VariantRouter | None = None
         interceptors=interceptors,
         options=[("grpc.so_reuseport", int(config.reuse_port)), ("grpc.max_receive_message_length", 16 * 1024 * 1024)],
     )
-    add_guarded(server, pb_grpc.add_RankingServiceServicer_to_server, RankingServicer(app))
+    add_guarded(server, pb_grpc.add_RankingServiceServicer_to_server, RankingServicer(app), stages=app.metrics.stages)
     add_guarded(server, pb_grpc.add_ModelAdminServicer_to_server, AdminServicer(app))
     health_servicer = health.aio.HealthServicer()
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
@@ -577,6 +596,12 @@ async def serve(config: ServeConfig, ready: Any = None) -> None:
     # scans, whose full passes over it were the service's longest pauses (tens of ms).
     gc.collect()
     gc.freeze()
+    # A background thread (exposure flush, event-log append, fold) holding the GIL makes the event loop
+    # wait up to the switch interval before it may run: 5 ms by default, the loop's longest stalls
+    # under load (bench/results/serve_tail.md). 0.5 ms bounds that wait; the threads' own work is not
+    # latency-bound and pays a few more switches.
+    sys.setswitchinterval(SWITCH_INTERVAL_S)
+    server.app.metrics.gc_frozen.set(gc.get_freeze_count())
     if ready is not None:
         ready(port, server.metrics_port)
     await stop.wait()

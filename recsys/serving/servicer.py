@@ -28,6 +28,7 @@ from recsys.errors import ConfigError, InputError, ModelError, NotFoundError
 from recsys.experiments.assignment import SESSION_KEY
 from recsys.experiments.config import context_text
 from recsys.serving import engine
+from recsys.serving.latency import StageClock
 from recsys.serving.metrics import variant_series
 from recsys.serving.model import BaselineModel
 from recsys.serving.proto import ranking_pb2 as pb
@@ -140,7 +141,8 @@ class Handler:
         raise AssertionError("unreachable")  # abort raises
 
     async def run(
-        self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any, inline: bool = False, **kwargs: Any
+        self, context: grpc.aio.ServicerContext, fn: Callable[..., T], *args: Any, inline: bool = False,
+        clock: StageClock | None = None, **kwargs: Any,
     ) -> T:
         """CPU-bound work on the worker pool, bounded by the caller's deadline.
 
@@ -153,13 +155,26 @@ class Handler:
         remaining = context.time_remaining()
         if remaining is not None and remaining <= 0:
             raise TimeoutError
+        if clock is not None:
+            kwargs["clock"] = clock
         if inline:
             try:
                 return fn(*args, blocking=False, **kwargs)
             except engine.StateBusy:
                 pass
-        future = asyncio.get_running_loop().run_in_executor(self.app.executor, functools.partial(fn, *args, **kwargs))
+        call: Callable[[], T] = functools.partial(fn, *args, **kwargs)
+        if clock is not None:
+            clock.restart()
+            call = functools.partial(_lapped, clock, call)
+
+        future = asyncio.get_running_loop().run_in_executor(self.app.executor, call)
         return await asyncio.wait_for(future, remaining)
+
+
+def _lapped(clock: StageClock, call: Callable[[], T]) -> T:
+    """On the worker thread: the lap since submission is the pool wait."""
+    clock.lap("pool_wait")
+    return call()
 
 
 def _items(
@@ -196,23 +211,31 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         started = time.perf_counter()
         app = self.app
         await self._consistent(request.consistency_token)
+        clock = StageClock(app.metrics.stages["Rank"])
         inp = rank_input(request, app.config)
         variant, model = app.router(inp.user_id, inp.request_id, inp.context)
         idx = app.live.catalogue.lookup(inp.item_ids)
         inline = len(idx) <= app.config.inline_candidates and not inp.explain
+        clock.lap("validate")
         if isinstance(model, BaselineModel):
             ranked = await self.handler.run(context, engine.rank_baseline, model, app.live, inp, idx, inline=inline)
         else:
             cold = np.flatnonzero((idx < 0) & np.fromiter(map(bool, inp.texts), bool, len(inp.texts)))
-            vectors = (
-                await app.batcher.encode(model, [inp.texts[i] for i in cold], _deadline(context)) if len(cold) else None
+            if len(cold):
+                vectors = await app.batcher.encode(model, [inp.texts[i] for i in cold], _deadline(context))
+                clock.lap("cold_encode")
+            else:
+                vectors = None
+            ranked = await self.handler.run(
+                context, engine.rank, model, app.live, inp, idx, vectors, inline=inline, clock=clock
             )
-            ranked = await self.handler.run(context, engine.rank, model, app.live, inp, idx, vectors, inline=inline)
-        return self._respond(pb.RankResponse, inp, inp.item_ids, ranked, version=model.version, variant=variant, started=started)
+        return self._respond(
+            pb.RankResponse, inp, inp.item_ids, ranked, version=model.version, variant=variant, started=started, clock=clock
+        )
 
     def _respond(
         self, cls: Any, inp: RankInput | RecommendInput, ids: list[str], ranked: engine.Ranked, *,
-        version: str, variant: str, started: float,
+        version: str, variant: str, started: float, clock: StageClock | None = None,
     ) -> tuple[Any, str]:
         """The reply and the exposure log of one served list (`ids`: the request's candidate ids)."""
         app = self.app
@@ -223,6 +246,8 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
         scores, match, source = ranked.scores[order], ranked.match[order], ranked.source[order]
         items = _items(ranked, served, scores=scores, match=match, source=source, explain=inp.explain)
         response = cls(request_id=request_id, items=items, model_version=version, variant=variant)
+        if clock is not None:
+            clock.lap("reply")
         if app.exposure is not None:
             session = context.get(SESSION_KEY)
             app.exposure.append(
@@ -236,6 +261,8 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
                     [user_id] * n, served, ["impression"] * n, np.full(n, t_us, np.int64), [request_id] * n,
                     np.full(n, np.nan),
                 ))
+            if clock is not None:
+                clock.lap("exposure")
         counts = np.bincount(ranked.source, minlength=4)
         for code, name in ((1, "catalogue"), (2, "encoded"), (3, "no_text")):
             if counts[code]:

@@ -306,10 +306,11 @@ class UndecodableRequest(FieldError):
         )
 
 
-def _guard(handler: Any) -> Any:
+def _guard(handler: Any, stages: dict[str, Any] | None = None) -> Any:
     """A method handler whose deserializer never raises: undecodable bytes become an
     `UndecodableRequest` value, answered INVALID_ARGUMENT (grpc.aio would answer UNKNOWN with the
-    Python exception's class name)."""
+    Python exception's class name). `stages`: histogram children observing the `parse` and
+    `serialise` times of the method (recsys.serving.latency)."""
     import grpc
 
     parse = handler.request_deserializer
@@ -322,6 +323,22 @@ def _guard(handler: Any) -> Any:
             return UndecodableRequest(type_name, exc)
 
     kwargs = {"request_deserializer": deserialize, "response_serializer": handler.response_serializer}
+    if stages is not None:
+        parsed, serialised = stages["parse"], stages["serialise"]
+
+        def timed_deserialize(data: bytes) -> Any:
+            start = time.perf_counter()
+            request = deserialize(data)
+            parsed.observe(time.perf_counter() - start)
+            return request
+
+        def timed_serialize(response: Any) -> bytes:
+            start = time.perf_counter()
+            out: bytes = response.SerializeToString()
+            serialised.observe(time.perf_counter() - start)
+            return out
+
+        kwargs = {"request_deserializer": timed_deserialize, "response_serializer": timed_serialize}
     if handler.unary_unary is not None:
         inner = handler.unary_unary
 
@@ -362,12 +379,14 @@ class _Capture:
         self.service, self.handlers = service, handlers
 
 
-def add_guarded(server: Any, add_to_server: Any, servicer: Any) -> None:
-    """`add_to_server(servicer, server)` with every method's request decoding guarded (`_guard`)."""
+def add_guarded(server: Any, add_to_server: Any, servicer: Any, stages: dict[str, dict[str, Any]] | None = None) -> None:
+    """`add_to_server(servicer, server)` with every method's request decoding guarded (`_guard`);
+    the methods named in `stages` (method -> stage histogram children) time their parse and serialise."""
     import grpc
 
     capture = _Capture()
     add_to_server(servicer, capture)
-    guarded = {name: _guard(handler) for name, handler in capture.handlers.items()}
+    stages = stages or {}
+    guarded = {name: _guard(handler, stages.get(name)) for name, handler in capture.handlers.items()}
     server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(capture.service, guarded),))
     server.add_registered_method_handlers(capture.service, guarded)

@@ -25,6 +25,7 @@ from collections import OrderedDict
 from typing import Any, Protocol
 
 from recsys.serving.engine import LiveState
+from recsys.serving.latency import NO_MONITOR, lower_priority
 from recsys.serving.validation import EventsInput
 from recsys.state.codec import concat, decode
 from recsys.state.log import START, EventLog, Position, StateUnavailable
@@ -69,6 +70,7 @@ class Follower:
         self._waiters: list[tuple[Position, asyncio.AbstractEventLoop, asyncio.Future[None]]] = []
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.monitor: Any = NO_MONITOR  # the server's stall monitor marks folds and snapshots
 
     # ------------------------------------------------------------------ start-up
 
@@ -133,17 +135,22 @@ class Follower:
                 if len(self._keys) > MAX_KEYS:
                     self._keys.popitem(last=False)
             batches.append(events)
-        if batches and self._regroup_safe(batches):
-            self.live.apply(concat(batches))
-        else:
-            for batch in batches:  # near the user bound: eviction depends on batch boundaries
-                self.live.apply(batch)
+        if batches:
+            with self.monitor.activity("fold"):
+                self._fold(batches)
         self._since_snapshot += sum(len(b) for b in batches)
         if records:
             self.position = records[-1][0]
             self.records += len(records)
             self._wake()
         return len(records)
+
+    def _fold(self, batches: list[EventsInput]) -> None:
+        if self._regroup_safe(batches):
+            self.live.apply(concat(batches))
+        else:
+            for batch in batches:  # near the user bound: eviction depends on batch boundaries
+                self.live.apply(batch)
 
     def _regroup_safe(self, batches: list[EventsInput]) -> bool:
         """May these records be folded as one batch? Only eviction (UserIndex at its bound) depends on
@@ -156,6 +163,7 @@ class Follower:
         return len(users) + len(new) <= users.capacity
 
     def _run(self) -> None:
+        lower_priority()  # folds and snapshots yield the core to the event loop
         while not self._stop.is_set():
             try:
                 self.step(0.2)
@@ -182,6 +190,11 @@ class Follower:
         """Store the folded state with its position (call from the follower thread or when it is stopped)."""
         if self.snapshots is None:
             return
+        with self.monitor.activity("snapshot"):
+            self._store_snapshot()
+
+    def _store_snapshot(self) -> None:
+        assert self.snapshots is not None
         started = time.perf_counter()
         snap = Snapshot(self.position, self.live.state, self.live.users, self.live.events_applied, list(self._keys))
         self.snapshots.save(self.position, pack(snap))

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from recsys.serving.engine import LiveState
+from recsys.serving.latency import NO_MONITOR, lower_priority
 from recsys.serving.validation import EventsInput
 from recsys.state import open_log
 from recsys.state.codec import concat, encode
@@ -24,7 +25,7 @@ from recsys.state.log import EventLog, Position, StateUnavailable, format_positi
 from recsys.state.snapshot import DirSnapshots, RedisSnapshots
 
 log = logging.getLogger(__name__)
-EXPOSURE_FLUSH_S = 0.1
+EXPOSURE_FLUSH_S = 0.25  # served lists reach the log (and every replica's impression counts) within this
 EXPOSURE_FLUSH_LISTS = 256
 
 
@@ -37,7 +38,8 @@ class StateService:
         self._exposure_lock = threading.Lock()
         self._exposure_flushed = time.monotonic()
         # Served lists are encoded and appended on this thread, never on the Rank that crossed the bound.
-        self._exposure_writer = ThreadPoolExecutor(1, thread_name_prefix="state-exposures")
+        self._exposure_writer = ThreadPoolExecutor(1, thread_name_prefix="state-exposures", initializer=lower_priority)
+        self.monitor: Any = NO_MONITOR  # the server's stall monitor (marks background work)
 
     @classmethod
     def open(
@@ -107,7 +109,8 @@ class StateService:
         if not lists:
             return
         try:
-            future = self.log.append(encode(concat(lists)))
+            with self.monitor.activity("state-exposures"):
+                future = self.log.append(encode(concat(lists)))
         except StateUnavailable as exc:
             future = Future()
             future.set_exception(exc)

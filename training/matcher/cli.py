@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
 
@@ -90,6 +91,20 @@ def run(args: argparse.Namespace) -> int:
     )
     config = TrainConfig(data=str(args.data), out=str(args.out), model=model, run=run_config)
     report = train(config)
+    if os.environ.get("RANK", "0") == "0":  # under torchrun, one process writes
+        _save_flags(args)
     summary = {name: report.get(name, {}).get("test") for name in ("popularity", "zero_shot", "fine_tuned")}
     print(json.dumps({"out": str(args.out), "steps": report.get("steps"), "test": summary}, indent=2))
     return 0
+
+
+def _save_flags(args: argparse.Namespace) -> None:
+    """The flags of this run into the checkpoint's matcher_config.json (beside the model's own settings,
+    which loading reads), so `recsys train matcher --config OUT/matcher_config.json --out NEW` reruns it."""
+    from recsys.cli_config import flags_of
+    from recsys.files import write_json_atomic
+    from training.matcher.checkpoint import CONFIG_FILE
+
+    path = args.out / CONFIG_FILE
+    saved = json.loads(path.read_text())
+    write_json_atomic(path, {**saved, "command": "train matcher", "flags": flags_of(args)})
