@@ -637,8 +637,7 @@ def evaluate(
     config: EvalConfig | None = None,
     matchers: Mapping[str, EmbeddingMatcher] | None = None,
     blend_matcher: str | None = None,
-    ranker: Ranker | None = None,
-    sequences: Mapping[str, SequenceSystem] | None = None,
+    ranker: Ranker | None = None, sequences: Mapping[str, SequenceSystem] | None = None,
 ) -> EvalResult:
     """Run every system on the test window of `config.protocol` and compare them.
 
@@ -646,8 +645,7 @@ def evaluate(
     text systems, and `blend_matcher` (default: "fine_tuned" if given, else the first) feeds the
     blend. ranker: a trained `recsys.ranker.Ranker` to use as the blend's re-ranker instead of
     training one on the valid window (its feature names must be computable here, or it is refused
-    with the missing feature named). sequences: name -> exported sequence model (SASRec), scored over
-    each user's ordered interactions before the window; compared, not blended."""
+    with the missing feature named). sequences: name -> SequenceSystem (SASRec), compared, not blended."""
     config = config or EvalConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     matchers = dict(matchers or {})
@@ -666,14 +664,8 @@ def evaluate(
     started = _stage(timings, "cf_test", started)
     for name, m in matchers.items():
         test_scores[name] = matcher_scores(m, test.history)
-    started = _stage(timings, "matchers_test", started)
-    sequences = dict(sequences or {})
-    for name, seq in sequences.items():
-        if name in (*CF_SYSTEMS, BLEND, *matchers):
-            raise ConfigError(f"sequence system name {name!r} clashes with another system: rename it")
-        test_scores[name] = seq.scores(data, config.protocol, "test", test.users, test.cutoff_us)
-    if sequences:
-        started = _stage(timings, "sequences_test", started)
+    test_scores.update(_sequence_scores(data, config.protocol, test, sequences or {}, taken=(*test_scores, BLEND)))
+    started = _stage(timings, "matchers_test", started)  # text matchers and sequence systems
 
     sampled = sampled_candidates(n_items, test.seen, test.targets, config.sampled_negatives, config.seed)
     blend_info: dict[str, Any] = {}
@@ -691,7 +683,7 @@ def evaluate(
     no_behaviour = np.bincount(test.fit_item, minlength=n_items) == 0  # the service's "cold": unseen items
     explore = _explore(config, test, test_scores, blend_matcher, no_behaviour)
 
-    systems = [s for s in config.systems] + list(matchers) + list(sequences) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
+    systems = [s for s in config.systems] + list(matchers) + list(sequences or {}) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
     new_users = np.flatnonzero(fit_counts <= config.new_user_max)
     slices = slice_targets(test.targets, test.users, cold, new_users)
@@ -720,6 +712,17 @@ def evaluate(
         users=test.users,
         seen=test.seen,
     )
+
+
+def _sequence_scores(data: PreparedData, protocol: str, test: Window, sequences: Mapping[str, SequenceSystem],
+                     *, taken: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each sequence system's [U, n_items] test scores; a name clashing with another system is refused."""
+    out = {}
+    for name, seq in sequences.items():
+        if name in (*CF_SYSTEMS, *taken):
+            raise ConfigError(f"sequence system name {name!r} clashes with another system: rename it")
+        out[name] = seq.scores(data, protocol, "test", test.users, test.cutoff_us)
+    return out
 
 
 def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray], blend_matcher: str | None,
