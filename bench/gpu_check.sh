@@ -5,8 +5,10 @@
 #      fp16 judged on CUDA against fp32;
 #   3. sessions on TensorRT, CUDA and CPU, each verified with session.get_providers();
 #   4. parity of every GPU path against CPU fp32 on catalogue texts;
-#   5. sequences/s with IO binding, fp32 and fp16, at several batch sizes (CPU fp32 for reference).
-# Writes bench/results/encoder_gpu.json (+ .md) and, when $OUT is set, copies them there.
+#   5. sequences/s with IO binding, fp32 and fp16, at several batch sizes (CPU fp32 for reference);
+#   6. matcher fine-tuning on the GPU, full and LoRA, $FT_STEPS steps each (bench/gpu_finetune.py: device,
+#      bf16, pairs/s, peak memory; `python bench/gpu_finetune.py --dry-run` checks it on a CPU).
+# Writes bench/results/encoder_gpu.json, finetune_gpu.json (+ .md) and, when $OUT is set, copies them there.
 #
 # Usage: bash bench/gpu_check.sh            (creates $GPU_VENV with the CUDA builds from PyPI)
 #        GPU_PYTHON=/path/to/python bash bench/gpu_check.sh   (use an existing environment as is)
@@ -174,6 +176,9 @@ PYEOF
 set +e
 timeout "$LIMIT_S" "$PY" "$SCRIPT" "$REPO"
 rc=$?
+timeout "${FT_LIMIT_S:-420}" "$PY" bench/gpu_finetune.py --steps "${FT_STEPS:-300}" --batch-size "${FT_BATCH:-256}"
+ft=$?
 set -e
-if [ -n "${OUT:-}" ]; then cp -f bench/results/encoder_gpu.* "$OUT"/ 2>/dev/null || true; fi
-exit $rc
+if [ -n "${OUT:-}" ]; then cp -f bench/results/encoder_gpu.* bench/results/finetune_gpu.* "$OUT"/ 2>/dev/null || true; fi
+if [ "$rc" -ne 0 ]; then exit "$rc"; fi
+exit "$ft"

@@ -213,6 +213,7 @@ def main() -> int:
     parser.add_argument("--freeze-encoder", action=argparse.BooleanOptionalAction, default=True)
     parser.add_argument("--cold-slots", type=int, default=0, help="also report blend_explore: N top-10 places for cold items")
     parser.add_argument("--head-dropout", type=float, default=0.0, help="share of items per step skipping the item head")
+    parser.add_argument("--cold-prior", default="", help="with --cold-slots: the matcher picking the cold items (zero_shot, fine_tuned)")
     parser.add_argument("--train-layers", type=int, default=0, help="with --no-freeze-encoder: top N layers (0: all)")
     parser.add_argument("--cache-negatives", type=int, default=100_000, help=">= n_items: every item with a training positive")
     parser.add_argument("--batch-size", type=int, default=1024)
@@ -293,7 +294,8 @@ def main() -> int:
             matcher_s = time.perf_counter() - t1
             extra = tuple(m for m in args.blend_extra.split(",") if m in matchers and m != args.blend_matcher)
             config = EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed,
-                                blend_config=BlendConfig(cold_slots=args.cold_slots, matchers_from=extra))
+                                blend_config=BlendConfig(cold_slots=args.cold_slots, cold_prior=args.cold_prior,
+                                                         matchers_from=extra))
             blend_matcher = args.blend_matcher if args.blend_matcher in matchers else None
             result = evaluate(data, config, matchers, blend_matcher, sequences=sequences)
             prefix = f"quality_{name}_{protocol}"

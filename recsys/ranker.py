@@ -107,6 +107,10 @@ class Ranker:
         self.feature_config = FeatureConfig.from_dict(meta["feature_config"])
         self._index = {name: j for j, name in enumerate(self.feature_names)}
         self.context_names: tuple[str, ...] = tuple(n[4:] for n in self.feature_names if n.startswith("ctx_"))
+        # Cold-item exploration recorded at training (`recsys train ranker --cold-slots N`): the last N
+        # of every list's first cold_k places go to items without behaviour (recsys/scoring/explore.py).
+        config = meta.get("config") or {}
+        self.cold_slots, self.cold_k = int(config.get("cold_slots", 0)), int(config.get("cold_k", 10))
         self.threads = threads
         self._predict = TreePredictor(booster, threads)
 

@@ -44,3 +44,24 @@ def test_item_head_dropout_trains_the_text_only_path() -> None:
     assert bool((skipped | kept).all()) and 16 < int(skipped.sum()) < 48
     mixed.sum().backward()  # the kept rows train the head
     assert tower.head.fc1.weight.grad is not None
+
+
+def test_cold_slot_order_fills_from_the_rest_when_a_side_runs_short() -> None:
+    from recsys.scoring.explore import cold_slot_order
+
+    scores = np.array([3.0, 2.0, 1.0, 0.5, -np.inf])
+    prior = np.array([0.0, 0.0, 0.0, 0.9, 0.8])  # item 4 is cold but not rankable: still eligible by prior
+    cold = np.array([False, False, False, True, True])
+    assert cold_slot_order(scores, prior, cold, k=4, slots=2).tolist() == [0, 1, 3, 4]
+    only_warm = np.zeros(5, bool)
+    assert cold_slot_order(scores, prior, only_warm, k=4, slots=2).tolist() == [0, 1, 2, 3]  # no cold: ranker order
+    assert cold_slot_order(scores[:2], prior[:2], cold[:2], k=2, slots=1).tolist() == [0, 1]
+
+
+def test_ranker_cold_slots_are_validated() -> None:
+    pytest.importorskip("lightgbm")
+    from training.ranker import RankerConfig
+
+    assert RankerConfig(cold_slots=2).cold_slots == 2
+    with pytest.raises(ConfigError, match="--cold-slots must be in \\[0, 10\\]"):
+        RankerConfig(cold_slots=11)

@@ -14,7 +14,7 @@ import polars as pl
 import pytest
 
 from recsys.data.prepared import PreparedData
-from recsys.errors import InputError, ModelError
+from recsys.errors import ConfigError, InputError, ModelError
 from recsys.evaluation.evaluate import (
     BlendConfig,
     EvalConfig,
@@ -139,15 +139,18 @@ def test_holdout_removes_items_from_every_training_input(prepared_dir, holdout) 
 def run(synthetic_log, holdout):
     config = EvalConfig(
         protocol="tail", n_boot=200, sampled_negatives=50, als_iterations=5,
-        blend_config=BlendConfig(lambdamart=replace(BlendConfig().lambdamart, num_rounds=120), cold_slots=3),
+        blend_config=BlendConfig(lambdamart=replace(BlendConfig().lambdamart, num_rounds=120), cold_slots=3,
+                                 cold_prior="topic_exact"),
     )
-    return evaluate(holdout, config, {"topic": topic_matcher(synthetic_log, holdout)})
+    # The blend uses "topic"; the reserved cold places are chosen by another text system's score.
+    matchers = {"topic": topic_matcher(synthetic_log, holdout), "topic_exact": topic_matcher(synthetic_log, holdout, noise=0.05)}
+    return evaluate(holdout, config, matchers)
 
 
 def test_blend_beats_popularity_and_text_beats_cf_on_cold_items(run) -> None:
     k = "ndcg@10"
     allm = run.metrics["all"]
-    assert set(run.systems) == {"popularity", "itemknn", "als", "ease", "topic", "blend", "blend_explore"}
+    assert set(run.systems) == {"popularity", "itemknn", "als", "ease", "topic", "topic_exact", "blend", "blend_explore"}
     assert allm["blend"][k] > allm["popularity"][k] + 0.05
     assert run.paired["all"]["popularity"]["lo"] > 0  # blend - popularity, paired 95% interval above 0
     assert allm["blend"][k] > max(allm[s][k] for s in ("itemknn", "als", "ease"))
@@ -238,8 +241,9 @@ def test_cli_help_is_light_and_cli_runs(prepared_dir, tmp_path: Path) -> None:
     assert main(["evaluate", "--data", str(hold), "--out", str(out), "--systems", "knn"]) == 2  # bad config: exit 2
 
 
-def test_cold_slots_give_cold_items_a_measured_share_of_the_top_10(run) -> None:
+def test_cold_slots_give_cold_items_a_measured_share_of_the_top_10(run, holdout) -> None:
     allm, cold = run.metrics["all"], run.metrics["cold_items"]
+    cold_items = held_out_items(holdout)  # items without behaviour (the reserved places' pool holds them all)
     assert allm["blend_explore"]["cold_share@10"] == pytest.approx(0.3, abs=0.02)  # 3 of 10 places
     assert allm["blend"]["cold_share@10"] < allm["blend_explore"]["cold_share@10"]
     assert allm["popularity"]["cold_share@10"] == 0.0
@@ -252,4 +256,16 @@ def test_cold_slots_give_cold_items_a_measured_share_of_the_top_10(run) -> None:
         b[seen] = e[seen] = -np.inf
         head = np.argsort(-e, kind="stable")[:7]
         assert np.isfinite(b[head]).all() and (np.diff(b[head]) <= 0).all()  # the blend's candidates, its order
+        reserved = np.argsort(-e, kind="stable")[7:10]  # the --cold-prior system's best cold items, in its order
+        prior = run.scores["topic_exact"][u]
+        assert (np.diff(prior[reserved]) <= 0).all()
+        others = np.setdiff1d(np.setdiff1d(cold_items, reserved), seen)
+        assert prior[reserved].min() >= prior[others].max()
+
+
+def test_cold_prior_must_name_a_matcher(holdout) -> None:
+    config = EvalConfig(protocol="tail", blend_config=BlendConfig(cold_slots=2, cold_prior="zero_shot"))
+    emb = np.eye(holdout.n_items, 4, dtype=np.float32)
+    with pytest.raises(ConfigError, match="--cold-prior 'zero_shot' is not a matcher of this evaluation"):
+        evaluate(holdout, config, {"topic": EmbeddingMatcher(emb, mean_pool_encoder(emb))})
 

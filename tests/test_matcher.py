@@ -204,6 +204,7 @@ def test_benchmark_only_step_modes_live_in_bench_and_the_default_equals_producti
     spec = importlib.util.spec_from_file_location("bench_matcher", Path(__file__).resolve().parents[1] / "bench" / "matcher.py")
     assert spec is not None and spec.loader is not None
     bench = importlib.util.module_from_spec(spec)
+    sys.modules["bench_matcher"] = bench  # the importlib recipe: dataclasses look their module up there
     spec.loader.exec_module(bench)
     cfg = config(prepared_dir, tmp_path / "o", QUICK, base_model=str(bert))
     losses = {}
@@ -254,6 +255,41 @@ def test_train_layers_freezes_the_lower_encoder(prepared_dir: Path, bert: Path, 
                and not torch.equal(state[k], base[k.removeprefix("item_tower.encoder.")])}
     assert changed and all(k.startswith("encoder.layer.1.") for k in changed)
     assert report["steps"] == 3
+
+
+def test_lora_on_the_top_layers_adapts_only_those_blocks_over_the_layer_cache(prepared_dir: Path, bert: Path,
+                                                                            tmp_path: Path) -> None:
+    """--lora --train-layers 1: adapters on the top block only, lower blocks cached once per item text;
+    the cached path's item embeddings equal a full encoder pass of the trained model."""
+    from safetensors.torch import load_file
+    from transformers import AutoModel
+
+    from training.matcher.evaluate import encode_items
+    from training.matcher.train import _Trainer
+
+    out = tmp_path / "lora_top1"
+    report = train(config(prepared_dir, out, replace(QUICK, max_steps=3), base_model=str(bert), lora=True, train_layers=1))
+    state = load_file(str(out / "state" / "model.safetensors"))
+    lora_keys = [k for k in state if "lora_" in k]
+    assert lora_keys and all(".layer.1." in k for k in lora_keys)
+    assert any(state[k].abs().sum() > 0 for k in lora_keys if "lora_B" in k)
+    merged = AutoModel.from_pretrained(out / "item_encoder").state_dict()
+    base = AutoModel.from_pretrained(bert).state_dict()
+    changed = [k for k in merged if not torch.equal(merged[k], base[k])]
+    assert changed and all(k.startswith("encoder.layer.1.") for k in changed)
+    assert report["steps"] == 3
+
+    trainer = _Trainer(config(prepared_dir, tmp_path / "probe", QUICK, base_model=str(bert), lora=True, train_layers=1))
+    assert trainer.lower is not None and trainer.lower.ndim == 3  # the lower block's cached outputs
+    with torch.no_grad():  # move the adapters off zero, then compare the two paths
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    trainer.model.eval()
+    items = np.arange(trainer.n_items)
+    cached = encode_items(trainer.model, trainer.tokens, items, trainer.device, lower=trainer.lower)
+    full = encode_items(trainer.model, trainer.tokens, items, trainer.device)
+    assert torch.allclose(cached, full, atol=1e-5)
 
 
 def test_item_head_with_frozen_encoder_trains_head_and_user_tower_only(prepared_dir: Path, bert: Path,
@@ -406,3 +442,18 @@ def test_train_config_reads_its_nested_form_and_the_flat_one_written_before_the_
     assert warm.data == str(tmp_path / "new") and warm.model.warm_start == str(ckpt) and warm.model.base_model is None
     assert (warm.model.protocol, warm.model.item_head, warm.model.max_history) == ("loo", 32, 12)
     assert (warm.run.epochs, warm.run.batch_size, warm.run.seed, warm.run.progress) == (1, 64, 3, False)
+
+
+def test_gpu_check_fine_tuning_step_dry_runs_on_cpu(tmp_path: Path) -> None:
+    """bench/gpu_check.sh cannot run without a GPU: its shell must parse, and its fine-tuning step
+    (bench/gpu_finetune.py, full + LoRA) must run end to end on a CPU with a tiny BERT."""
+    subprocess.run(["bash", "-n", str(REPO / "bench" / "gpu_check.sh")], check=True)
+    assert "bench/gpu_finetune.py" in (REPO / "bench" / "gpu_check.sh").read_text()
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    done = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_finetune.py"), "--dry-run", "--work", str(tmp_path),
+                           "--out", str(tmp_path / "out")], env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    report = json.loads((tmp_path / "out" / "finetune_gpu.json").read_text())
+    rows = {r["mode"]: r for r in report["rows"]}
+    assert set(rows) == {"full", "lora"} and all(r["steps"] == 2 and r["pairs_per_second"] > 0 for r in rows.values())
+    assert rows["lora"]["trainable_parameters"] < rows["full"]["trainable_parameters"]

@@ -333,3 +333,33 @@ class TestEvaluationFeatures(RequestPathContract):
             Result(list(r.items), ranker.score(x, names), x[:, names.index("match_score")], x)
             for r, x in zip(requests, blocks, strict=True)
         ]
+
+
+def test_served_cold_slots_give_cold_candidates_the_configured_places(env: dict[str, Any]) -> None:
+    """A ranker recording --cold-slots 2 (of the first 10): every list's places 9-10 go to the two
+    candidates without behaviour the matcher scores highest, places 1-8 keep the plain order, and
+    text-less cold candidates are never picked."""
+    from recsys.ranker import Ranker
+    from recsys.scoring.request import ENCODED, RequestBatch, RequestScorer
+
+    plain, ranker = env["scorer"], env["ranker"]
+    meta = {**ranker.meta, "config": {**ranker.meta["config"], "cold_slots": 2}}
+    explore = RequestScorer(env["state"], ranker=Ranker(ranker.booster, meta), matcher=env["matcher"])
+    warm = np.flatnonzero(env["state"].item_count > 0)[:30]
+    rng = np.random.default_rng(0)
+    vectors = rng.normal(size=(4, env["matcher"].dim)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    items = np.concatenate([warm, [-1] * 5])  # 4 cold candidates with text, the last without
+    has_text = np.concatenate([np.zeros(len(warm), bool), [True] * 4, [False]])
+    batch = RequestBatch.from_lists([env["user_index"]["u5"]], [T0_US], [items], cold_vectors=vectors, has_text=has_text)
+    base = plain.score(batch)  # every candidate, the plain order
+    got = explore.score(batch, top_k=10)
+    np.testing.assert_array_equal(got.scores, base.scores)  # same scores, a different order
+    order = got.order[0]
+    assert len(order) == 10 and order[:8].tolist() == [o for o in base.order[0] if items[o] >= 0][:8]
+    encoded = np.flatnonzero(got.source == ENCODED)
+    best_cold = encoded[np.argsort(-got.match[encoded], kind="stable")[:2]]
+    assert order[8:].tolist() == best_cold.tolist()
+    rest = [o for o in base.order[0] if o not in set(order.tolist())]
+    assert explore.score(batch).order[0][10:].tolist() == rest
+    assert ranker.cold_slots == 0

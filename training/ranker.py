@@ -68,6 +68,10 @@ class RankerConfig:
     # the blender learns to rank new items by their text match instead of burying them for having no
     # clicks yet. A trade: bench/results/cold_items.md measures cold-item gains against warm losses.
     cold_item_dropout: float = 0.0
+    # Served exploration: the last `cold_slots` of each list's first `cold_k` places go to the
+    # candidates without behaviour the matcher scores highest (recsys/scoring/explore.py; 0 = off).
+    cold_slots: int = 0
+    cold_k: int = 10
     features: FeatureConfig = field(default_factory=FeatureConfig)
 
     def __post_init__(self) -> None:
@@ -82,6 +86,9 @@ class RankerConfig:
             raise ConfigError(f"negatives must be >= 1, got {self.negatives}")
         if not 0.0 <= self.cold_item_dropout < 1.0:
             raise ConfigError(f"cold_item_dropout must be in [0, 1), got {self.cold_item_dropout}")
+        if not 0 <= self.cold_slots <= self.cold_k or self.cold_k < 1:
+            raise ConfigError(f"--cold-slots must be in [0, {self.cold_k}] (places of the first {self.cold_k} "
+                              f"reserved for items without behaviour), got {self.cold_slots}")
 
 
 def grade(strength: np.ndarray) -> np.ndarray:

@@ -53,6 +53,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="share of training candidates shown as items without behaviour, so new items are ranked by "
         "their text match (0 = off; a cold/warm trade-off, see bench/results/cold_items.md)",
     )
+    parser.add_argument(
+        "--cold-slots",
+        type=int,
+        default=0,
+        metavar="N",
+        help="served exploration: the last N of every ranked list's first 10 places go to the candidates "
+        "without behaviour that the matcher scores highest (0 = off; recorded in the ranker, applied by "
+        "serve and score; measured by recsys evaluate --cold-slots N)",
+    )
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=0, help="LightGBM threads (0 = all cores)")
 
@@ -80,6 +89,7 @@ def run(args: argparse.Namespace) -> int:
         negatives=args.negatives,
         refresh_s=args.refresh_s,
         cold_item_dropout=args.cold_item_dropout,
+        cold_slots=args.cold_slots,
         features=FeatureConfig(max_history=args.max_history),
     )
     data = PreparedData.load(args.data)

@@ -85,6 +85,7 @@ class BlendConfig:
     matchers_from: tuple[str, ...] = ()  # other matchers (by name) whose scores are extra features too
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
     cold_slots: int = 0  # > 0: also report blend_explore, the last N top-k places for cold items (scoring/explore.py)
+    cold_prior: str = ""  # the matcher whose score picks the cold items for those places ("": the blend's matcher)
     # Binary labels (a valid target or not), rows of one user per group, truncated at 20; 1 LightGBM
     # thread is fastest for these small group tables on a busy CPU.
     lambdamart: LambdaMARTParams = field(default_factory=lambda: LambdaMARTParams(
@@ -649,7 +650,7 @@ def evaluate(
     config = config or EvalConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     matchers = dict(matchers or {})
-    blend_matcher = _check_matchers(data, matchers, blend_matcher)
+    blend_matcher = _check_matchers(data, matchers, blend_matcher, config.blend_config.cold_prior)
     cold = held_out_items(data)
     n_items, n_users = data.n_items, data.users.height
     timings: dict[str, float] = {}
@@ -730,7 +731,8 @@ def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray
     """Add the blend with reserved cold-item places (BlendConfig.cold_slots > 0) as EXPLORE; -> added."""
     if not (config.blend and blend_matcher is not None and config.blend_config.cold_slots > 0):
         return False
-    test_scores[EXPLORE] = reserve_cold_slots(test_scores[BLEND], test_scores[blend_matcher], no_behaviour, test.seen,
+    prior = config.blend_config.cold_prior or blend_matcher
+    test_scores[EXPLORE] = reserve_cold_slots(test_scores[BLEND], test_scores[prior], no_behaviour, test.seen,
                                               k=config.k, slots=config.blend_config.cold_slots)
     return True
 
@@ -769,8 +771,13 @@ def _dataset_info(
     }
 
 
-def _check_matchers(data: PreparedData, matchers: Mapping[str, EmbeddingMatcher], blend_matcher: str | None) -> str | None:
-    """Refuse matchers over another catalogue or named like a system; -> the blend's matcher name."""
+def _check_matchers(data: PreparedData, matchers: Mapping[str, EmbeddingMatcher], blend_matcher: str | None,
+                    cold_prior: str = "") -> str | None:
+    """Refuse matchers over another catalogue or named like a system, and a --cold-prior that names
+    none of them; -> the blend's matcher name."""
+    if cold_prior and cold_prior not in matchers:
+        raise ConfigError(f"--cold-prior {cold_prior!r} is not a matcher of this evaluation: name one of the --matcher "
+                          f"systems ({', '.join(matchers) or 'none given'})")
     for name, m in matchers.items():
         if len(m.item_embeddings) != data.n_items:
             raise InputError(

@@ -63,6 +63,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="cold-item exploration: also report blend_explore, the blend with the last N of the top --k places "
         "given to the items without behaviour that the matcher scores highest, and every system's cold share (0)",
     )
+    parser.add_argument(
+        "--cold-prior", default="", metavar="NAME",
+        help="with --cold-slots: the --matcher whose score picks the cold items for those places (default: the "
+        "blend's matcher; e.g. zero_shot, whose untrained text match ranks never-seen items best on ML-100K)",
+    )
     hold = parser.add_argument_group("cold-start hold-out")
     hold.add_argument(
         "--write-holdout", type=Path, metavar="DIR",
@@ -98,7 +103,7 @@ def run(args: argparse.Namespace) -> int:
         sampled_negatives=args.negatives,
         n_boot=args.n_boot,
         seed=args.seed,
-        blend_config=BlendConfig(cold_slots=args.cold_slots),
+        blend_config=BlendConfig(cold_slots=args.cold_slots, cold_prior=args.cold_prior),
     )
     splits = ("test", "valid") if config.blend else ("test",)  # the blend learns from valid's match scores
     for name, path in args.matcher:

@@ -34,6 +34,7 @@ from recsys.data.prepared import Histories
 from recsys.errors import InputError, ModelError
 from recsys.features import EmbeddingMatcher, Features, FeatureState
 from recsys.ranker import Ranker
+from recsys.scoring.explore import cold_slot_order
 from recsys.scoring.topk import top_k
 
 # Sources of a scored item (values of the proto enum ItemSource).
@@ -288,13 +289,32 @@ class RequestScorer:
         order = []
         for r in range(len(batch)):
             lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
-            order.append(np.argsort(-scores[lo:hi], kind="stable")[: hi - lo if top_k <= 0 else top_k])
+            ranked = (self._explore_order(batch, r, scores, match, source) if self.ranker.cold_slots
+                      else np.argsort(-scores[lo:hi], kind="stable"))
+            order.append(ranked[: hi - lo if top_k <= 0 else top_k])
         if clock is not None:
             clock.lap("topk")
         scored = ScoredBatch(batch.indptr, batch.items, features, match, source, np.asarray(scores, np.float64), order)
         if explain:
             self._explain(scored)
         return scored
+
+    def _explore_order(self, batch: RequestBatch, r: int, scores: np.ndarray, match: np.ndarray,
+                       source: np.ndarray) -> np.ndarray:
+        """Request r's full order under the ranker's cold-item exploration (`recsys.scoring.explore`):
+        of its first `cold_k` places the last `cold_slots` go to the candidates without behaviour
+        (not in the catalogue, or no event in the state) that the matcher scores highest (text-less
+        ones never), the rest keep the ranker's order."""
+        assert self.ranker is not None
+        lo, hi = int(batch.indptr[r]), int(batch.indptr[r + 1])
+        items, s = batch.items[lo:hi], scores[lo:hi]
+        cold = items < 0
+        cold[~cold] = self.state.item_count[items[~cold]] == 0
+        prior = np.where(source[lo:hi] == NO_TEXT, -np.inf, match[lo:hi]) if self.matcher is not None else np.full(hi - lo, -np.inf)
+        k = min(self.ranker.cold_k, hi - lo)
+        top = cold_slot_order(s, prior, cold, k=k, slots=min(self.ranker.cold_slots, k))
+        rest = np.setdiff1d(np.arange(hi - lo), top)
+        return np.concatenate([top, rest[np.argsort(-s[rest], kind="stable")]])
 
     def _explain(self, scored: ScoredBatch) -> None:
         """SHAP contributions of each request's served rows, one TreeSHAP call for the batch."""

@@ -130,6 +130,7 @@ def _configure_trainable(model: TwoTower, cfg: MatcherModelConfig) -> None:
             lora_alpha=cfg.lora_alpha,
             lora_dropout=cfg.lora_dropout,
             target_modules=list(targets.get(model_type) or []) or "all-linear",
+            **_lora_layers(encoder, cfg.train_layers),
         )
         model.item_tower.encoder = get_peft_model(encoder, lora)  # freezes every base weight
         return
@@ -144,6 +145,19 @@ def _configure_trainable(model: TwoTower, cfg: MatcherModelConfig) -> None:
         for block in list(layers)[-cfg.train_layers :]:
             for p in block.parameters():
                 p.requires_grad_(True)
+
+
+def _lora_layers(encoder: nn.Module, train_layers: int) -> dict[str, Any]:
+    """LoraConfig arguments putting adapters only on the top `train_layers` blocks (0: every block).
+    With adapters on the top blocks only, the blocks below stay the pretrained ones, so their
+    outputs are cached once per item text exactly as for --train-layers without LoRA."""
+    if train_layers <= 0:
+        return {}
+    layers = find_layers(encoder)
+    if layers is None:
+        raise ModelError("--lora with --train-layers needs a BERT-family encoder with a recognisable layer list")
+    first = max(0, len(layers) - train_layers)
+    return {"layers_to_transform": list(range(first, len(layers)))}
 
 
 def _optimizer(model: TwoTower, cfg: RunConfig) -> torch.optim.Optimizer:
@@ -272,7 +286,7 @@ class _Trainer:
         self.lower: torch.Tensor | None = None
         if cfg.model.freeze_encoder and cfg.run.layer_cache:
             self.lower = self._frozen_pooled()
-        elif cfg.model.train_layers > 0 and cfg.run.layer_cache and not cfg.model.lora:
+        elif cfg.model.train_layers > 0 and cfg.run.layer_cache:  # LoRA too: adapters only on the top layers
             self.lower = self._lower_states()
         self.step = 0
         self.epoch = 0
