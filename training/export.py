@@ -41,7 +41,6 @@ from training.matcher.evaluate import EvalSet, RankingEvaluator
 from training.matcher.model import (
     N_EVENT_TYPES,
     ItemTower,
-    UserTower,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def export_item_tower(tower: ItemTower, path: Path, opset: int = 17) -> None:
     _export(tower, (ids, mask), path, ["input_ids", "attention_mask"], ["embedding"], axes, opset)
 
 
-def export_user_tower(tower: UserTower, path: Path, dim: int, opset: int = 17) -> None:
+def export_user_tower(tower: torch.nn.Module, path: Path, dim: int, opset: int = 17) -> None:
     """hist_emb [B,N,D] f32, hist_type [B,N] i64 (-1 pad), hist_age [B,N] f32 s, hist_mask [B,N] i64
     -> user [B,D] f32."""
     b, n = 2, 5
@@ -189,7 +188,7 @@ def item_parity(tower: ItemTower, model: Path, vocab: int, max_len: int, pad_id:
     return Parity(worst, diff, shapes)
 
 
-def user_parity(tower: UserTower, model: Path, dim: int, seed: int = 0) -> Parity:
+def user_parity(tower: torch.nn.Module, model: Path, dim: int, seed: int = 0) -> Parity:
     """Includes an empty history (the cold-start branch) and histories longer than the traced one."""
     from recsys.scoring.providers import create_session
 
