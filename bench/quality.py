@@ -1,5 +1,6 @@
 """Ranking quality, every system side by side: popularity, item-kNN, ALS, EASE, zero-shot MiniLM,
-fine-tuned MiniLM and the two-stage blend, on generated data and MovieLens-100K.
+fine-tuned MiniLM, SASRec (training/sasrec.py, trained per protocol) and the two-stage blend, on
+generated data and MovieLens-100K.
 
 Per dataset: prepare, hold 10% of the items out of every training input (`write_holdout`: the
 cold-start slice), then per protocol (tail, loo): fine-tune the matcher on that protocol's train split
@@ -93,6 +94,7 @@ def torch_matcher(model: Any, data: Any, threads: int) -> Any:
 
 
 _TOKENIZERS: dict[int, Any] = {}
+TOWER_SYSTEMS = {"pooling": ("fine_tuned", ""), "sequential": ("fine_tuned_seq", "_seq")}  # -> (system, cache suffix)
 
 
 def model_tokenizer(model: Any) -> Any:
@@ -111,7 +113,8 @@ def zero_shot_matcher(data: Any, threads: int) -> Any:
     return EmbeddingMatcher(item_emb, mean_pool_encoder(item_emb, half_life_s=math.inf))
 
 
-def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Namespace,
+                       user_tower: str = "pooling", warm_start: Path | None = None) -> tuple[Any, dict[str, Any]]:
     from training.matcher.checkpoint import load_checkpoint
     from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
     from training.matcher.train import train
@@ -121,10 +124,13 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
         model = MatcherModelConfig(
             protocol=protocol, train_layers=args.train_layers, item_head=args.item_head, head_dropout=args.head_dropout,
             freeze_encoder=args.freeze_encoder, cache_negatives=args.cache_negatives, max_text_tokens=48,
-            max_history=data.max_history,
+            max_history=data.max_history, user_tower=user_tower, logq=user_tower == "sequential",
+            warm_start=str(warm_start) if warm_start else None,
         )
+        sequential = user_tower == "sequential"
         run = RunConfig(
-            epochs=args.matcher_epochs, max_steps=args.matcher_steps, batch_size=args.batch_size, lr=args.lr,
+            epochs=args.seq_epochs if sequential else args.matcher_epochs, max_steps=args.matcher_steps,
+            batch_size=args.seq_batch_size if sequential else args.batch_size, lr=args.lr,
             head_lr=args.head_lr, cache_refresh=20, threads=args.threads, progress=False, zero_shot=False,
             eval_test=False, patience=2, seed=args.seed,
         )
@@ -134,8 +140,23 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     model, tokenizer = load_checkpoint(out)
     _TOKENIZERS[id(model)] = tokenizer
     keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
-    mode = {"item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
+    mode = {"user_tower": user_tower, "warm_start": str(warm_start) if warm_start else None, "item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
     return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
+
+
+def sasrec_system(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
+    """SASRec trained on `protocol`'s train split (early stopping on its valid window), exported and
+    loaded back as `recsys evaluate --sasrec` does (ONNX Runtime)."""
+    from recsys.evaluation.sequence import load_sequence_system
+    from training.sasrec import SASRecConfig, train_sasrec
+
+    if not (out / "manifest.json").exists():
+        config = SASRecConfig(protocol=protocol, max_length=args.sasrec_length, epochs=args.sasrec_epochs,
+                              patience=args.sasrec_patience, budget_minutes=args.sasrec_budget, seed=args.seed,
+                              threads=args.threads)
+        train_sasrec(data.root, out, config)
+    system = load_sequence_system(out, data)
+    return system, dict(system.manifest["training"]) | {"max_length": system.max_length}
 
 
 def tail_train_is_safe(data: Any, protocol: str) -> bool:
@@ -199,6 +220,20 @@ def main() -> int:
     parser.add_argument("--lr", type=float, default=1e-3)
     parser.add_argument("--head-lr", type=float, default=3e-3, help="user tower and item head learning rate")
     parser.add_argument("--no-matcher", action="store_true", help="CF systems and the blend only (no torch)")
+    parser.add_argument("--user-towers", default="pooling,sequential",
+                        help="fine-tuned matchers to train: pooling (system fine_tuned), sequential (fine_tuned_seq)")
+    parser.add_argument("--blend-matcher", default="fine_tuned", help="the matcher feeding the blend's match features")
+    parser.add_argument("--blend-extra", default="fine_tuned_seq",
+                        help="other matchers whose scores are extra blend features (comma list; those trained)")
+    parser.add_argument("--seq-epochs", type=int, default=2, help="sequential tower epochs")
+    parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
+                        help="start the sequential tower's item tower from the pooling matcher's")
+    parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
+    parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True, help="SASRec baseline (torch)")
+    parser.add_argument("--sasrec-length", type=int, default=200)
+    parser.add_argument("--sasrec-epochs", type=int, default=200)
+    parser.add_argument("--sasrec-patience", type=int, default=5)
+    parser.add_argument("--sasrec-budget", type=float, default=0.0, help="SASRec training minutes (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
     parser.add_argument("--seed", type=int, default=0)
@@ -239,23 +274,37 @@ def main() -> int:
             if zero is not None:
                 matchers["zero_shot"] = zero
                 train_protocol = "tail" if protocol != "tail" and tail_train_is_safe(data, protocol) else protocol
-                if train_protocol not in fine_cache:
-                    fine_cache[train_protocol] = fine_tuned_matcher(
-                        data, train_protocol, args.cache / f"{name}_{train_protocol}_matcher", args
-                    )
-                matchers["fine_tuned"], matcher_info = fine_cache[train_protocol]
-                matcher_info = {**matcher_info, "trained_on": f"{train_protocol} train split"}
+                for tower in [t for t in args.user_towers.split(",") if t]:
+                    system, suffix = TOWER_SYSTEMS[tower]
+                    key = f"{train_protocol}{suffix}"
+                    if key not in fine_cache:
+                        # The sequential tower starts from the pooling matcher's trained item tower (a fresh
+                        # user tower; training/matcher/train.py `_initial_model`) when that one is trained.
+                        pooled = args.cache / f"{name}_{train_protocol}_matcher"
+                        warm = pooled if tower == "sequential" and args.seq_warm_start and (pooled / "training_report.json").exists() else None
+                        fine_cache[key] = fine_tuned_matcher(
+                            data, train_protocol, args.cache / f"{name}_{key}_matcher", args, tower, warm
+                        )
+                    matchers[system], info = fine_cache[key]
+                    matcher_info[system] = {**info, "trained_on": f"{train_protocol} train split"}
+            sequences: dict[str, Any] = {}
+            sasrec_info: dict[str, Any] = {}
+            if args.sasrec:
+                sequences["sasrec"], sasrec_info = sasrec_system(data, protocol, args.cache / f"{name}_{protocol}_sasrec", args)
             matcher_s = time.perf_counter() - t1
+            extra = tuple(m for m in args.blend_extra.split(",") if m in matchers and m != args.blend_matcher)
             config = EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed,
-                                blend_config=BlendConfig(cold_slots=args.cold_slots, cold_prior=args.cold_prior))
-            result = evaluate(data, config, matchers)
+                                blend_config=BlendConfig(cold_slots=args.cold_slots, cold_prior=args.cold_prior,
+                                                         matchers_from=extra))
+            blend_matcher = args.blend_matcher if args.blend_matcher in matchers else None
+            result = evaluate(data, config, matchers, blend_matcher, sequences=sequences)
             prefix = f"quality_{name}_{protocol}"
             title = f"{name}, {protocol} protocol"
             plots = write_report(result, args.out / "quality_runs", prefix=prefix, title=title)
             write_scores(result, data, args.out, top=100, prefix=prefix)
             sections.append(markdown(result, title, {k: f"quality_runs/{p.name}" for k, p in plots.items() if p.suffix == ".png"}))
             payload = result.to_dict()
-            payload.update({"name": name, "protocol": protocol, "matcher": matcher_info,
+            payload.update({"name": name, "protocol": protocol, "matcher": matcher_info, "sasrec": sasrec_info,
                             "seconds": {"prepare_and_zero_shot": round(prep_s, 1), "matcher": round(matcher_s, 1),
                                         "evaluate": result.timings["total"]}})
             runs.append(payload)
@@ -276,7 +325,14 @@ def main() -> int:
         f"embeddings) and fine-tuned (up to {args.matcher_epochs} epochs, "
         + (f"residual item head of width {args.item_head} over the frozen encoder" if args.freeze_encoder
            else f"top {args.train_layers or 'all'} layers")
-        + ", softmax over every item with a training positive).\n\n"
+        + ", softmax over every item with a training positive). `fine_tuned` has the attention-pooling "
+        f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer trained "
+        f"on the next item at every history position, up to {args.seq_epochs} epochs of {args.seq_batch_size} "
+        f"windows per step); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
+        "as extra blend features when trained. `sasrec`: SASRec "
+        f"(training/sasrec.py; 2 blocks, width 64, length {args.sasrec_length}, full-softmax cross-entropy, early "
+        f"stopping on the valid window, patience {args.sasrec_patience}) trained on each protocol's train split and "
+        "scored from its ONNX export over each user's ordered interactions before the window.\n\n"
     )
     (args.out / "quality.md").write_text(header + table + "\n\n" + "\n\n".join(sections))
     print()

@@ -25,6 +25,7 @@ _COMMANDS: list[tuple[tuple[str, ...], str, str]] = [
     (("prepare",), "recsys.data.prepare_cli", "validate logs and items, split by time, write training pairs"),
     (("generate",), "recsys.data.synthetic_cli", "write a synthetic behaviour log with planted preferences"),
     (("train", "matcher"), "training.matcher.cli", "fine-tune the text matching model (needs torch)"),
+    (("train", "sasrec"), "training.sasrec_cli", "train the SASRec sequential baseline for recsys evaluate --sasrec (needs torch)"),
     (("train", "ranker"), "training.ranker_cli", "train the LightGBM LambdaMART blender over ranking features"),
     (("publish",), "training.publish_cli", "publish a matcher with its LightGBM blender as one registry version"),
     (("export",), "training.export_cli", "export a matcher checkpoint to ONNX and register a model version"),

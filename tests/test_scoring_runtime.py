@@ -78,6 +78,54 @@ def test_length_bucketing_restores_order_and_matches_other_paddings(runtime) -> 
     assert enc.encode([]).shape == (0, enc.dim)
 
 
+def test_token_batches_respect_budget_and_cover_every_row_once() -> None:
+    from recsys.scoring.encoder import token_batches
+
+    rng = np.random.default_rng(0)
+    lengths = rng.integers(2, 30, size=200)
+    lengths[17] = 500  # longer than the budget: a batch of its own
+    for bucketing in (True, False):
+        batches = token_batches(lengths, 64, max_rows=16, bucketing=bucketing)
+        rows = np.concatenate(batches)
+        assert sorted(rows.tolist()) == list(range(200))
+        for b in batches:
+            assert 1 <= len(b) <= 16
+            assert len(b) * lengths[b].max() <= 64 or len(b) == 1
+        assert [b.tolist() for b in batches if 17 in b] == [[17]]
+        if not bucketing:
+            assert rows.tolist() == list(range(200))
+    assert np.diff(lengths[np.concatenate(token_batches(lengths, 64, max_rows=16))]).min() >= 0  # length-sorted
+    # None: rows only, the old batching by sequence count
+    assert [len(b) for b in token_batches(lengths, None, max_rows=64)] == [64, 64, 64, 8]
+    assert token_batches(np.array([], dtype=np.int64), 64, 8) == []
+
+
+def test_token_budget_batching_matches_plain_path_in_input_order(runtime) -> None:  # type: ignore[no-untyped-def]
+    """The packed path (small token budget: many uneven batches) gives the rows-only path's and the
+    one-at-a-time embeddings, in input order, including an empty text and one very long text."""
+    from recsys.scoring.encoder import ItemEncoder
+    from training.export import fallback_texts
+
+    texts = fallback_texts(29, seed=11)
+    texts[4], texts[9], texts[21] = "", "trail " * 200, "x"
+    enc = runtime.item_encoder
+    lengths = [len(ids) for ids in enc.tokenizer.encode(texts)]
+    assert lengths[4] == 2 and lengths[9] == enc.tokenizer.max_length == 32
+    one_by_one = np.concatenate([enc.encode([t]) for t in texts])
+    packed = enc.encode(texts, batch_size=64, tokens_per_batch=24)  # the 32-token text exceeds it: alone
+    np.testing.assert_allclose(packed, one_by_one, atol=1e-5)
+    np.testing.assert_allclose(enc.encode(texts, tokens_per_batch=None), one_by_one, atol=1e-5)
+    np.testing.assert_allclose(enc.encode(texts), one_by_one, atol=1e-5)  # the default budget
+    np.testing.assert_allclose(enc.encode(texts[::-1], tokens_per_batch=24), one_by_one[::-1], atol=1e-5)
+    assert enc.tokens_per_batch is not None and enc.tokens_per_batch >= enc.tokenizer.max_length
+    # the settings the bench compares are the same model: spinning off changes scheduling, not results
+    vdir = Path(runtime.item_encoder.info.path).parent
+    quiet = ItemEncoder(vdir / "item.opt.onnx", vdir / "tokenizer.json", 32, provider="cpu", spinning=False, tokens_per_batch=40)
+    np.testing.assert_allclose(quiet.encode(texts), one_by_one, atol=1e-5)
+    with pytest.raises(InputError, match="tokens_per_batch"):
+        ItemEncoder(vdir / "item.opt.onnx", vdir / "tokenizer.json", 32, provider="cpu", tokens_per_batch=0)
+
+
 def test_user_tower_runtime_matches_torch(runtime, registry: tuple[Path, Path]) -> None:  # type: ignore[no-untyped-def]
     from training.matcher.checkpoint import load_towers
 

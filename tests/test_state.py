@@ -214,6 +214,38 @@ def test_follower_folds_dedupes_keys_and_restores_snapshots(base_state: Any, tmp
     assert again.catch_up() == 1 and again.duplicates == 1
 
 
+def test_follower_merges_sparse_deltas_outside_the_write_lock(base_state: Any) -> None:
+    """Served lists grow user_item_impr's delta past its limit: the follower builds the merge while no
+    writer holds the state (requests read on) and swaps it in; the state equals a plain fold's."""
+    from recsys.state.follower import Follower
+
+    live, plain = _live(base_state), _live(base_state)
+    for state in (live.state, plain.state):
+        state.user_item_impr.MIN_DELTA = 40
+    prepared_under: list[bool] = []
+    prepare = live.state.prepare_merges
+
+    def watched() -> Any:
+        prepared_under.append(live.lock._writer)
+        return prepare()
+
+    live.state.prepare_merges = watched  # type: ignore[method-assign]
+    mem = MemoryLog()
+    items = _item_ids(live, 30)
+    for j in range(6):
+        batch = _events([f"viewer-{j}-{k}" for k in range(30)], items, "impression", T0_US + j)
+        mem.append_wait(encode(batch))
+        plain.apply(batch)
+    follower = Follower(mem, live)
+    for _ in range(6):
+        follower.step(0.0, 1)
+    impr = live.state.user_item_impr
+    assert prepared_under and not any(prepared_under) and not live.lock._writer
+    assert len(impr._keys) > len(base_state[1].user_item_impr) and len(impr._dkeys) <= impr.delta_limit
+    for name, arr in live.state.arrays().items():
+        assert np.array_equal(arr, plain.state.arrays()[name]), name
+
+
 def test_follower_thread_wakes_waiters_and_reports_lag(base_state: Any) -> None:
     import asyncio
 

@@ -41,7 +41,6 @@ from training.matcher.evaluate import EvalSet, RankingEvaluator
 from training.matcher.model import (
     N_EVENT_TYPES,
     ItemTower,
-    UserTower,
 )
 
 log = logging.getLogger(__name__)
@@ -57,7 +56,7 @@ def export_item_tower(tower: ItemTower, path: Path, opset: int = 17) -> None:
     _export(tower, (ids, mask), path, ["input_ids", "attention_mask"], ["embedding"], axes, opset)
 
 
-def export_user_tower(tower: UserTower, path: Path, dim: int, opset: int = 17) -> None:
+def export_user_tower(tower: torch.nn.Module, path: Path, dim: int, opset: int = 17) -> None:
     """hist_emb [B,N,D] f32, hist_type [B,N] i64 (-1 pad), hist_age [B,N] f32 s, hist_mask [B,N] i64
     -> user [B,D] f32."""
     b, n = 2, 5
@@ -189,7 +188,7 @@ def item_parity(tower: ItemTower, model: Path, vocab: int, max_len: int, pad_id:
     return Parity(worst, diff, shapes)
 
 
-def user_parity(tower: UserTower, model: Path, dim: int, seed: int = 0) -> Parity:
+def user_parity(tower: torch.nn.Module, model: Path, dim: int, seed: int = 0) -> Parity:
     """Includes an empty history (the cold-start branch) and histories longer than the traced one."""
     from recsys.scoring.providers import create_session
 
@@ -283,6 +282,19 @@ class Reference:
     recall: np.ndarray | None
 
 
+# The catalogue is encoded on CPU with the plain export under ORT's own online fusions: at catalogue
+# lengths (~15 tokens) its unfused attention (MatMul + softmax) does ~12% more per CPU-second than
+# item.opt.onnx's fused Attention kernel (bench/encoder.py), which stays the model served on CUDA.
+CATALOGUE_MODEL = "item.onnx"
+
+
+def catalogue_encoder(model: Path, tokenizer: Path, max_len: int, provider: str, config: ExportConfig) -> ItemEncoder:
+    """The item encoder a publish encodes the catalogue with: token-budget batches, and intra-op threads
+    that sleep between ops instead of spinning (bench/encoder.py: spinning burns a fifth of the CPU time
+    on a shared machine for no throughput)."""
+    return ItemEncoder(model, tokenizer, max_len, provider, config.threads, config.batch_size, spinning=False)
+
+
 def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prepared: PreparedData | None) -> Reference:
     """Encode the texts with the fp32 item model; with data, its per-user Recall@k on the eval users."""
     item_ids, evaluator = None, None
@@ -293,7 +305,7 @@ def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prep
         evaluator = RankingEvaluator(eval_set, config.k)
     else:
         texts = fallback_texts(seed=config.seed)
-    fp32 = ItemEncoder(out_dir / "item.opt.onnx", out_dir / "tokenizer.json", max_len, "cpu", config.threads, config.batch_size)
+    fp32 = catalogue_encoder(out_dir / CATALOGUE_MODEL, out_dir / "tokenizer.json", max_len, "cpu", config)
     users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads)
     emb = fp32.encode(texts)
     recall = onnx_recall(evaluator, emb, users) if evaluator is not None else None
@@ -365,7 +377,7 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
     if ref.item_ids is not None:
         store = EmbeddingStore.write(out_dir / "embeddings", ref.item_ids, ref.emb,
                                      [text_hash(t) for t in ref.texts], config.embeddings_dtype,
-                                     extra={"encoded_with": "item.opt.onnx"})
+                                     extra={"encoded_with": CATALOGUE_MODEL})
         embeddings = {"path": "embeddings", "count": len(store), "dtype": config.embeddings_dtype,
                       "sha256_at_export": store.meta["sha256"]}
     manifest = {
@@ -427,7 +439,7 @@ def build_variants(out_dir: Path, max_len: int, config: ExportConfig, ref: Refer
     for name, build, provider in wanted:
         path = out_dir / f"item.{name}.onnx"
         build(out_dir / "item.opt.onnx", path)
-        variant = ItemEncoder(path, out_dir / "tokenizer.json", max_len, provider, config.threads, config.batch_size)
+        variant = catalogue_encoder(path, out_dir / "tokenizer.json", max_len, provider, config)
         report = judge_variant(name, variant, ref, config)
         if provider == "cpu" and name == "fp16":
             report["note"] = "judged on CPU (no usable CUDA here); speed is only meaningful on a GPU"

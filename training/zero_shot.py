@@ -28,6 +28,7 @@ def make_mean_pool(tower: UserTower) -> UserTower:
 def zero_shot_checkpoint(base_model: str, max_history: int, out: Path) -> Path:
     """Write the zero-shot checkpoint of `base_model` (HF name or path) to `out`; -> out."""
     model, tokenizer = build_model(base_model, max_history=max_history)
+    assert isinstance(model.user_tower, UserTower)
     make_mean_pool(model.user_tower)
     save_checkpoint(model.eval(), tokenizer, out)
     return out

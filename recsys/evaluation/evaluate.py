@@ -3,6 +3,7 @@
 Systems (each a score matrix [U, n_items] over the evaluated users of a window):
     popularity, itemknn (co-visitation cosine), als (`implicit`), ease   collaborative baselines
     <matcher names> (e.g. zero_shot, fine_tuned)    text encoders: <user(history), item> cosines
+    <sequence names> (sasrec)                       exported sequence models over ordered histories
     blend                                           two-stage: candidates + LightGBM re-ranking
 
 The blend is the production answer to "beat strong CF in full ranking": candidate generation is the
@@ -52,6 +53,7 @@ from recsys.errors import ConfigError, InputError
 from recsys.evaluation.baselines import Popularity
 from recsys.evaluation.collaborative import ALS, EASE, ItemKNN, rows_matrix
 from recsys.evaluation.metrics import per_user_metrics, top_k
+from recsys.evaluation.sequence import SequenceSystem
 from recsys.features import EmbeddingMatcher, EventBatch, FeatureConfig, Features, FeatureState
 from recsys.ranker import LambdaMARTParams, Ranker, RankingSet, train_lambdamart
 from recsys.scoring.explore import cold_share, reserve_cold_slots
@@ -80,6 +82,7 @@ class BlendConfig:
     itemknn_top: int = 50
     popularity_top: int = 50
     features_from: tuple[str, ...] = ("ease", "itemknn", "als", "popularity")  # extra score features
+    matchers_from: tuple[str, ...] = ()  # other matchers (by name) whose scores are extra features too
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
     cold_slots: int = 0  # > 0: also report blend_explore, the last N top-k places for cold items (scoring/explore.py)
     cold_prior: str = ""  # the matcher whose score picks the cold items for those places ("": the blend's matcher)
@@ -635,7 +638,7 @@ def evaluate(
     config: EvalConfig | None = None,
     matchers: Mapping[str, EmbeddingMatcher] | None = None,
     blend_matcher: str | None = None,
-    ranker: Ranker | None = None,
+    ranker: Ranker | None = None, sequences: Mapping[str, SequenceSystem] | None = None,
 ) -> EvalResult:
     """Run every system on the test window of `config.protocol` and compare them.
 
@@ -643,7 +646,7 @@ def evaluate(
     text systems, and `blend_matcher` (default: "fine_tuned" if given, else the first) feeds the
     blend. ranker: a trained `recsys.ranker.Ranker` to use as the blend's re-ranker instead of
     training one on the valid window (its feature names must be computable here, or it is refused
-    with the missing feature named)."""
+    with the missing feature named). sequences: name -> SequenceSystem (SASRec), compared, not blended."""
     config = config or EvalConfig()
     data = data if isinstance(data, PreparedData) else PreparedData.load(data)
     matchers = dict(matchers or {})
@@ -662,7 +665,8 @@ def evaluate(
     started = _stage(timings, "cf_test", started)
     for name, m in matchers.items():
         test_scores[name] = matcher_scores(m, test.history)
-    started = _stage(timings, "matchers_test", started)
+    test_scores.update(_sequence_scores(data, config.protocol, test, sequences or {}, taken=(*test_scores, BLEND)))
+    started = _stage(timings, "matchers_test", started)  # text matchers and sequence systems
 
     sampled = sampled_candidates(n_items, test.seen, test.targets, config.sampled_negatives, config.seed)
     blend_info: dict[str, Any] = {}
@@ -671,6 +675,7 @@ def evaluate(
         blend_full, blend_cand, blend_info = _run_blend(
             data, config, test, test_scores, sampled=sampled, matcher_name=blend_matcher,
             matcher=matchers[blend_matcher] if blend_matcher else None, ranker=ranker, cold=cold, timings=timings,
+            extra_matchers=_blend_matchers(config, matchers),
         )
         blend_info["matcher"] = blend_matcher
         test_scores[BLEND] = blend_full
@@ -679,7 +684,7 @@ def evaluate(
     no_behaviour = np.bincount(test.fit_item, minlength=n_items) == 0  # the service's "cold": unseen items
     explore = _explore(config, test, test_scores, blend_matcher, no_behaviour)
 
-    systems = [s for s in config.systems] + list(matchers) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
+    systems = [s for s in config.systems] + list(matchers) + list(sequences or {}) + ([BLEND] if config.blend else []) + ([EXPLORE] if explore else [])
     fit_counts = np.bincount(test.fit_user, minlength=n_users)
     new_users = np.flatnonzero(fit_counts <= config.new_user_max)
     slices = slice_targets(test.targets, test.users, cold, new_users)
@@ -710,6 +715,17 @@ def evaluate(
     )
 
 
+def _sequence_scores(data: PreparedData, protocol: str, test: Window, sequences: Mapping[str, SequenceSystem],
+                     *, taken: Sequence[str]) -> dict[str, np.ndarray]:
+    """Each sequence system's [U, n_items] test scores; a name clashing with another system is refused."""
+    out = {}
+    for name, seq in sequences.items():
+        if name in (*CF_SYSTEMS, *taken):
+            raise ConfigError(f"sequence system name {name!r} clashes with another system: rename it")
+        out[name] = seq.scores(data, protocol, "test", test.users, test.cutoff_us)
+    return out
+
+
 def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray], blend_matcher: str | None,
              no_behaviour: np.ndarray) -> bool:
     """Add the blend with reserved cold-item places (BlendConfig.cold_slots > 0) as EXPLORE; -> added."""
@@ -719,6 +735,14 @@ def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray
     test_scores[EXPLORE] = reserve_cold_slots(test_scores[BLEND], test_scores[prior], no_behaviour, test.seen,
                                               k=config.k, slots=config.blend_config.cold_slots)
     return True
+
+
+def _blend_matchers(config: EvalConfig, matchers: Mapping[str, EmbeddingMatcher]) -> dict[str, EmbeddingMatcher]:
+    """The matchers whose scores BlendConfig.matchers_from adds to the blend's features."""
+    missing = [n for n in config.blend_config.matchers_from if n not in matchers]
+    if missing:
+        raise ConfigError(f"blend matchers_from {missing[0]!r} is not among the matchers ({', '.join(matchers) or 'none'})")
+    return {n: matchers[n] for n in config.blend_config.matchers_from}
 
 
 def _cf_needed(config: EvalConfig) -> list[str]:
@@ -813,16 +837,18 @@ def _retrieval(config: EvalConfig, scores: Mapping[str, np.ndarray], match: np.n
 
 def _fit_blend(
     data: PreparedData, config: EvalConfig, cf_names: Sequence[str], matcher: EmbeddingMatcher | None,
-    *, cold: np.ndarray, timings: dict[str, float],
+    *, extra_matchers: Mapping[str, EmbeddingMatcher], cold: np.ndarray, timings: dict[str, float],
 ) -> tuple[Ranker, dict[str, Any]]:
     """The blend's LambdaMART on the valid window (CF and popularity fit on train) as a Ranker."""
     started = time.perf_counter()
     bc = config.blend_config
     valid = load_window(data, config.protocol, "valid", ("train",))
     valid_scores = cf_scores(valid, data.n_items, data.users.height, config, cf_names, cold)
+    for name, other in extra_matchers.items():
+        valid_scores[name] = matcher_scores(other, valid.history)
     match_v = matcher_scores(matcher, valid.history) if matcher is not None else None
     cands_v = candidate_union(_retrieval(config, valid_scores, match_v), valid.seen)
-    extra_v = retriever_extras(valid_scores, bc.features_from, valid.seen)
+    extra_v = retriever_extras(valid_scores, (*bc.features_from, *bc.matchers_from), valid.seen)
     blocks_v, names = window_features(data, valid, cands_v, matcher, extra=extra_v, config=config.feature_config, drop_items=cold)
     started = _stage(timings, "blend_valid_features", started)
     trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
@@ -848,16 +874,18 @@ def _run_blend(
     sampled: list[np.ndarray],
     matcher_name: str | None,
     matcher: EmbeddingMatcher | None,
+    extra_matchers: Mapping[str, EmbeddingMatcher],
     ranker: Ranker | None,
     cold: np.ndarray,
     timings: dict[str, float],
 ) -> tuple[np.ndarray, np.ndarray, dict[str, Any]]:
     """-> (full-ranking scores [U, I] with -inf outside the union, scores on union + sampled, info)."""
     bc = config.blend_config
-    info: dict[str, Any] = {"features_from": list(bc.features_from)}
+    info: dict[str, Any] = {"features_from": [*bc.features_from, *bc.matchers_from]}
     if ranker is None:
         ranker, trained_info = _fit_blend(
-            data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, cold=cold, timings=timings
+            data, config, [s for s in CF_SYSTEMS if s in test_scores], matcher, extra_matchers=extra_matchers,
+            cold=cold, timings=timings,
         )
         info.update(trained_info)
     else:
@@ -869,7 +897,7 @@ def _run_blend(
     info["test_candidate_recall"] = hits / max(1, sum(len(t) for t in test.targets))
     info["mean_candidates"] = float(np.mean([len(c) for c in cands_t]))
     info["retrievers"] = {n: top for n, (_, top) in _retrieval(config, test_scores, match_t).items()}
-    extras = retriever_extras(test_scores, bc.features_from, test.seen)
+    extras = retriever_extras(test_scores, (*bc.features_from, *bc.matchers_from), test.seen)
     extra_t = {k: v for k, v in extras.items() if k in set(ranker.feature_names)}
     scored = [np.union1d(c, s) for c, s in zip(cands_t, sampled, strict=True)]
     blocks_t, names_t = window_features(

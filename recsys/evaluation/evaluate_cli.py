@@ -38,6 +38,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="a text system: registry version directory of an exported matcher (repeatable, e.g. "
         "zero_shot=DIR fine_tuned=DIR)",
     )
+    parser.add_argument(
+        "--sasrec", type=Path, metavar="DIR",
+        help="also compare the SASRec sequential baseline trained by recsys train sasrec --out DIR (on this "
+        "dataset's train split of --protocol)",
+    )
     parser.add_argument("--blend-matcher", help="which --matcher feeds the blend (default fine_tuned, else the first)")
     parser.add_argument(
         "--ranker", type=Path,
@@ -106,12 +111,20 @@ def run(args: argparse.Namespace) -> int:
                      fix=f"train the matcher on {data.root} with --protocol {args.protocol} (recsys train matcher "
                      f"--protocol {args.protocol}), export it, and evaluate that.")
     matchers = {name: registry_matcher(path, data) for name, path in args.matcher}
+    sequences = {}
+    if args.sasrec:
+        from recsys.evaluation.sequence import load_sequence_system
+
+        sasrec = load_sequence_system(args.sasrec, data)
+        check_window(sasrec.window, data, args.protocol, ("test",), what=f"--sasrec {args.sasrec}",
+                     fix=f"train it on {data.root} with recsys train sasrec --protocol {args.protocol} and evaluate that.")
+        sequences["sasrec"] = sasrec
     ranker = None
     if args.ranker:
         from recsys.ranker import Ranker
 
         ranker = Ranker.load(args.ranker)
-    result = evaluate(data, config, matchers, args.blend_matcher, ranker)
+    result = evaluate(data, config, matchers, args.blend_matcher, ranker, sequences)
     paths = write_report(result, args.out, title=f"{data.root.name}, {args.protocol} protocol",
                          extra={"command": "evaluate", "flags": flags_of(args)})  # --config reads these back
     if args.scores_top > 0:

@@ -238,6 +238,21 @@ class FeatureState:
         for sparse in (self.user_cat, self.user_tag, self.user_item, self.user_item_impr):
             sparse.drop_rows(rows)
 
+    def defer_merges(self) -> None:
+        """Sparse maps leave their delta merges to `prepare_merges` / `install_merges` (the follower)."""
+        for name in _SPARSE:
+            getattr(self, name).defer_merges = True
+
+    def prepare_merges(self) -> dict[str, tuple[int, np.ndarray, np.ndarray]]:
+        """The sparse maps' due delta merges, built without changing the state (requests may read it)."""
+        merges = {name: getattr(self, name).prepare_merge() for name in _SPARSE}
+        return {name: merge for name, merge in merges.items() if merge is not None}
+
+    def install_merges(self, merges: Mapping[str, tuple[int, np.ndarray, np.ndarray]]) -> None:
+        """Swap prepared merges in (under the writer's lock; O(1) each)."""
+        for name, merge in merges.items():
+            getattr(self, name).install_merge(merge)
+
     # ---------------------------------------------------------------- updates
 
     def apply(self, events: EventBatch | pl.DataFrame) -> None:
@@ -460,7 +475,7 @@ class FeatureState:
         out.update({name: getattr(self, name)[: self.n_users] for name in _USER_ARRAYS})
         for name in _SPARSE:
             sparse: SparseMap = getattr(self, name)
-            out[f"{name}.keys"], out[f"{name}.values"] = sparse.keys, sparse.values
+            out[f"{name}.keys"], out[f"{name}.values"] = sparse.arrays()
         cat = self.catalogue
         out.update(
             {

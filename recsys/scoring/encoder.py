@@ -1,16 +1,19 @@
 """Serving-side encoders: the exported item and user towers on ONNX Runtime, no torch, no transformers.
 
 Item texts are tokenised with the fast tokenizer's own `tokenizer.json` (the `tokenizers` library) and
-scored in length buckets: texts are sorted by token count, batched, each batch padded only to its own
+scored in length buckets: texts are sorted by token count, packed into batches of at most
+`tokens_per_batch` padded tokens (rows x the batch's longest), each batch padded only to its own
 longest sequence, and results put back in input order. Catalogue texts are short and uneven, so this
-does far less work than padding everything to a fixed maximum.
+does far less work than padding everything to a fixed maximum; a token budget rather than a row count
+keeps every batch's activations about the same size (in cache on CPU) whether texts are 10 or 100
+tokens long. bench/encoder.py measures the budget's knee and the share of the CPU's GEMM peak.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 
@@ -19,6 +22,10 @@ from recsys.errors import InputError, ModelError
 from recsys.scoring.providers import TENSORRT, SessionInfo, create_session
 
 ITEM_INPUTS = ("input_ids", "attention_mask")
+# Padded tokens per item-encoder batch on CPU: the knee in bench/results/encoder.md (256 ahead of 512 and
+# 1,024 in three runs, per CPU-second); larger batches spill the [tokens, 1536] FFN activations out of the
+# cores' L2 caches, and per-op overhead stays small down to batches of 8 short texts.
+TOKENS_PER_BATCH = 256
 USER_INPUTS = ("hist_emb", "hist_type", "hist_age", "hist_mask")
 
 
@@ -58,6 +65,27 @@ def pad_batch(ids: Sequence[np.ndarray], length: int, pad_id: int) -> tuple[np.n
     return input_ids, mask
 
 
+def token_batches(lengths: np.ndarray, tokens_per_batch: int | None, max_rows: int, bucketing: bool = True) -> list[np.ndarray]:
+    """Row indices in batches of at most `max_rows` rows whose padded size (rows x the batch's longest)
+    stays within `tokens_per_batch` (None: rows only); a text longer than the budget gets a batch of
+    its own. `bucketing` sorts by length first (little padding); otherwise batches keep input order."""
+    n = len(lengths)
+    order = np.argsort(lengths, kind="stable") if bucketing else np.arange(n)
+    ordered = np.asarray(lengths)[order]
+    batches: list[np.ndarray] = []
+    start = 0
+    while start < n:
+        window = ordered[start : start + max_rows]
+        if tokens_per_batch is None:
+            rows = len(window)
+        else:  # padded size of the first k rows: k x their running longest, non-decreasing in k
+            padded = np.arange(1, len(window) + 1) * np.maximum.accumulate(window)
+            rows = max(1, int(np.searchsorted(padded, tokens_per_batch, side="right")))
+        batches.append(order[start : start + rows])
+        start += rows
+    return batches
+
+
 class _OnnxModel:
     """A session plus the CUDA IO-binding path (inputs copied once, output allocated on device)."""
 
@@ -81,8 +109,10 @@ class _OnnxModel:
 class ItemEncoder:
     """Item tower: texts -> L2-normalised embeddings [n, D] float32.
 
-    `bucketing=True` sorts by length and pads per batch; `bucketing=False` batches in input order
-    (still padded to each batch's longest); `pad_to=N` pads every batch to N tokens (the naive way).
+    Batches hold at most `batch_size` rows and `tokens_per_batch` padded tokens (None: TOKENS_PER_BATCH
+    on CPU, rows only on GPUs, which want the largest batches). `bucketing=True` sorts by length and pads
+    per batch; `bucketing=False` batches in input order (still padded to each batch's longest);
+    `pad_to=N` pads every batch to N tokens (the naive way).
     """
 
     def __init__(
@@ -94,6 +124,9 @@ class ItemEncoder:
         threads: int | None = None,
         batch_size: int = 64,
         fp16: bool = False,
+        *,
+        tokens_per_batch: int | None = None,
+        spinning: bool = True,
     ) -> None:
         self.tokenizer = TextTokenizer(tokenizer_path, max_length)
         profile = {
@@ -101,12 +134,15 @@ class ItemEncoder:
             "opt": f"input_ids:{batch_size}x{min(32, max_length)},attention_mask:{batch_size}x{min(32, max_length)}",
             "max": f"input_ids:{batch_size}x{max_length},attention_mask:{batch_size}x{max_length}",
         }
-        session, info = create_session(model_path, provider, threads, trt_profile=profile, fp16=fp16)
+        session, info = create_session(model_path, provider, threads, trt_profile=profile, fp16=fp16, spinning=spinning)
         self.model = _OnnxModel(session, info)
         missing = set(ITEM_INPUTS) - set(self.model.input_names)
         if missing:
             raise ModelError(f"{model_path} is not an item tower: inputs {self.model.input_names}, missing {sorted(missing)}")
+        if tokens_per_batch is not None and tokens_per_batch < 1:
+            raise InputError(f"tokens_per_batch must be at least 1, got {tokens_per_batch}")
         self.batch_size = batch_size
+        self.tokens_per_batch = tokens_per_batch if tokens_per_batch is not None or info.on_gpu else TOKENS_PER_BATCH
         # Tensor cores like multiples of 8; on CPU padding further only adds work.
         self.pad_multiple = 8 if info.on_gpu else 1
         self.dim = int(session.get_outputs()[0].shape[-1])
@@ -121,23 +157,25 @@ class ItemEncoder:
         batch_size: int | None = None,
         bucketing: bool = True,
         pad_to: int | None = None,
+        *,
+        tokens_per_batch: int | Literal["default"] | None = "default",
     ) -> np.ndarray:
+        """Token id arrays -> [n, D] float32 in input order. `tokens_per_batch` overrides the encoder's
+        budget (None: batch by row count only, the way before token budgets)."""
         batch_size = batch_size or self.batch_size
         if self.info.primary == TENSORRT:  # its optimisation profile ends at the constructor's batch size
             batch_size = min(batch_size, self.batch_size)
+        budget = self.tokens_per_batch if tokens_per_batch == "default" else tokens_per_batch
         n = len(ids)
         out = np.empty((n, self.dim), dtype=np.float32)
         if n == 0:
             return out
         lengths = np.fromiter((len(s) for s in ids), dtype=np.int64, count=n)
-        order = np.argsort(lengths, kind="stable") if bucketing else np.arange(n)
-        for start in range(0, n, batch_size):
-            rows = order[start : start + batch_size]
-            if pad_to is not None:
-                length = pad_to
-            else:
-                longest = int(lengths[rows].max())
-                length = -(-longest // self.pad_multiple) * self.pad_multiple
+        if pad_to is not None:
+            lengths = np.full(n, pad_to, dtype=np.int64)
+        for rows in token_batches(lengths, budget, batch_size, bucketing):
+            longest = int(lengths[rows].max())
+            length = -(-longest // self.pad_multiple) * self.pad_multiple
             input_ids, mask = pad_batch([ids[r] for r in rows], length, self.tokenizer.pad_id)
             out[rows] = self.model.run({"input_ids": input_ids, "attention_mask": mask})
         return out
@@ -148,9 +186,11 @@ class ItemEncoder:
         batch_size: int | None = None,
         bucketing: bool = True,
         pad_to: int | None = None,
+        *,
+        tokens_per_batch: int | Literal["default"] | None = "default",
     ) -> np.ndarray:
         """texts -> [n, D] float32, in input order."""
-        return self.encode_tokens(self.tokenizer.encode(texts), batch_size, bucketing, pad_to)
+        return self.encode_tokens(self.tokenizer.encode(texts), batch_size, bucketing, pad_to, tokens_per_batch=tokens_per_batch)
 
 
 class UserEncoder:

@@ -136,8 +136,9 @@ def usable_cpus() -> int:
         return os.cpu_count() or 1
 
 
-def session_options(threads: int | None = None, optimization: str = "all") -> Any:
-    """Intra-op threads default to the usable CPUs; one inter-op thread (a BERT graph is a chain)."""
+def session_options(threads: int | None = None, optimization: str = "all", spinning: bool = True) -> Any:
+    """Intra-op threads default to the usable CPUs; one inter-op thread (a BERT graph is a chain).
+    `spinning=False`: idle intra-op threads sleep instead of busy-waiting between ops."""
     rt = ort()
     opts = rt.SessionOptions()
     opts.intra_op_num_threads = int(threads) if threads else usable_cpus()
@@ -150,6 +151,8 @@ def session_options(threads: int | None = None, optimization: str = "all") -> An
         "all": rt.GraphOptimizationLevel.ORT_ENABLE_ALL,
     }[optimization]
     opts.log_severity_level = 3  # errors only: no per-node fallback chatter
+    if not spinning:
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
     return opts
 
 
@@ -198,6 +201,8 @@ def create_session(
     trt_profile: Mapping[str, str] | None = None,
     fp16: bool = False,
     optimization: str = "all",
+    *,
+    spinning: bool = True,
 ) -> tuple[Any, SessionInfo]:
     """Load an ONNX model on the chosen providers; refuse corrupt files and unhonoured requests."""
     path = Path(path)
@@ -207,7 +212,7 @@ def create_session(
     rt = ort()
     requested = [(p, provider_options(p, trt_profile, fp16)) for p in plan.providers]
     try:
-        session = rt.InferenceSession(str(path), sess_options=session_options(threads, optimization), providers=requested)
+        session = rt.InferenceSession(str(path), sess_options=session_options(threads, optimization, spinning), providers=requested)
     except Exception as exc:  # ORT raises its own pybind types (InvalidProtobuf, Fail, ...)
         raise ModelError(f"cannot load ONNX model {path}: {str(exc).strip()[:300]}. {FIX_CORRUPT}") from exc
     active = tuple(session.get_providers())

@@ -146,11 +146,23 @@ class Follower:
         return len(records)
 
     def _fold(self, batches: list[EventsInput]) -> None:
+        self.live.state.defer_merges()
         if self._regroup_safe(batches):
             self.live.apply(concat(batches))
         else:
             for batch in batches:  # near the user bound: eviction depends on batch boundaries
                 self.live.apply(batch)
+        self._merge_sparse()
+
+    def _merge_sparse(self) -> None:
+        """Sparse-map delta merges (an O(entries) copy: a second at 10M) are built here, outside the
+        write lock, while requests read on; only the swap takes the lock. This thread is the state's
+        only writer, so nothing changes the maps in between (install_merge refuses if something did)."""
+        state = self.live.state
+        merges = state.prepare_merges()
+        if merges:
+            with self.live.lock.write():
+                state.install_merges(merges)
 
     def _regroup_safe(self, batches: list[EventsInput]) -> bool:
         """May these records be folded as one batch? Only eviction (UserIndex at its bound) depends on

@@ -29,8 +29,8 @@ from training.matcher.model import (
     ItemTower,
     MatcherConfig,
     TwoTower,
-    UserTower,
     load_encoder,
+    make_user_tower,
     plain_encoder,
 )
 
@@ -84,7 +84,7 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TwoTower, Any]:
     return model, tokenizer
 
 
-def _load_user_tower(tower: UserTower, ckpt_dir: Path) -> None:
+def _load_user_tower(tower: torch.nn.Module, ckpt_dir: Path) -> None:
     from safetensors.torch import load_file
 
     try:
@@ -111,7 +111,7 @@ class Checkpoint:
     path: Path
     config: MatcherConfig
     item_tower: ItemTower
-    user_tower: UserTower
+    user_tower: torch.nn.Module
     tokenizer_json: Path
     extra_config: dict[str, Any]
 
@@ -127,7 +127,7 @@ def load_towers(path: Path | str) -> Checkpoint:
     encoder = AutoModel.from_pretrained(path / ITEM_ENCODER_DIR, attn_implementation="eager")
     if int(encoder.config.hidden_size) != config.dim:
         raise ModelError(f"{path}: encoder hidden size {encoder.config.hidden_size} != matcher dim {config.dim}")
-    user = UserTower(config.dim, config.user_heads, config.dropout)
+    user = make_user_tower(config)
     _load_user_tower(user, path)
     tokenizer_json = path / ITEM_ENCODER_DIR / "tokenizer.json"
     if not tokenizer_json.exists():  # slow-tokenizer checkpoints: derive the fast one once

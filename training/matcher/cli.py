@@ -37,6 +37,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--head-dropout", type=float, default=0.0, metavar="P",
                        help="share of items per step that skip the item head, so the text-only embedding "
                        "(what a cold item starts from) stays matched by the user tower (0)")
+    model.add_argument("--user-tower", choices=["pooling", "sequential"], default="pooling",
+                       help="pooling: attention pooling over the history; sequential: a causal transformer "
+                       "trained on the next item at every history position (needs --freeze-encoder) (pooling)")
     model.add_argument("--freeze-encoder", action="store_true",
                        help="train only the item head (needs --item-head) and the user tower; encoder outputs cached")
     opt = parser.add_argument_group("optimisation")
@@ -78,7 +81,7 @@ def run(args: argparse.Namespace) -> int:
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, train_layers=args.train_layers,
         freeze_encoder=args.freeze_encoder, item_head=args.item_head, head_dropout=args.head_dropout, dropout=args.dropout,
         temperature=args.temperature, hard_negatives=args.hard_negatives, logq=args.logq,
-        cache_negatives=args.cache_negatives,
+        cache_negatives=args.cache_negatives, user_tower=args.user_tower,
     )
     run_config = RunConfig(
         epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,

@@ -51,6 +51,7 @@ class MatcherModelConfig:
     hard_negatives: int = 0  # per pair, from neg_item_idx
     logq: bool = False
     cache_negatives: int = 0  # extra catalogue negatives per step, encoded with gradient (>= n_items: all)
+    user_tower: str = "pooling"  # "sequential": causal transformer, next item at every position (frozen encoder)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -65,6 +66,7 @@ class MatcherModelConfig:
             "lora_r": self.lora_r >= 1,
             "item_head": self.item_head >= 0,
             "head_dropout": 0 <= self.head_dropout < 1 and (self.head_dropout == 0 or self.item_head > 0),
+            "user_tower": self.user_tower == "pooling" or (self.user_tower == "sequential" and self.freeze_encoder),
             "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),
         })
 

@@ -41,6 +41,8 @@ class MatcherConfig:
     user_heads: int = 4
     dropout: float = 0.1
     item_head: int = 0  # hidden width of the item tower's residual MLP head (0: none)
+    user_tower: str = "pooling"  # "pooling" (attention pooling) or "sequential" (causal transformer)
+    sequence_width: int = 128  # the sequential tower's transformer width (projected from and back to dim)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -168,6 +170,61 @@ class UserTower(nn.Module):
         return F.normalize(pooled, dim=-1)
 
 
+USER_TOWERS = ("pooling", "sequential")
+
+
+class SequentialUserTower(nn.Module):
+    """A causal transformer over the history (training/sequential.py), the user-tower contract of
+    `UserTower`: (hist_emb [B,N,D], hist_type [B,N], hist_age [B,N] s, hist_mask [B,N]) -> [B,D] L2.
+
+    Each history item is its item embedding + an event-type embedding + the recency bucket of the time
+    from it to the next thing (the next history item; for the newest, the request): position-free
+    gaps, so the state at every position is trained against its own next item in one pass
+    (`states`) and serving reads position 0, the newest item's, exactly as trained. The transformer
+    runs at `width` (item embeddings projected in, states projected back to dim): its cost per
+    position falls with width squared, and the item space keeps the encoder's dim. The learned
+    `empty` vector answers an empty history (cold-start users)."""
+
+    def __init__(self, dim: int, heads: int = 4, dropout: float = 0.1, max_history: int = 20, *, width: int = 128,
+                 blocks: int = 2) -> None:
+        super().__init__()
+        from training.sequential import CausalEncoder
+
+        self.dim = dim
+        self.inp = nn.Linear(dim, width)
+        self.type_emb = nn.Embedding(N_EVENT_TYPES + 1, width)  # last index = padding
+        self.gap_emb = nn.Embedding(N_AGE_BUCKETS, width)
+        nn.init.normal_(self.type_emb.weight, std=0.02)
+        nn.init.normal_(self.gap_emb.weight, std=0.02)
+        self.encoder = CausalEncoder(width, blocks=blocks, heads=heads, max_len=max_history, dropout=dropout)
+        self.out = nn.Linear(width, dim)
+        self.empty = nn.Parameter(torch.randn(dim) * 0.02)
+
+    def states(self, hist_emb: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
+               hist_mask: torch.Tensor) -> torch.Tensor:
+        """[B, N, D] unnormalised; position j summarises history items j.. (never newer ones)."""
+        types = torch.where(hist_type < 0, torch.full_like(hist_type, N_EVENT_TYPES), hist_type).long()
+        newer = torch.cat([torch.zeros_like(hist_age[:, :1]), hist_age[:, :-1]], 1)
+        x = self.inp(hist_emb) + self.type_emb(types) + self.gap_emb(age_bucket(hist_age - newer))
+        return self.out(self.encoder(x, hist_mask.bool()))
+
+    def forward(self, hist_emb: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
+                hist_mask: torch.Tensor) -> torch.Tensor:
+        out = self.states(hist_emb, hist_type, hist_age, hist_mask)[:, 0]
+        out = torch.where(hist_mask.bool().any(1, keepdim=True), out, self.empty)
+        return F.normalize(out, dim=-1)
+
+
+def make_user_tower(config: MatcherConfig) -> nn.Module:
+    """The user tower `config.user_tower` names (both keep the same inputs and output)."""
+    if config.user_tower == "sequential":
+        return SequentialUserTower(config.dim, config.user_heads, config.dropout, config.max_history,
+                                   width=config.sequence_width)
+    if config.user_tower != "pooling":
+        raise ModelError(f"unknown user tower {config.user_tower!r}: use one of {', '.join(USER_TOWERS)}")
+    return UserTower(config.dim, config.user_heads, config.dropout)
+
+
 def find_layers(encoder: nn.Module) -> nn.ModuleList | None:
     """The transformer block list of a BERT-family encoder (encoder.layer, transformer.layer, layers)."""
     cfg = getattr(encoder, "config", None)
@@ -207,7 +264,7 @@ class TwoTower(nn.Module):
         self.config = config
         head = ItemHead(config.dim, config.item_head) if config.item_head > 0 else None
         self.item_tower = ItemTower(encoder, head)
-        self.user_tower = UserTower(config.dim, config.user_heads, config.dropout)
+        self.user_tower = make_user_tower(config)
         self.top_layers = 0  # training-time setting, not part of the checkpoint
 
     def encode_chunk(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -71,6 +71,7 @@ from training.matcher.model import (
     build_model,
     find_layers,
     load_encoder,
+    make_user_tower,
     resolve_base_model,
 )
 
@@ -203,7 +204,7 @@ def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
     """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build."""
     model_kwargs = dict(
         temperature=cfg.model.temperature, dropout=cfg.model.dropout, max_history=cfg.model.max_history,
-        max_text_tokens=cfg.model.max_text_tokens,
+        max_text_tokens=cfg.model.max_text_tokens, user_tower=cfg.model.user_tower,
     )
     torch.manual_seed(cfg.run.seed)  # the user tower's (and LoRA's) initial weights
     if not cfg.model.warm_start:
@@ -211,8 +212,13 @@ def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
     ckpt = Path(cfg.model.warm_start)
     model, tokenizer = load_checkpoint(ckpt)
     _check_warm_start(ckpt, cfg, tokenizer)
+    other_tower = model.config.user_tower != cfg.model.user_tower
     model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-    model.user_tower.dropout.p = cfg.model.dropout
+    if other_tower:  # another user tower kind: keep the trained item tower, start a fresh user tower
+        model.user_tower = make_user_tower(model.config)
+    for module in model.user_tower.modules():
+        if isinstance(module, nn.Dropout):
+            module.p = cfg.model.dropout
     if cfg.model.item_head and model.item_tower.head is None:  # add a fresh (identity) head
         model.item_tower.head = ItemHead(model.config.dim, cfg.model.item_head)
         model.config = replace(model.config, item_head=cfg.model.item_head)
@@ -613,7 +619,12 @@ def _unbucket(enc: torch.Tensor, chunks: list[tuple[np.ndarray, torch.Tensor, to
 
 def train(cfg: TrainConfig) -> dict[str, Any]:
     """Train (or resume) a matcher; returns the training report (also written to out/)."""
-    trainer = _Trainer(cfg)
+    if cfg.model.user_tower == "sequential":
+        from training.matcher.sequence_train import SequenceTrainer
+
+        trainer: _Trainer = SequenceTrainer(cfg)
+    else:
+        trainer = _Trainer(cfg)
     try:
         return trainer.run()
     finally:

@@ -1,0 +1,222 @@
+"""Sequence models: the causal encoder, the sequential user tower of the matcher and SASRec, on the
+tiny random BERT and generated data: causality, ONNX parity, training end to end through the CLI,
+export, scoring by `recsys evaluate`, and the leak refusal."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+torch = pytest.importorskip("torch")
+
+from recsys.cli import main  # noqa: E402
+from recsys.data.prepared import PreparedData  # noqa: E402
+from recsys.evaluation.sequence import load_sequence_system, ordered_histories, user_sequences  # noqa: E402
+from tests.test_matcher import bert  # noqa: E402, F401  (the tiny BERT with a working tokenizer)
+from training.matcher.model import SequentialUserTower  # noqa: E402
+from training.sasrec import SASRec, SASRecConfig  # noqa: E402
+from training.sequential import CausalEncoder  # noqa: E402
+
+
+def _history(b: int, n: int, dim: int, seed: int = 0) -> tuple[torch.Tensor, ...]:
+    g = torch.Generator().manual_seed(seed)
+    emb = torch.nn.functional.normalize(torch.randn(b, n, dim, generator=g), dim=-1)
+    types = torch.randint(0, 4, (b, n), generator=g)
+    ages = torch.sort(torch.rand(b, n, generator=g) * 1e6, dim=1).values  # older items further back
+    return emb, types, ages, torch.ones(b, n, dtype=torch.long)
+
+
+@pytest.mark.parametrize("which", ["encoder", "tower", "sasrec"])
+def test_a_newer_history_item_never_changes_an_older_position(which: str) -> None:
+    """Position j (0 = newest) summarises items j..: changing item i < j (newer) leaves j unchanged,
+    and changing it does change position i itself (the test could fail)."""
+    torch.manual_seed(0)
+    dim, n = 16, 6
+    emb, types, ages, mask = _history(3, n, dim)
+    if which == "encoder":
+        model = CausalEncoder(dim, blocks=2, heads=2, max_len=n).eval()
+        run = lambda e, t, a: model(e, mask.bool())  # noqa: E731
+    elif which == "tower":
+        tower = SequentialUserTower(dim, heads=2, dropout=0.0, max_history=n, width=8).eval()
+        run = lambda e, t, a: tower.states(e, t, a, mask)  # noqa: E731
+    else:
+        sas = SASRec(30, SASRecConfig(dim=dim, max_length=n, dropout=0.0)).eval()
+        run = lambda e, t, a: sas.tower.states(e, mask.bool())  # noqa: E731
+    with torch.no_grad():
+        before = run(emb, types, ages)
+        for i in range(n - 1):
+            changed_emb, changed_types = emb.clone(), types.clone()
+            changed_emb[:, i] = torch.nn.functional.normalize(torch.randn(3, dim), dim=-1)
+            changed_types[:, i] = (types[:, i] + 1) % 4
+            after = run(changed_emb, changed_types, ages)
+            assert torch.allclose(after[:, i + 1 :], before[:, i + 1 :], atol=1e-6), f"position > {i} saw item {i}"
+            assert not torch.allclose(after[:, i], before[:, i], atol=1e-4)
+
+
+def test_sequential_tower_reads_the_newest_position_and_pads_like_the_pooling_tower() -> None:
+    torch.manual_seed(0)
+    tower = SequentialUserTower(16, heads=2, dropout=0.0, max_history=8, width=8).eval()
+    emb, types, ages, mask = _history(2, 5, 16)
+    with torch.no_grad():
+        out = tower(emb, types, ages, mask)
+        states = torch.nn.functional.normalize(tower.states(emb, types, ages, mask)[:, 0], dim=-1)
+        # Right padding changes nothing; an empty history gets the learned cold-start vector.
+        pad_emb = torch.cat([emb, torch.zeros(2, 3, 16)], 1)
+        pad = tower(pad_emb, torch.cat([types, -torch.ones(2, 3, dtype=torch.long)], 1),
+                    torch.cat([ages, torch.zeros(2, 3)], 1), torch.cat([mask, torch.zeros(2, 3, dtype=torch.long)], 1))
+        empty = tower(torch.zeros(1, 3, 16), -torch.ones(1, 3, dtype=torch.long), torch.zeros(1, 3), torch.zeros(1, 3, dtype=torch.long))
+    assert torch.allclose(out, states, atol=1e-6) and torch.allclose(out, pad, atol=1e-5)
+    assert torch.allclose(empty[0], torch.nn.functional.normalize(tower.empty, dim=0), atol=1e-6)
+
+
+def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_path: Path) -> None:
+    from training.export import export_user_tower, user_parity
+
+    torch.manual_seed(0)
+    tower = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=16).eval()
+    export_user_tower(tower, tmp_path / "user.onnx", 32)
+    parity = user_parity(tower, tmp_path / "user.onnx", 32)  # includes empty and longer-than-traced histories
+    assert parity.ok, parity
+
+
+def test_ordered_histories_are_the_earlier_splits_newest_first(prepared_dir: Path) -> None:
+    data = PreparedData.load(prepared_dir)
+    frame = data.eval_set("loo", "test")
+    users = frame["user_idx"].to_numpy()[:20]
+    cutoff = np.full(len(users), 10**18, np.int64)
+    hist = ordered_histories(data, "loo", "test", users, cutoff, 500)
+    seqs = user_sequences(data, "loo", ("train", "valid"))
+    lookup = dict(zip(seqs["user_idx"].to_list(), seqs["items"].to_list(), strict=True))
+    for row, user in enumerate(users.tolist()):
+        got = hist.item_idx[row][hist.item_idx[row] >= 0]
+        assert got.tolist() == lookup[user][::-1]
+        assert set(got.tolist()) == set(data.seen_items(frame[row : row + 1], "loo", "test")[0].tolist())
+    assert (np.diff(hist.age_s, axis=1)[hist.item_idx[:, 1:] >= 0] >= 0).all()  # ages grow with the index
+
+
+@pytest.fixture(scope="module")
+def sasrec_dir(prepared_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("sasrec") / "model"
+    code = main(["train", "sasrec", "--data", str(prepared_dir), "--out", str(out), "--protocol", "loo",
+                 "--epochs", "15", "--patience", "5", "--max-length", "50", "--dim", "32", "--lr", "5e-3", "--threads", "1"])
+    assert code == 0
+    return out
+
+
+def test_sasrec_trains_exports_and_is_scored_by_evaluate(sasrec_dir: Path, prepared_dir: Path, tmp_path: Path) -> None:
+    manifest = json.loads((sasrec_dir / "manifest.json").read_text())
+    assert manifest["kind"] == "sasrec" and manifest["onnx_max_abs_diff"] < 1e-4
+    assert manifest["training"]["stopped_by"] in ("patience", "epochs")
+    assert manifest["training_window"]["splits"] == ["train"] and manifest["training_window"]["protocol"] == "loo"
+    curve = [row["loss"] for row in manifest["curve"]]
+    assert curve[-1] < curve[0]
+    out = tmp_path / "report"
+    code = main(["evaluate", "--data", str(prepared_dir), "--protocol", "loo", "--sasrec", str(sasrec_dir),
+                 "--no-blend", "--systems", "popularity", "--n-boot", "50", "--scores-top", "0", "--out", str(out)])
+    assert code == 0
+    report = json.loads((out / "evaluation.json").read_text())
+    assert report["systems"] == ["popularity", "sasrec"]
+    # Trained on the planted preferences, SASRec ranks the held-out next items above popularity.
+    metrics = report["metrics"]["all"]
+    assert metrics["sasrec"]["ndcg@10"] > metrics["popularity"]["ndcg@10"]
+
+
+def test_sasrec_export_scores_equal_torch(prepared_dir: Path, tmp_path: Path) -> None:
+    """What the evaluator scores with ONNX Runtime is the torch model: state at the newest item x item table."""
+    from training.sasrec import export
+
+    torch.manual_seed(1)
+    data = PreparedData.load(prepared_dir)
+    config = SASRecConfig(protocol="loo", dim=16, heads=2, max_length=30)
+    model = SASRec(data.n_items, config).eval()
+    export(model, data, config, {"curve": []}, tmp_path / "m")
+    system = load_sequence_system(tmp_path / "m", data)
+    frame = data.eval_set("loo", "test")
+    users = frame["user_idx"].to_numpy()[:16]
+    cutoff = np.zeros(len(users), np.int64)
+    got = system.scores(data, "loo", "test", users, cutoff)
+    hist = ordered_histories(data, "loo", "test", users, cutoff, config.max_length)
+    with torch.no_grad():
+        want = (model.states(torch.from_numpy(hist.item_idx.astype(np.int64)))[:, 0] @ model.table.T).numpy()
+    assert np.abs(got - want).max() < 1e-4
+    assert len(set(np.argmax(got, 1).tolist())) > 1  # user-dependent, not a constant
+
+
+def test_sasrec_is_refused_on_the_window_it_trained_on(sasrec_dir: Path, prepared_dir: Path, tmp_path: Path, capsys) -> None:
+    """Trained on loo's train split; the global protocol's test window is inside it: exit 2."""
+    code = main(["evaluate", "--data", str(prepared_dir), "--protocol", "global", "--sasrec", str(sasrec_dir),
+                 "--no-blend", "--systems", "popularity", "--n-boot", "20", "--out", str(tmp_path / "r")])
+    assert code == 2
+    err = capsys.readouterr().err
+    assert "--sasrec" in err and "overlaps the window being scored" in err
+
+
+def test_sasrec_directory_errors_name_the_fix(prepared_dir: Path, tmp_path: Path, capsys) -> None:
+    (tmp_path / "x").mkdir()
+    code = main(["evaluate", "--data", str(prepared_dir), "--sasrec", str(tmp_path / "x"), "--out", str(tmp_path / "r")])
+    assert code == 2 and "recsys train sasrec" in capsys.readouterr().err
+    with pytest.raises(Exception, match="heads"):
+        SASRecConfig(dim=10, heads=3)
+
+
+def test_sequential_user_tower_trains_end_to_end_and_exports(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:  # noqa: F811
+    from training.matcher.checkpoint import load_towers
+    from training.matcher.config import MatcherModelConfig
+
+    ckpt = tmp_path / "seq"
+    code = main(["train", "matcher", "--data", str(prepared_dir), "--out", str(ckpt), "--base-model", str(bert),
+                 "--protocol", "loo", "--user-tower", "sequential", "--freeze-encoder", "--item-head", "16",
+                 "--cache-negatives", "10000", "--logq", "--epochs", "2", "--batch-size", "64", "--head-lr", "3e-3",
+                 "--threads", "1"])
+    assert code == 0
+    report = json.loads((ckpt / "training_report.json").read_text())
+    assert report["matcher_config"]["user_tower"] == "sequential"
+    assert report["history"][-1]["train_loss"] < report["history"][0]["train_loss"] + 1e-9
+    assert report["fine_tuned"]["test"]["ndcg@10"] > report["zero_shot"]["test"]["ndcg@10"]
+    assert isinstance(load_towers(ckpt).user_tower, SequentialUserTower)
+    # Export: the same ONNX user-tower contract, so the service / batch scorer load it unchanged.
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--data", str(prepared_dir)]) == 0
+    from recsys.scoring.registry_matcher import registry_matcher
+
+    matcher = registry_matcher(out, PreparedData.load(prepared_dir))
+    frame = PreparedData.load(prepared_dir).eval_set("loo", "test")
+    from recsys.data.prepared import Histories
+
+    vectors = matcher.user_vectors(Histories.from_frame(frame[:8]))
+    assert vectors.shape == (8, matcher.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    with pytest.raises(Exception, match="user_tower"):
+        MatcherModelConfig(user_tower="sequential")  # needs the frozen-encoder path
+
+
+def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:  # noqa: F811
+    """--user-tower sequential --warm-start POOLING_CKPT: the trained item head carries over, the user
+    tower starts fresh as the sequential kind."""
+    from training.matcher.checkpoint import load_checkpoint
+    from training.matcher.config import MatcherModelConfig, RunConfig, TrainConfig
+    from training.matcher.train import _initial_model, train
+
+    run = RunConfig(batch_size=128, lr=1e-3, progress=False, threads=1, max_steps=2, zero_shot=False, eval_test=False)
+    pooled = tmp_path / "pooled"
+    common = dict(protocol="loo", freeze_encoder=True, item_head=16, cache_negatives=10_000)
+    train(TrainConfig(data=str(prepared_dir), out=str(pooled), model=MatcherModelConfig(base_model=str(bert), **common), run=run))
+    cfg = TrainConfig(data=str(prepared_dir), out=str(tmp_path / "seq"), run=run,
+                      model=MatcherModelConfig(warm_start=str(pooled), user_tower="sequential", **common))
+    model, _ = _initial_model(cfg)
+    source, _ = load_checkpoint(pooled)
+    assert isinstance(model.user_tower, SequentialUserTower) and model.config.user_tower == "sequential"
+    assert model.item_tower.head is not None and source.item_tower.head is not None
+    assert torch.equal(model.item_tower.head.fc2.weight, source.item_tower.head.fc2.weight)
+    assert source.item_tower.head.fc2.weight.abs().sum() > 0  # trained, not the identity start
+
+
+def test_sasrec_time_budget_keeps_the_best_epoch(prepared_dir: Path) -> None:
+    from training.sasrec import fit
+
+    data = PreparedData.load(prepared_dir)
+    model, report = fit(data, SASRecConfig(protocol="loo", dim=16, max_length=20, epochs=50, budget_minutes=1e-9, threads=1))
+    assert report["stopped_by"] == "time budget" and report["epochs_run"] == 1 == report["best_epoch"]
+    assert not model.training
