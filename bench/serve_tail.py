@@ -1,20 +1,21 @@
 """`python bench/serve.py --tail`: Rank tail latency, before and after, beside the bare-gRPC floor.
 
-Three servers in one run, each pinned to core 0 with `taskset` while the load generator runs pinned
+Four servers in one run, each pinned to core 0 with `taskset` while the load generator runs pinned
 to core 1 (so the generator does not steal the server's core; the remaining noise is the machine's):
 
 - RPC floor: the same grpc.aio stack answering a prepared 20-item reply without reading the request;
 - before: `recsys serve` from another checkout (`--before DIR`, default /work/base), same artifacts;
-- after: `recsys serve` from this tree, with its stage histograms and the event-loop stall monitor
-  (`--stall-ms 1 --stall-log`).
+- after: `recsys serve` from this tree, as deployed (its stage histograms are always on);
+- after + stall monitor: the same with the event-loop stall monitor (`--stall-ms 1 --stall-log`), which
+  times every loop callback and so costs something itself: the stall timeline comes from it.
 
 Both servers rank 100 known candidate ids with the exposure log on. For each server and round: closed
 loop at concurrency 1, then open loop (Poisson arrivals, no coordinated omission) at 1/4 and 1/2 of
 saturation, where saturation is the after server's closed-loop Rank/s at 8 callers measured first in
 the same run (the same rates are sent to all three). Rounds alternate the servers, so drift in the
 machine's load hits all alike. Client-side p50/p99/p99.9 from the generator, server-side from each
-server's own Rank histogram; the after server's stage breakdown and the stalls (> 1 ms) of each row
-come from its /metrics and its stall timeline. Writes serve_tail.{md,json}.
+server's own Rank histogram; the after server's stage breakdown comes from its /metrics, the stalls (> 1 ms) of each row from the
+monitored copy's stall timeline. Writes serve_tail.{md,json}.
 """
 
 from __future__ import annotations
@@ -145,6 +146,9 @@ def stall_summary(stalls: list[dict[str, Any]], row: dict[str, Any]) -> dict[str
     }
 
 
+MONITORED = "after + stall monitor"
+
+
 def tail_run(paths: dict[str, Path], work: Path, *, before_root: Path, duration: float, rounds: int,
              users: list[str], items: list[str], out: Path) -> int:
     root = Path(__file__).resolve().parents[1]
@@ -155,7 +159,10 @@ def tail_run(paths: dict[str, Path], work: Path, *, before_root: Path, duration:
     floor_proc, floor_target = _floor()
     servers["RPC floor"] = (floor_proc, floor_target, None)
     servers["before"] = start_server(before_root, paths, work, "before", [])
-    servers["after"] = start_server(root, paths, work, "after", ["--stall-ms", "1", "--stall-log", str(stall_log)])
+    servers["after"] = start_server(root, paths, work, "after", [])
+    # The stall monitor times every loop callback, which costs the monitored server: its timeline comes from
+    # a second copy of the after server, so the after rows measure the service as deployed.
+    servers[MONITORED] = start_server(root, paths, work, "after-monitored", ["--stall-ms", "1", "--stall-log", str(stall_log)])
     rows: list[dict[str, Any]] = []
     try:
         for _, target, _ in servers.values():  # warm every server up (first calls load lazily)
@@ -172,7 +179,7 @@ def tail_run(paths: dict[str, Path], work: Path, *, before_root: Path, duration:
                 _, target, metrics = servers[name]
                 for label, mode, level in loads:
                     row = run_row(target, mode, level, duration, users=users, items=items, metrics_url=metrics,
-                                  stages=name == "after")
+                                  stages=name in ("after", MONITORED))
                     rows.append({"server": name, "load": label, "round": rnd, **row})
                     print({k: v for k, v in rows[-1].items() if k != "stages"}, file=sys.stderr)
     finally:
@@ -184,7 +191,7 @@ def tail_run(paths: dict[str, Path], work: Path, *, before_root: Path, duration:
                 proc.wait(60)
     stalls = json.loads(stall_log.read_text())["stalls"] if stall_log.exists() else []
     for row in rows:
-        if row["server"] == "after":
+        if row["server"] == MONITORED:
             row["stalls"] = stall_summary(stalls, row)
     report = {
         "machine": f"{os.cpu_count()} CPU cores, CPU only",
@@ -192,7 +199,7 @@ def tail_run(paths: dict[str, Path], work: Path, *, before_root: Path, duration:
         "before": str(before_root), "load_average": load_average, "duration_s": duration, "rounds": rounds,
         "saturation_qps": saturation, "rows": rows, "summary": summarise_tail(rows),
         "stall_timeline_open_quarter": [s for s in stalls if any(
-            r["server"] == "after" and r["load"] == "open loop 1/4 sat." and r["wall_start"] <= s["unix_s"] <= r["wall_end"]
+            r["server"] == MONITORED and r["load"] == "open loop 1/4 sat." and r["wall_start"] <= s["unix_s"] <= r["wall_end"]
             for r in rows)],
     }
     out.mkdir(parents=True, exist_ok=True)
@@ -268,8 +275,11 @@ def tail_markdown(report: dict[str, Any]) -> str:
         for r in stage_rows:
             cells = [f"{r['stages'][s]['mean_ms']:.3f} / {v(r['stages'][s]['p99_ms'])}" if s in r["stages"] else "-" for s in stages]
             lines.append(f"| {r['load']} | {r['round']} | " + " | ".join(cells) + " |")
-        lines += ["", "Stalls of the after server's event loop (callbacks > 1 ms) per row, by cause (count, max ms):", ""]
-        for r in stage_rows:
+    monitored = [r for r in report["rows"] if r["server"] == MONITORED and r.get("stalls")]
+    if monitored:
+        lines += ["", "Stalls of the monitored after server's event loop (callbacks > 1 ms) per row, by cause (count, max ms):",
+                  ""]
+        for r in monitored:
             causes = ", ".join(f"{c} {d['count']} (max {d['max_ms']})" for c, d in r["stalls"]["by_cause"].items()) or "none"
             lines.append(f"- {r['load']}, round {r['round']}: {causes}")
     return "\n".join(lines) + "\n"
