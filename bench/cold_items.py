@@ -24,7 +24,6 @@ concatenated embeddings, so it is one dot product and servable). Writes cold_tex
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "bench"))
-
 from quality import ML100K, prepare_generated, prepare_ml100k, zero_shot_matcher  # noqa: E402
+from report import write_results  # noqa: E402
 
 
 def run_dataset(name: str, base: Path, work: Path, rates: list[float], args: argparse.Namespace) -> dict[str, Any]:
@@ -219,10 +218,7 @@ def main() -> int:
         started = time.perf_counter()
         report = text_paths(args)
         seconds = time.perf_counter() - started
-        args.out.mkdir(parents=True, exist_ok=True)
-        (args.out / "cold_text_paths.json").write_text(json.dumps(report | {"seconds": round(seconds)}, indent=1, default=float))
-        (args.out / "cold_text_paths.md").write_text(text_paths_markdown(report, seconds))
-        print(text_paths_markdown(report, seconds))
+        write_results(args.out, "cold_text_paths", report | {"seconds": round(seconds)}, text_paths_markdown(report, seconds))
         return 0
     args.work.mkdir(parents=True, exist_ok=True)
     rates = [float(x) for x in args.rates.split(",")]
@@ -237,10 +233,7 @@ def main() -> int:
     if args.only in (None, "generated"):
         runs.append(run_dataset("generated", prepare_generated(args.work / "generated", args.seed), args.work, rates, args))
     report = {"seconds": round(time.perf_counter() - started), "runs": runs}
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "cold_items.json").write_text(json.dumps(report, indent=1))
-    (args.out / "cold_items.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "cold_items", report, markdown(report))
     return 0
 
 

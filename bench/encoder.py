@@ -45,6 +45,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_results
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
@@ -444,11 +445,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "rows": rows,
         "seconds": time.perf_counter() - started,
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "encoder.json").write_text(json.dumps(report, indent=1))
-    table = markdown(report)
-    (args.out / "encoder.md").write_text(table)
-    print(table)
+    write_results(args.out, "encoder", report, markdown(report))
     return 0
 
 

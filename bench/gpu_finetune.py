@@ -16,7 +16,6 @@ Writes bench/results/finetune_gpu.{json,md} (with --dry-run: under --out only, d
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -28,6 +27,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
+from report import write_results  # noqa: E402
 
 ML100K = Path.home() / ".cache/recsys-data/recbole/dataset_example/ml-100k"
 
@@ -128,10 +128,7 @@ def main() -> int:
         if mode not in ("full", "lora"):
             raise SystemExit(f"--modes: unknown mode {mode!r} (full, lora)")
         report["rows"].append(run_mode(mode, data, base_model, work, args))
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / "finetune_gpu.json").write_text(json.dumps(report, indent=1, default=float))
-    (args.out / "finetune_gpu.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, "finetune_gpu", report, markdown(report))
     ok = all(r["steps"] == args.steps for r in report["rows"])
     return 0 if ok else 1
 

@@ -50,8 +50,8 @@ import numpy as np
 RESULTS = Path(__file__).parent / "results"
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-
 from quality import ML100K  # noqa: E402
+from report import write_results  # noqa: E402
 
 
 def naive_modes_trainer(cfg: Any, *, dedupe: bool = True, history_grad: bool = False, bucket: bool = True) -> Any:
@@ -386,9 +386,7 @@ def main() -> None:
     result["rows"] = evaluate_variants(data, matchers, [p for p in args.protocols.split(",") if p], args.n_boot)
     result["wall_seconds"] = time.perf_counter() - t0
     result["load_average_at_end"] = os.getloadavg()[0]
-    (args.out / "matcher.json").write_text(json.dumps(result, indent=2, default=float))
-    (args.out / "matcher.md").write_text(markdown(result))
-    print(markdown(result))
+    write_results(args.out, "matcher", result, markdown(result))
 
 
 if __name__ == "__main__":

@@ -29,6 +29,8 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+from report import write_results  # noqa: E402
+
 WORDS = ["trail", "camera", "recipe", "guitar", "yoga", "novel", "puppy", "seeds", "console", "passport", "silk", "atom"]
 
 
@@ -572,10 +574,7 @@ def main(argv: list[str] | None = None) -> int:
             "within buckets)."
         ),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, args.name, report, markdown(report))
     return 0
 
 

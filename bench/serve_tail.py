@@ -31,6 +31,7 @@ from typing import Any
 from urllib.request import urlopen
 
 import numpy as np
+from report import write_results
 from serve import bucket_quantile, client_process, floor_server, server_histogram
 
 SERVER_CPU, CLIENT_CPU = 0, 1
@@ -202,10 +203,7 @@ def tail_run(paths: dict[str, Path], work: Path, *, before_root: Path, duration:
             r["server"] == MONITORED and r["load"] == "open loop 1/4 sat." and r["wall_start"] <= s["unix_s"] <= r["wall_end"]
             for r in rows)],
     }
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_tail.json").write_text(json.dumps(report, indent=1))
-    (out / "serve_tail.md").write_text(tail_markdown(report))
-    print(tail_markdown(report))
+    write_results(out, "serve_tail", report, tail_markdown(report))
     return 0
 
 

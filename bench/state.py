@@ -43,6 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
+from report import write_results  # noqa: E402
 from serve import build, client_process, summarise  # noqa: E402
 
 LOG_METHOD = "/recsys.v1.RankingService/LogEvents"
@@ -415,10 +416,7 @@ def main(argv: list[str] | None = None) -> int:
                   "the in-memory default does not fold them), so the Rank path pays for an append it does not wait "
                   "on and the follower folds them. The load generator shares the machine's cores with the server."),
     }
-    args.out.mkdir(parents=True, exist_ok=True)
-    (args.out / f"{args.name}.json").write_text(json.dumps(report, indent=1))
-    (args.out / f"{args.name}.md").write_text(markdown(report))
-    print(markdown(report))
+    write_results(args.out, args.name, report, markdown(report))
     return 0
 
 

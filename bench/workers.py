@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from report import write_results
 from serve import RANK_METHOD, _requests, summarise
 
 CHANNELS = 4  # connections per load-generator process
@@ -315,8 +316,5 @@ def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int
                   + "; ".join(f"workers {r['workers']} round {r['round']}: {r['mean_ms']} ms, {r['reply_bytes']} of "
                               f"{r['expected_reply_bytes']} bytes" for r in h2)]
     lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], "", *cpu_bound(rows, n), ""]
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "serve_workers.json").write_text(json.dumps(report, indent=1))
-    (out / "serve_workers.md").write_text("\n".join(lines))
-    print("\n".join(lines))
+    write_results(out, "serve_workers", report, "\n".join(lines))
     return 0
