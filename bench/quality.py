@@ -132,7 +132,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
             epochs=args.seq_epochs if sequential else args.matcher_epochs, max_steps=args.matcher_steps,
             batch_size=args.seq_batch_size if sequential else args.batch_size, lr=args.lr,
             head_lr=args.head_lr, cache_refresh=20, threads=args.threads, progress=False, zero_shot=False,
-            eval_test=False, patience=2, seed=args.seed,
+            eval_test=False, patience=args.seq_patience if sequential else 2, seed=args.seed,
         )
         config = TrainConfig(data=str(data.root), out=str(out), model=model, run=run)
         train(config)
@@ -225,14 +225,15 @@ def main() -> int:
     parser.add_argument("--blend-matcher", default="fine_tuned", help="the matcher feeding the blend's match features")
     parser.add_argument("--blend-extra", default="fine_tuned_seq",
                         help="other matchers whose scores are extra blend features (comma list; those trained)")
-    parser.add_argument("--seq-epochs", type=int, default=2, help="sequential tower epochs")
+    parser.add_argument("--seq-epochs", type=int, default=40, help="sequential tower epochs (at most)")
+    parser.add_argument("--seq-patience", type=int, default=4, help="sequential tower: epochs without a better valid NDCG@10")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
     parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
     parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True, help="SASRec baseline (torch)")
     parser.add_argument("--sasrec-length", type=int, default=200)
     parser.add_argument("--sasrec-epochs", type=int, default=200)
-    parser.add_argument("--sasrec-patience", type=int, default=5)
+    parser.add_argument("--sasrec-patience", type=int, default=20, help="epochs without a better valid NDCG@10")
     parser.add_argument("--sasrec-budget", type=float, default=0.0, help="SASRec training minutes (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
