@@ -18,16 +18,17 @@ thread retries every `retry_s` and catches up when the log is back.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from recsys.serving.engine import LiveState
 from recsys.serving.latency import NO_MONITOR, lower_priority
-from recsys.serving.validation import EventsInput
-from recsys.state.codec import concat, decode
+from recsys.serving.validation import EventsInput, ServedLists
+from recsys.state.codec import Record, concat, concat_served, decode
 from recsys.state.log import START, EventLog, Position, StateUnavailable
 from recsys.state.snapshot import Snapshot, pack, unpack
 
@@ -124,7 +125,7 @@ class Follower:
 
     def step(self, block_s: float, limit: int = 1000) -> int:
         records = self.log.read(self.position, limit, block_s)
-        batches = []
+        batches: list[Record] = []
         for _, payload in records:
             events, key = decode(payload)
             if key and key in self._keys:
@@ -145,13 +146,19 @@ class Follower:
             self._wake()
         return len(records)
 
-    def _fold(self, batches: list[EventsInput]) -> None:
+    def _fold(self, batches: list[Record]) -> None:
+        """Records in log order; a run of records of one kind is folded as one batch when that cannot
+        change the state (see _regroup_safe), so users are admitted in log order either way."""
         self.live.state.defer_merges()
         if self._regroup_safe(batches):
-            self.live.apply(concat(batches))
-        else:
-            for batch in batches:  # near the user bound: eviction depends on batch boundaries
-                self.live.apply(batch)
+            runs = [list(run) for _, run in itertools.groupby(batches, type)]
+        else:  # near the user bound: eviction depends on batch boundaries
+            runs = [[batch] for batch in batches]
+        for run in runs:
+            if isinstance(run[0], ServedLists):
+                self.live.apply_served(concat_served(cast(list[ServedLists], run)))
+            else:
+                self.live.apply(concat(cast(list[EventsInput], run)))
         self._merge_sparse()
 
     def _merge_sparse(self) -> None:
@@ -164,7 +171,7 @@ class Follower:
             with self.live.lock.write():
                 state.install_merges(merges)
 
-    def _regroup_safe(self, batches: list[EventsInput]) -> bool:
+    def _regroup_safe(self, batches: list[Record]) -> bool:
         """May these records be folded as one batch? Only eviction (UserIndex at its bound) depends on
         batch boundaries; when every user they name fits under the bound, no grouping evicts anyone
         and one batch gives the state record-by-record folding gives."""
