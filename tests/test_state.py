@@ -454,3 +454,21 @@ def test_export_of_served_lists_is_their_impression_events() -> None:
     assert frame.height == 11 and frame["request_id"].null_count() == 2 and frame["value"].null_count() == 11
     assert frame["user_id"].to_list()[:4] == ["u1", "u1", "u1", "new-b"]
     assert frame.schema["timestamp"] == pl.Datetime("us", "UTC")
+
+
+def test_a_served_list_counts_as_one_event_toward_snapshots(base_state: Any, tmp_path: Path) -> None:
+    """--snapshot-events bounds start-up replay: a served list replays in about one event row's time,
+    so it counts one, not one per impression (else a busy server snapshots every few seconds)."""
+    from recsys.state.follower import Follower
+    from recsys.state.snapshot import DirSnapshots
+
+    live = _live(base_state)
+    items = _item_ids(live, 60)
+    mem = MemoryLog()
+    follower = Follower(mem, live, snapshots=DirSnapshots(tmp_path), snapshot_events=5, snapshot_s=3600)
+    lists = ServedLists.from_lists([(f"v{k}", T0_US + k, f"r{k}", items) for k in range(3)])
+    for expected in (0, 1):
+        mem.append_wait(encode(lists))
+        follower.step(0.0)
+        follower._maybe_snapshot()
+        assert len(DirSnapshots(tmp_path).blobs()) == expected and live.events_applied == 180 * (expected + 1)
