@@ -141,7 +141,7 @@ class LiveState:
 
         Equal to the generic fold: items the catalogue does not know are skipped, a list none of
         whose items is known does not touch its user (`apply` only admits users of kept events), and
-        users are admitted in the order of their first kept event (tests/test_state_served.py)."""
+        users are admitted in the order of their first kept event (tests/test_state.py, served lists)."""
         items = self.catalogue.lookup(lists.item_ids)
         keep = items >= 0
         per_list = np.bincount(lists.list_of_item()[keep], minlength=len(lists.counts))

@@ -8,8 +8,9 @@ server answers. Then the thread reads on and folds everything one read returned 
 cost of a fold hardly grows with its size, so a busy log is folded in fewer, larger batches; how
 events are split into batches does not change the state, `tests/test_features.py` checks that
 incremental batches equal a rebuild), resolves `wait_for` waiters, and stores a snapshot every
-`snapshot_events` events (a served list counts as one) or `snapshot_s` seconds. A record whose idempotency key was
-already folded is skipped: a retried StreamEvents lands twice in the log and counts once.
+`snapshot_events` events (a served list counts as one) or `snapshot_s` seconds. A record whose
+idempotency key was already folded is skipped: a retried StreamEvents lands twice in the log and
+counts once. Served-lists records fold through `LiveState.apply_served` (recsys.state.codec).
 
 Log errors (Redis down) do not stop serving: `error` is set (health and metrics report it), the
 thread retries every `retry_s` and catches up when the log is back.
