@@ -147,15 +147,15 @@ def serving_rows(paths: dict[str, Path], work: Path, redis_url: str, args: argpa
             roots[before] = args.before
     for name in backends:
         shutil.rmtree(work / _slug(name), ignore_errors=True)
-    servers = {}
-    for name, flags in backends.items():
-        (work / _slug(name)).mkdir(exist_ok=True)
-        servers[name] = start_server(paths, work / _slug(name), flags, root=roots[name])
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     share = args.duration / ROUNDS
     rank: dict[str, list[float]] = {n: [] for n in backends}
     errors: dict[str, dict[str, int]] = {n: {} for n in backends}
     events: dict[tuple[str, int], list[dict[str, Any]]] = {(n, c): [] for n in backends for c in (1, 16)}
-    try:
+    try:  # servers started before one that fails to start are stopped too
+        for name, flags in backends.items():
+            (work / _slug(name)).mkdir(exist_ok=True)
+            servers[name] = start_server(paths, work / _slug(name), flags, root=roots[name])
         for r in range(ROUNDS):
             for name, (_, target) in servers.items():
                 out = client_process((target, "warm", "concurrency", 1, share, users, items, r))

@@ -54,7 +54,7 @@ from recsys.features.catalogue import (
 from recsys.features.compute import compute as compute_features
 from recsys.features.compute import layout
 from recsys.features.compute import mask_unseen_items as mask_unseen
-from recsys.features.sparse import SparseMap
+from recsys.features.sparse import AddPlan, SparseMap
 
 STATE_FORMAT = 1
 
@@ -283,13 +283,16 @@ class FeatureState:
             self.user_tag.add(pos.user_idx[rows], tags, pos.strength[rows])
         self._apply_interactions(self._new_interactions(pos))
 
-    def apply_impressions(self, user_idx: np.ndarray, item_idx: np.ndarray, ts_us: np.ndarray) -> None:
+    def apply_impressions(
+        self, user_idx: np.ndarray, item_idx: np.ndarray, ts_us: np.ndarray, prepared: AddPlan | None = None
+    ) -> None:
         """Impressions [n] (served lists): exactly `apply` of the same events with strength 0, without
-        an EventBatch (no request keys, strengths or event codes to compute: none of them is read)."""
+        an EventBatch (no request keys, strengths or event codes to compute: none of them is read).
+        `prepared`: user_item_impr.prepare_add(user_idx, item_idx), built outside the writer's lock."""
         if not len(item_idx):
             return
         self._seen(user_idx, item_idx, ts_us)
-        self._count_impressions(user_idx, item_idx)
+        self._count_impressions(user_idx, item_idx, prepared)
 
     def _seen(self, user_idx: np.ndarray, item_idx: np.ndarray, ts_us: np.ndarray) -> None:
         """What every event changes: checks its indices, makes room for its user, item first-seen, as-of."""
@@ -302,13 +305,16 @@ class FeatureState:
         np.minimum.at(self.item_first_us, item_idx, ts_us)
         self.as_of_us = max(self.as_of_us, int(ts_us.max()))
 
-    def _count_impressions(self, user_idx: np.ndarray, item_idx: np.ndarray) -> None:
+    def _count_impressions(self, user_idx: np.ndarray, item_idx: np.ndarray, prepared: AddPlan | None = None) -> None:
         """Exposures (strength <= 0 events): impression counts of items, users, user x item, global."""
         if not len(item_idx):
             return
         np.add.at(self.item_impr, item_idx, 1.0)
         np.add.at(self.user_impr, user_idx, 1.0)
-        self.user_item_impr.add(user_idx, item_idx)
+        if prepared is not None:
+            self.user_item_impr.install_add(prepared)
+        else:
+            self.user_item_impr.add(user_idx, item_idx)
         self.global_impr += len(item_idx)
 
     def _new_interactions(self, pos: EventBatch) -> EventBatch:

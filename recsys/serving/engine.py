@@ -141,7 +141,10 @@ class LiveState:
 
         Equal to the generic fold: items the catalogue does not know are skipped, a list none of
         whose items is known does not touch its user (`apply` only admits users of kept events), and
-        users are admitted in the order of their first kept event (tests/test_state.py, served lists)."""
+        users are admitted in the order of their first kept event (tests/test_state.py, served lists).
+        Runs on the state's one writer thread (the follower): between its two short write-locked steps
+        (admit the users; count the impressions) requests see the lists' users admitted and not yet
+        counted, as if the lists came a moment later."""
         items = self.catalogue.lookup(lists.item_ids)
         keep = items >= 0
         per_list = np.bincount(lists.list_of_item()[keep], minlength=len(lists.counts))
@@ -149,10 +152,14 @@ class LiveState:
         with self.lock.write():
             users, evicted, _ = self.users.assign([lists.user_ids[j] for j in present.tolist()], lists.ts_us[present])
             self.state.forget_users(evicted)
-            self.state.apply_impressions(np.repeat(users, per_list[present]), items[keep],
-                                         np.repeat(lists.ts_us[present], per_list[present]))
-            self.events_applied += int(per_list.sum())
-        return int(per_list.sum())
+        rows, items, ts = np.repeat(users, per_list[present]), items[keep], np.repeat(lists.ts_us[present], per_list[present])
+        # The user x item counts' sort and delta copy, outside the lock (only this thread writes the state):
+        # requests wait for the swap, not for the O(|delta|) work (see the follower's sparse merges).
+        prepared = self.state.user_item_impr.prepare_add(rows, items)
+        with self.lock.write():
+            self.state.apply_impressions(rows, items, ts, prepared)
+            self.events_applied += len(items)
+        return len(items)
 
 
 def strengths(event_types: list[str], values: np.ndarray) -> np.ndarray:
