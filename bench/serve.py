@@ -420,7 +420,7 @@ def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int
     )
     items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
     return compare_workers(paths, args.work, args.compare_workers, duration=args.duration, clients=max(args.clients, 2),
-                           users=warm, items=items, out=args.out)
+                           users=warm, items=items, out=args.out, before=args.before)
 
 
 def tail_run_main(args: argparse.Namespace, paths: dict[str, Path]) -> int:
@@ -432,7 +432,7 @@ def tail_run_main(args: argparse.Namespace, paths: dict[str, Path]) -> int:
         .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
     )
     items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
-    return tail_run(paths, args.work, before_root=args.before, duration=args.duration, rounds=args.rounds,
+    return tail_run(paths, args.work, before_root=args.before or Path("/work/base"), duration=args.duration, rounds=args.rounds,
                     users=warm, items=items, out=args.out)
 
 
@@ -453,7 +453,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="serve")
     parser.add_argument("--tail", action="store_true",
                         help="only the tail-latency table: RPC floor, --before checkout and this tree (bench/serve_tail.py)")
-    parser.add_argument("--before", type=Path, default=Path("/work/base"), help="--tail: the checkout serving the before rows")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="the checkout serving the before rows: --tail (default /work/base), --compare-workers (optional)")
     parser.add_argument("--rounds", type=int, default=2, help="--tail: rounds alternating the servers")
     parser.add_argument("--compare-workers", type=int, default=0, metavar="N",
                         help="only compare `recsys serve --workers 1` with `--workers N` (bench/workers.py)")
