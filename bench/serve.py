@@ -509,14 +509,14 @@ def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int
 
     warm, items = warm_users_and_items(paths)
     return compare_workers(paths, args.work, args.compare_workers, duration=args.duration, clients=max(args.clients, 2),
-                           users=warm, items=items, out=args.out)
+                           users=warm, items=items, out=args.out, before=args.before)
 
 
 def tail_run_main(args: argparse.Namespace, paths: dict[str, Path]) -> int:
     from serve_tail import tail_run
 
     warm, items = warm_users_and_items(paths)
-    return tail_run(paths, args.work, before_root=args.before, duration=args.duration, rounds=args.rounds,
+    return tail_run(paths, args.work, before_root=args.before or Path("/work/base"), duration=args.duration, rounds=args.rounds,
                     users=warm, items=items, out=args.out)
 
 
@@ -537,7 +537,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--name", default="serve")
     parser.add_argument("--tail", action="store_true",
                         help="only the tail-latency table: RPC floor, --before checkout and this tree (bench/serve_tail.py)")
-    parser.add_argument("--before", type=Path, default=Path("/work/base"), help="--tail: the checkout serving the before rows")
+    parser.add_argument("--before", type=Path, default=None,
+                        help="the checkout serving the before rows: --tail (default /work/base), --compare-workers (optional)")
     parser.add_argument("--rounds", type=int, default=2, help="--tail, --compare-towers: rounds alternating the servers")
     parser.add_argument("--compare-towers", default="", metavar="A,B",
                         help="only Rank c=1 against one server per user tower, alternating (e.g. pooling,sequential)")

@@ -6,7 +6,8 @@ balances connections, not requests: each load-generator process opens several ch
 TCP connections) and its callers take them in turn. The load generator runs on the same cores as the
 server (counted in, as a real single-machine deployment would not be). Rows: saturated Rank/s
 (closed loop, 32 callers), p99 at concurrency 1, and p99 at half of that saturation (open loop).
-Results: bench/results/serve_workers.md / .json.
+With --before DIR the same two servers also run from that checkout, interleaved with these (before/after
+in one run). Results: bench/results/serve_workers.md / .json.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from serve import RANK_METHOD, _requests, summarise
 CHANNELS = 4  # connections per load-generator process
 ROUNDS = 2
 H2LOAD_CONNECTIONS = 16  # SO_REUSEPORT hashes connections to processes: enough of them to even out
+THIS = "this tree"
 
 
 def _client(args: tuple[str, str, float, float, list[str], list[str], int]) -> dict[str, Any]:
@@ -193,77 +195,84 @@ def _h2load(target: str, work: Path, *, duration: float, users: list[str], items
             "errors": {k: int(v) for k, v in (("failed", done.group(3)), ("errored", done.group(4))) if int(v)}}
 
 
-def _start(paths: dict[str, Path], work: Path, workers: int, redis_url: str) -> tuple[Any, str]:
+def _start(paths: dict[str, Path], work: Path, workers: int, redis_url: str, *, root: Path, tag: str) -> tuple[Any, str]:
+    """`recsys serve --workers N` from checkout `root` (--before: the starting commit's code on the same artifacts)."""
     import subprocess
 
-    ready = work / f"ready-workers{workers}.json"
+    ready = work / f"ready-workers{workers}-{tag}.json"
     ready.unlink(missing_ok=True)
     server = subprocess.Popen(
         [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
          "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
          "--workers", str(workers), "--threads", "2", "--max-inflight", "512", "--state",
-         f"{redis_url}?stream=bench:workers{workers}", "--exposure-dir", str(work / f"exposures-w{workers}")],
-        cwd=Path(__file__).resolve().parents[1], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+         f"{redis_url}?stream=bench:workers{workers}-{tag}", "--exposure-dir", str(work / f"exposures-w{workers}-{tag}")],
+        cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
     while not ready.exists():
         if server.poll() is not None:
-            raise SystemExit(f"server --workers {workers} failed to start")
+            raise SystemExit(f"server --workers {workers} ({root}) failed to start")
         time.sleep(0.1)
     return server, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
 
 
 def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: float, clients: int,
-                    users: list[str], items: list[str], out: Path) -> int:
-    """Both servers run side by side; each load is measured for --workers 1 then N, in ROUNDS
-    alternating rounds, so a change in the shared machine's load hits both alike."""
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+                    users: list[str], items: list[str], out: Path, before: Path | None = None) -> int:
+    """Both servers (and with `before`, the same two from that checkout) run side by side; each load
+    is measured for every server in turn, in ROUNDS alternating rounds, so a change in the shared
+    machine's load hits all alike."""
+    root = Path(__file__).resolve().parents[1]
+    sys.path.insert(0, str(root))
     from tests.redis_server import RedisServer
 
     redis = RedisServer(work / "redis-workers")
+    shutil.rmtree(redis.dir / "appendonlydir", ignore_errors=True)
     redis.start()
+    codes = {THIS: root, **({f"before ({before})": before} if before is not None else {})}
     rows: list[dict[str, Any]] = []
-    servers: dict[int, tuple[Any, str]] = {}
+    servers: dict[tuple[str, int], tuple[Any, str]] = {}
     load = {"duration": duration / ROUNDS, "users": users, "items": items}
     try:
-        for workers in (1, n):
-            servers[workers] = _start(paths, work, workers, redis.url)
-        sat: dict[int, list[float]] = {1: [], n: []}
+        for k, (code, code_root) in enumerate(codes.items()):
+            for workers in (1, n):
+                servers[code, workers] = _start(paths, work, workers, redis.url, root=code_root, tag=str(k))
+        sat: dict[tuple[str, int], list[float]] = {key: [] for key in servers}
         assert redis.proc is not None
         for name, mode, level in (("saturated (32 callers)", "concurrency", 32), ("concurrency 1", "concurrency", 1),
                                   ("half saturation (open loop)", "rate", 0)):
             for r in range(ROUNDS):
-                for workers, (proc, target) in servers.items():
-                    rate = round(float(np.mean(sat[workers])) / 2, 1) if mode == "rate" else level
+                for (code, workers), (proc, target) in servers.items():
+                    rate = round(float(np.mean(sat[code, workers])) / 2, 1) if mode == "rate" else level
                     with CpuMeter(proc.pid, redis.proc.pid) as cpu:
                         row = _level(target, mode, rate, clients=1 if level == 1 else clients, **load)
                     if level == 32:
-                        sat[workers].append(row["qps"])
-                    rows.append({"workers": workers, "load": name, "round": r, **row, **cpu.per_request(row["requests"])})
+                        sat[code, workers].append(row["qps"])
+                    rows.append({"code": code, "workers": workers, "load": name, "round": r, **row,
+                                 **cpu.per_request(row["requests"])})
                     print(rows[-1], file=sys.stderr)
         if shutil.which("h2load"):
             for r in range(ROUNDS):
-                for workers, (proc, target) in servers.items():
+                for (code, workers), (proc, target) in servers.items():
                     with CpuMeter(proc.pid, redis.proc.pid) as cpu:
                         row = _h2load(target, work, duration=duration / ROUNDS, users=users, items=items)
-                    rows.append({"workers": workers, "load": "saturated, C load generator (h2load)", "round": r, **row,
-                                 **cpu.per_request(row["requests"])})
+                    rows.append({"code": code, "workers": workers, "load": "saturated, C load generator (h2load)", "round": r,
+                                 **row, **cpu.per_request(row["requests"])})
                     print(rows[-1], file=sys.stderr)
     finally:
         for server, _ in servers.values():
             server.terminate()
             server.wait(90)
         redis.stop()
-    return _report(rows, n, duration=duration, clients=clients, out=out)
+    return _report(rows, n, duration=duration, clients=clients, out=out, codes=list(codes))
 
 
-def cpu_bound(rows: list[dict[str, Any]], n: int) -> list[str]:
+def cpu_bound(rows: list[dict[str, Any]], n: int, code: str) -> list[str]:
     """What the cores allow: per saturated load, the CPU a request costs each party, and the Rank/s
     the N-worker server could reach at best on otherwise idle cores (cores / the generator's, the
     servers' and Redis's CPU per request), against the 1-worker server's measured rate."""
     cores = os.cpu_count() or 1
-    out = ["CPU per saturated request (mean of rounds; 'other' = the rest of the machine: other users' jobs):", ""]
+    out = [f"CPU per saturated request, {code} (mean of rounds; 'other' = the rest of the machine: other users' jobs):", ""]
     for load in ("saturated (", "saturated, C"):
-        picked = {w: [r for r in rows if r["workers"] == w and r["load"].startswith(load)] for w in (1, n)}
+        picked = {w: [r for r in rows if r["code"] == code and r["workers"] == w and r["load"].startswith(load)] for w in (1, n)}
         if not picked[1] or not picked[n]:
             continue
         cost = {w: {k: float(np.mean([r[k] for r in picked[w]])) for k in
@@ -276,45 +285,54 @@ def cpu_bound(rows: list[dict[str, Any]], n: int) -> list[str]:
         c, one = cost[n], cost[1]
         ours = c["cpu_ms_generator"] + c["cpu_ms_server"] + c["cpu_ms_redis"]
         bound = cores * 1000 / ours
-        out.append(f"- the 1-worker server already keeps {one['qps'] * one['cpu_ms_server'] / 1000:.2f} cores busy (its "
+        out.append(f"- the 1-worker server keeps {one['qps'] * one['cpu_ms_server'] / 1000:.2f} cores busy (its "
                    f"poller, fold and log threads beside the loop), and {n} workers cost "
                    f"{c['cpu_ms_server'] / one['cpu_ms_server']:.2f}x its CPU per request (each folds every served list); "
                    f"so {cores} quiet cores give at most {bound:.0f} Rank/s with this generator ({cores} x 1000 ms / "
                    f"{ours:.2f} ms), {bound / one['qps']:.2f}x the 1-worker rate measured here")
-    return out
+    return [*out, ""]
 
 
-def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int, out: Path) -> int:
+def _ratios(rows: list[dict[str, Any]], n: int, code: str) -> dict[str, str]:
     def mean(workers: int, load: str, key: str) -> float:
-        return float(np.mean([r[key] for r in rows if r["workers"] == workers and r["load"].startswith(load)]))
+        return float(np.mean([r[key] for r in rows if r["code"] == code and r["workers"] == workers and r["load"].startswith(load)]))
 
     ratios = {
-        f"saturated Rank/s, Python load generator, --workers {n} / --workers 1 (target >= 1.7x)":
+        f"{code}: saturated Rank/s, Python load generator, --workers {n} / --workers 1 (target >= 1.7x)":
             f"{mean(n, 'saturated (', 'qps') / mean(1, 'saturated (', 'qps'):.2f}x",
-        f"p99 at concurrency 1 (mean of rounds), --workers {n} / 1": f"{mean(n, 'concurrency 1', 'p99_ms') / mean(1, 'concurrency 1', 'p99_ms'):.2f}x",
-        f"p99 at half saturation (mean of rounds), --workers {n} / 1": f"{mean(n, 'half', 'p99_ms') / mean(1, 'half', 'p99_ms'):.2f}x",
+        f"{code}: p99 at concurrency 1 (mean of rounds), --workers {n} / 1":
+            f"{mean(n, 'concurrency 1', 'p99_ms') / mean(1, 'concurrency 1', 'p99_ms'):.2f}x",
+        f"{code}: p99 at half saturation (mean of rounds), --workers {n} / 1": f"{mean(n, 'half', 'p99_ms') / mean(1, 'half', 'p99_ms'):.2f}x",
     }
     if any(r["load"].startswith("saturated, C") for r in rows):
-        ratios[f"saturated Rank/s, C load generator (h2load), --workers {n} / --workers 1 (target >= 1.7x)"] = (
+        ratios[f"{code}: saturated Rank/s, C load generator (h2load), --workers {n} / --workers 1 (target >= 1.7x)"] = (
             f"{mean(n, 'saturated, C', 'qps') / mean(1, 'saturated, C', 'qps'):.2f}x")
+    return ratios
+
+
+def _report(rows: list[dict[str, Any]], n: int, *, duration: float, clients: int, out: Path, codes: list[str]) -> int:
+    ratios = {k: v for code in codes for k, v in _ratios(rows, n, code).items()}
     report = {"machine": f"{os.cpu_count()} CPU cores shared by the servers and the load generator", "duration_s": duration,
               "client_processes": clients, "channels_per_client": CHANNELS, "load_average": os.getloadavg(), "rows": rows,
               "ratios": ratios}
+    before = next((c for c in codes if c != THIS), None)
     lines = ["# recsys serve --workers: processes sharing the port (SO_REUSEPORT)", "",
              f"{report['machine']}; {clients} load-generator processes x {CHANNELS} connections; {duration:.0f} s per row; "
-             "both servers fold a local Redis stream (--state). Command: `python bench/serve.py --compare-workers "
-             f"{n} --clients {clients}`.", "",
-             "| workers | load | round | requests/s | p50 ms | p99 ms | CPU ms per request: generator / server / redis / other | errors |",
-             "|---|---|---|---|---|---|---|---|"]
-    lines += [f"| {r['workers']} | {r['load']} | {r['round']} | {r['qps']} | {r.get('p50_ms', '')} | {r.get('p99_ms', '')} | "
-              f"{r['cpu_ms_generator']} / {r['cpu_ms_server']} / {r['cpu_ms_redis']} / {r['cpu_ms_other']} | "
-              f"{r['errors'] or ''} |" for r in rows]
+             "every server folds a local Redis stream (--state). Command: `python bench/serve.py --compare-workers "
+             f"{n} --clients {clients}" + (f" --before {before.split('(')[1].rstrip(')')}" if before else "") + "`.", "",
+             "| code | workers | load | round | requests/s | p50 ms | p99 ms | CPU ms per request: generator / server / redis / other | errors |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    lines += [f"| {r['code']} | {r['workers']} | {r['load']} | {r['round']} | {r['qps']} | {r.get('p50_ms', '')} | "
+              f"{r.get('p99_ms', '')} | {r['cpu_ms_generator']} / {r['cpu_ms_server']} / {r['cpu_ms_redis']} / "
+              f"{r['cpu_ms_other']} | {r['errors'] or ''} |" for r in rows]
     h2 = [r for r in rows if r["mode"] == "h2load"]
     if h2:
         lines += ["", "h2load rows: mean latency (h2load reports no percentiles) and the mean reply size against a real reply "
                   "to the same request (an error status carries no message): "
-                  + "; ".join(f"workers {r['workers']} round {r['round']}: {r['mean_ms']} ms, {r['reply_bytes']} of "
-                              f"{r['expected_reply_bytes']} bytes" for r in h2)]
-    lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], "", *cpu_bound(rows, n), ""]
+                  + "; ".join(f"{r['code']} workers {r['workers']} round {r['round']}: {r['mean_ms']} ms, {r['reply_bytes']} "
+                              f"of {r['expected_reply_bytes']} bytes" for r in h2)]
+    lines += ["", *[f"- {k}: {v}" for k, v in ratios.items()], ""]
+    for code in codes:
+        lines += cpu_bound(rows, n, code)
     write_results(out, "serve_workers", report, "\n".join(lines))
     return 0

@@ -134,3 +134,31 @@ def test_deferred_merges_are_prepared_aside_and_refused_when_the_map_changed() -
     np.testing.assert_array_equal(sparse.arrays()[0], np.union1d(before[0], SparseMap.key(3, 5000)))
     sparse.add(rng.integers(0, 10, 1000), rng.integers(0, 10**6, 1000))  # > MERGE_BACKSTOP x the limit
     assert not len(sparse._dkeys)  # merged inline
+
+
+def test_a_prepared_add_changes_nothing_until_installed_and_refuses_a_changed_map() -> None:
+    """The follower prepares the served lists' user x item add outside the state's write lock (requests
+    read the map meanwhile) and installs it under the lock: preparing must not touch the map, and a
+    plan prepared before another change must not be installed."""
+    rng = np.random.default_rng(3)
+    sparse, plain = SparseMap(), SparseMap()
+    for m in (sparse, plain):
+        m.MIN_DELTA = 50
+        m.add(np.arange(200) % 7, np.arange(200))  # base after a merge, then a delta
+        m.add(np.arange(30) % 5, np.arange(1000, 1030))
+    rows = np.concatenate([rng.integers(0, 9, 300), [0, 1, 2]])  # keys in the base, new ones and,
+    cols = np.concatenate([rng.integers(0, 1100, 300), [1000, 1001, 1002]])  # last, three in the delta
+    before = [a.copy() for a in (sparse._keys, sparse._values, sparse._dkeys, sparse._dvalues)]
+    plan = sparse.prepare_add(rows, cols, 2.0)
+    assert plan is not None and plan.delta is not None and len(plan.base_pos)
+    for a, b in zip(before, (sparse._keys, sparse._values, sparse._dkeys, sparse._dvalues), strict=True):
+        np.testing.assert_array_equal(a, b)
+    sparse.install_add(plan)
+    plain.add(rows, cols, 2.0)
+    for a, b in zip(sparse.arrays(), plain.arrays(), strict=True):
+        np.testing.assert_array_equal(a, b)
+    stale = sparse.prepare_add(rows[:5], cols[:5])
+    sparse.add(np.array([1]), np.array([1]))
+    assert stale is not None
+    with pytest.raises(RuntimeError, match="changed since"):
+        sparse.install_add(stale)

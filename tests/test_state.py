@@ -1,9 +1,12 @@
 """The event log (recsys.state): embedded journal (group commit, torn tails, damage), Redis Streams on
-a real redis-server, the follower (replay, idempotency keys, snapshots) and `recsys state export`."""
+a real redis-server, the follower (replay, idempotency keys, snapshots), `recsys state export`, and
+served-lists records (round trip through the journal and Redis, the same state as their impression
+events, journals written before the record kind still replay)."""
 
 from __future__ import annotations
 
 import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -14,6 +17,7 @@ import polars as pl
 import pytest
 
 from recsys.errors import ModelError
+from recsys.serving.validation import EventsInput, ServedLists
 from recsys.state.codec import decode, encode, to_frame
 from recsys.state.journal import HEADER, Journal
 from recsys.state.log import START, MemoryLog, StateUnavailable, format_position, parse_position
@@ -22,8 +26,6 @@ T0_US = 1_769_860_800_000_000  # 2026-01-31 12:00 UTC, after the synthetic log
 
 
 def _events(users: list[str], items: list[str], kind: str = "click", t: int = T0_US) -> Any:
-    from recsys.serving.validation import EventsInput
-
     n = len(users)
     return EventsInput(list(users), list(items), [kind] * n, np.arange(t, t + n, dtype=np.int64), [None] * n,
                        np.full(n, np.nan))
@@ -319,3 +321,154 @@ def test_folding_near_the_user_bound_evicts_as_record_by_record_folding_does(bas
     assert a.users.evicted == b.users.evicted > 0 and a.users.rows == b.users.rows
     for name, arr in a.state.arrays().items():
         assert np.array_equal(arr, b.state.arrays()[name]), name
+
+
+# ------------------------------------------------------------------------------------------ served lists
+
+BEFORE = Path(__file__).parent / "data" / "journal_before_served_lists"  # written by make.py with 46cf817
+
+
+def _lists(t: int = T0_US) -> ServedLists:
+    """Known users, new users, an unknown item inside a list, a list of unknown items only (its user
+    must not be admitted), the same user twice, a list without a request id."""
+    return ServedLists.from_lists([
+        ("u1", t, "r-1", ["i3", "i5", "i7"]),
+        ("new-b", t + 1, "r-2", ["i9", "cold-x", "i3"]),
+        ("viewer-cold", t + 2, "r-3", ["cold-y"]),
+        ("u1", t + 3, "r-4", ["i5", "i6"]),
+        ("u2", t + 4, None, ["i11", "i12"]),
+        ("new-c", t + 5, "r-5", []),
+    ])
+
+
+def _assert_same(a: Any, b: Any) -> None:
+    assert a.users.rows == b.users.rows and np.array_equal(a.users.active, b.users.active)
+    assert a.events_applied == b.events_applied
+    assert (a.state.global_impr, a.state.as_of_us, a.state.n_users) == (b.state.global_impr, b.state.as_of_us, b.state.n_users)
+    for name, arr in a.state.arrays().items():
+        assert np.array_equal(arr, b.state.arrays()[name]), name
+
+
+def test_served_lists_round_trip_and_mean_their_impression_events() -> None:
+    lists = _lists()
+    back, key = decode(encode(lists))
+    assert isinstance(back, ServedLists) and key == ""
+    assert (back.user_ids, back.request_ids, back.item_ids) == (lists.user_ids, lists.request_ids, lists.item_ids)
+    assert np.array_equal(back.ts_us, lists.ts_us) and np.array_equal(back.counts, [3, 3, 1, 2, 2, 0])
+    events = lists.events()
+    assert events.user_ids[:4] == ["u1", "u1", "u1", "new-b"] and set(events.event_types) == {"impression"}
+    assert events.request_ids[-2:] == [None, None] and np.isnan(events.values).all() and len(events) == len(lists) == 11
+    assert np.array_equal(events.ts_us[2:4], [T0_US, T0_US + 1])
+    assert len(encode(lists)) < len(encode(events)) / 2
+
+
+def test_served_lists_round_trip_through_the_journal_and_redis(tmp_path: Path, redis_server: Any) -> None:
+    from recsys.state.journal import Journal
+    from recsys.state.redis_log import RedisLog
+
+    lists = _lists()
+    for log in (Journal(tmp_path), RedisLog(redis_server.url + "?stream=test:served")):
+        log.append_wait(encode(lists))
+        log.append_wait(encode(_lists(T0_US + 100)))
+        records = log.read(START, 10)
+        got = [decode(payload)[0] for _, payload in records]
+        assert len(got) == 2 and all(isinstance(g, ServedLists) for g in got), log.describe()
+        for g, t in zip(got, (lists.ts_us, lists.ts_us + 100), strict=True):
+            assert (g.user_ids, g.request_ids, g.item_ids) == (lists.user_ids, lists.request_ids, lists.item_ids)
+            assert np.array_equal(g.ts_us, t) and np.array_equal(g.counts, lists.counts)
+        log.close()
+
+
+@pytest.mark.parametrize("capacity", [None, 2], ids=["unbounded", "at-the-user-bound"])
+def test_folding_served_lists_equals_folding_their_events_and_a_rebuild(base_state: Any, capacity: int | None) -> None:
+    """The dedicated fold (LiveState.apply_served, through the follower) against the generic fold of
+    the same impressions as event rows, record by record and in one read, interleaved with a click
+    record, unbounded and near the user bound (eviction). The generic fold in one read is one
+    FeatureState.apply of all events on the prepared state: a rebuild (tests/test_features.py checks
+    that incremental folding equals it)."""
+    from recsys.serving.engine import LiveState
+    from recsys.state.follower import Follower
+
+    clicks = EventsInput(["new-b", "u7"], ["i3", "i4"], ["click", "purchase"], np.array([T0_US - 5, T0_US + 7], np.int64),
+                         ["r-2", None], np.array([np.nan, 3.0]))
+    later = _lists(T0_US + 10)
+    compact, generic = MemoryLog(), MemoryLog()
+    for record in (_lists(), clicks, later):
+        compact.append_wait(encode(record))
+        generic.append_wait(encode(record.events() if isinstance(record, ServedLists) else record))
+    folded = []
+    for log, limit in ((compact, 1000), (compact, 1), (generic, 1000), (generic, 1)):
+        live = _live(base_state)
+        if capacity is not None:
+            live = LiveState(live.state, list(live.users.ids), live.catalogue, len(live.users) + capacity)
+        Follower(log, live).catch_up(limit)
+        folded.append(live)
+    for other in folded[1:]:
+        _assert_same(folded[0], other)
+    assert folded[0].events_applied == 9 + 2 + 9 and folded[0].users.get("viewer-cold") < 0
+    assert folded[0].users.get("new-c") < 0 and folded[0].state.global_impr == folded[1].state.global_impr > 0
+
+
+def test_a_journal_written_before_served_lists_records_replays_and_exports(base_state: Any, tmp_path: Path) -> None:
+    """tests/data/journal_before_served_lists: a LogEvents record and served lists as impression rows,
+    written by the code before this record kind; it replays to the state the same lists give as
+    served-lists records, and exports the same table."""
+    from recsys.state.follower import Follower
+    from recsys.state.journal import Journal
+
+    shutil.copytree(BEFORE, tmp_path / "old", ignore=shutil.ignore_patterns("*.py"))
+    old = Journal(tmp_path / "old")
+    new = MemoryLog()
+    for position, payload in old.read(START, 10):
+        record, key = decode(payload)
+        assert isinstance(record, EventsInput), position  # the old code wrote event rows only
+        if key:
+            new.append_wait(encode(record, key))
+        else:  # the same served lists as a served-lists record
+            new.append_wait(encode(_as_lists(record)))
+    replayed, folded = _live(base_state), _live(base_state)
+    assert Follower(old, replayed).catch_up() == 3 and Follower(new, folded).catch_up() == 3
+    _assert_same(replayed, folded)
+    assert replayed.users.get("new-b") >= 0 and replayed.users.get("viewer-cold") < 0
+    exported = to_frame(p for _, p in old.read(START, 10))
+    assert exported.equals(to_frame(p for _, p in new.read(START, 10)))
+    assert exported.height == 2 + 11 and exported["event_type"].to_list().count("impression") == 11
+    old.close()
+
+
+def _as_lists(events: EventsInput) -> ServedLists:
+    """Impression rows of consecutive served lists -> the lists (a list = a run of one request id and time)."""
+    lists: list[tuple[str, int, str | None, list[str]]] = []
+    for k, item in enumerate(events.item_ids):
+        head = (events.user_ids[k], int(events.ts_us[k]), events.request_ids[k])
+        if not lists or lists[-1][:3] != head:
+            lists.append((*head, []))
+        lists[-1][3].append(item)
+    return ServedLists.from_lists(lists)
+
+
+def test_export_of_served_lists_is_their_impression_events() -> None:
+    lists = _lists()
+    frame = to_frame([encode(lists)])
+    assert frame.equals(to_frame([encode(lists.events())]))
+    assert frame.height == 11 and frame["request_id"].null_count() == 2 and frame["value"].null_count() == 11
+    assert frame["user_id"].to_list()[:4] == ["u1", "u1", "u1", "new-b"]
+    assert frame.schema["timestamp"] == pl.Datetime("us", "UTC")
+
+
+def test_a_served_list_counts_as_one_event_toward_snapshots(base_state: Any, tmp_path: Path) -> None:
+    """--snapshot-events bounds start-up replay: a served list replays in about one event row's time,
+    so it counts one, not one per impression (else a busy server snapshots every few seconds)."""
+    from recsys.state.follower import Follower
+    from recsys.state.snapshot import DirSnapshots
+
+    live = _live(base_state)
+    items = _item_ids(live, 60)
+    mem = MemoryLog()
+    follower = Follower(mem, live, snapshots=DirSnapshots(tmp_path), snapshot_events=5, snapshot_s=3600)
+    lists = ServedLists.from_lists([(f"v{k}", T0_US + k, f"r{k}", items) for k in range(3)])
+    for expected in (0, 1):
+        mem.append_wait(encode(lists))
+        follower.step(0.0)
+        follower._maybe_snapshot()
+        assert len(DirSnapshots(tmp_path).blobs()) == expected and live.events_applied == 180 * (expected + 1)

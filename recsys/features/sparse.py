@@ -16,6 +16,8 @@ further: with `defer_merges` it builds the merged base outside the state's write
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+
 import numpy as np
 
 _SHIFT = np.int64(32)  # SparseMap key = row << 32 | col (ids < 2**31)
@@ -38,6 +40,19 @@ def _merge(keys: np.ndarray, values: np.ndarray, more_keys: np.ndarray, more_val
         return keys, values
     pos = np.searchsorted(keys, more_keys)
     return np.insert(keys, pos, more_keys), np.insert(values, pos, more_values)
+
+
+@dataclass
+class AddPlan:
+    """A prepared `SparseMap.add`: sums for keys the base holds (at base_pos), and either sums for keys
+    the delta holds (at delta_pos) or the whole new delta (new keys inserted, sums added)."""
+
+    version: int
+    base_pos: np.ndarray
+    base_sums: np.ndarray
+    delta_pos: np.ndarray = field(default_factory=lambda: _EMPTY_KEYS)
+    delta_sums: np.ndarray = field(default_factory=lambda: _EMPTY_VALUES)
+    delta: tuple[np.ndarray, np.ndarray] | None = None
 
 
 class SparseMap:
@@ -73,26 +88,50 @@ class SparseMap:
 
     def add(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray | float = 1.0) -> None:
         """values[(rows[j], cols[j])] += values[j] (duplicates summed)."""
+        plan = self.prepare_add(rows, cols, values)
+        if plan is not None:
+            self.install_add(plan)
+
+    def prepare_add(self, rows: np.ndarray, cols: np.ndarray, values: np.ndarray | float = 1.0) -> AddPlan | None:
+        """`add`'s work that only reads the map: summing duplicates, finding keys in both levels and
+        building the delta with the new keys inserted (the O(|delta|) copy). The map's only writer (the
+        server's follower) runs it outside the state's write lock and `install_add`s the plan under it,
+        as it does with merges. None when there is nothing to add."""
         keys = self.key(rows, cols).ravel()
         if not len(keys):
-            return
-        self._version += 1
+            return None
         weights = np.broadcast_to(np.asarray(values, np.float64), keys.shape)
         uniq, inverse = np.unique(keys, return_inverse=True)
         sums = np.bincount(inverse, weights=weights, minlength=len(uniq))
         pos, found = _find(self._keys, uniq)
-        self._values[pos[found]] += sums[found]
+        plan = AddPlan(self._version, pos[found], sums[found])
         if found.all():
-            return
+            return plan
         uniq, sums = uniq[~found], sums[~found]
         pos, found = _find(self._dkeys, uniq)
-        self._dvalues[pos[found]] += sums[found]
         new = ~found
-        if new.any():
-            self._dkeys = np.insert(self._dkeys, pos[new], uniq[new])
-            self._dvalues = np.insert(self._dvalues, pos[new], sums[new])
+        if not new.any():
+            plan.delta_pos, plan.delta_sums = pos, sums
+            return plan
+        at = pos[new]  # ascending (uniq is): an old delta entry at p moves to p + inserts at or before p
+        plan.delta = (np.insert(self._dkeys, at, uniq[new]), np.insert(self._dvalues, at, sums[new]))
+        moved = pos[found] + np.searchsorted(at, pos[found], side="right")
+        plan.delta[1][moved] += sums[found]
+        return plan
+
+    def install_add(self, plan: AddPlan) -> None:
+        """Apply a prepared add (O(keys found in the base) and a swap). Refused when the map changed
+        since it was prepared (its one writer prepares and installs in turn; anything else is a bug)."""
+        if plan.version != self._version:
+            raise RuntimeError("SparseMap.install_add: the map changed since the add was prepared")
+        self._version += 1
+        self._values[plan.base_pos] += plan.base_sums
+        if plan.delta is not None:
+            self._dkeys, self._dvalues = plan.delta
             if len(self._dkeys) > self.delta_limit * (self.MERGE_BACKSTOP if self.defer_merges else 1):
                 self.compact()
+        elif len(plan.delta_pos):
+            self._dvalues[plan.delta_pos] += plan.delta_sums
 
     def compact(self) -> None:
         """Merge the delta into the base (one O(nnz) copy)."""

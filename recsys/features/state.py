@@ -54,7 +54,7 @@ from recsys.features.catalogue import (
 from recsys.features.compute import compute as compute_features
 from recsys.features.compute import layout
 from recsys.features.compute import mask_unseen_items as mask_unseen
-from recsys.features.sparse import SparseMap
+from recsys.features.sparse import AddPlan, SparseMap
 
 STATE_FORMAT = 2  # 2: the directed transition map `trans`
 
@@ -261,22 +261,9 @@ class FeatureState:
         batch = events if isinstance(events, EventBatch) else EventBatch.from_frame(events)
         if not len(batch):
             return
-        if batch.item_idx.min() < 0 or batch.item_idx.max() >= self.n_items:
-            bad = int(batch.item_idx[(batch.item_idx < 0) | (batch.item_idx >= self.n_items)][0])
-            raise InputError(f"event for item_idx {bad}, outside the catalogue (0..{self.n_items - 1})")
-        if batch.user_idx.min() < 0:
-            raise InputError(f"event for user_idx {int(batch.user_idx.min())}: user indices must be >= 0")
-        self._ensure_users(int(batch.user_idx.max()) + 1)
-        np.minimum.at(self.item_first_us, batch.item_idx, batch.ts_us)
-        self.as_of_us = max(self.as_of_us, int(batch.ts_us.max()))
-
-        exposure = batch.take(np.flatnonzero(batch.strength <= 0))
-        if len(exposure):
-            np.add.at(self.item_impr, exposure.item_idx, 1.0)
-            np.add.at(self.user_impr, exposure.user_idx, 1.0)
-            self.user_item_impr.add(exposure.user_idx, exposure.item_idx)
-            self.global_impr += len(exposure)
-
+        self._seen(batch.user_idx, batch.item_idx, batch.ts_us)
+        exposure = np.flatnonzero(batch.strength <= 0)
+        self._count_impressions(batch.user_idx[exposure], batch.item_idx[exposure])
         pos = batch.take(np.flatnonzero(batch.strength > 0))
         if not len(pos):
             return
@@ -296,6 +283,40 @@ class FeatureState:
             tags = self.catalogue.tag_ids[ptr[pos.item_idx][rows] + offsets]
             self.user_tag.add(pos.user_idx[rows], tags, pos.strength[rows])
         self._apply_interactions(self._new_interactions(pos))
+
+    def apply_impressions(
+        self, user_idx: np.ndarray, item_idx: np.ndarray, ts_us: np.ndarray, prepared: AddPlan | None = None
+    ) -> None:
+        """Impressions [n] (served lists): exactly `apply` of the same events with strength 0, without
+        an EventBatch (no request keys, strengths or event codes to compute: none of them is read).
+        `prepared`: user_item_impr.prepare_add(user_idx, item_idx), built outside the writer's lock."""
+        if not len(item_idx):
+            return
+        self._seen(user_idx, item_idx, ts_us)
+        self._count_impressions(user_idx, item_idx, prepared)
+
+    def _seen(self, user_idx: np.ndarray, item_idx: np.ndarray, ts_us: np.ndarray) -> None:
+        """What every event changes: checks its indices, makes room for its user, item first-seen, as-of."""
+        if item_idx.min() < 0 or item_idx.max() >= self.n_items:
+            bad = int(item_idx[(item_idx < 0) | (item_idx >= self.n_items)][0])
+            raise InputError(f"event for item_idx {bad}, outside the catalogue (0..{self.n_items - 1})")
+        if user_idx.min() < 0:
+            raise InputError(f"event for user_idx {int(user_idx.min())}: user indices must be >= 0")
+        self._ensure_users(int(user_idx.max()) + 1)
+        np.minimum.at(self.item_first_us, item_idx, ts_us)
+        self.as_of_us = max(self.as_of_us, int(ts_us.max()))
+
+    def _count_impressions(self, user_idx: np.ndarray, item_idx: np.ndarray, prepared: AddPlan | None = None) -> None:
+        """Exposures (strength <= 0 events): impression counts of items, users, user x item, global."""
+        if not len(item_idx):
+            return
+        np.add.at(self.item_impr, item_idx, 1.0)
+        np.add.at(self.user_impr, user_idx, 1.0)
+        if prepared is not None:
+            self.user_item_impr.install_add(prepared)
+        else:
+            self.user_item_impr.add(user_idx, item_idx)
+        self.global_impr += len(item_idx)
 
     def _new_interactions(self, pos: EventBatch) -> EventBatch:
         """Collapse positives to interactions; merge funnel events into interactions already in the

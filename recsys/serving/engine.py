@@ -36,7 +36,14 @@ from recsys.scoring.request import CATALOGUE, ENCODED, NO_TEXT, RequestBatch, Sc
 from recsys.scoring.topk import top_k
 from recsys.serving.model import BaselineModel, ItemCatalogue, ServingModel
 from recsys.serving.users import UserIndex
-from recsys.serving.validation import EventsInput, FieldError, HistoryInput, RankInput, RecommendInput
+from recsys.serving.validation import (
+    EventsInput,
+    FieldError,
+    HistoryInput,
+    RankInput,
+    RecommendInput,
+    ServedLists,
+)
 
 __all__ = ["CATALOGUE", "ENCODED", "NO_TEXT", "LiveState", "Ranked", "StateBusy", "rank", "recommend"]
 _STRENGTH = StrengthRule()
@@ -127,6 +134,32 @@ class LiveState:
                 self.state.apply(EventBatch(users, items[keep], events.ts_us[keep], strength, codes, request))
                 self.events_applied += len(keep)
         return len(keep), len(events) - len(keep), new_users
+
+    def apply_served(self, lists: ServedLists) -> int:
+        """Served lists as impressions: the state `apply(lists.events())` gives, with per-list work
+        instead of per-event work (one user row per list, NumPy over the items). -> impressions applied.
+
+        Equal to the generic fold: items the catalogue does not know are skipped, a list none of
+        whose items is known does not touch its user (`apply` only admits users of kept events), and
+        users are admitted in the order of their first kept event (tests/test_state.py, served lists).
+        Runs on the state's one writer thread (the follower): between its two short write-locked steps
+        (admit the users; count the impressions) requests see the lists' users admitted and not yet
+        counted, as if the lists came a moment later."""
+        items = self.catalogue.lookup(lists.item_ids)
+        keep = items >= 0
+        per_list = np.bincount(lists.list_of_item()[keep], minlength=len(lists.counts))
+        present = np.flatnonzero(per_list)
+        with self.lock.write():
+            users, evicted, _ = self.users.assign([lists.user_ids[j] for j in present.tolist()], lists.ts_us[present])
+            self.state.forget_users(evicted)
+        rows, items, ts = np.repeat(users, per_list[present]), items[keep], np.repeat(lists.ts_us[present], per_list[present])
+        # The user x item counts' sort and delta copy, outside the lock (only this thread writes the state):
+        # requests wait for the swap, not for the O(|delta|) work (see the follower's sparse merges).
+        prepared = self.state.user_item_impr.prepare_add(rows, items)
+        with self.lock.write():
+            self.state.apply_impressions(rows, items, ts, prepared)
+            self.events_applied += len(items)
+        return len(items)
 
 
 def strengths(event_types: list[str], values: np.ndarray) -> np.ndarray:

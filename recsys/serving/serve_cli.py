@@ -68,7 +68,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
                          "Neither flag: events live in memory and are lost on restart")
     st.add_argument("--consistency-wait-ms", type=float, default=50.0,
                     help="Rank/Recommend with a consistency token wait at most this long for this replica to fold it (50)")
-    st.add_argument("--snapshot-events", type=int, default=100_000, help="snapshot the folded state every N events (100000)")
+    st.add_argument("--snapshot-events", type=int, default=100_000, help="snapshot the folded state every N events (100000; a served list counts as one)")
     st.add_argument("--snapshot-s", type=float, default=300.0, help="... or every S seconds with new events (300)")
     st.add_argument("--fold-exposures", action=argparse.BooleanOptionalAction, default=None,
                     help="fold served lists logged with --exposure-dir into every replica's state as impressions "

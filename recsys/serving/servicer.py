@@ -34,7 +34,6 @@ from recsys.serving.model import BaselineModel
 from recsys.serving.proto import ranking_pb2 as pb
 from recsys.serving.proto import ranking_pb2_grpc as pb_grpc
 from recsys.serving.validation import (
-    EventsInput,
     FieldError,
     RankInput,
     RecommendInput,
@@ -256,11 +255,7 @@ class RankingServicer(pb_grpc.RankingServiceServicer):
             )
             app.metrics.exposures.inc(len(order))
             if app.config.folds_exposures:  # logged served lists are impressions every replica's features see
-                n = len(served)
-                app.state.append_exposure(EventsInput(
-                    [user_id] * n, served, ["impression"] * n, np.full(n, t_us, np.int64), [request_id] * n,
-                    np.full(n, np.nan),
-                ))
+                app.state.append_exposure(user_id, t_us, request_id, served)
             if clock is not None:
                 clock.lap("exposure")
         counts = np.bincount(ranked.source, minlength=4)

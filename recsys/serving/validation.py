@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -76,6 +76,42 @@ class EventsInput:
 
     def __len__(self) -> int:
         return len(self.user_ids)
+
+
+@dataclass(frozen=True)
+class ServedLists:
+    """Served lists [L] (the item ids of all of them back to back, `counts[l]` each)."""
+
+    user_ids: list[str]
+    ts_us: np.ndarray  # [L] i64
+    request_ids: list[str | None]
+    counts: np.ndarray  # [L] i64
+    item_ids: list[str]  # [sum(counts)]
+
+    def __len__(self) -> int:
+        """Impression events (what `events()` returns)."""
+        return len(self.item_ids)
+
+    @classmethod
+    def from_lists(cls, lists: Sequence[tuple[str, int, str | None, list[str]]]) -> ServedLists:
+        """(user id, epoch µs, request id, served item ids) per list."""
+        return cls(
+            [u for u, _, _, _ in lists], np.fromiter((t for _, t, _, _ in lists), np.int64, len(lists)),
+            [r for _, _, r, _ in lists], np.fromiter((len(i) for _, _, _, i in lists), np.int64, len(lists)),
+            [i for _, _, _, items in lists for i in items],
+        )
+
+    def list_of_item(self) -> np.ndarray:
+        """[sum(counts)] the list each item belongs to."""
+        return np.repeat(np.arange(len(self.counts)), self.counts)
+
+    def events(self) -> EventsInput:
+        """The same lists as impression events (one per served item)."""
+        rows = self.list_of_item()
+        return EventsInput(
+            [self.user_ids[j] for j in rows.tolist()], list(self.item_ids), ["impression"] * len(rows), self.ts_us[rows],
+            [self.request_ids[j] for j in rows.tolist()], np.full(len(rows), math.nan),
+        )
 
 
 def now_us() -> int:

@@ -1,7 +1,7 @@
 """Online state shared by restarts and replicas: an event log every server process folds.
 
     LogEvents / StreamEvents / served lists --append--> EventLog --read in order--> Follower
-                                                                    └─ LiveState.apply (FeatureState)
+                                                                    └─ LiveState.apply / apply_served (FeatureState)
 
 One `EventLog` interface (`recsys.state.log`), three backends:
 

@@ -8,8 +8,9 @@ server answers. Then the thread reads on and folds everything one read returned 
 cost of a fold hardly grows with its size, so a busy log is folded in fewer, larger batches; how
 events are split into batches does not change the state, `tests/test_features.py` checks that
 incremental batches equal a rebuild), resolves `wait_for` waiters, and stores a snapshot every
-`snapshot_events` events or `snapshot_s` seconds. A record whose idempotency key was
-already folded is skipped: a retried StreamEvents lands twice in the log and counts once.
+`snapshot_events` events (a served list counts as one) or `snapshot_s` seconds. A record whose
+idempotency key was already folded is skipped: a retried StreamEvents lands twice in the log and
+counts once. Served-lists records fold through `LiveState.apply_served` (recsys.state.codec).
 
 Log errors (Redis down) do not stop serving: `error` is set (health and metrics report it), the
 thread retries every `retry_s` and catches up when the log is back.
@@ -18,16 +19,17 @@ thread retries every `retry_s` and catches up when the log is back.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import threading
 import time
 from collections import OrderedDict
-from typing import Any, Protocol
+from typing import Any, Protocol, cast
 
 from recsys.serving.engine import LiveState
 from recsys.serving.latency import NO_MONITOR, lower_priority
-from recsys.serving.validation import EventsInput
-from recsys.state.codec import concat, decode
+from recsys.serving.validation import EventsInput, ServedLists
+from recsys.state.codec import Record, concat, concat_served, decode
 from recsys.state.log import START, EventLog, Position, StateUnavailable
 from recsys.state.snapshot import Snapshot, pack, unpack
 
@@ -124,7 +126,7 @@ class Follower:
 
     def step(self, block_s: float, limit: int = 1000) -> int:
         records = self.log.read(self.position, limit, block_s)
-        batches = []
+        batches: list[Record] = []
         for _, payload in records:
             events, key = decode(payload)
             if key and key in self._keys:
@@ -138,20 +140,26 @@ class Follower:
         if batches:
             with self.monitor.activity("fold"):
                 self._fold(batches)
-        self._since_snapshot += sum(len(b) for b in batches)
+        self._since_snapshot += sum(replay_cost(b) for b in batches)
         if records:
             self.position = records[-1][0]
             self.records += len(records)
             self._wake()
         return len(records)
 
-    def _fold(self, batches: list[EventsInput]) -> None:
+    def _fold(self, batches: list[Record]) -> None:
+        """Records in log order; a run of records of one kind is folded as one batch when that cannot
+        change the state (see _regroup_safe), so users are admitted in log order either way."""
         self.live.state.defer_merges()
         if self._regroup_safe(batches):
-            self.live.apply(concat(batches))
-        else:
-            for batch in batches:  # near the user bound: eviction depends on batch boundaries
-                self.live.apply(batch)
+            runs = [list(run) for _, run in itertools.groupby(batches, type)]
+        else:  # near the user bound: eviction depends on batch boundaries
+            runs = [[batch] for batch in batches]
+        for run in runs:
+            if isinstance(run[0], ServedLists):
+                self.live.apply_served(concat_served(cast(list[ServedLists], run)))
+            else:
+                self.live.apply(concat(cast(list[EventsInput], run)))
         self._merge_sparse()
 
     def _merge_sparse(self) -> None:
@@ -164,7 +172,7 @@ class Follower:
             with self.live.lock.write():
                 state.install_merges(merges)
 
-    def _regroup_safe(self, batches: list[EventsInput]) -> bool:
+    def _regroup_safe(self, batches: list[Record]) -> bool:
         """May these records be folded as one batch? Only eviction (UserIndex at its bound) depends on
         batch boundaries; when every user they name fits under the bound, no grouping evicts anyone
         and one batch gives the state record-by-record folding gives."""
@@ -259,6 +267,14 @@ class Follower:
     def status(self) -> dict[str, Any]:
         return {"backend": self.log.describe(), "position": self.position, "records": self.records,
                 "lag": self.lag, "error": self.error or "", "duplicates": self.duplicates}
+
+
+def replay_cost(record: Record) -> int:
+    """What a record adds toward `snapshot_events` (which bounds the replay a start-up needs): its
+    events, and one per served list, whose fold costs about what one event row's does, not what its
+    impressions would as rows (bench/state.py, served lists). Counting impressions would store a
+    snapshot every few seconds on a busy server (100 per Rank) for almost no replay time saved."""
+    return len(record.counts) if isinstance(record, ServedLists) else len(record)
 
 
 def _resolve(future: asyncio.Future[None]) -> None:

@@ -17,9 +17,9 @@ from typing import Any
 
 from recsys.serving.engine import LiveState
 from recsys.serving.latency import NO_MONITOR, lower_priority
-from recsys.serving.validation import EventsInput
+from recsys.serving.validation import EventsInput, ServedLists
 from recsys.state import open_log
-from recsys.state.codec import concat, encode
+from recsys.state.codec import encode
 from recsys.state.follower import Follower, SnapshotStore
 from recsys.state.log import EventLog, Position, StateUnavailable, format_position, parse_position
 from recsys.state.snapshot import DirSnapshots, RedisSnapshots
@@ -34,7 +34,7 @@ class StateService:
         self.log = event_log
         self.follower = follower
         self.exposure_errors = 0
-        self._exposures: list[EventsInput] = []  # served lists not appended yet
+        self._exposures: list[tuple[str, int, str | None, list[str]]] = []  # served lists not appended yet
         self._exposure_lock = threading.Lock()
         self._exposure_flushed = time.monotonic()
         # Served lists are encoded and appended on this thread, never on the Rank that crossed the bound.
@@ -85,12 +85,13 @@ class StateService:
         """Durably append one batch (StateUnavailable when the log cannot take it)."""
         return await asyncio.wrap_future(self.log.append(encode(events, key)))
 
-    def append_exposure(self, events: EventsInput) -> None:
-        """A served list as impression events, buffered and appended as one record per EXPOSURE_FLUSH_S
-        (or EXPOSURE_FLUSH_LISTS lists): a Rank never waits for it, and the log and every follower see
-        a few records a second, not one per request. The parquet exposure log keeps the rows too."""
+    def append_exposure(self, user_id: str, t_us: int, request_id: str | None, item_ids: list[str]) -> None:
+        """A served list (its impressions), buffered and appended with the others as one served-lists
+        record (recsys.state.codec) per EXPOSURE_FLUSH_S or EXPOSURE_FLUSH_LISTS lists: a Rank never
+        waits for it and only appends a tuple here; the log and every follower see a few records a
+        second, not one per request. The parquet exposure log keeps the rows too."""
         with self._exposure_lock:
-            self._exposures.append(events)
+            self._exposures.append((user_id, t_us, request_id, item_ids))
             due = len(self._exposures) >= EXPOSURE_FLUSH_LISTS or time.monotonic() - self._exposure_flushed >= EXPOSURE_FLUSH_S
             if due:
                 self._exposure_flushed = time.monotonic()  # one flush per bound, however many Ranks see it due
@@ -110,7 +111,7 @@ class StateService:
             return
         try:
             with self.monitor.activity("state-exposures"):
-                future = self.log.append(encode(concat(lists)))
+                future = self.log.append(encode(ServedLists.from_lists(lists)))
         except StateUnavailable as exc:
             future = Future()
             future.set_exception(exc)
