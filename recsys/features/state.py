@@ -56,7 +56,7 @@ from recsys.features.compute import layout
 from recsys.features.compute import mask_unseen_items as mask_unseen
 from recsys.features.sparse import AddPlan, SparseMap
 
-STATE_FORMAT = 1
+STATE_FORMAT = 2  # 2: the directed transition map `trans`
 
 def _run_starts(*keys: np.ndarray) -> np.ndarray:
     """Indices where any of the (already sorted) key arrays changes value; always includes 0."""
@@ -103,7 +103,7 @@ _USER_ARRAYS = (
     "hist_ts",
     "hist_req",
 )
-_SPARSE = ("user_cat", "user_tag", "user_item", "user_item_impr", "covis")
+_SPARSE = ("user_cat", "user_tag", "user_item", "user_item_impr", "covis", "trans")
 _USER_FILL: dict[str, Any] = {
     "user_decay_ref": NEVER,
     "user_last_us": NEVER,
@@ -149,6 +149,7 @@ class FeatureState:
     user_item: SparseMap = field(default_factory=SparseMap)
     user_item_impr: SparseMap = field(default_factory=SparseMap)
     covis: SparseMap = field(default_factory=SparseMap)
+    trans: SparseMap = field(default_factory=SparseMap)  # (item, the item the same user touched next)
     global_impr: float = 0.0
     global_clicks: float = 0.0
     as_of_us: int = int(NEVER)  # latest event time applied
@@ -405,6 +406,7 @@ class FeatureState:
             b_parts.append(seq_item[k:][ok])
         a, b = np.concatenate(a_parts), np.concatenate(b_parts)
         self.covis.add(np.concatenate([a, b]), np.concatenate([b, a]))
+        self.trans.add(a_parts[0], b_parts[0])  # directed: b right after a (lag 1)
 
         # History ring buffers: prepend the user's new interactions (newest first), keep h.
         counts = np.diff(np.append(starts, len(new)))
