@@ -29,7 +29,7 @@ import numpy as np
 from recsys.compat import require
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.features import FeatureConfig, Features, FeatureState
-from recsys.features.state import FEATURES_OF_MAP
+from recsys.features.compute import FEATURES_OF_MAP
 from recsys.model_text import check_model_text
 
 RANKER_FORMAT = 1

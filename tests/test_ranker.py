@@ -286,6 +286,11 @@ def test_a_format_1_state_still_serves_the_rankers_saved_with_it(trained, tmp_pa
     np.testing.assert_array_equal(old.item_count, current.item_count)
     again = FeatureState.load(old.save(tmp_path / "resaved"))  # still known to lack it after a re-save
     assert again.missing == ("trans",)
+    # It computes the columns a ranker of its time was trained on: those without the transition features.
+    t, cands = int(current.as_of_us) + 1, np.arange(0, current.n_items, 7)
+    now, before = current.compute(3, cands, t), old.compute(3, cands, t)
+    assert before.names == tuple(n for n in now.names if not n.startswith("trans_")) == old.feature_names(match=False)
+    np.testing.assert_array_equal(before.matrix, now.matrix[:, [now.names.index(n) for n in before.names]])
     meta = json.loads((ranker.path / "ranker.json").read_text())  # a ranker trained before the map
     keep = [n for n in meta["feature_names"] if not n.startswith("trans_")]
     ranker._index = {n: j for j, n in enumerate(keep)}

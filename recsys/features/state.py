@@ -61,7 +61,6 @@ STATE_FORMAT = 2  # 2: the directed transition map `trans`
 # `FeatureState.missing`: the models saved with it never read the features they feed (the ranker
 # refuses one that does), and a live snapshot missing them is not restored (the log is replayed).
 MISSING_BY_FORMAT: dict[int, tuple[str, ...]] = {1: ("trans",), 2: ()}
-FEATURES_OF_MAP = {"trans": ("trans_last", "trans_last_norm", "trans_recent")}  # what an empty map would zero
 
 def _run_starts(*keys: np.ndarray) -> np.ndarray:
     """Indices where any of the (already sorted) key arrays changes value; always includes 0."""
@@ -450,7 +449,8 @@ class FeatureState:
     ) -> tuple[str, ...]:
         """Column names `compute` returns for these optional groups, in order."""
         return layout(
-            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra))
+            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra)),
+            self.missing,
         )[0]
 
     # Features of one request (`recsys.features.compute.compute`); its one caller is the request
