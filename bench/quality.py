@@ -347,7 +347,10 @@ def main() -> int:
         + "). `fine_tuned` has the attention-pooling "
         f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer trained "
         f"on the next item at every history position, up to {args.seq_epochs} epochs of {args.seq_batch_size} "
-        f"windows per step); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
+        f"windows per step"
+        + (f"; with a learned ID residual per trained item, `--item-ids --id-dropout {args.seq_id_dropout:g}"
+           + (f" --id-lr {args.seq_id_lr:g}" if args.seq_id_lr else "") + "`" if args.seq_item_ids else "")
+        + f"); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
         "as extra blend features when trained. `sasrec`: SASRec "
         f"(training/sasrec.py; 2 blocks, width 64, length {args.sasrec_length}, full-softmax cross-entropy, early "
         f"stopping on the valid window, patience {args.sasrec_patience}) trained on each protocol's train split and "

@@ -205,7 +205,7 @@ def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: 
     train(TrainConfig(data=str(prepared_dir), out=str(pooled), model=MatcherModelConfig(base_model=str(bert), **common), run=run))
     cfg = TrainConfig(data=str(prepared_dir), out=str(tmp_path / "seq"), run=run,
                       model=MatcherModelConfig(warm_start=str(pooled), user_tower="sequential", **common))
-    model, _ = _initial_model(cfg)
+    model, _ = _initial_model(cfg, [])  # no --item-ids: no ID rows
     source, _ = load_checkpoint(pooled)
     assert isinstance(model.user_tower, SequentialUserTower) and model.config.user_tower == "sequential"
     assert model.item_tower.head is not None and source.item_tower.head is not None
