@@ -99,15 +99,15 @@ class SASRecTower(nn.Module):
         self.encoder = encoder
         self.scale = math.sqrt(dim)
 
-    def states(self, hist_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(hist_emb * self.scale, mask)
+    def states(self, hist_emb: torch.Tensor, mask: torch.Tensor, *, newest_only: bool = False) -> torch.Tensor:
+        return self.encoder(hist_emb * self.scale, mask, newest_only=newest_only)
 
     def forward(self, hist_emb: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
                 hist_mask: torch.Tensor) -> torch.Tensor:
         # Type and age carry no information here, but the ONNX graph must keep the four inputs of the
         # user-tower contract (an unused input is pruned): they only confirm what the mask says.
         mask = hist_mask.bool() & (hist_type >= -1) & torch.isfinite(hist_age)
-        out = self.states(hist_emb, mask)[:, 0]
+        out = self.states(hist_emb, mask, newest_only=True)
         return torch.where(mask[:, :1], out, torch.zeros_like(out))
 
 
