@@ -83,11 +83,12 @@ class SASRec(nn.Module):
     def table(self) -> torch.Tensor:
         return self.items.weight[:-1]
 
-    def states(self, hist: torch.Tensor) -> torch.Tensor:
-        """hist [B, N] item_idx (most recent first, -1 pad) -> [B, N, D] states."""
+    def states(self, hist: torch.Tensor, *, newest_only: bool = False) -> torch.Tensor:
+        """hist [B, N] item_idx (most recent first, -1 pad) -> [B, N, D] states (`newest_only`: [B, D],
+        position 0's)."""
         mask = hist >= 0
         emb = self.items(torch.where(mask, hist, self.items.num_embeddings - 1))
-        return self.tower.states(emb, mask)
+        return self.tower.states(emb, mask, newest_only=newest_only)
 
 
 class SASRecTower(nn.Module):
@@ -161,7 +162,7 @@ def valid_ndcg(model: SASRec, valid: ValidSet, k: int = 10, chunk: int = 256) ->
     for s in range(0, len(order), chunk):
         rows = order[s : s + chunk]
         hist = valid.hist[rows, : max(1, int(lengths[rows].max()))]
-        user = model.states(hist)[:, 0]
+        user = model.states(hist, newest_only=True)
         scores = (user @ model.table.T).numpy()
         ranked = top_k(scores, k, exclude=[valid.seen[r] for r in rows])
         values.append(per_user_metrics(ranked, [valid.targets[r] for r in rows], k).ndcg)
