@@ -29,6 +29,7 @@ import numpy as np
 from recsys.compat import require
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.features import FeatureConfig, Features, FeatureState
+from recsys.features.compute import FEATURES_OF_MAP
 from recsys.model_text import check_model_text
 
 RANKER_FORMAT = 1
@@ -149,7 +150,14 @@ class Ranker:
         """The feature state saved beside the model (end of the training data)."""
         if self.path is None:
             raise ModelError("this ranker was not loaded from a directory, so it has no saved feature state")
-        return FeatureState.load(self.path / STATE_DIR)
+        state = FeatureState.load(self.path / STATE_DIR)
+        lost = [f for name in state.missing for f in FEATURES_OF_MAP.get(name, ()) if f in self._index]
+        if lost:
+            raise ModelError(
+                f"{self.path / STATE_DIR} lacks the {', '.join(state.missing)} map(s) (an older state format) but "
+                f"the ranker reads {', '.join(lost)}: the directory is inconsistent; retrain with recsys train ranker"
+            )
+        return state
 
     @property
     def uses_match(self) -> bool:

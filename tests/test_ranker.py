@@ -249,3 +249,55 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
     (tmp_path / "model.txt").write_text("not a model")
     with pytest.raises(ModelError, match="format"):
         Ranker.load(tmp_path)
+
+
+def _as_format_1(state_dir: Path) -> None:
+    """Rewrite a saved feature state as the format-1 writer left it: no transition map."""
+    meta = json.loads((state_dir / "state.json").read_text())
+    meta["format"] = 1
+    del meta["missing"]
+    (state_dir / "state.json").write_text(json.dumps(meta))
+    with np.load(state_dir / "state.npz") as npz:
+        arrays = {k: npz[k] for k in npz.files if not k.startswith("trans.")}
+    np.savez(state_dir / "state.npz", **arrays)
+
+
+def test_a_format_1_state_still_serves_the_rankers_saved_with_it(trained, tmp_path) -> None:
+    """Upgrading must not strand published models: a state saved before the transition map loads
+    with that map empty and named missing; a ranker that never read its features serves from it,
+    one that does is refused by name; a state with an unknown format is refused with the fix."""
+    import shutil
+
+    from recsys.features import FeatureState
+
+    result, _, _ = trained
+    directory = tmp_path / "model"
+    shutil.copytree(result.out_dir, directory)
+    state_dir = directory / "feature_state"
+    current = FeatureState.load(state_dir)
+    _as_format_1(state_dir)
+    ranker = Ranker.load(directory)
+    assert any(n.startswith("trans_") for n in ranker.feature_names)  # this one reads the transition features
+    with pytest.raises(ModelError, match=r"lacks the trans map.*trans_last"):
+        ranker.load_state()
+
+    old = FeatureState.load(state_dir)
+    assert old.missing == ("trans",) and len(old.trans) == 0 and len(current.trans) > 0
+    np.testing.assert_array_equal(old.item_count, current.item_count)
+    again = FeatureState.load(old.save(tmp_path / "resaved"))  # still known to lack it after a re-save
+    assert again.missing == ("trans",)
+    # It computes the columns a ranker of its time was trained on: those without the transition features.
+    t, cands = int(current.as_of_us) + 1, np.arange(0, current.n_items, 7)
+    now, before = current.compute(3, cands, t), old.compute(3, cands, t)
+    assert before.names == tuple(n for n in now.names if not n.startswith("trans_")) == old.feature_names(match=False)
+    np.testing.assert_array_equal(before.matrix, now.matrix[:, [now.names.index(n) for n in before.names]])
+    meta = json.loads((ranker.path / "ranker.json").read_text())  # a ranker trained before the map
+    keep = [n for n in meta["feature_names"] if not n.startswith("trans_")]
+    ranker._index = {n: j for j, n in enumerate(keep)}
+    assert ranker.load_state().missing == ("trans",)
+
+    meta = json.loads((state_dir / "state.json").read_text())
+    meta["format"] = 99
+    (state_dir / "state.json").write_text(json.dumps(meta))
+    with pytest.raises(ModelError, match=r"format 99.*reads formats \[1, 2\].*recsys train ranker"):
+        FeatureState.load(state_dir)

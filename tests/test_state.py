@@ -216,6 +216,26 @@ def test_follower_folds_dedupes_keys_and_restores_snapshots(base_state: Any, tmp
     assert again.catch_up() == 1 and again.duplicates == 1
 
 
+def test_a_snapshot_of_an_older_state_format_is_replayed_over_not_restored(base_state: Any, tmp_path: Path) -> None:
+    """A snapshot written before the transition map existed would restore a state whose transition
+    features read zero: the follower skips it and replays the log, which rebuilds the map."""
+    from recsys.state.follower import Follower
+    from recsys.state.snapshot import DirSnapshots
+
+    live = _live(base_state)
+    mem = MemoryLog()
+    mem.append_wait(encode(_events(["new-user"] * 3, _item_ids(live, 3))))
+    follower = Follower(mem, live, snapshots=DirSnapshots(tmp_path))
+    follower.catch_up()
+    live.state.missing = ("trans",)  # what loading a format-1 snapshot gives
+    follower.snapshot()
+    fresh = _live(base_state)
+    again = Follower(mem, fresh, snapshots=DirSnapshots(tmp_path))
+    assert not again.restore() and again.catch_up() == 1
+    assert fresh.state.missing == () and len(fresh.state.trans) >= len(base_state[1].trans)
+    assert fresh.state.user_count[fresh.users.get("new-user")] == 3
+
+
 def test_follower_merges_sparse_deltas_outside_the_write_lock(base_state: Any) -> None:
     """Served lists grow user_item_impr's delta past its limit: the follower builds the merge while no
     writer holds the state (requests read on) and swaps it in; the state equals a plain fold's."""

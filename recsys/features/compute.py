@@ -36,11 +36,17 @@ def window_name(days: float) -> str:
     return f"{days:g}d"
 
 
+FEATURES_OF_MAP = {"trans": ("trans_last", "trans_last_norm", "trans_recent")}  # features only that map feeds
+
+
 @functools.lru_cache(maxsize=256)
 def layout(
-    decay_days: tuple[float, ...], numeric: tuple[str, ...], match: bool, context: tuple[str, ...], extra: tuple[str, ...]
+    decay_days: tuple[float, ...], numeric: tuple[str, ...], match: bool, context: tuple[str, ...], extra: tuple[str, ...],
+    missing: tuple[str, ...] = (),
 ) -> tuple[tuple[str, ...], dict[str, int]]:
-    """(column names, name -> column) of `compute` for one set of optional groups."""
+    """(column names, name -> column) of `compute` for one set of optional groups. `missing`: the
+    state's maps an older format did not keep (FeatureState.missing); their features are left out,
+    so a state and ranker saved before them keep computing exactly the columns the ranker knows."""
     windows = [window_name(d) for d in decay_days]
     names = [*MATCH_FEATURES] if match else []
     names += [
@@ -77,6 +83,8 @@ def layout(
         "trans_recent",
     ]
     names += ["hour_of_day", "day_of_week", *(f"ctx_{c}" for c in context), *extra]
+    lost = {f for name in missing for f in FEATURES_OF_MAP.get(name, ())}
+    names = [n for n in names if n not in lost] if lost else names
     return tuple(names), {name: j for j, name in enumerate(names)}
 
 
@@ -126,7 +134,7 @@ def compute(
     extra = extra or {}
     names, index = layout(
         tuple(state.config.decay_days), state.catalogue.numeric_names, match_scores is not None,
-        tuple(sorted(context)), tuple(sorted(extra)),
+        tuple(sorted(context)), tuple(sorted(extra)), state.missing,
     )
     if len(index) < len(names):
         clash = next(name for name in sorted(extra) if names.count(name) > 1)
@@ -138,7 +146,8 @@ def compute(
     recent, strength = _user_columns(out, state, user_idx, history)
     _affinity_columns(out, state, user_idx, cand, strength)
     _covis_columns(out, state, cand, recent, item_count)
-    _transition_columns(out, state, cand, recent)
+    if "trans" not in state.missing:
+        _transition_columns(out, state, cand, recent)
     day = now_us // DAY_US
     out.put("hour_of_day", (now_us - day * DAY_US) / 3.6e9)
     out.put("day_of_week", float((day + 3) % 7))  # 1970-01-01 was a Thursday; Monday = 0

@@ -57,6 +57,10 @@ from recsys.features.compute import mask_unseen_items as mask_unseen
 from recsys.features.sparse import AddPlan, SparseMap
 
 STATE_FORMAT = 2  # 2: the directed transition map `trans`
+# What each older format lacks. A state read from one has these maps empty and names them in
+# `FeatureState.missing`: the models saved with it never read the features they feed (the ranker
+# refuses one that does), and a live snapshot missing them is not restored (the log is replayed).
+MISSING_BY_FORMAT: dict[int, tuple[str, ...]] = {1: ("trans",), 2: ()}
 
 def _run_starts(*keys: np.ndarray) -> np.ndarray:
     """Indices where any of the (already sorted) key arrays changes value; always includes 0."""
@@ -154,6 +158,7 @@ class FeatureState:
     global_clicks: float = 0.0
     as_of_us: int = int(NEVER)  # latest event time applied
     n_users: int = 0  # users known (user arrays may hold spare capacity beyond this)
+    missing: tuple[str, ...] = ()  # sparse maps an older state format did not keep (empty here)
 
     # ---------------------------------------------------------------- construction
 
@@ -444,7 +449,8 @@ class FeatureState:
     ) -> tuple[str, ...]:
         """Column names `compute` returns for these optional groups, in order."""
         return layout(
-            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra))
+            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra)),
+            self.missing,
         )[0]
 
     # Features of one request (`recsys.features.compute.compute`); its one caller is the request
@@ -519,6 +525,7 @@ class FeatureState:
         np.savez(directory / "state.npz", **arrays)
         meta = {
             "format": STATE_FORMAT,
+            "missing": list(self.missing),
             "config": self.config.to_dict(),
             "context_vocab": self.context_vocab,
             "categories": list(self.catalogue.categories),
@@ -542,10 +549,13 @@ class FeatureState:
             raise ModelError(
                 f"cannot read feature state in {directory}: {exc}. Rebuild it with recsys train ranker"
             ) from exc
-        if meta.get("format") != STATE_FORMAT:
+        lacks = MISSING_BY_FORMAT.get(meta.get("format"))
+        if lacks is None:
             raise ModelError(
-                f"feature state {directory} has format {meta.get('format')}, this code reads {STATE_FORMAT}"
+                f"feature state {directory} has format {meta.get('format')}, this code reads formats "
+                f"{sorted(MISSING_BY_FORMAT)}: retrain with recsys train ranker (or serve it with the version that wrote it)"
             )
+        missing = tuple(dict.fromkeys((*lacks, *meta.get("missing", ()))))
         catalogue = Catalogue(
             category=arrays["catalogue.category"],
             categories=tuple(meta["categories"]),
@@ -561,7 +571,9 @@ class FeatureState:
             setattr(state, name, arrays[name])
         state.n_users = len(state.user_count)
         for name in _SPARSE:
-            setattr(state, name, SparseMap(arrays[f"{name}.keys"], arrays[f"{name}.values"]))
+            if name not in missing:
+                setattr(state, name, SparseMap(arrays[f"{name}.keys"], arrays[f"{name}.values"]))
+        state.missing = missing
         state.global_impr, state.global_clicks = float(meta["global_impr"]), float(meta["global_clicks"])
         state.as_of_us = int(meta["as_of_us"])
         return state
