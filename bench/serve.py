@@ -196,6 +196,18 @@ def server_histogram(metrics_url: str) -> dict[float, float]:
     return out
 
 
+def stage_seconds(metrics_url: str) -> dict[str, float]:
+    """Total seconds per Rank stage so far (recsys_stage_seconds sums; recsys.serving.latency.STAGES)."""
+    from urllib.request import urlopen
+
+    from prometheus_client.parser import text_string_to_metric_families
+
+    text = urlopen(metrics_url, timeout=10).read().decode()
+    return {sample.labels["stage"]: sample.value for family in text_string_to_metric_families(text)
+            if family.name == "recsys_stage_seconds" for sample in family.samples
+            if sample.name.endswith("_sum") and sample.labels.get("rpc") == "Rank"}
+
+
 def bucket_quantile(before: dict[float, float], after: dict[float, float], q: float) -> float | None:
     """q-quantile (ms) of the requests between two scrapes, interpolated linearly inside its bucket
     (Prometheus' histogram_quantile)."""
@@ -237,6 +249,15 @@ def load_level(target: str, scenario: str, mode: str, level: float, duration: fl
     if len(lag):
         row["send_lag_p99_ms"] = round(float(np.percentile(lag, 99)), 2)
     return row
+
+
+def process_cpu(pid: int) -> float:
+    """CPU seconds (user + system, all threads) of one process, 0 once it is gone."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return 0.0
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 def start_server(paths: dict[str, Path], registry: Path, work: Path, workers: int) -> tuple[subprocess.Popen[bytes], str, str]:
@@ -291,14 +312,19 @@ def towers_run(args: argparse.Namespace, paths: dict[str, Path], users: list[str
         for tower in towers if r % 2 == 0 else towers[::-1]:
             server, target, metrics_url = start_server(paths, registries[tower], args.work, args.workers)
             try:
+                cpu, stages = process_cpu(server.pid), stage_seconds(metrics_url)
                 row = load_level(target, "warm", "concurrency", 1, args.duration, 1, users, items, metrics_url)
+                # Server CPU per request: what the tower costs the process, barely moved by other load.
+                row["server_cpu_ms"] = round((process_cpu(server.pid) - cpu) * 1000 / max(1, row["requests"]), 3)
+                row["stage_ms"] = {k: round((v - stages.get(k, 0.0)) * 1000 / max(1, row["requests"]), 3)
+                                   for k, v in stage_seconds(metrics_url).items()}
             finally:
                 server.terminate()
                 server.wait(60)
             row |= {"tower": tower, "round": r + 1}
             print(row, file=sys.stderr)
             rows.append(row)
-    keys = ("p50_ms", "p95_ms", "p99_ms", "server_p50_ms", "server_p99_ms", "qps")
+    keys = ("p50_ms", "p95_ms", "p99_ms", "server_p50_ms", "server_p99_ms", "server_cpu_ms", "qps")
     summary = {t: {k: round(float(np.median([x[k] for x in rows if x["tower"] == t and x.get(k) is not None])), 3)
                    for k in keys} for t in towers}
     base = towers[0]
@@ -310,12 +336,19 @@ def towers_run(args: argparse.Namespace, paths: dict[str, Path], users: list[str
     lines = [f"# Rank latency by user tower: 100 warm candidates, top 20, 1 caller ({report['machine']})", "",
              f"`python bench/serve.py --compare-towers {args.compare_towers} --rounds {args.rounds} --duration {args.duration:g}`: "
              f"one server per tower (same ranker, data and catalogue of {len(items)} items; MiniLM-L6 item embeddings, "
-             f"untrained user towers), the towers alternating over {args.rounds} rounds. Load average at start: {load_average}.",
-             "", "| tower | round | QPS | p50 ms | p95 ms | p99 ms | server p50 / p99 ms |", "|---|---:|---:|---:|---:|---:|---:|"]
+             f"untrained user towers), the towers alternating over {args.rounds} rounds. Load average at start: {load_average}. "
+             "Server CPU ms / request: the server process's CPU time over the round per request (other load on the "
+             "machine moves it far less than wall-clock latency).",
+             "", "| tower | round | QPS | p50 ms | p95 ms | p99 ms | server p50 / p99 ms | server CPU ms / request |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|"]
     lines += [f"| {x['tower']} | {x['round']} | {x['qps']} | {x['p50_ms']} | {x['p95_ms']} | {x['p99_ms']} | "
-              f"{_ms(x.get('server_p50_ms'))} / {_ms(x.get('server_p99_ms'))} |" for x in rows]
+              f"{_ms(x.get('server_p50_ms'))} / {_ms(x.get('server_p99_ms'))} | {x['server_cpu_ms']} |" for x in rows]
     lines += ["", "| median over rounds | " + " | ".join(keys) + " |", "|---|" + "---:|" * len(keys)]
     lines += [f"| {t} | " + " | ".join(_ms(summary[t][k]) for k in keys) + " |" for t in towers]
+    stages = [k for k in rows[0]["stage_ms"] if any(x["stage_ms"].get(k) for x in rows)]
+    lines += ["", "| mean ms per request, median over rounds | " + " | ".join(stages) + " |", "|---|" + "---:|" * len(stages)]
+    lines += [f"| {t} | " + " | ".join(f"{np.median([x['stage_ms'].get(k, 0.0) for x in rows if x['tower'] == t]):.3f}"
+                                        for k in stages) + " |" for t in towers]
     lines += ["", "| ratio | value |", "|---|---:|"] + [f"| {k} | {v} |" for k, v in ratios.items()]
     write_results(args.out, args.name, report, "\n".join(lines) + "\n")
     return 0

@@ -4,9 +4,13 @@ attention-pooling tower vs the sequential (causal transformer) tower, side by si
 Both towers are exported by training/export.py's `export_user_tower` at the MiniLM width (384) and run
 by the service's own `UserEncoder` (ONNX Runtime, CPU, 1 thread): one user per call (a Rank request
 encodes one user, c=1), histories of 20 items (the prepared data's default), plus a batch of 256 users
-(the batch scorer's chunked path). Weights are random: latency does not depend on them.
+(the batch scorer's chunked path). Weights are random: latency does not depend on them. A third row
+exports the same sequential tower the way it was served before (every position through every block,
+then position 0's state) next to today's export (the last block runs position 0's query alone, with
+attention folded into the weights: training/sequential.py CausalBlock.newest), so before/after come
+from one run. 1-user calls alternate the towers over --rounds rounds (median of the round p50s).
 
-    python bench/user_tower.py [--calls 2000] [--out bench/results]
+    python bench/user_tower.py [--calls 2000] [--rounds 5] [--out bench/results]
 """
 
 from __future__ import annotations
@@ -43,9 +47,28 @@ def time_calls(encoder: Any, batch: int, n: int, dim: int, calls: int, seed: int
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
+def all_positions(tower: Any) -> Any:
+    """The sequential tower as served before: every position's state through every block, then
+    position 0's (SequentialUserTower.states(...)[:, 0]); the export now runs position 0 alone."""
+    import torch
+
+    class AllPositions(torch.nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.tower = tower
+
+        def forward(self, emb: Any, types: Any, ages: Any, mask: Any) -> Any:
+            out = self.tower.states(emb, types, ages, mask)[:, 0]
+            out = torch.where(mask.bool().any(1, keepdim=True), out, self.tower.empty)
+            return torch.nn.functional.normalize(out, dim=-1)
+
+    return AllPositions()
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
+    parser.add_argument("--rounds", type=int, default=5)
     parser.add_argument("--history", type=int, default=20)
     parser.add_argument("--dim", type=int, default=384)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results")
@@ -58,25 +81,36 @@ def main() -> int:
     from training.matcher.model import MatcherConfig, make_user_tower
 
     torch.manual_seed(0)
+    towers = {kind: make_user_tower(MatcherConfig(base_model="-", dim=args.dim, max_history=args.history, user_tower=kind)).eval()
+              for kind in ("pooling", "sequential")}
+    models = {"pooling": towers["pooling"], "sequential, all positions (before)": all_positions(towers["sequential"]),
+              "sequential": towers["sequential"]}
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
-        for kind in ("pooling", "sequential"):
-            tower = make_user_tower(MatcherConfig(base_model="-", dim=args.dim, max_history=args.history, user_tower=kind)).eval()
-            path = Path(tmp) / f"{kind}.onnx"
+        encoders = {}
+        for i, (name, tower) in enumerate(models.items()):
+            path = Path(tmp) / f"tower{i}.onnx"
             export_user_tower(tower, path, args.dim)
-            encoder = UserEncoder(path, "cpu", threads=1)
-            rows[kind] = {
+            encoders[name] = UserEncoder(path, "cpu", threads=1)
+        # Rounds alternate the towers, so load on the shared machine hits all of them alike.
+        rounds: dict[str, list[dict[str, float]]] = {name: [] for name in models}
+        for r in range(args.rounds):
+            for name, encoder in encoders.items():
+                rounds[name].append(time_calls(encoder, 1, args.history, args.dim, args.calls // args.rounds, seed=r))
+        for name, tower in models.items():
+            rows[name] = {
                 "parameters": sum(p.numel() for p in tower.parameters()),
-                "c1": time_calls(encoder, 1, args.history, args.dim, args.calls),
-                "batch256": time_calls(encoder, 256, args.history, args.dim, max(20, args.calls // 50)),
+                "c1": {k: float(np.median([x[k] for x in rounds[name]])) for k in rounds[name][0]},
+                "batch256": time_calls(encoders[name], 256, args.history, args.dim, max(20, args.calls // 50)),
             }
     base = rows["pooling"]
     lines = [
         "# User tower latency (ONNX Runtime CPU, 1 thread)",
         "",
-        f"`python bench/user_tower.py --calls {args.calls}`: one call of the exported user tower, histories of "
+        f"`python bench/user_tower.py --calls {args.calls} --rounds {args.rounds}`: one call of the exported user tower, histories of "
         f"{args.history} items of width {args.dim}; 1 user per call (a Rank request, c=1) and 256 users (the batch "
-        "scorer). Shared 2-core machine: compare the ratios.",
+        "scorer); 1-user figures are medians over rounds alternating the towers. Shared 2-core machine: compare "
+        "the ratios.",
         "",
         "| tower | parameters | 1 user p50 ms | 1 user p99 ms | 256 users mean ms | p50 vs pooling |",
         "|---|---|---|---|---|---|",
@@ -86,6 +120,9 @@ def main() -> int:
             f"| {kind} | {row['parameters']:,} | {row['c1']['p50_ms']:.3f} | {row['c1']['p99_ms']:.3f} | "
             f"{row['batch256']['mean_ms']:.2f} | {row['c1']['p50_ms'] / base['c1']['p50_ms']:.2f}x |"
         )
+    before, after = rows["sequential, all positions (before)"]["c1"], rows["sequential"]["c1"]
+    lines += ["", f"sequential vs the all-positions export: 1 user p50 {after['p50_ms'] / before['p50_ms']:.2f}x, "
+              f"256 users {rows['sequential']['batch256']['mean_ms'] / rows['sequential, all positions (before)']['batch256']['mean_ms']:.2f}x."]
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"platform": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()}}

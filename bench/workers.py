@@ -26,6 +26,7 @@ from typing import Any
 import numpy as np
 from report import write_results
 from serve import RANK_METHOD, _requests, summarise
+from serve import process_cpu as _proc_cpu
 
 CHANNELS = 4  # connections per load-generator process
 ROUNDS = 2
@@ -83,15 +84,6 @@ def _client(args: tuple[str, str, float, float, list[str], list[str], int]) -> d
 
 
 TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _proc_cpu(pid: int) -> float:
-    """CPU seconds (user + system) of one process, 0 once it is gone."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return 0.0
-    return (int(fields[11]) + int(fields[12])) / TICK
 
 
 def _tree(root: int) -> list[int]:

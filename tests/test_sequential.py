@@ -56,6 +56,25 @@ def test_a_newer_history_item_never_changes_an_older_position(which: str) -> Non
             assert not torch.allclose(after[:, i], before[:, i], atol=1e-4)
 
 
+@pytest.mark.parametrize(("blocks", "heads"), [(1, 1), (2, 2), (3, 4)])
+def test_the_newest_only_path_equals_position_0_of_all_states(blocks: int, heads: int) -> None:
+    """Serving's path (the last block runs position 0's query alone, attention folded into the
+    weights) gives states[:, 0] for ragged, full, single-item and empty histories, longer than max_len
+    too. Every bias is non-zero: the value bias, which the fold adds once after pooling, moves the
+    output here, so a fold that dropped it would fail."""
+    torch.manual_seed(blocks)
+    encoder = CausalEncoder(16, blocks=blocks, heads=heads, max_len=7, dropout=0.0).eval()
+    for p in encoder.parameters():  # non-zero biases everywhere, so every term of the fold matters
+        torch.nn.init.normal_(p, std=0.3)
+    inputs = torch.randn(5, 9, 16)
+    mask = torch.arange(9) < torch.tensor([[9], [4], [1], [0], [7]])
+    with torch.no_grad():
+        full, newest = encoder(inputs, mask)[:, 0], encoder(inputs, mask, newest_only=True)
+        assert newest.shape == (5, 16) and torch.allclose(newest, full, atol=1e-5)
+        encoder.blocks[-1].qkv.bias[32:].zero_()
+        assert not torch.allclose(encoder(inputs, mask, newest_only=True), full, atol=1e-3)
+
+
 def test_sequential_tower_reads_the_newest_position_and_pads_like_the_pooling_tower() -> None:
     torch.manual_seed(0)
     tower = SequentialUserTower(16, heads=2, dropout=0.0, max_history=8, width=8).eval()

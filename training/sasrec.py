@@ -83,11 +83,12 @@ class SASRec(nn.Module):
     def table(self) -> torch.Tensor:
         return self.items.weight[:-1]
 
-    def states(self, hist: torch.Tensor) -> torch.Tensor:
-        """hist [B, N] item_idx (most recent first, -1 pad) -> [B, N, D] states."""
+    def states(self, hist: torch.Tensor, *, newest_only: bool = False) -> torch.Tensor:
+        """hist [B, N] item_idx (most recent first, -1 pad) -> [B, N, D] states (`newest_only`: [B, D],
+        position 0's)."""
         mask = hist >= 0
         emb = self.items(torch.where(mask, hist, self.items.num_embeddings - 1))
-        return self.tower.states(emb, mask)
+        return self.tower.states(emb, mask, newest_only=newest_only)
 
 
 class SASRecTower(nn.Module):
@@ -99,15 +100,15 @@ class SASRecTower(nn.Module):
         self.encoder = encoder
         self.scale = math.sqrt(dim)
 
-    def states(self, hist_emb: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        return self.encoder(hist_emb * self.scale, mask)
+    def states(self, hist_emb: torch.Tensor, mask: torch.Tensor, *, newest_only: bool = False) -> torch.Tensor:
+        return self.encoder(hist_emb * self.scale, mask, newest_only=newest_only)
 
     def forward(self, hist_emb: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
                 hist_mask: torch.Tensor) -> torch.Tensor:
         # Type and age carry no information here, but the ONNX graph must keep the four inputs of the
         # user-tower contract (an unused input is pruned): they only confirm what the mask says.
         mask = hist_mask.bool() & (hist_type >= -1) & torch.isfinite(hist_age)
-        out = self.states(hist_emb, mask)[:, 0]
+        out = self.states(hist_emb, mask, newest_only=True)
         return torch.where(mask[:, :1], out, torch.zeros_like(out))
 
 
@@ -161,7 +162,7 @@ def valid_ndcg(model: SASRec, valid: ValidSet, k: int = 10, chunk: int = 256) ->
     for s in range(0, len(order), chunk):
         rows = order[s : s + chunk]
         hist = valid.hist[rows, : max(1, int(lengths[rows].max()))]
-        user = model.states(hist)[:, 0]
+        user = model.states(hist, newest_only=True)
         scores = (user @ model.table.T).numpy()
         ranked = top_k(scores, k, exclude=[valid.seen[r] for r in rows])
         values.append(per_user_metrics(ranked, [valid.targets[r] for r in rows], k).ndcg)

@@ -12,6 +12,7 @@ Blocks are pre-LN (attention then a GELU MLP, both residual), with a final Layer
 from __future__ import annotations
 
 import math
+from typing import cast
 
 import torch
 from torch import nn
@@ -21,6 +22,7 @@ from torch.nn import functional as F
 class CausalBlock(nn.Module):
     def __init__(self, dim: int, heads: int, dropout: float) -> None:
         super().__init__()
+        self.dim = dim
         self.heads = heads if dim % heads == 0 else 1
         self.norm1 = nn.LayerNorm(dim)
         self.qkv = nn.Linear(dim, 3 * dim)
@@ -31,20 +33,42 @@ class CausalBlock(nn.Module):
 
     def forward(self, x: torch.Tensor, allowed: torch.Tensor) -> torch.Tensor:
         """x [B, N, D], allowed [B, 1, N, N] bool (query, key) -> [B, N, D]."""
-        b, n, d = x.shape
-        h = self.heads
-        q, k, v = self.qkv(self.norm1(x)).view(b, n, 3, h, d // h).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, dk]
+        d, h = self.dim, self.heads
+        q, k, v = self.qkv(self.norm1(x)).unflatten(-1, (3, h, d // h)).permute(2, 0, 3, 1, 4)  # 3 x [B, H, N, dk]
         logits = q @ k.transpose(-1, -2) / math.sqrt(d // h)
         logits = logits.masked_fill(~allowed, torch.finfo(logits.dtype).min)
         attn = self.dropout(torch.softmax(logits, dim=-1))
-        out = (attn @ v).transpose(1, 2).reshape(b, n, d)
-        x = x + self.dropout(self.proj(out))
+        return self._finish(x, (attn @ v).transpose(1, 2).flatten(2))
+
+    def newest(self, x: torch.Tensor, key_mask: torch.Tensor) -> torch.Tensor:
+        """forward(x, allowed)[:, :1] for position 0 (the newest: every real key is older, so only the key
+        mask `key_mask` [B, 1, 1, N] applies), without keys or values. With the head-h query q, a key is
+        Wk x + bk and a value Wv x + bv: q . key = (Wk^T q) . x + q . bk, where q . bk is the same for
+        every key (softmax ignores it), and sum_n a_n value_n = Wv (sum_n a_n x_n) + bv, as the weights
+        sum to 1. So attention runs on the normed inputs directly: O(N D H) instead of O(N D^2)."""
+        d, h = self.dim, self.heads
+        dk = d // h
+        normed = self.norm1(x)  # [B, N, D]
+        weight, bias = self.qkv.weight.unflatten(0, (3, h, dk)), self.qkv.bias.unflatten(0, (3, h, dk))
+        q = F.linear(normed[:, :1], weight[0].flatten(0, 1), bias[0].flatten()).unflatten(-1, (h, dk))  # [B, 1, H, dk]
+        keys = q.transpose(1, 2) @ weight[1]  # [B, H, 1, D]
+        logits = keys @ normed.transpose(1, 2).unsqueeze(1) / math.sqrt(dk)  # [B, H, 1, N]
+        logits = logits.masked_fill(~key_mask, torch.finfo(logits.dtype).min)
+        attn = self.dropout(torch.softmax(logits, dim=-1))
+        pooled = attn @ normed.unsqueeze(1)  # [B, H, 1, D]
+        out = pooled @ weight[2].transpose(-1, -2) + bias[2].unsqueeze(1)  # [B, H, 1, dk]
+        return self._finish(x[:, :1], out.transpose(1, 2).flatten(2))
+
+    def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
+        x = x + self.dropout(self.proj(attended))
         return x + self.dropout(self.ff(self.norm2(x)))
 
 
 class CausalEncoder(nn.Module):
     """inputs [B, N, D] (item + side embeddings), mask [B, N] bool (True = real, a prefix) ->
     states [B, N, D]; state j summarises history positions j.. (older ones), never newer ones."""
+
+    older: torch.Tensor
 
     def __init__(self, dim: int, *, blocks: int = 2, heads: int = 1, max_len: int = 200, dropout: float = 0.2) -> None:
         super().__init__()
@@ -54,19 +78,29 @@ class CausalEncoder(nn.Module):
         self.blocks = nn.ModuleList(CausalBlock(dim, heads, dropout) for _ in range(blocks))
         self.norm = nn.LayerNorm(dim)
         self.dropout = nn.Dropout(dropout)
+        # older[j, k]: key k is no newer than query j. A constant (not saved in checkpoints), sliced to
+        # the history length, so the export builds no mask from shapes at run time.
+        self.register_buffer("older", torch.ones(max_len, max_len, dtype=torch.bool).triu(), persistent=False)
 
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor, *, newest_only: bool = False) -> torch.Tensor:
+        """-> states [B, N, D]; `newest_only` -> [B, D], position 0's state alone (what serving reads),
+        equal to states[:, 0] at a fraction of the cost: the last block runs only position 0's query."""
         inputs, mask = inputs[:, : self.max_len], mask[:, : self.max_len]
-        # Positions from the mask's shape (traced as ops, so ONNX keeps the history axis dynamic).
-        pos = torch.ones_like(mask, dtype=torch.long).cumsum(1) - 1  # [B, N]: 0 .. N-1
-        x = self.dropout(inputs + self.position(pos)) * mask.unsqueeze(-1).to(inputs.dtype)
-        # Query j sees key k when k is real and no newer than j (k >= j); always itself, so padded
-        # rows never softmax over nothing (they are never read).
-        older = pos.unsqueeze(2) <= pos.unsqueeze(1)  # [B, Nq, Nk]
-        allowed = ((older & mask.unsqueeze(1)) | (pos.unsqueeze(2) == pos.unsqueeze(1))).unsqueeze(1)
-        for block in self.blocks:
-            x = block(x, allowed) * mask.unsqueeze(-1).to(x.dtype)
-        return self.norm(x)
+        n = inputs.shape[1]
+        real = mask.unsqueeze(-1).to(inputs.dtype)
+        x = self.dropout(inputs + self.position.weight[:n]) * real
+        # Query j sees key k when k is real and no newer than j (k >= j). A padded query sees nothing
+        # and softmaxes uniformly over finfo.min (no NaN); its row is zeroed and never read.
+        allowed = (self.older[:n, :n] & mask.unsqueeze(1)).unsqueeze(1)  # [B, 1, Nq, Nk]
+        blocks = cast("list[CausalBlock]", list(self.blocks))
+        last = blocks.pop() if newest_only and blocks else None
+        for block in blocks:
+            x = block(x, allowed) * real
+        if not newest_only:
+            return self.norm(x)
+        if last is not None:
+            x = last.newest(x, mask[:, None, None, :]) * real[:, :1]
+        return self.norm(x[:, 0])
 
 
 def next_item_loss(states: torch.Tensor, targets: torch.Tensor, table: torch.Tensor, *, scale: float = 1.0,

@@ -223,16 +223,17 @@ class SequentialUserTower(nn.Module):
         self.empty = nn.Parameter(torch.randn(dim) * 0.02)
 
     def states(self, hist_emb: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
-               hist_mask: torch.Tensor) -> torch.Tensor:
-        """[B, N, D] unnormalised; position j summarises history items j.. (never newer ones)."""
+               hist_mask: torch.Tensor, *, newest_only: bool = False) -> torch.Tensor:
+        """[B, N, D] unnormalised; position j summarises history items j.. (never newer ones).
+        `newest_only`: [B, D], position 0's state alone (CausalEncoder's serving path)."""
         types = torch.where(hist_type < 0, torch.full_like(hist_type, N_EVENT_TYPES), hist_type).long()
         newer = torch.cat([torch.zeros_like(hist_age[:, :1]), hist_age[:, :-1]], 1)
         x = self.inp(hist_emb) + self.type_emb(types) + self.gap_emb(age_bucket(hist_age - newer))
-        return self.out(self.encoder(x, hist_mask.bool()))
+        return self.out(self.encoder(x, hist_mask.bool(), newest_only=newest_only))
 
     def forward(self, hist_emb: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
                 hist_mask: torch.Tensor) -> torch.Tensor:
-        out = self.states(hist_emb, hist_type, hist_age, hist_mask)[:, 0]
+        out = self.states(hist_emb, hist_type, hist_age, hist_mask, newest_only=True)
         out = torch.where(hist_mask.bool().any(1, keepdim=True), out, self.empty)
         return F.normalize(out, dim=-1)
 
