@@ -126,12 +126,14 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
             freeze_encoder=args.freeze_encoder, cache_negatives=args.cache_negatives, max_text_tokens=48,
             max_history=data.max_history, user_tower=user_tower, logq=user_tower == "sequential",
             warm_start=str(warm_start) if warm_start else None,
+            item_ids=args.seq_item_ids and user_tower == "sequential",
+            id_dropout=args.seq_id_dropout if args.seq_item_ids and user_tower == "sequential" else 0.0,
         )
         sequential = user_tower == "sequential"
         run = RunConfig(
             epochs=args.seq_epochs if sequential else args.matcher_epochs, max_steps=args.matcher_steps,
             batch_size=args.seq_batch_size if sequential else args.batch_size, lr=args.lr,
-            head_lr=args.head_lr, cache_refresh=20, threads=args.threads, progress=False, zero_shot=False,
+            head_lr=args.head_lr, id_lr=args.seq_id_lr, cache_refresh=20, threads=args.threads, progress=False, zero_shot=False,
             eval_test=False, patience=args.seq_patience if sequential else 2, seed=args.seed,
         )
         config = TrainConfig(data=str(data.root), out=str(out), model=model, run=run)
@@ -140,7 +142,9 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     model, tokenizer = load_checkpoint(out)
     _TOKENIZERS[id(model)] = tokenizer
     keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
-    mode = {"user_tower": user_tower, "warm_start": str(warm_start) if warm_start else None, "item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers}
+    mode = {"user_tower": user_tower, "warm_start": str(warm_start) if warm_start else None, "item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers,
+                                     "item_ids": model.item_ids is not None, "id_dropout": args.seq_id_dropout if model.item_ids is not None else 0.0,
+                                     "id_lr": args.seq_id_lr if model.item_ids is not None else 0.0}
     return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
 
 
@@ -233,6 +237,10 @@ def main() -> int:
     parser.add_argument("--seq-patience", type=int, default=4, help="sequential tower: epochs without a better valid NDCG@10")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
+    parser.add_argument("--seq-item-ids", action=argparse.BooleanOptionalAction, default=False,
+                        help="sequential tower with a learned per-item ID residual (recsys train matcher --item-ids)")
+    parser.add_argument("--seq-id-dropout", type=float, default=0.0, help="with --seq-item-ids: --id-dropout")
+    parser.add_argument("--seq-id-lr", type=float, default=0.0, help="with --seq-item-ids: --id-lr (0: --head-lr)")
     parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
     parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True, help="SASRec baseline (torch)")
     parser.add_argument("--sasrec-length", type=int, default=200)
@@ -282,6 +290,8 @@ def main() -> int:
                 train_protocol = "tail" if reuse_tail else protocol
                 for tower in [t for t in args.user_towers.split(",") if t]:
                     system, suffix = TOWER_SYSTEMS[tower]
+                    if tower == "sequential" and args.seq_item_ids:  # its own cached checkpoint
+                        suffix += f"_ids{args.seq_id_dropout:g}" + (f"_lr{args.seq_id_lr:g}" if args.seq_id_lr else "")
                     key = f"{train_protocol}{suffix}"
                     if key not in fine_cache:
                         # The sequential tower starts from the pooling matcher's trained item tower (a fresh
@@ -337,7 +347,10 @@ def main() -> int:
         + "). `fine_tuned` has the attention-pooling "
         f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer trained "
         f"on the next item at every history position, up to {args.seq_epochs} epochs of {args.seq_batch_size} "
-        f"windows per step); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
+        f"windows per step"
+        + (f"; with a learned ID residual per trained item, `--item-ids --id-dropout {args.seq_id_dropout:g}"
+           + (f" --id-lr {args.seq_id_lr:g}" if args.seq_id_lr else "") + "`" if args.seq_item_ids else "")
+        + f"); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
         "as extra blend features when trained. `sasrec`: SASRec "
         f"(training/sasrec.py; 2 blocks, width 64, length {args.sasrec_length}, full-softmax cross-entropy, early "
         f"stopping on the valid window, patience {args.sasrec_patience}) trained on each protocol's train split and "

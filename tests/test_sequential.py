@@ -224,7 +224,7 @@ def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: 
     train(TrainConfig(data=str(prepared_dir), out=str(pooled), model=MatcherModelConfig(base_model=str(bert), **common), run=run))
     cfg = TrainConfig(data=str(prepared_dir), out=str(tmp_path / "seq"), run=run,
                       model=MatcherModelConfig(warm_start=str(pooled), user_tower="sequential", **common))
-    model, _ = _initial_model(cfg)
+    model, _ = _initial_model(cfg, [])  # no --item-ids: no ID rows
     source, _ = load_checkpoint(pooled)
     assert isinstance(model.user_tower, SequentialUserTower) and model.config.user_tower == "sequential"
     assert model.item_tower.head is not None and source.item_tower.head is not None
@@ -239,3 +239,55 @@ def test_sasrec_time_budget_keeps_the_best_epoch(prepared_dir: Path) -> None:
     model, report = fit(data, SASRecConfig(protocol="loo", dim=16, max_length=20, epochs=50, budget_minutes=1e-9, threads=1))
     assert report["stopped_by"] == "time budget" and report["epochs_run"] == 1 == report["best_epoch"]
     assert not model.training
+
+
+def test_item_id_residual_is_trained_and_baked_into_the_store_new_items_stay_text_only(
+        prepared_dir: Path, bert: Path, tmp_path: Path) -> None:  # noqa: F811
+    """--item-ids: trained items get a learned ID part, exported into the embedding store (so serving
+    and batch scoring read it unchanged); an item without a training positive keeps exactly its text
+    vector, the one the ONNX item tower computes for a new item."""
+    from recsys.errors import ConfigError, ModelError
+    from recsys.scoring.encoder import ItemEncoder
+    from recsys.scoring.store import EmbeddingStore
+    from training.export import catalogue_texts
+    from training.matcher.checkpoint import ITEM_KEYS_FILE, load_checkpoint, load_towers
+    from training.matcher.config import MatcherModelConfig
+    from training.matcher.data import ItemTokens, item_texts
+    from training.matcher.evaluate import encode_items
+
+    ckpt = tmp_path / "ids"
+    assert main(["train", "matcher", "--data", str(prepared_dir), "--out", str(ckpt), "--base-model", str(bert),
+                 "--protocol", "loo", "--user-tower", "sequential", "--freeze-encoder", "--item-head", "16",
+                 "--item-ids", "--id-dropout", "0.2", "--epochs", "2", "--batch-size", "64", "--head-lr", "3e-3",
+                 "--threads", "1", "--no-zero-shot"]) == 0
+    data = PreparedData.load(prepared_dir)
+    model, tokenizer = load_checkpoint(ckpt)
+    assert model.item_ids is not None and model.config.item_id_rows == data.n_items
+    ids, texts = catalogue_texts(data)
+    assert model.item_ids.keys == ids
+    trained = np.zeros(data.n_items, bool)
+    trained[np.asarray(data.pairs("loo", "train")["item_idx"])] = True
+    live = model.item_ids.weight.detach().abs().sum(1).numpy() > 0
+    assert live[trained].all() and not live[~trained].any() and (~trained).any()
+    tokens = ItemTokens.build(item_texts(data), tokenizer, model.config.max_text_tokens)
+    with torch.no_grad():
+        final = encode_items(model, tokens, np.arange(data.n_items), torch.device("cpu")).numpy()
+        model.item_ids = None
+        text_only = encode_items(model, tokens, np.arange(data.n_items), torch.device("cpu")).numpy()
+    out = tmp_path / "export"
+    assert main(["export", "--checkpoint", str(ckpt), "--out", str(out), "--data", str(prepared_dir)]) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["embeddings"]["item_id_residual"] == int(trained.sum())
+    store = EmbeddingStore.load(out / "embeddings")
+    stored = np.asarray(store.matrix[store.positions(ids)], np.float32)
+    onnx_text = ItemEncoder(out / "item.onnx", out / "tokenizer.json", model.config.max_text_tokens, "cpu").encode(texts)
+    assert np.abs(stored - final).max() < 1e-3  # the store holds what the trained model scores with
+    assert np.abs(stored[~trained] - onnx_text[~trained]).max() < 1e-5  # untrained items: the ONNX tower's vector
+    assert np.abs(onnx_text - text_only).max() < 1e-3  # the ONNX item tower has no ID part
+    assert ((stored[trained] * onnx_text[trained]).sum(1) < 0.99999).all()  # trained items: the ID part is in
+    # A broken ID table names the file; the option needs the sequential tower.
+    (ckpt / ITEM_KEYS_FILE).unlink()
+    with pytest.raises(ModelError, match=ITEM_KEYS_FILE):
+        load_towers(ckpt)
+    with pytest.raises(ConfigError, match="item_ids"):
+        MatcherModelConfig(item_ids=True)

@@ -280,6 +280,38 @@ class Reference:
     users: UserEncoder
     evaluator: RankingEvaluator | None
     recall: np.ndarray | None
+    ids: ItemIdPart | None = None  # the checkpoint's ID residual, baked into every catalogue encoding
+
+    def final(self, emb: np.ndarray) -> np.ndarray:
+        """Text-tower encodings of `texts` -> the catalogue's item vectors (ID residual baked in)."""
+        return emb if self.ids is None or self.item_ids is None else self.ids.bake(self.item_ids, emb)
+
+
+@dataclass
+class ItemIdPart:
+    """A checkpoint's learned per-item ID residual (--item-ids): rows of the items it was trained on.
+
+    `bake` gives the item vectors the trained model scores with, normalize(text + id[item]), for the
+    items that have a row; every other item keeps its text-tower vector, which is what the ONNX item
+    tower computes for items encoded on the fly (new items), so serving needs no change."""
+
+    keys: list[str]
+    weight: np.ndarray  # [rows, D]
+
+    @classmethod
+    def of(cls, keys: list[str], weight: torch.Tensor) -> ItemIdPart:
+        """The nonzero rows (items with a training positive; the rest never left zero)."""
+        w = weight.detach().float().cpu().numpy()
+        live = np.flatnonzero(np.abs(w).sum(1) > 0)
+        return cls([keys[i] for i in live], w[live])
+
+    def bake(self, item_ids: list[str], emb: np.ndarray) -> np.ndarray:
+        row = {k: i for i, k in enumerate(self.keys)}
+        pairs = np.array([(j, row[k]) for j, k in enumerate(item_ids) if k in row], np.int64).reshape(-1, 2)
+        out = np.array(emb, np.float32, copy=True)
+        mixed = out[pairs[:, 0]] + self.weight[pairs[:, 1]]
+        out[pairs[:, 0]] = mixed / np.maximum(np.linalg.norm(mixed, axis=1, keepdims=True), 1e-12)
+        return out
 
 
 # The catalogue is encoded on CPU with the plain export under ORT's own online fusions: at catalogue
@@ -295,8 +327,10 @@ def catalogue_encoder(model: Path, tokenizer: Path, max_len: int, provider: str,
     return ItemEncoder(model, tokenizer, max_len, provider, config.threads, config.batch_size, spinning=False)
 
 
-def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prepared: PreparedData | None) -> Reference:
-    """Encode the texts with the fp32 item model; with data, its per-user Recall@k on the eval users."""
+def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prepared: PreparedData | None,
+                         ids: ItemIdPart | None = None) -> Reference:
+    """Encode the texts with the fp32 item model (with data: the ID residual `ids` baked in) and, with
+    data, its per-user Recall@k on the eval users."""
     item_ids, evaluator = None, None
     if prepared is not None:
         item_ids, texts = catalogue_texts(prepared)
@@ -307,15 +341,16 @@ def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prep
         texts = fallback_texts(seed=config.seed)
     fp32 = catalogue_encoder(out_dir / CATALOGUE_MODEL, out_dir / "tokenizer.json", max_len, "cpu", config)
     users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads)
-    emb = fp32.encode(texts)
-    recall = onnx_recall(evaluator, emb, users) if evaluator is not None else None
-    return Reference(texts, item_ids, emb, users, evaluator, recall)
+    ref = Reference(texts, item_ids, np.empty(0), users, evaluator, None, ids)
+    ref.emb = ref.final(fp32.encode(texts))
+    ref.recall = onnx_recall(evaluator, ref.emb, users) if evaluator is not None else None
+    return ref
 
 
 def judge_variant(name: str, variant: ItemEncoder, ref: Reference, config: ExportConfig) -> dict[str, Any]:
     """Encode the same texts with the variant; accept on Recall@k delta (or cosine, stated)."""
     texts = ref.texts
-    emb = variant.encode(texts)
+    emb = ref.final(variant.encode(texts))
     cos = (emb * ref.emb).sum(1)
     report: dict[str, Any] = {
         "provider": variant.info.primary,
@@ -367,7 +402,8 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
     out_dir.mkdir(parents=True, exist_ok=True)
     tokenizer, metrics = write_towers(ckpt, out_dir, config)
     prepared = PreparedData.load(data) if data is not None else None
-    ref = reference_embeddings(out_dir, tokenizer.max_length, config, prepared)
+    ids = ItemIdPart.of(*ckpt.item_ids) if ckpt.item_ids is not None else None
+    ref = reference_embeddings(out_dir, tokenizer.max_length, config, prepared, ids)
     if ref.evaluator is not None and ref.recall is not None:
         metrics[f"recall@{config.k}"] = {"protocol": config.protocol, "split": config.split, "users": len(ref.recall),
                                          "value": float(ref.recall.mean())}
@@ -379,7 +415,8 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
                                      [text_hash(t) for t in ref.texts], config.embeddings_dtype,
                                      extra={"encoded_with": CATALOGUE_MODEL})
         embeddings = {"path": "embeddings", "count": len(store), "dtype": config.embeddings_dtype,
-                      "sha256_at_export": store.meta["sha256"]}
+                      "sha256_at_export": store.meta["sha256"],
+                      "item_id_residual": 0 if ids is None else int(np.isin(ref.item_ids, ids.keys).sum())}
     manifest = {
         **_matcher_manifest(ckpt.config.dim, models, tokenizer),
         "embeddings": embeddings,

@@ -3,6 +3,8 @@
     <dir>/item_encoder/             Hugging Face encoder + tokenizer (save_pretrained; LoRA merged)
     <dir>/user_tower.safetensors    user tower weights
     <dir>/item_head.safetensors     residual item head (when matcher_config.item_head > 0)
+    <dir>/item_ids.safetensors      learned per-item ID residual (when matcher_config.item_id_rows > 0)
+    <dir>/item_ids.json             the item id of each of its rows
     <dir>/matcher_config.json       MatcherConfig
     <dir>/state/                    a training run's resume state (model.safetensors, trainer_state.pt)
     <dir>/training_report.json      the run's report
@@ -24,6 +26,7 @@ from typing import Any
 import torch
 
 from recsys.errors import InputError, ModelError
+from recsys.files import write_json_atomic
 from training.matcher.model import (
     ItemHead,
     ItemTower,
@@ -39,6 +42,8 @@ log = logging.getLogger(__name__)
 ITEM_ENCODER_DIR = "item_encoder"
 USER_TOWER_FILE = "user_tower.safetensors"
 ITEM_HEAD_FILE = "item_head.safetensors"
+ITEM_IDS_FILE = "item_ids.safetensors"
+ITEM_KEYS_FILE = "item_ids.json"
 CONFIG_FILE = "matcher_config.json"
 STATE_DIR = "state"
 STATE_WEIGHTS = "model.safetensors"
@@ -59,6 +64,9 @@ def save_checkpoint(model: TwoTower, tokenizer: Any, out_dir: Path) -> None:
     if model.item_tower.head is not None:
         head = {k: v.detach().cpu().contiguous() for k, v in model.item_tower.head.state_dict().items()}
         save_file(head, str(out_dir / ITEM_HEAD_FILE))
+    if model.item_ids is not None:
+        save_file({"weight": model.item_ids.weight.detach().cpu().contiguous()}, str(out_dir / ITEM_IDS_FILE))
+        write_json_atomic(out_dir / ITEM_KEYS_FILE, model.item_ids.keys)
     model.config.save(out_dir / CONFIG_FILE)
 
 
@@ -81,7 +89,26 @@ def load_checkpoint(ckpt_dir: Path | str) -> tuple[TwoTower, Any]:
     _load_user_tower(model.user_tower, ckpt_dir)
     if model.item_tower.head is not None:
         load_item_head(model.item_tower.head, ckpt_dir)
+    if model.item_ids is not None:
+        model.item_ids.keys, weight = load_item_ids(ckpt_dir, config.item_id_rows)
+        model.item_ids.weight.data.copy_(weight)
     return model, tokenizer
+
+
+def load_item_ids(ckpt_dir: Path, rows: int) -> tuple[list[str], torch.Tensor]:
+    """(item id per row, ID residual [rows, D]) of a checkpoint trained with --item-ids, or a ModelError."""
+    from safetensors.torch import load_file
+
+    try:
+        keys = [str(k) for k in json.loads((ckpt_dir / ITEM_KEYS_FILE).read_text())]
+        weight = load_file(str(ckpt_dir / ITEM_IDS_FILE))["weight"]
+    except (OSError, ValueError, KeyError) as exc:
+        raise ModelError(f"{ckpt_dir}: the ID residual ({ITEM_IDS_FILE}, {ITEM_KEYS_FILE}) cannot be loaded "
+                         f"({CONFIG_FILE} has item_id_rows={rows}): {exc}") from exc
+    if len(keys) != rows or weight.shape[0] != rows:
+        raise ModelError(f"{ckpt_dir}: {ITEM_IDS_FILE} has {weight.shape[0]} rows and {ITEM_KEYS_FILE} {len(keys)} "
+                         f"ids, {CONFIG_FILE} says item_id_rows={rows}: the checkpoint is inconsistent; retrain it")
+    return keys, weight
 
 
 def _load_user_tower(tower: torch.nn.Module, ckpt_dir: Path) -> None:
@@ -114,6 +141,7 @@ class Checkpoint:
     user_tower: torch.nn.Module
     tokenizer_json: Path
     extra_config: dict[str, Any]
+    item_ids: tuple[list[str], torch.Tensor] | None = None  # (ids, ID residual rows): baked into the store
 
 
 def load_towers(path: Path | str) -> Checkpoint:
@@ -136,7 +164,7 @@ def load_towers(path: Path | str) -> Checkpoint:
         fast.backend_tokenizer.save(str(tokenizer_json))
     extra = {}
     for other in sorted(path.glob("*.json")):
-        if other.name not in (CONFIG_FILE, tokenizer_json.name):
+        if other.name not in (CONFIG_FILE, tokenizer_json.name, ITEM_KEYS_FILE):
             try:
                 extra[other.stem] = json.loads(other.read_text())
             except ValueError:
@@ -145,7 +173,8 @@ def load_towers(path: Path | str) -> Checkpoint:
     if config.item_head > 0:  # residual MLP after pooling: part of the exported item tower
         head = ItemHead(config.dim, config.item_head)
         load_item_head(head, path)
-    return Checkpoint(path, config, ItemTower(encoder, head).eval(), user.eval(), tokenizer_json, extra)
+    ids = load_item_ids(path, config.item_id_rows) if config.item_id_rows > 0 else None
+    return Checkpoint(path, config, ItemTower(encoder, head).eval(), user.eval(), tokenizer_json, extra, ids)
 
 
 def has_state(out_dir: Path) -> bool:

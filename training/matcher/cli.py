@@ -40,6 +40,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--user-tower", choices=["pooling", "sequential"], default="pooling",
                        help="pooling: attention pooling over the history; sequential: a causal transformer "
                        "trained on the next item at every history position (needs --freeze-encoder) (pooling)")
+    model.add_argument("--item-ids", action="store_true",
+                       help="learn an ID vector per trained item, added to its text embedding (sequential tower); "
+                       "`recsys export` bakes it into the embedding store, new items stay text-only")
+    model.add_argument("--id-dropout", type=float, default=0.0, metavar="P",
+                       help="with --item-ids: share of items per step whose vector skips the ID part (0)")
     model.add_argument("--freeze-encoder", action="store_true",
                        help="train only the item head (needs --item-head) and the user tower; encoder outputs cached")
     opt = parser.add_argument_group("optimisation")
@@ -47,6 +52,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     opt.add_argument("--batch-size", type=int, default=256, help="pairs per step (per process under torchrun)")
     opt.add_argument("--lr", type=float, default=5e-5, help="encoder / adapter learning rate")
     opt.add_argument("--head-lr", type=float, default=1e-3, help="user tower learning rate")
+    opt.add_argument("--id-lr", type=float, default=0.0, help="with --item-ids: its learning rate (0: --head-lr)")
     opt.add_argument("--weight-decay", type=float, default=0.01)
     opt.add_argument("--warmup", type=float, default=0.1, help="warmup fraction of all steps")
     opt.add_argument("--max-grad-norm", type=float, default=1.0, help="gradient clipping (0: off)")
@@ -81,10 +87,11 @@ def run(args: argparse.Namespace) -> int:
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, train_layers=args.train_layers,
         freeze_encoder=args.freeze_encoder, item_head=args.item_head, head_dropout=args.head_dropout, dropout=args.dropout,
         temperature=args.temperature, hard_negatives=args.hard_negatives, logq=args.logq,
-        cache_negatives=args.cache_negatives, user_tower=args.user_tower,
+        cache_negatives=args.cache_negatives, user_tower=args.user_tower, item_ids=args.item_ids,
+        id_dropout=args.id_dropout,
     )
     run_config = RunConfig(
-        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr,
+        epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, head_lr=args.head_lr, id_lr=args.id_lr,
         weight_decay=args.weight_decay, warmup=args.warmup, max_grad_norm=args.max_grad_norm,
         cache_refresh=args.cache_refresh, seed=args.seed, device=args.device, bf16=not args.no_bf16,
         threads=args.threads, resume=args.resume, max_steps=args.max_steps, save_every=args.save_every,

@@ -52,6 +52,8 @@ class MatcherModelConfig:
     logq: bool = False
     cache_negatives: int = 0  # extra catalogue negatives per step, encoded with gradient (>= n_items: all)
     user_tower: str = "pooling"  # "sequential": causal transformer, next item at every position (frozen encoder)
+    item_ids: bool = False  # learned per-item ID residual on the item vectors of trained items (sequential tower)
+    id_dropout: float = 0.0  # share of items per step whose vector skips the ID residual (text-only)
 
     def __post_init__(self) -> None:
         if self.protocol not in PROTOCOLS:
@@ -67,6 +69,8 @@ class MatcherModelConfig:
             "item_head": self.item_head >= 0,
             "head_dropout": 0 <= self.head_dropout < 1 and (self.head_dropout == 0 or self.item_head > 0),
             "user_tower": self.user_tower == "pooling" or (self.user_tower == "sequential" and self.freeze_encoder),
+            "item_ids": not self.item_ids or self.user_tower == "sequential",
+            "id_dropout": 0 <= self.id_dropout < 1 and (self.id_dropout == 0 or self.item_ids),
             "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),
         })
 
@@ -79,6 +83,7 @@ class RunConfig:
     batch_size: int = 256  # pairs per step (per process under torchrun)
     lr: float = 5e-5  # encoder (or LoRA adapters)
     head_lr: float = 1e-3  # user tower and item head
+    id_lr: float = 0.0  # the ID residual of --item-ids (0: head_lr)
     weight_decay: float = 0.01
     warmup: float = 0.1  # fraction of total steps
     max_grad_norm: float = 1.0  # gradient clipping (0: off)
@@ -104,6 +109,7 @@ class RunConfig:
             "batch_size": self.batch_size >= 2,
             "lr": self.lr > 0,
             "head_lr": self.head_lr > 0,
+            "id_lr": self.id_lr >= 0,
             "warmup": 0 <= self.warmup < 1,
         })
 

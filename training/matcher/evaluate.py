@@ -91,6 +91,7 @@ def encode_items(
     with autocast(device, bf16):
         for pos, x, mask in model_chunks(tokens.chunks(items, chunk, bucket=True), items, device, lower):
             out[torch.from_numpy(pos).to(device)] = model.encode_chunk(x, mask).float()
+        out = model.with_ids(out, torch.from_numpy(np.asarray(items, np.int64)))
     model.train(was_training)
     return out
 

@@ -43,6 +43,7 @@ class MatcherConfig:
     item_head: int = 0  # hidden width of the item tower's residual MLP head (0: none)
     user_tower: str = "pooling"  # "pooling" (attention pooling) or "sequential" (causal transformer)
     sequence_width: int = 128  # the sequential tower's transformer width (projected from and back to dim)
+    item_id_rows: int = 0  # rows of the learned per-item ID residual (the training catalogue; 0: none)
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(asdict(self), indent=2))
@@ -106,6 +107,27 @@ class ItemTower(nn.Module):
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         hidden = self.encoder(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
         return self.finish(mean_pool(hidden, attention_mask))
+
+
+class ItemIdResidual(nn.Module):
+    """A learned vector per item of the training catalogue, added to the text embedding (UniSRec's
+    transductive mode): item = normalize(text tower + id[item]). Rows start at zero and only items with
+    a training positive ever get a gradient, so every other row stays exactly zero and those items are
+    text-only, as the ONNX item tower encodes new items at serving. `recsys export` bakes the rows
+    into the embedding store (training/export.py `ItemIdPart`). During training each row skips its ID
+    part with probability `dropout`, so the user tower keeps matching text-only vectors (cold items)."""
+
+    def __init__(self, rows: int, dim: int) -> None:
+        super().__init__()
+        self.weight = nn.Parameter(torch.zeros(rows, dim))
+        self.keys: list[str] = []  # the item id of each row (the training catalogue in item_idx order)
+        self.dropout = 0.0  # training-time setting, not part of the checkpoint
+
+    def forward(self, emb: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        part = self.weight[items.to(self.weight.device)]
+        if self.training and self.dropout > 0:
+            part = part * (torch.rand(part.shape[0], 1, device=part.device) >= self.dropout).to(part.dtype)
+        return F.normalize(emb + part.to(emb.dtype), dim=-1)
 
 
 def age_bucket(age_seconds: torch.Tensor) -> torch.Tensor:
@@ -267,6 +289,12 @@ class TwoTower(nn.Module):
         self.item_tower = ItemTower(encoder, head)
         self.user_tower = make_user_tower(config)
         self.top_layers = 0  # training-time setting, not part of the checkpoint
+        self.item_ids = ItemIdResidual(config.item_id_rows, config.dim) if config.item_id_rows > 0 else None
+
+    def with_ids(self, emb: torch.Tensor, items: torch.Tensor) -> torch.Tensor:
+        """Final item vectors: the item tower's [B, D] output plus the learned ID residual of each of
+        `items` [B] (training-catalogue item_idx), L2-normalised; unchanged without an ID table."""
+        return emb if self.item_ids is None else self.item_ids(emb, items)
 
     def encode_chunk(self, x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         if x.is_floating_point() and x.ndim == 2:  # pooled output of a frozen encoder

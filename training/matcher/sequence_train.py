@@ -99,7 +99,8 @@ class SequenceTrainer(_Trainer):
         keys = win.users[rows, None] * self.n_items + self.columns[None, :]
         known = np.isin(keys, self.positives) | (x[:, :, None] == self.columns[None, None, :]).any(1)
         assert self.lower is not None
-        full = self.model.item_tower.finish(self.lower)  # [n_items, D], with gradients through the head
+        # [n_items, D], with gradients through the head (and the ID residual with --item-ids)
+        full = self.model.with_ids(self.model.item_tower.finish(self.lower), torch.arange(self.n_items, device=dev))
         padded = torch.cat([full, full.new_zeros(1, full.shape[1])])
         mask = torch.from_numpy(x >= 0).to(dev)
         emb = padded[torch.from_numpy(np.where(x < 0, self.n_items, x)).to(dev)]

@@ -67,6 +67,7 @@ from training.matcher.evaluate import (
 from training.matcher.loss import false_negative_mask, in_batch_softmax, inclusion_log_prob
 from training.matcher.model import (
     ItemHead,
+    ItemIdResidual,
     TwoTower,
     build_model,
     find_layers,
@@ -164,12 +165,16 @@ def _lora_layers(encoder: nn.Module, train_layers: int) -> dict[str, Any]:
 
 
 def _optimizer(model: TwoTower, cfg: RunConfig) -> torch.optim.Optimizer:
-    """AdamW; no weight decay on biases, LayerNorm and embeddings-of-types; user tower at head_lr."""
+    """AdamW; no weight decay on biases, LayerNorm and embeddings-of-types; user tower at head_lr, the
+    ID residual at id_lr (Adam moves every row a full step, however rarely its item is seen: a lower
+    rate keeps rare items from memorising noise before the user tower has learned anything)."""
     groups: dict[tuple[float, float], list[nn.Parameter]] = {}
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
         lr = cfg.head_lr if name.startswith(("user_tower.", "item_tower.head.")) else cfg.lr
+        if name.startswith("item_ids."):
+            lr = cfg.id_lr or cfg.head_lr
         no_decay = p.ndim < 2 or "LayerNorm" in name or "layer_norm" in name or name.endswith((".query", ".empty"))
         groups.setdefault((lr, 0.0 if no_decay else cfg.weight_decay), []).append(p)
     return torch.optim.AdamW([{"params": ps, "lr": lr, "weight_decay": wd} for (lr, wd), ps in groups.items()])
@@ -200,29 +205,46 @@ def _check_warm_start(ckpt: Path, cfg: TrainConfig, tokenizer: Any) -> None:
         )
 
 
-def _initial_model(cfg: TrainConfig) -> tuple[TwoTower, Any]:
-    """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build."""
+def _initial_model(cfg: TrainConfig, item_keys: list[str]) -> tuple[TwoTower, Any]:
+    """The model to fine-tune: a warm-start checkpoint (run settings replaced) or a fresh build.
+    `item_keys`: the training catalogue's item ids in item_idx order (the rows of --item-ids)."""
     model_kwargs = dict(
         temperature=cfg.model.temperature, dropout=cfg.model.dropout, max_history=cfg.model.max_history,
         max_text_tokens=cfg.model.max_text_tokens, user_tower=cfg.model.user_tower,
     )
     torch.manual_seed(cfg.run.seed)  # the user tower's (and LoRA's) initial weights
     if not cfg.model.warm_start:
-        return build_model(cfg.model.base_model, item_head=cfg.model.item_head, **model_kwargs)
-    ckpt = Path(cfg.model.warm_start)
-    model, tokenizer = load_checkpoint(ckpt)
-    _check_warm_start(ckpt, cfg, tokenizer)
-    other_tower = model.config.user_tower != cfg.model.user_tower
-    model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-    if other_tower:  # another user tower kind: keep the trained item tower, start a fresh user tower
-        model.user_tower = make_user_tower(model.config)
-    for module in model.user_tower.modules():
-        if isinstance(module, nn.Dropout):
-            module.p = cfg.model.dropout
-    if cfg.model.item_head and model.item_tower.head is None:  # add a fresh (identity) head
-        model.item_tower.head = ItemHead(model.config.dim, cfg.model.item_head)
-        model.config = replace(model.config, item_head=cfg.model.item_head)
+        model, tokenizer = build_model(cfg.model.base_model, item_head=cfg.model.item_head, **model_kwargs)
+    else:
+        ckpt = Path(cfg.model.warm_start)
+        model, tokenizer = load_checkpoint(ckpt)
+        _check_warm_start(ckpt, cfg, tokenizer)
+        other_tower = model.config.user_tower != cfg.model.user_tower
+        model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
+        if other_tower:  # another user tower kind: keep the trained item tower, start a fresh user tower
+            model.user_tower = make_user_tower(model.config)
+        for module in model.user_tower.modules():
+            if isinstance(module, nn.Dropout):
+                module.p = cfg.model.dropout
+        if cfg.model.item_head and model.item_tower.head is None:  # add a fresh (identity) head
+            model.item_tower.head = ItemHead(model.config.dim, cfg.model.item_head)
+            model.config = replace(model.config, item_head=cfg.model.item_head)
+    _set_item_ids(model, cfg, item_keys)
     return model, tokenizer
+
+
+def _set_item_ids(model: TwoTower, cfg: TrainConfig, item_keys: list[str]) -> None:
+    """--item-ids: keep a warm start's ID residual when its rows are this catalogue's, else a fresh
+    (zero) one; without --item-ids, none."""
+    if not cfg.model.item_ids:
+        model.item_ids = None
+        model.config = replace(model.config, item_id_rows=0)
+        return
+    if model.item_ids is None or model.item_ids.keys != item_keys:
+        model.item_ids = ItemIdResidual(len(item_keys), model.config.dim)
+        model.item_ids.keys = list(item_keys)
+    model.item_ids.dropout = cfg.model.id_dropout
+    model.config = replace(model.config, item_id_rows=len(item_keys))
 
 
 class _Trainer:
@@ -249,7 +271,7 @@ class _Trainer:
         if self.dist.main:  # what this checkpoint learns from: export, publish and evaluate check it
             inherited = read_window(cfg.model.warm_start) if cfg.model.warm_start else None
             write_window(self.out, training_window(self.data, cfg.model.protocol, inherited=[inherited] if inherited else []))
-        model, tokenizer = _initial_model(cfg)
+        model, tokenizer = _initial_model(cfg, [str(i) for i in self.data.items.sort("item_idx")["item_id"].to_list()])
         self.tokenizer = tokenizer
         _configure_trainable(model, cfg.model)
         model.item_tower.head_dropout = cfg.model.head_dropout
