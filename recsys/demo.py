@@ -135,7 +135,12 @@ def run(args: argparse.Namespace) -> int:
         _simulate_feedback(exposures, feedback, args)
         demo.recsys("retrain", "--registry", registry, "--data", data, "--events", feedback,
                     "--exposures", exposures, "--out", out / "retrain", "--epochs", str(args.epochs))
-        _await_version_change(server["port"], before=fine_tuned.name, users=_users(data))
+        report = json.loads((out / "retrain" / "retrain_report.json").read_text())
+        if report["promoted"]:
+            _await_version_change(server["port"], before=fine_tuned.name, users=_users(data))
+        else:  # nothing to hot-reload: the gate kept the current version (the report says why)
+            print(f"  {report['candidate']} not promoted: the service keeps serving {report['current']} "
+                  f"(reasons in {out / 'retrain' / 'retrain_report.md'})")
 
         demo.title("Run the A/B test: half the users get the zero-shot model; planted difference; analyse")
         _write_experiment(config, versions[0], coverage=1.0)  # the server reloads the edited config
@@ -323,7 +328,8 @@ def _await_version_change(port: int, before: str, users: list[str], timeout_s: f
                     print(f"  the running service now serves {version} (was {before}), no restart")
                     return
             time.sleep(0.5)
-    print(f"  the service still serves {before}: the candidate was not promoted (see the retrain report)")
+    print(f"  the service still serves {before} after {timeout_s:.0f} s: the promoted version was not hot-reloaded "
+          "(see the server log)")
 
 
 def _stop_server(server: dict) -> None:
