@@ -135,11 +135,11 @@ def run(args: argparse.Namespace) -> int:
         _simulate_feedback(exposures, feedback, args)
         demo.recsys("retrain", "--registry", registry, "--data", data, "--events", feedback,
                     "--exposures", exposures, "--out", out / "retrain", "--epochs", str(args.epochs))
-        report = json.loads((out / "retrain" / "retrain_report.json").read_text())
-        if report["promoted"]:
+        decision = json.loads((out / "retrain" / "retrain_report.json").read_text())
+        if decision["promoted"]:
             _await_version_change(server["port"], before=fine_tuned.name, users=_users(data))
         else:  # nothing to hot-reload: the gate kept the current version (the report says why)
-            print(f"  {report['candidate']} not promoted: the service keeps serving {report['current']} "
+            print(f"  {decision['candidate']} not promoted: the service keeps serving {decision['current']} "
                   f"(reasons in {out / 'retrain' / 'retrain_report.md'})")
 
         demo.title("Run the A/B test: half the users get the zero-shot model; planted difference; analyse")
