@@ -270,12 +270,19 @@ def start_server(paths: dict[str, Path], registry: Path, work: Path, workers: in
          "--threads", str(workers), "--max-inflight", "512", "--metrics-port", "0", "--exposure-dir", str(work / "exposures")],
         cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
     )
-    while not ready.exists():
-        if server.poll() is not None:
-            raise SystemExit(f"server failed: {server.stderr.read().decode()[-2000:] if server.stderr else ''}")
-        time.sleep(0.1)
-    ports = json.loads(ready.read_text())
+    ports = wait_ready(server, ready, "server")
     return server, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['metrics_port']}/metrics"
+
+
+def wait_ready(proc: subprocess.Popen[bytes], ready: Path, what: str, log: Path | None = None) -> dict[str, Any]:
+    """Until a `recsys serve` started with --ready-file wrote it (-> its ports), or exit with the end of its
+    stderr (`log`, or the pipe) when it died first."""
+    while not ready.exists():
+        if proc.poll() is not None:
+            err = log.read_text() if log is not None else proc.stderr.read().decode() if proc.stderr else ""
+            raise SystemExit(f"{what} failed to start: {err[-2000:]}")
+        time.sleep(0.1)
+    return json.loads(ready.read_text())
 
 
 def tower_registry(work: Path, paths: dict[str, Path], tower: str) -> Path:

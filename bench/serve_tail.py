@@ -32,7 +32,7 @@ from urllib.request import urlopen
 
 import numpy as np
 from report import write_results
-from serve import bucket_quantile, client_process, floor_server, server_histogram
+from serve import bucket_quantile, client_process, floor_server, server_histogram, wait_ready
 
 SERVER_CPU, CLIENT_CPU = 0, 1
 QUANTILES = (0.5, 0.99, 0.999)
@@ -116,11 +116,7 @@ def start_server(root: Path, paths: dict[str, Path], work: Path, name: str, extr
          "--drain-seconds", "0", *extra],
         cwd=root, env=env, stdout=subprocess.DEVNULL, stderr=open(work / f"serve-{name}.log", "wb"),  # noqa: SIM115
     )
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"{name} server failed: {(work / f'serve-{name}.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    ports = json.loads(ready.read_text())
+    ports = wait_ready(proc, ready, f"{name} server", work / f"serve-{name}.log")
     return proc, f"127.0.0.1:{ports['port']}", f"http://127.0.0.1:{ports['metrics_port']}/metrics"
 
 

@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import copy
-import json
 import os
 import random
 import shutil
@@ -46,7 +45,7 @@ sys.path.insert(0, str(ROOT / "bench"))
 sys.path.insert(0, str(ROOT))
 
 from report import write_results  # noqa: E402
-from serve import build, client_process, summarise  # noqa: E402
+from serve import build, client_process, summarise, wait_ready  # noqa: E402
 
 LOG_METHOD = "/recsys.v1.RankingService/LogEvents"
 KINDS = ("view", "click", "click", "add_to_cart", "purchase")
@@ -74,11 +73,7 @@ def start_server(paths: dict[str, Path], work: Path, state: list[str], *extra: s
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)},
         stdout=subprocess.DEVNULL, stderr=open(work / "serve.log", "wb"),  # noqa: SIM115 (lives with the server)
     )
-    while not ready.exists():
-        if proc.poll() is not None:
-            raise SystemExit(f"server failed: {(work / 'serve.log').read_text()[-2000:]}")
-        time.sleep(0.1)
-    return proc, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+    return proc, f"127.0.0.1:{wait_ready(proc, ready, 'server', work / 'serve.log')['port']}"
 
 
 def log_events_load(target: str, concurrency: int, duration: float, *, users: list[str], items: list[str]) -> dict[str, Any]:

@@ -13,19 +13,17 @@ in one run). Results: bench/results/serve_workers.md / .json.
 from __future__ import annotations
 
 import asyncio
-import json
 import multiprocessing as mp
 import os
 import random
 import shutil
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from report import write_results
-from serve import RANK_METHOD, _requests, summarise
+from serve import RANK_METHOD, _requests, summarise, wait_ready
 from serve import process_cpu as _proc_cpu
 
 CHANNELS = 4  # connections per load-generator process
@@ -200,11 +198,7 @@ def _start(paths: dict[str, Path], work: Path, workers: int, redis_url: str, *, 
          f"{redis_url}?stream=bench:workers{workers}-{tag}", "--exposure-dir", str(work / f"exposures-w{workers}-{tag}")],
         cwd=root, env={**os.environ, "PYTHONPATH": str(root)}, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
     )
-    while not ready.exists():
-        if server.poll() is not None:
-            raise SystemExit(f"server --workers {workers} ({root}) failed to start")
-        time.sleep(0.1)
-    return server, f"127.0.0.1:{json.loads(ready.read_text())['port']}"
+    return server, f"127.0.0.1:{wait_ready(server, ready, f'server --workers {workers} ({root})')['port']}"
 
 
 def compare_workers(paths: dict[str, Path], work: Path, n: int, *, duration: float, clients: int,
