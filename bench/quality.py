@@ -125,6 +125,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
             protocol=protocol, train_layers=args.train_layers, item_head=args.item_head, head_dropout=args.head_dropout,
             freeze_encoder=args.freeze_encoder, cache_negatives=args.cache_negatives, max_text_tokens=48,
             max_history=data.max_history, user_tower=user_tower, logq=user_tower == "sequential",
+            sequence_blocks=args.seq_blocks,
             warm_start=str(warm_start) if warm_start else None,
             item_ids=args.seq_item_ids and user_tower == "sequential",
             id_dropout=args.seq_id_dropout if args.seq_item_ids and user_tower == "sequential" else 0.0,
@@ -143,6 +144,7 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     _TOKENIZERS[id(model)] = tokenizer
     keep = ("best_epoch", "steps", "train_pairs", "pairs_per_second", "train_seconds", "fine_tuned")
     mode = {"user_tower": user_tower, "warm_start": str(warm_start) if warm_start else None, "item_head": args.item_head, "head_dropout": args.head_dropout, "freeze_encoder": args.freeze_encoder, "train_layers": args.train_layers,
+                                     "sequence_blocks": model.config.sequence_blocks if user_tower == "sequential" else None,
                                      "item_ids": model.item_ids is not None, "id_dropout": args.seq_id_dropout if model.item_ids is not None else 0.0,
                                      "id_lr": args.seq_id_lr if model.item_ids is not None else 0.0}
     return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
@@ -230,6 +232,8 @@ def main() -> int:
                         help="the matcher feeding the blend's candidates and match features (the served one)")
     parser.add_argument("--blend-extra", default="fine_tuned",
                         help="other matchers whose scores are extra blend features (comma list; those trained)")
+    parser.add_argument("--blend-drop", default="", metavar="F,G",
+                        help="ablation: feature columns the blend is trained and scored without")
     parser.add_argument("--reuse-tail-matcher", action=argparse.BooleanOptionalAction, default=False,
                         help="score the other protocols with the matchers trained on tail's train split when that "
                              "leaks nothing (saves training; default: each protocol's own train split, as SASRec)")
@@ -237,6 +241,7 @@ def main() -> int:
     parser.add_argument("--seq-patience", type=int, default=4, help="sequential tower: epochs without a better valid NDCG@10")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
+    parser.add_argument("--seq-blocks", type=int, default=2, help="sequential tower transformer blocks")
     parser.add_argument("--seq-item-ids", action=argparse.BooleanOptionalAction, default=False,
                         help="sequential tower with a learned per-item ID residual (recsys train matcher --item-ids)")
     parser.add_argument("--seq-id-dropout", type=float, default=0.0, help="with --seq-item-ids: --id-dropout")
@@ -290,7 +295,9 @@ def main() -> int:
                 train_protocol = "tail" if reuse_tail else protocol
                 for tower in [t for t in args.user_towers.split(",") if t]:
                     system, suffix = TOWER_SYSTEMS[tower]
-                    if tower == "sequential" and args.seq_item_ids:  # its own cached checkpoint
+                    if tower == "sequential" and args.seq_blocks != 2:  # its own cached checkpoint
+                        suffix += f"_b{args.seq_blocks}"
+                    if tower == "sequential" and args.seq_item_ids:
                         suffix += f"_ids{args.seq_id_dropout:g}" + (f"_lr{args.seq_id_lr:g}" if args.seq_id_lr else "")
                     key = f"{train_protocol}{suffix}"
                     if key not in fine_cache:
@@ -311,7 +318,8 @@ def main() -> int:
             extra = tuple(m for m in args.blend_extra.split(",") if m in matchers and m != args.blend_matcher)
             config = EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed,
                                 blend_config=BlendConfig(cold_slots=args.cold_slots, cold_prior=args.cold_prior,
-                                                         matchers_from=extra))
+                                                         matchers_from=extra,
+                                                         drop_features=tuple(f for f in args.blend_drop.split(",") if f)))
             blend_matcher = args.blend_matcher if args.blend_matcher in matchers else None
             result = evaluate(data, config, matchers, blend_matcher, sequences=sequences)
             prefix = f"quality_{name}_{protocol}"
@@ -345,13 +353,16 @@ def main() -> int:
         + ("tail's train split for every protocol where that leaks nothing" if args.reuse_tail_matcher
            else "each protocol's train split")
         + "). `fine_tuned` has the attention-pooling "
-        f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer trained "
+        f"user tower, `fine_tuned_seq` the sequential one (`--user-tower sequential`: a causal transformer of "
+        f"{args.seq_blocks} block{'s' if args.seq_blocks != 1 else ''} trained "
         f"on the next item at every history position, up to {args.seq_epochs} epochs of {args.seq_batch_size} "
         f"windows per step"
         + (f"; with a learned ID residual per trained item, `--item-ids --id-dropout {args.seq_id_dropout:g}"
            + (f" --id-lr {args.seq_id_lr:g}" if args.seq_id_lr else "") + "`" if args.seq_item_ids else "")
         + f"); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
-        "as extra blend features when trained. `sasrec`: SASRec "
+        "as extra blend features when trained"
+        + (f", and without the features {', '.join(f'`{f}`' for f in args.blend_drop.split(',') if f)} (ablation)" if args.blend_drop else "")
+        + ". `sasrec`: SASRec "
         f"(training/sasrec.py; 2 blocks, width 64, length {args.sasrec_length}, full-softmax cross-entropy, early "
         f"stopping on the valid window, patience {args.sasrec_patience}) trained on each protocol's train split and "
         "scored from its ONNX export over each user's ordered interactions before the window.\n\n"

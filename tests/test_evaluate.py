@@ -269,3 +269,18 @@ def test_cold_prior_must_name_a_matcher(holdout) -> None:
     with pytest.raises(ConfigError, match="--cold-prior 'zero_shot' is not a matcher of this evaluation"):
         evaluate(holdout, config, {"topic": EmbeddingMatcher(emb, mean_pool_encoder(emb))})
 
+
+
+def test_the_blend_ablation_drops_the_named_features_and_names_an_unknown_one(ranker_run) -> None:
+    _, matcher, data, _ = ranker_run
+    drop = ("covis_sum", "covis_max", "covis_norm")
+    blend = BlendConfig(itemknn_top=0, features_from=("ease",), drop_features=drop,
+                        lambdamart=replace(BlendConfig().lambdamart, num_rounds=40))
+    config = EvalConfig(protocol="global", systems=("popularity",), n_boot=50, sampled_negatives=20, blend_config=blend)
+    result = evaluate(data, config, {"topic": matcher})
+    features = result.blend["features"]
+    assert "match_score" in features and not set(drop) & set(features)
+    assert result.metrics["all"]["blend"]["ndcg@10"] > 0
+    bad = replace(config, blend_config=replace(blend, drop_features=("covis_typo",)))
+    with pytest.raises(ConfigError, match="covis_typo"):
+        evaluate(data, bad, {"topic": matcher})

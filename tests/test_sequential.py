@@ -5,6 +5,7 @@ export, scoring by `recsys evaluate`, and the leak refusal."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -91,11 +92,12 @@ def test_sequential_tower_reads_the_newest_position_and_pads_like_the_pooling_to
     assert torch.allclose(empty[0], torch.nn.functional.normalize(tower.empty, dim=0), atol=1e-6)
 
 
-def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_path: Path) -> None:
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_path: Path, blocks: int) -> None:
     from training.export import export_user_tower, user_parity
 
     torch.manual_seed(0)
-    tower = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=16).eval()
+    tower = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=16, blocks=blocks).eval()
     export_user_tower(tower, tmp_path / "user.onnx", 32)
     parity = user_parity(tower, tmp_path / "user.onnx", 32)  # includes empty and longer-than-traced histories
     assert parity.ok, parity
@@ -209,6 +211,8 @@ def test_sequential_user_tower_trains_end_to_end_and_exports(prepared_dir: Path,
     assert vectors.shape == (8, matcher.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
     with pytest.raises(Exception, match="user_tower"):
         MatcherModelConfig(user_tower="sequential")  # needs the frozen-encoder path
+    with pytest.raises(Exception, match="sequence_blocks"):
+        MatcherModelConfig(user_tower="sequential", freeze_encoder=True, item_head=16, sequence_blocks=0)
 
 
 def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: Path, bert: Path, tmp_path: Path) -> None:  # noqa: F811
@@ -230,6 +234,16 @@ def test_a_warm_start_from_the_pooling_tower_keeps_its_item_tower(prepared_dir: 
     assert model.item_tower.head is not None and source.item_tower.head is not None
     assert torch.equal(model.item_tower.head.fc2.weight, source.item_tower.head.fc2.weight)
     assert source.item_tower.head.fc2.weight.abs().sum() > 0  # trained, not the identity start
+    # A warm start from a sequential tower of another depth starts a fresh tower of the asked depth.
+    deeper = replace(cfg, model=replace(cfg.model, warm_start=None, base_model=str(bert)))
+    model2, tokenizer2 = _initial_model(deeper, [])
+    seq = tmp_path / "seq2"
+    from training.matcher.checkpoint import save_checkpoint
+
+    save_checkpoint(model2, tokenizer2, seq)
+    shallow = replace(cfg, model=replace(cfg.model, warm_start=str(seq), sequence_blocks=1))
+    model1, _ = _initial_model(shallow, [])
+    assert model1.config.sequence_blocks == 1 and len(model1.user_tower.encoder.blocks) == 1
 
 
 def test_sasrec_time_budget_keeps_the_best_epoch(prepared_dir: Path) -> None:

@@ -86,6 +86,7 @@ class BlendConfig:
     holdout_frac: float = 0.2  # share of valid-window users held out for early stopping
     cold_slots: int = 0  # > 0: also report blend_explore, the last N top-k places for cold items (scoring/explore.py)
     cold_prior: str = ""  # the matcher whose score picks the cold items for those places ("": the blend's matcher)
+    drop_features: tuple[str, ...] = ()  # ablation: feature columns the blend is trained and scored without
     # Binary labels (a valid target or not), rows of one user per group, truncated at 20; 1 LightGBM
     # thread is fastest for these small group tables on a busy CPU.
     lambdamart: LambdaMARTParams = field(default_factory=lambda: LambdaMARTParams(
@@ -850,6 +851,7 @@ def _fit_blend(
     cands_v = candidate_union(_retrieval(config, valid_scores, match_v), valid.seen)
     extra_v = retriever_extras(valid_scores, (*bc.features_from, *bc.matchers_from), valid.seen)
     blocks_v, names = window_features(data, valid, cands_v, matcher, extra=extra_v, config=config.feature_config, drop_items=cold)
+    blocks_v, names = _without(blocks_v, names, bc.drop_features)
     started = _stage(timings, "blend_valid_features", started)
     trained = train_blend(blocks_v, names, cands_v, valid.targets, bc)
     _stage(timings, "blend_train", started)
@@ -863,6 +865,17 @@ def _fit_blend(
         "importance": dict(list(trained.importance.items())[:20]),
         "features": list(names),
     }
+
+
+def _without(blocks: list[np.ndarray], names: tuple[str, ...], drop: Sequence[str]) -> tuple[list[np.ndarray], tuple[str, ...]]:
+    """The feature blocks without the columns `drop` names (BlendConfig.drop_features)."""
+    if not drop:
+        return blocks, names
+    unknown = [n for n in drop if n not in names]
+    if unknown:
+        raise ConfigError(f"drop_features: no feature {unknown[0]!r} (the blend's features: {', '.join(names)})")
+    keep = [j for j, n in enumerate(names) if n not in set(drop)]
+    return [b[:, keep] for b in blocks], tuple(names[j] for j in keep)
 
 
 def _run_blend(
@@ -904,6 +917,7 @@ def _run_blend(
         data, test, scored, matcher, extra=extra_t, config=ranker.feature_config, drop_items=cold,
         context_names=ranker.context_names,
     )
+    blocks_t, names_t = _without(blocks_t, names_t, tuple(n for n in bc.drop_features if n not in ranker.feature_names))
     full = np.full((len(test), data.n_items), -np.inf, np.float32)
     cand = np.full((len(test), data.n_items), -np.inf, np.float32)
     for u in range(len(test)):

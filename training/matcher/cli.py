@@ -40,6 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--user-tower", choices=["pooling", "sequential"], default="pooling",
                        help="pooling: attention pooling over the history; sequential: a causal transformer "
                        "trained on the next item at every history position (needs --freeze-encoder) (pooling)")
+    model.add_argument("--sequence-blocks", type=int, default=2, metavar="N",
+                       help="with --user-tower sequential: transformer blocks; each costs serving time (2)")
     model.add_argument("--item-ids", action="store_true",
                        help="learn an ID vector per trained item, added to its text embedding (sequential tower); "
                        "`recsys export` bakes it into the embedding store, new items stay text-only")
@@ -87,7 +89,8 @@ def run(args: argparse.Namespace) -> int:
         lora=args.lora, lora_r=args.lora_r, lora_alpha=args.lora_alpha, train_layers=args.train_layers,
         freeze_encoder=args.freeze_encoder, item_head=args.item_head, head_dropout=args.head_dropout, dropout=args.dropout,
         temperature=args.temperature, hard_negatives=args.hard_negatives, logq=args.logq,
-        cache_negatives=args.cache_negatives, user_tower=args.user_tower, item_ids=args.item_ids,
+        cache_negatives=args.cache_negatives, user_tower=args.user_tower, sequence_blocks=args.sequence_blocks,
+        item_ids=args.item_ids,
         id_dropout=args.id_dropout,
     )
     run_config = RunConfig(

@@ -52,6 +52,7 @@ class MatcherModelConfig:
     logq: bool = False
     cache_negatives: int = 0  # extra catalogue negatives per step, encoded with gradient (>= n_items: all)
     user_tower: str = "pooling"  # "sequential": causal transformer, next item at every position (frozen encoder)
+    sequence_blocks: int = 2  # the sequential tower's transformer blocks
     item_ids: bool = False  # learned per-item ID residual on the item vectors of trained items (sequential tower)
     id_dropout: float = 0.0  # share of items per step whose vector skips the ID residual (text-only)
 
@@ -69,6 +70,7 @@ class MatcherModelConfig:
             "item_head": self.item_head >= 0,
             "head_dropout": 0 <= self.head_dropout < 1 and (self.head_dropout == 0 or self.item_head > 0),
             "user_tower": self.user_tower == "pooling" or (self.user_tower == "sequential" and self.freeze_encoder),
+            "sequence_blocks": self.sequence_blocks >= 1,
             "item_ids": not self.item_ids or self.user_tower == "sequential",
             "id_dropout": 0 <= self.id_dropout < 1 and (self.id_dropout == 0 or self.item_ids),
             "freeze_encoder": not self.freeze_encoder or (self.item_head > 0 and not self.lora and self.train_layers == 0),

@@ -43,6 +43,7 @@ class MatcherConfig:
     item_head: int = 0  # hidden width of the item tower's residual MLP head (0: none)
     user_tower: str = "pooling"  # "pooling" (attention pooling) or "sequential" (causal transformer)
     sequence_width: int = 128  # the sequential tower's transformer width (projected from and back to dim)
+    sequence_blocks: int = 2  # the sequential tower's transformer blocks
     item_id_rows: int = 0  # rows of the learned per-item ID residual (the training catalogue; 0: none)
 
     def save(self, path: Path) -> None:
@@ -242,7 +243,7 @@ def make_user_tower(config: MatcherConfig) -> nn.Module:
     """The user tower `config.user_tower` names (both keep the same inputs and output)."""
     if config.user_tower == "sequential":
         return SequentialUserTower(config.dim, config.user_heads, config.dropout, config.max_history,
-                                   width=config.sequence_width)
+                                   width=config.sequence_width, blocks=config.sequence_blocks)
     if config.user_tower != "pooling":
         raise ModelError(f"unknown user tower {config.user_tower!r}: use one of {', '.join(USER_TOWERS)}")
     return UserTower(config.dim, config.user_heads, config.dropout)

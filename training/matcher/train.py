@@ -211,6 +211,7 @@ def _initial_model(cfg: TrainConfig, item_keys: list[str]) -> tuple[TwoTower, An
     model_kwargs = dict(
         temperature=cfg.model.temperature, dropout=cfg.model.dropout, max_history=cfg.model.max_history,
         max_text_tokens=cfg.model.max_text_tokens, user_tower=cfg.model.user_tower,
+        sequence_blocks=cfg.model.sequence_blocks,
     )
     torch.manual_seed(cfg.run.seed)  # the user tower's (and LoRA's) initial weights
     if not cfg.model.warm_start:
@@ -219,9 +220,10 @@ def _initial_model(cfg: TrainConfig, item_keys: list[str]) -> tuple[TwoTower, An
         ckpt = Path(cfg.model.warm_start)
         model, tokenizer = load_checkpoint(ckpt)
         _check_warm_start(ckpt, cfg, tokenizer)
-        other_tower = model.config.user_tower != cfg.model.user_tower
+        other_tower = model.config.user_tower != cfg.model.user_tower or (
+            cfg.model.user_tower == "sequential" and model.config.sequence_blocks != cfg.model.sequence_blocks)
         model.config = replace(model.config, **model_kwargs)  # type: ignore[arg-type]
-        if other_tower:  # another user tower kind: keep the trained item tower, start a fresh user tower
+        if other_tower:  # another user tower (kind or depth): keep the trained item tower, start a fresh user tower
             model.user_tower = make_user_tower(model.config)
         for module in model.user_tower.modules():
             if isinstance(module, nn.Dropout):
