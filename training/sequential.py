@@ -131,6 +131,11 @@ class FoldedNewest(nn.Module):
     Heads are stacked along the last axis ([D, H*D]), so there are no per-head reshapes of the batch:
     a 1-user call of this tower is dominated by ONNX Runtime's per-node cost, not arithmetic."""
 
+    qk: torch.Tensor
+    qk_bias: torch.Tensor
+    vo: torch.Tensor
+    out_bias: torch.Tensor
+
     def __init__(self, block: CausalBlock) -> None:
         super().__init__()
         import copy
@@ -163,6 +168,9 @@ class ServingEncoder(nn.Module):
     """CausalEncoder(inputs, mask, newest_only=True) for export, frozen: the blocks before the last
     as they are, the last as FoldedNewest. For a non-empty history (an empty one is the tower's to
     answer: both towers override it)."""
+
+    position: torch.Tensor
+    older: torch.Tensor
 
     def __init__(self, encoder: CausalEncoder) -> None:
         super().__init__()

@@ -254,6 +254,11 @@ class _ServingSequentialTower(nn.Module):
     first row plus the steps between rows up to b: one compare and one matmul for clamp, divide,
     log2, floor, clip, cast and gather."""
 
+    gap_thresholds: torch.Tensor
+    gap_steps: torch.Tensor
+    gap_first: torch.Tensor
+    empty: torch.Tensor
+
     def __init__(self, tower: SequentialUserTower) -> None:
         super().__init__()
         import copy
