@@ -43,7 +43,7 @@ class MatcherConfig:
     item_head: int = 0  # hidden width of the item tower's residual MLP head (0: none)
     user_tower: str = "pooling"  # "pooling" (attention pooling) or "sequential" (causal transformer)
     sequence_width: int = 128  # the sequential tower's transformer width (projected from and back to dim)
-    sequence_blocks: int = 2  # the sequential tower's transformer blocks
+    sequence_blocks: int = 2  # the sequential tower's transformer blocks (2: checkpoints saved before the field)
     item_id_rows: int = 0  # rows of the learned per-item ID residual (the training catalogue; 0: none)
 
     def save(self, path: Path) -> None:
