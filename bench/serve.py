@@ -288,10 +288,13 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Path, what: str, log: Path 
 
 def tower_registry(work: Path, paths: dict[str, Path], tower: str) -> Path:
     """A registry version whose user tower is `tower`, KIND[:BLOCKS] (pooling: the default one `build`
-    exported; sequential:1: a 1-block sequential tower); untrained weights: latency, not quality, is
-    measured, and the graph is the trained one's. Cached per version of the code that exports it."""
+    exported; sequential:1: a 1-block sequential tower) or NAME=REGISTRY (one exported elsewhere, e.g. by
+    an older checkout: a before row); untrained weights: latency, not quality, is measured, and the graph
+    is the trained one's. Cached per version of the code that exports it."""
     if tower == "pooling":
         return paths["registry"]
+    if "=" in tower:
+        return Path(tower.partition("=")[2])
     kind, _, blocks = tower.partition(":")
     sources = [ROOT / "training" / f for f in ("export.py", "sequential.py", "matcher/model.py")]
     code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
@@ -316,8 +319,9 @@ def tower_registry(work: Path, paths: dict[str, Path], tower: str) -> Path:
 def towers_run(args: argparse.Namespace, paths: dict[str, Path], users: list[str], items: list[str]) -> int:
     """--compare-towers: Rank (100 warm candidates, 1 caller) against a server per user tower, the towers
     alternating over --rounds rounds of --duration s each (drift and load hit both alike)."""
-    towers = [t for t in args.compare_towers.split(",") if t]
-    registries = {t: tower_registry(args.work, paths, t) for t in towers}
+    specs = [t for t in args.compare_towers.split(",") if t]
+    registries = {t.partition("=")[0]: tower_registry(args.work, paths, t) for t in specs}  # label -> registry
+    towers = list(registries)
     load_average = ", ".join(f"{x:.1f}" for x in os.getloadavg())
     rows = []
     for r in range(args.rounds):

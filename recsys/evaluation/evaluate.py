@@ -656,13 +656,8 @@ def evaluate(
     n_items, n_users = data.n_items, data.users.height
     timings: dict[str, float] = {}
     notes: list[str] = []
-    if ranker is not None and ranker.cold_slots and not config.blend_config.cold_slots:
-        # A given ranker is evaluated as it serves: with its recorded cold-item places (blend_explore).
-        config = replace(config, blend_config=replace(config.blend_config, cold_slots=ranker.cold_slots))
-        notes.append(f"blend_explore: the given ranker's {ranker.cold_slots} recorded cold-item place(s) "
-                     f"(it serves them in its first {ranker.cold_k}; this report's k is {config.k})")
-    t0 = time.perf_counter()
-    started = t0
+    config = _as_served(config, ranker, notes)
+    started = t0 = time.perf_counter()
 
     test_fit = ("train", "valid") if config.refit_on_valid else ("train",)
     test = load_window(data, config.protocol, "test", test_fit)
@@ -730,6 +725,16 @@ def _sequence_scores(data: PreparedData, protocol: str, test: Window, sequences:
             raise ConfigError(f"sequence system name {name!r} clashes with another system: rename it")
         out[name] = seq.scores(data, protocol, "test", test.users, test.cutoff_us)
     return out
+
+
+def _as_served(config: EvalConfig, ranker: Ranker | None, notes: list[str]) -> EvalConfig:
+    """A given ranker is evaluated as it serves: with its recorded cold-item places (blend_explore),
+    unless the config asks for its own."""
+    if ranker is None or not ranker.cold_slots or config.blend_config.cold_slots:
+        return config
+    notes.append(f"blend_explore: the given ranker's {ranker.cold_slots} recorded cold-item place(s) "
+                 f"(it serves them in its first {ranker.cold_k}; this report's k is {config.k})")
+    return replace(config, blend_config=replace(config.blend_config, cold_slots=ranker.cold_slots))
 
 
 def _explore(config: EvalConfig, test: Window, test_scores: dict[str, np.ndarray], blend_matcher: str | None,
