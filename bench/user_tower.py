@@ -1,14 +1,14 @@
-"""Latency of one user-tower call, the part of a Rank request the sequential tower changes: the
+"""Latency of one user-tower call, the part of a Rank request the user tower changes: the
 attention-pooling tower vs the sequential (causal transformer) tower, side by side in one run.
 
-Both towers are exported by training/export.py's `export_user_tower` at the MiniLM width (384) and run
+Every tower is exported by training/export.py's `export_user_tower` at the MiniLM width (384) and run
 by the service's own `UserEncoder` (ONNX Runtime, CPU, 1 thread): one user per call (a Rank request
 encodes one user, c=1), histories of 20 items (the prepared data's default), plus a batch of 256 users
-(the batch scorer's chunked path). Weights are random: latency does not depend on them. A third row
-exports the same sequential tower the way it was served before (every position through every block,
-then position 0's state) next to today's export (the last block runs position 0's query alone, with
-attention folded into the weights: training/sequential.py CausalBlock.newest), so before/after come
-from one run. 1-user calls alternate the towers over --rounds rounds (median of the round p50s).
+(the batch scorer's chunked path). Weights are random: latency does not depend on them. The sequential
+tower's first layer (a per-item projection to its width) is exported apart and run on the catalogue
+once at model load (`user_items.onnx`); the "projection per request" row is the export before that
+change (every history item projected in every call), so before/after come from one run. 1-user calls
+alternate the towers over --rounds rounds (median of the round p50s).
 
     python bench/user_tower.py [--calls 2000] [--rounds 5] [--out bench/results]
 """
@@ -47,24 +47,6 @@ def time_calls(encoder: Any, batch: int, n: int, dim: int, calls: int, seed: int
     return {"p50_ms": float(np.percentile(ms, 50)), "p99_ms": float(np.percentile(ms, 99)), "mean_ms": float(ms.mean())}
 
 
-def all_positions(tower: Any) -> Any:
-    """The sequential tower as served before: every position's state through every block, then
-    position 0's (SequentialUserTower.states(...)[:, 0]); the export now runs position 0 alone."""
-    import torch
-
-    class AllPositions(torch.nn.Module):
-        def __init__(self) -> None:
-            super().__init__()
-            self.tower = tower
-
-        def forward(self, emb: Any, types: Any, ages: Any, mask: Any) -> Any:
-            out = self.tower.states(emb, types, ages, mask)[:, 0]
-            out = torch.where(mask.bool().any(1, keepdim=True), out, self.tower.empty)
-            return torch.nn.functional.normalize(out, dim=-1)
-
-    return AllPositions()
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--calls", type=int, default=2000)
@@ -81,27 +63,34 @@ def main() -> int:
     from training.matcher.model import MatcherConfig, make_user_tower
 
     torch.manual_seed(0)
-    towers = {kind: make_user_tower(MatcherConfig(base_model="-", dim=args.dim, max_history=args.history, user_tower=kind)).eval()
-              for kind in ("pooling", "sequential")}
-    models = {"pooling": towers["pooling"], "sequential, all positions (before)": all_positions(towers["sequential"]),
-              "sequential": towers["sequential"]}
+
+    def tower(kind: str, blocks: int = 2) -> Any:
+        config = MatcherConfig(base_model="-", dim=args.dim, max_history=args.history, user_tower=kind, sequence_blocks=blocks)
+        return make_user_tower(config).eval()
+
+    two, one = tower("sequential"), tower("sequential", 1)
+    # name -> (tower, history projection exported apart)
+    models = {"pooling": (tower("pooling"), False), "sequential, projection per request (before)": (two, False),
+              "sequential": (two, True), "sequential, 1 block": (one, True)}
     rows: dict[str, dict[str, Any]] = {}
     with tempfile.TemporaryDirectory() as tmp:
         encoders = {}
-        for i, (name, tower) in enumerate(models.items()):
-            path = Path(tmp) / f"tower{i}.onnx"
-            export_user_tower(tower, path, args.dim)
-            encoders[name] = UserEncoder(path, "cpu", threads=1)
+        for i, (name, (model, split)) in enumerate(models.items()):
+            path, items = Path(tmp) / f"tower{i}.onnx", Path(tmp) / f"tower{i}_items.onnx"
+            export_user_tower(model, path, args.dim, items_path=items if split else None)
+            encoders[name] = UserEncoder(path, "cpu", threads=1, items_path=items if split else None)
         # Rounds alternate the towers, so load on the shared machine hits all of them alike.
         rounds: dict[str, list[dict[str, float]]] = {name: [] for name in models}
         for r in range(args.rounds):
             for name, encoder in encoders.items():
-                rounds[name].append(time_calls(encoder, 1, args.history, args.dim, args.calls // args.rounds, seed=r))
-        for name, tower in models.items():
+                rounds[name].append(time_calls(encoder, 1, args.history, encoder.width, args.calls // args.rounds, seed=r))
+        for name, (model, _) in models.items():
+            encoder = encoders[name]
             rows[name] = {
-                "parameters": sum(p.numel() for p in tower.parameters()),
+                "parameters": sum(p.numel() for p in model.parameters()),
+                "history_width": encoder.width,
                 "c1": {k: float(np.median([x[k] for x in rounds[name]])) for k in rounds[name][0]},
-                "batch256": time_calls(encoders[name], 256, args.history, args.dim, max(20, args.calls // 50)),
+                "batch256": time_calls(encoder, 256, args.history, encoder.width, max(20, args.calls // 50)),
             }
     base = rows["pooling"]
     lines = [
@@ -112,17 +101,17 @@ def main() -> int:
         "scorer); 1-user figures are medians over rounds alternating the towers. Shared 2-core machine: compare "
         "the ratios.",
         "",
-        "| tower | parameters | 1 user p50 ms | 1 user p99 ms | 256 users mean ms | p50 vs pooling |",
-        "|---|---|---|---|---|---|",
+        "| tower | parameters | history row width | 1 user p50 ms | 1 user p99 ms | 256 users mean ms | p50 vs pooling |",
+        "|---|---|---|---|---|---|---|",
     ]
     for kind, row in rows.items():
         lines.append(
-            f"| {kind} | {row['parameters']:,} | {row['c1']['p50_ms']:.3f} | {row['c1']['p99_ms']:.3f} | "
+            f"| {kind} | {row['parameters']:,} | {row['history_width']} | {row['c1']['p50_ms']:.3f} | {row['c1']['p99_ms']:.3f} | "
             f"{row['batch256']['mean_ms']:.2f} | {row['c1']['p50_ms'] / base['c1']['p50_ms']:.2f}x |"
         )
-    before, after = rows["sequential, all positions (before)"]["c1"], rows["sequential"]["c1"]
-    lines += ["", f"sequential vs the all-positions export: 1 user p50 {after['p50_ms'] / before['p50_ms']:.2f}x, "
-              f"256 users {rows['sequential']['batch256']['mean_ms'] / rows['sequential, all positions (before)']['batch256']['mean_ms']:.2f}x."]
+    before, after = rows["sequential, projection per request (before)"], rows["sequential"]
+    lines += ["", f"sequential, projection at load vs per request: 1 user p50 {after['c1']['p50_ms'] / before['c1']['p50_ms']:.2f}x, "
+              f"256 users {after['batch256']['mean_ms'] / before['batch256']['mean_ms']:.2f}x."]
     table = "\n".join(lines)
     args.out.mkdir(parents=True, exist_ok=True)
     meta = {"platform": platform.platform(), "args": {k: str(v) for k, v in vars(args).items()}}

@@ -208,6 +208,11 @@ def test_evaluate_with_a_given_ranker_and_clear_errors(ranker_run) -> None:
     config = EvalConfig(protocol="global", systems=("popularity",), n_boot=50, sampled_negatives=20, blend_config=light)
     result = evaluate(data, config, {"topic": matcher}, ranker=ranker)
     assert result.metrics["all"]["blend"]["ndcg@10"] > result.metrics["all"]["popularity"]["ndcg@10"]
+    assert "blend_explore" not in result.systems
+    # A ranker trained with --cold-slots is evaluated as it serves: with its reserved cold-item places.
+    exploring = type(ranker)(ranker.booster, {**ranker.meta, "config": {**(ranker.meta.get("config") or {}), "cold_slots": 2}})
+    explored = evaluate(data, config, {"topic": matcher}, ranker=exploring)
+    assert "blend_explore" in explored.systems and any("2 recorded cold-item place" in n for n in explored.notes)
     # The ranker was trained with match scores: evaluating without a matcher names the feature.
     with pytest.raises(ModelError, match="match_score"):
         evaluate(data, config, {}, ranker=ranker)

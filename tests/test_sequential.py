@@ -92,15 +92,22 @@ def test_sequential_tower_reads_the_newest_position_and_pads_like_the_pooling_to
     assert torch.allclose(empty[0], torch.nn.functional.normalize(tower.empty, dim=0), atol=1e-6)
 
 
-@pytest.mark.parametrize("blocks", [1, 2])
-def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_path: Path, blocks: int) -> None:
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+@pytest.mark.parametrize("split", [False, True])
+def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_path: Path, blocks: int, split: bool) -> None:
+    """Plain, and as served: the per-item projection exported apart (run on the catalogue at load) and
+    the rest in its serving form (last block folded, gap buckets as thresholds)."""
     from training.export import export_user_tower, user_parity
 
     torch.manual_seed(0)
-    tower = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=16, blocks=blocks).eval()
-    export_user_tower(tower, tmp_path / "user.onnx", 32)
-    parity = user_parity(tower, tmp_path / "user.onnx", 32)  # includes empty and longer-than-traced histories
-    assert parity.ok, parity
+    tower = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=16, blocks=blocks)
+    for p in tower.parameters():  # away from the init (zero biases, unit norms) so every folded term counts
+        torch.nn.init.normal_(p, std=0.3)
+    tower.eval()
+    items = tmp_path / "items.onnx" if split else None
+    assert export_user_tower(tower, tmp_path / "user.onnx", 32, items_path=items) == (16 if split else 32)
+    parity = user_parity(tower, tmp_path / "user.onnx", 32, items=items)  # includes empty and longer-than-traced histories
+    assert parity.ok and parity.max_abs_diff < 1e-4, parity
 
 
 def test_ordered_histories_are_the_earlier_splits_newest_first(prepared_dir: Path) -> None:
@@ -207,8 +214,18 @@ def test_sequential_user_tower_trains_end_to_end_and_exports(prepared_dir: Path,
     frame = PreparedData.load(prepared_dir).eval_set("loo", "test")
     from recsys.data.prepared import Histories
 
-    vectors = matcher.user_vectors(Histories.from_frame(frame[:8]))
+    hist = Histories.from_frame(frame[:8])
+    vectors = matcher.user_vectors(hist)
     assert vectors.shape == (8, matcher.dim) and np.allclose(np.linalg.norm(vectors, axis=1), 1, atol=1e-4)
+    # The tower's first (per-item) layer is exported apart and run on the catalogue once, at load: the
+    # served vectors still equal torch's tower over the same item embeddings.
+    assert json.loads((out / "manifest.json").read_text())["models"]["user_items"] == "user_items.onnx"
+    mask = hist.item_idx >= 0
+    emb = torch.from_numpy(matcher.item_embeddings[np.maximum(hist.item_idx, 0)] * mask[..., None])
+    with torch.no_grad():
+        ref = load_towers(ckpt).user_tower.eval()(emb, torch.from_numpy(np.where(mask, hist.event_code, -1).astype(np.int64)),
+                                                  torch.from_numpy(hist.age_s), torch.from_numpy(mask.astype(np.int64)))
+    assert np.abs(ref.numpy() - vectors).max() < 1e-4
     with pytest.raises(Exception, match="user_tower"):
         MatcherModelConfig(user_tower="sequential")  # needs the frozen-encoder path
     with pytest.raises(Exception, match="sequence_blocks"):

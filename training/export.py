@@ -56,11 +56,22 @@ def export_item_tower(tower: ItemTower, path: Path, opset: int = 17) -> None:
     _export(tower, (ids, mask), path, ["input_ids", "attention_mask"], ["embedding"], axes, opset)
 
 
-def export_user_tower(tower: torch.nn.Module, path: Path, dim: int, opset: int = 17) -> None:
-    """hist_emb [B,N,D] f32, hist_type [B,N] i64 (-1 pad), hist_age [B,N] f32 s, hist_mask [B,N] i64
-    -> user [B,D] f32."""
+def export_user_tower(tower: torch.nn.Module, path: Path, dim: int, opset: int = 17, items_path: Path | None = None) -> int:
+    """hist_emb [B,N,W] f32, hist_type [B,N] i64 (-1 pad), hist_age [B,N] f32 s, hist_mask [B,N] i64
+    -> user [B,D] f32; returns W. W = D (hist_emb: item embeddings), unless `items_path` is given and the
+    tower has a history projection (the sequential tower): then that projection is exported there
+    (item_emb [n, D] -> history [n, W]), applied to the catalogue once at model load, and hist_emb holds
+    its rows (recsys.scoring.encoder.UserEncoder.history_table)."""
+    width = dim
+    split = getattr(tower, "history_projection", None)
+    if items_path is not None and callable(split):
+        projection, tower = split()
+        with torch.no_grad():
+            width = int(projection(torch.zeros(1, dim)).shape[-1])
+        _export(projection, (torch.randn(3, dim),), items_path, ["item_emb"], ["history"],
+                {"item_emb": {0: "items"}, "history": {0: "items"}}, opset)
     b, n = 2, 5
-    emb = torch.nn.functional.normalize(torch.randn(b, n, dim), dim=-1)
+    emb = torch.nn.functional.normalize(torch.randn(b, n, width), dim=-1)
     types = torch.tensor([[0, 1, 2, -1, -1], [3, 1, 0, 2, 4]], dtype=torch.long)
     ages = torch.rand(b, n) * 1e6
     mask = (types >= 0).long()
@@ -68,6 +79,7 @@ def export_user_tower(tower: torch.nn.Module, path: Path, dim: int, opset: int =
     axes: dict[str, dict[int, str]] = {name: {0: "batch", 1: "history"} for name in names}
     axes["user"] = {0: "batch"}
     _export(tower, (emb, types, ages, mask), path, names, ["user"], axes, opset)
+    return width
 
 
 def _export(module: torch.nn.Module, args: tuple[torch.Tensor, ...], path: Path, inputs: list[str],
@@ -188,11 +200,13 @@ def item_parity(tower: ItemTower, model: Path, vocab: int, max_len: int, pad_id:
     return Parity(worst, diff, shapes)
 
 
-def user_parity(tower: torch.nn.Module, model: Path, dim: int, seed: int = 0) -> Parity:
-    """Includes an empty history (the cold-start branch) and histories longer than the traced one."""
-    from recsys.scoring.providers import create_session
+def user_parity(tower: torch.nn.Module, model: Path, dim: int, seed: int = 0, items: Path | None = None) -> Parity:
+    """Includes an empty history (the cold-start branch) and histories longer than the traced one.
+    `items`: the history projection (export_user_tower's items_path), run on the histories first,
+    as the service runs it on the catalogue."""
+    from recsys.scoring.encoder import UserEncoder
 
-    session, _ = create_session(model, "cpu")
+    encoder = UserEncoder(model, "cpu", items_path=items)
     rng = np.random.default_rng(seed)
     worst, diff, shapes = 1.0, 0.0, []
     for b, n in ((1, 1), (7, 20), (3, 50)):
@@ -208,7 +222,8 @@ def user_parity(tower: torch.nn.Module, model: Path, dim: int, seed: int = 0) ->
         feeds = {"hist_emb": (emb * mask[..., None]).astype(np.float32), "hist_type": types, "hist_age": ages, "hist_mask": mask}
         with torch.no_grad():
             ref = tower(*(torch.from_numpy(np.asarray(v)) for v in feeds.values())).numpy()
-        got = session.run(None, feeds)[0]
+        rows = encoder.history_table(emb.reshape(b * n, dim)).reshape(b, n, -1) * mask[..., None]
+        got = encoder.encode(rows, types, ages, mask)
         c, d = _compare(ref, got)
         worst, diff = min(worst, c), max(diff, d)
         shapes.append([b, n, dim])
@@ -252,11 +267,11 @@ def catalogue_texts(data: PreparedData) -> tuple[list[str], list[str]]:
 def onnx_recall(evaluator: RankingEvaluator, item_emb: np.ndarray, users: UserEncoder) -> np.ndarray:
     """Per-user Recall@k of the matcher's one evaluator when the catalogue is encoded as `item_emb`
     [n_items, D] and users by the ONNX user tower over those embeddings (histories included)."""
+    from recsys.scoring.matcher import tower_encoder
+
     ev = evaluator.ev
     assert ev is not None
-    mask = ev.hist_mask
-    hist_emb = item_emb[np.maximum(ev.hist_item, 0)] * mask[..., None]
-    user_emb = users.encode(hist_emb, ev.hist_type, ev.hist_age, mask)
+    user_emb = tower_encoder(item_emb, users)(ev.hist_item, ev.hist_type, ev.hist_age)
     return evaluator.per_user(user_emb @ item_emb.T).recall
 
 
@@ -318,6 +333,7 @@ class ItemIdPart:
 # lengths (~15 tokens) its unfused attention (MatMul + softmax) does ~12% more per CPU-second than
 # item.opt.onnx's fused Attention kernel (bench/encoder.py), which stays the model served on CUDA.
 CATALOGUE_MODEL = "item.onnx"
+USER_ITEMS_MODEL = "user_items.onnx"  # the user tower's history projection (export_user_tower), when it has one
 
 
 def catalogue_encoder(model: Path, tokenizer: Path, max_len: int, provider: str, config: ExportConfig) -> ItemEncoder:
@@ -340,7 +356,8 @@ def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prep
     else:
         texts = fallback_texts(seed=config.seed)
     fp32 = catalogue_encoder(out_dir / CATALOGUE_MODEL, out_dir / "tokenizer.json", max_len, "cpu", config)
-    users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads)
+    items = out_dir / USER_ITEMS_MODEL
+    users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads, items_path=items if items.exists() else None)
     ref = Reference(texts, item_ids, np.empty(0), users, evaluator, None, ids)
     ref.emb = ref.final(fp32.encode(texts))
     ref.recall = onnx_recall(evaluator, ref.emb, users) if evaluator is not None else None
@@ -418,7 +435,7 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
                       "sha256_at_export": store.meta["sha256"],
                       "item_id_residual": 0 if ids is None else int(np.isin(ref.item_ids, ids.keys).sum())}
     manifest = {
-        **_matcher_manifest(ckpt.config.dim, models, tokenizer),
+        **_matcher_manifest(ckpt.config.dim, models, tokenizer, out_dir / USER_ITEMS_MODEL),
         "embeddings": embeddings,
         "training_config": {**asdict(ckpt.config), **({"trainer": ckpt.extra_config} if ckpt.extra_config else {})},
         "export_config": asdict(config),
@@ -440,7 +457,8 @@ def write_towers(ckpt: Checkpoint, out_dir: Path, config: ExportConfig) -> tuple
     export_item_tower(ckpt.item_tower, out_dir / "item.onnx", config.opset)
     fusions = optimize_item_model(out_dir / "item.onnx", out_dir / "item.opt.onnx",
                                   int(enc_cfg.num_attention_heads), int(enc_cfg.hidden_size))
-    export_user_tower(ckpt.user_tower, out_dir / "user.raw.onnx", cfg.dim, config.opset)
+    items = out_dir / USER_ITEMS_MODEL
+    export_user_tower(ckpt.user_tower, out_dir / "user.raw.onnx", cfg.dim, config.opset, items_path=items)
     optimize_offline(out_dir / "user.raw.onnx", out_dir / "user.onnx")
     (out_dir / "user.raw.onnx").unlink()
     shutil.copyfile(ckpt.tokenizer_json, out_dir / "tokenizer.json")
@@ -450,7 +468,8 @@ def write_towers(ckpt: Checkpoint, out_dir: Path, config: ExportConfig) -> tuple
     parity = {
         "item.onnx": item_parity(ckpt.item_tower, out_dir / "item.onnx", vocab, max_len, tokenizer.pad_id, config.seed),
         "item.opt.onnx": item_parity(ckpt.item_tower, out_dir / "item.opt.onnx", vocab, max_len, tokenizer.pad_id, config.seed + 1),
-        "user.onnx": user_parity(ckpt.user_tower, out_dir / "user.onnx", cfg.dim, config.seed),
+        "user.onnx": user_parity(ckpt.user_tower, out_dir / "user.onnx", cfg.dim, config.seed,
+                                 items if items.exists() else None),
     }
     for name, p in parity.items():
         log.info("parity %s: min cosine %.7f, max |diff| %.2e on shapes %s", name, p.min_cosine, p.max_abs_diff, p.shapes)
@@ -488,16 +507,20 @@ def build_variants(out_dir: Path, max_len: int, config: ExportConfig, ref: Refer
     return models
 
 
-def _matcher_manifest(dim: int, models: dict[str, str], tokenizer: TextTokenizer) -> dict[str, Any]:
-    """The manifest fields that describe the exported models' contract."""
+def _matcher_manifest(dim: int, models: dict[str, str], tokenizer: TextTokenizer, user_items: Path) -> dict[str, Any]:
+    """The manifest fields that describe the exported models' contract. `user_items`: the user tower's
+    history projection, when the export wrote one (its rows are hist_emb)."""
+    projected = user_items.exists()
+    hist_emb = (f"float32 [batch, history, width]: rows of {user_items.name} (item_emb [items, {dim}] -> history "
+                "[items, width], run on the catalogue at load)" if projected else f"float32 [batch, history, {dim}]")
     return {
         "kind": "matcher",
         "created": utc_now(),
         "dim": dim,
-        "models": {"item": models, "user": "user.onnx"},
+        "models": {"item": models, "user": "user.onnx", **({"user_items": user_items.name} if projected else {})},
         "inputs": {
             "item": {"input_ids": "int64 [batch, seq]", "attention_mask": "int64 [batch, seq] (right-padded)"},
-            "user": {"hist_emb": f"float32 [batch, history, {dim}]", "hist_type": "int64 [batch, history] (-1 pad)",
+            "user": {"hist_emb": hist_emb, "hist_type": "int64 [batch, history] (-1 pad)",
                      "hist_age": "float32 [batch, history] seconds", "hist_mask": "int64 [batch, history]"},
         },
         "tokenizer": {"file": "tokenizer.json", "max_length": tokenizer.max_length, "pad_id": tokenizer.pad_id},

@@ -122,3 +122,79 @@ def next_item_loss(states: torch.Tensor, targets: torch.Tensor, table: torch.Ten
         return F.cross_entropy(logits, labels)
     w = weights[keep].float()
     return (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum().clamp(min=1e-12)
+
+
+class FoldedNewest(nn.Module):
+    """CausalBlock.newest rebuilt for export, frozen, with its weights multiplied out per head:
+    logits_h = (x_0 W_q,h + b_q,h) W_k,h^T x^T (the key bias is the same for every key: softmax drops
+    it) and out = sum_h attn_h x W_v,h W_o,h + (b_o + sum_h b_v,h W_o,h) (attention weights sum to 1).
+    Heads are stacked along the last axis ([D, H*D]), so there are no per-head reshapes of the batch:
+    a 1-user call of this tower is dominated by ONNX Runtime's per-node cost, not arithmetic."""
+
+    qk: torch.Tensor
+    qk_bias: torch.Tensor
+    vo: torch.Tensor
+    out_bias: torch.Tensor
+
+    def __init__(self, block: CausalBlock) -> None:
+        super().__init__()
+        import copy
+
+        d, h = block.dim, block.heads
+        dk = d // h
+        with torch.no_grad():
+            weight = block.qkv.weight.detach().unflatten(0, (3, h, dk))  # [3, H, dk, D] (out, in)
+            bias = block.qkv.bias.detach().unflatten(0, (3, h, dk))  # [3, H, dk]
+            wq = weight[0].transpose(1, 2) / math.sqrt(dk)  # [H, D, dk]
+            wo = block.proj.weight.detach().T.unflatten(0, (h, dk))  # [H, dk, D]
+            qk = wq @ weight[1]  # [H, D, D]
+            self.register_buffer("qk", qk.permute(1, 0, 2).flatten(1).contiguous())  # [D, H*D]
+            self.register_buffer("qk_bias", ((bias[0] / math.sqrt(dk)).unsqueeze(1) @ weight[1]).flatten())  # [H*D]
+            self.register_buffer("vo", (weight[2].transpose(1, 2) @ wo).flatten(0, 1).contiguous())  # [H*D, D]
+            self.register_buffer("out_bias", block.proj.bias.detach() + (bias[2].unsqueeze(1) @ wo).sum(0).squeeze(0))
+        self.heads, self.dim = h, d
+        self.norm1, self.norm2, self.ff = copy.deepcopy(block.norm1), copy.deepcopy(block.norm2), copy.deepcopy(block.ff)
+
+    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
+        """x [B, N, D], key_bias [B, 1, N] additive (0 = a real key) -> position 0's output [B, 1, D]."""
+        normed = self.norm1(x)
+        keys = (normed[:, :1] @ self.qk + self.qk_bias).reshape(-1, self.heads, self.dim)  # [B, H, D]
+        attn = torch.softmax(keys @ normed.transpose(1, 2) + key_bias, dim=-1)  # [B, H, N]
+        x = x[:, :1] + (attn @ normed).reshape(-1, 1, self.heads * self.dim) @ self.vo + self.out_bias
+        return x + self.ff(self.norm2(x))
+
+
+class ServingEncoder(nn.Module):
+    """CausalEncoder(inputs, mask, newest_only=True) for export, frozen: the blocks before the last
+    as they are, the last as FoldedNewest. For a non-empty history (an empty one is the tower's to
+    answer: both towers override it)."""
+
+    position: torch.Tensor
+    older: torch.Tensor
+
+    def __init__(self, encoder: CausalEncoder) -> None:
+        super().__init__()
+        import copy
+
+        blocks = cast("list[CausalBlock]", list(encoder.blocks))
+        self.max_len = encoder.max_len
+        self.register_buffer("position", encoder.position.weight.detach().clone())
+        self.register_buffer("older", encoder.older.clone(), persistent=False)
+        self.full = nn.ModuleList(copy.deepcopy(b) for b in blocks[:-1])
+        self.last = FoldedNewest(blocks[-1]) if blocks else None
+        self.norm = copy.deepcopy(encoder.norm)
+        self.eval()
+
+    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """inputs [B, N, D], mask [B, N] bool (True = real, a prefix) -> [B, D]."""
+        inputs, mask = inputs[:, : self.max_len], mask[:, : self.max_len]
+        n = inputs.shape[1]
+        real = mask.unsqueeze(-1).to(inputs.dtype)
+        x = (inputs + self.position[:n]) * real
+        if self.full:
+            allowed = (self.older[:n, :n] & mask.unsqueeze(1)).unsqueeze(1)  # [B, 1, Nq, Nk]
+            for block in self.full:
+                x = block(x, allowed) * real
+        if self.last is not None:
+            x = self.last(x, (real.transpose(1, 2) - 1.0) * 1e9)  # [B, 1, N]: -1e9 for padding
+        return self.norm(x[:, 0])

@@ -40,7 +40,7 @@ import logging
 import shutil
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -656,6 +656,11 @@ def evaluate(
     n_items, n_users = data.n_items, data.users.height
     timings: dict[str, float] = {}
     notes: list[str] = []
+    if ranker is not None and ranker.cold_slots and not config.blend_config.cold_slots:
+        # A given ranker is evaluated as it serves: with its recorded cold-item places (blend_explore).
+        config = replace(config, blend_config=replace(config.blend_config, cold_slots=ranker.cold_slots))
+        notes.append(f"blend_explore: the given ranker's {ranker.cold_slots} recorded cold-item place(s) "
+                     f"(it serves them in its first {ranker.cold_k}; this report's k is {config.k})")
     t0 = time.perf_counter()
     started = t0
 

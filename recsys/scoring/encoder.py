@@ -194,7 +194,11 @@ class ItemEncoder:
 
 
 class UserEncoder:
-    """User tower: padded histories of item embeddings -> user embeddings [B, D] float32."""
+    """User tower: padded histories of history rows -> user embeddings [B, D] float32.
+
+    A history row is an item's embedding, or with `items_path` (the tower's history projection, an
+    export's `user_items.onnx`) that model's output for it: `history_table` maps the catalogue's
+    embeddings to rows once (at model load), so no request repeats the projection."""
 
     def __init__(
         self,
@@ -202,6 +206,7 @@ class UserEncoder:
         provider: str = "auto",
         threads: int | None = None,
         batch_size: int = 1024,
+        items_path: Path | str | None = None,
     ) -> None:
         session, info = create_session(model_path, provider, threads)
         self.model = _OnnxModel(session, info)
@@ -210,6 +215,29 @@ class UserEncoder:
             raise ModelError(f"{model_path} is not a user tower: inputs {self.model.input_names}, missing {sorted(missing)}")
         self.batch_size = batch_size
         self.dim = int(session.get_outputs()[0].shape[-1])
+        self.width = int(session.get_inputs()[self.model.input_names.index("hist_emb")].shape[-1])
+        self.items: _OnnxModel | None = None
+        if items_path is not None:
+            items, items_info = create_session(items_path, provider, threads)
+            self.items = _OnnxModel(items, items_info)
+            shape = items.get_outputs()[0].shape
+            if self.items.input_names != ["item_emb"] or shape[-1] != self.width:
+                raise ModelError(f"{items_path} is not this user tower's history projection: inputs "
+                                 f"{self.items.input_names}, output {shape} (the tower reads rows of width {self.width})")
+        elif self.width != self.dim:
+            raise ModelError(f"{model_path} reads history rows of width {self.width}, not item embeddings ({self.dim}): "
+                             "load it with its history projection (the version's user_items.onnx)")
+
+    def history_table(self, item_emb: np.ndarray) -> np.ndarray:
+        """Item embeddings [n, D] -> the history rows [n, width] the tower reads (the embeddings
+        themselves when it has no projection)."""
+        item_emb = np.asarray(item_emb, np.float32)
+        if self.items is None:
+            return item_emb
+        out = np.empty((len(item_emb), self.width), np.float32)
+        for start in range(0, len(item_emb), 4096):
+            out[start : start + 4096] = self.items.run({"item_emb": np.ascontiguousarray(item_emb[start : start + 4096])})
+        return out
 
     @property
     def info(self) -> SessionInfo:
@@ -222,11 +250,11 @@ class UserEncoder:
         hist_age: np.ndarray,
         hist_mask: np.ndarray,
     ) -> np.ndarray:
-        """hist_emb [B, N, D], hist_type [B, N] (event codes, -1 pad), hist_age [B, N] seconds,
-        hist_mask [B, N] (true = real) -> [B, D]. Empty histories get the learned cold-start vector."""
+        """hist_emb [B, N, width] history rows, hist_type [B, N] (event codes, -1 pad), hist_age [B, N]
+        seconds, hist_mask [B, N] (true = real) -> [B, D]. Empty histories get the learned cold-start vector."""
         hist_emb = np.asarray(hist_emb, dtype=np.float32)
-        if hist_emb.ndim != 3 or hist_emb.shape[2] != self.dim:
-            raise InputError(f"hist_emb must be [B, N, {self.dim}], got {list(hist_emb.shape)}")
+        if hist_emb.ndim != 3 or hist_emb.shape[2] != self.width:
+            raise InputError(f"hist_emb must be [B, N, {self.width}], got {list(hist_emb.shape)}")
         b = hist_emb.shape[0]
         out = np.empty((b, self.dim), dtype=np.float32)
         for start in range(0, b, self.batch_size):

@@ -11,7 +11,7 @@ imports neither torch nor polars (tested with both blocked).
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -53,6 +53,7 @@ class MatcherRuntime:
     store: EmbeddingStore | None
     manifest: dict[str, Any]
     version: str | None = None
+    _store_encoder: tuple[np.ndarray, Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]] | None = field(default=None, repr=False)
 
     @classmethod
     def from_version(
@@ -74,7 +75,9 @@ class MatcherRuntime:
         )
         # The user tower is tiny; TensorRT would only add engine builds.
         user_provider = "cuda" if plan.providers[0] == TENSORRT else provider
-        user = UserEncoder(registered.file(manifest["models"]["user"]), user_provider, threads)
+        items = manifest["models"].get("user_items")  # the tower's history projection, when it has one
+        user = UserEncoder(registered.file(manifest["models"]["user"]), user_provider, threads,
+                           items_path=registered.file(items) if items else None)
         store = None
         if manifest.get("embeddings"):
             store = EmbeddingStore.load(registered.file(manifest["embeddings"]["path"]), verify=verify)
@@ -117,10 +120,10 @@ class MatcherRuntime:
         """Vectorised path: hist_rows [B, N] store rows (-1 = padding), event codes, ages in seconds."""
         if self.store is None:
             raise ModelError("this model version has no item embedding store: export it with --data")
-        hist_rows = np.asarray(hist_rows, dtype=np.int64)
-        mask = hist_rows >= 0
-        hist_emb = np.asarray(self.store.matrix[np.maximum(hist_rows, 0)], dtype=np.float32) * mask[..., None]
-        return self.user_encoder.encode(hist_emb, np.where(mask, hist_type, -1), np.where(mask, hist_age, 0.0), mask)
+        matrix = self.store.matrix
+        if self._store_encoder is None or self._store_encoder[0] is not matrix:  # built once per store matrix
+            self._store_encoder = (matrix, tower_encoder(np.asarray(matrix, np.float32), self.user_encoder))
+        return self._store_encoder[1](hist_rows, hist_type, hist_age)
 
     def user_embeddings(
         self,
@@ -149,13 +152,14 @@ class MatcherRuntime:
 
 def tower_encoder(item_emb: np.ndarray, tower: UserEncoder) -> Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]:
     """Padded histories (item_idx [B, N], -1 pad; event codes; ages s) -> user embeddings [B, D]
-    through the ONNX user tower over `item_emb` rows. Empty histories get the tower's learned
-    cold-start vector (unknown users)."""
+    through the ONNX user tower over `item_emb` rows (through its history projection first, once
+    here, when it has one). Empty histories get the tower's learned cold-start vector (unknown users)."""
+    table = tower.history_table(item_emb)
 
     def encode(items: np.ndarray, codes: np.ndarray, ages: np.ndarray) -> np.ndarray:
         items = np.asarray(items, np.int64)
         mask = items >= 0
-        hist = item_emb[np.maximum(items, 0)] * mask[..., None]
+        hist = table[np.maximum(items, 0)] * mask[..., None]
         return tower.encode(hist, np.where(mask, codes, -1), np.where(mask, ages, 0.0), mask)
 
     return encode

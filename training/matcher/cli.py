@@ -40,8 +40,8 @@ def configure(parser: argparse.ArgumentParser) -> None:
     model.add_argument("--user-tower", choices=["pooling", "sequential"], default="pooling",
                        help="pooling: attention pooling over the history; sequential: a causal transformer "
                        "trained on the next item at every history position (needs --freeze-encoder) (pooling)")
-    model.add_argument("--sequence-blocks", type=int, default=2, metavar="N",
-                       help="with --user-tower sequential: transformer blocks; each costs serving time (2)")
+    model.add_argument("--sequence-blocks", type=int, default=1, metavar="N",
+                       help="with --user-tower sequential: transformer blocks; each costs serving time (1)")
     model.add_argument("--item-ids", action="store_true",
                        help="learn an ID vector per trained item, added to its text embedding (sequential tower); "
                        "`recsys export` bakes it into the embedding store, new items stay text-only")

@@ -43,7 +43,7 @@ class MatcherConfig:
     item_head: int = 0  # hidden width of the item tower's residual MLP head (0: none)
     user_tower: str = "pooling"  # "pooling" (attention pooling) or "sequential" (causal transformer)
     sequence_width: int = 128  # the sequential tower's transformer width (projected from and back to dim)
-    sequence_blocks: int = 2  # the sequential tower's transformer blocks
+    sequence_blocks: int = 2  # the sequential tower's transformer blocks (2: checkpoints saved before the field)
     item_id_rows: int = 0  # rows of the learned per-item ID residual (the training catalogue; 0: none)
 
     def save(self, path: Path) -> None:
@@ -236,6 +236,51 @@ class SequentialUserTower(nn.Module):
                 hist_mask: torch.Tensor) -> torch.Tensor:
         out = self.states(hist_emb, hist_type, hist_age, hist_mask, newest_only=True)
         out = torch.where(hist_mask.bool().any(1, keepdim=True), out, self.empty)
+        return F.normalize(out, dim=-1)
+
+    def history_projection(self) -> tuple[nn.Module, nn.Module]:
+        """(per-item projection [.., D] -> [.., width], the tower over projected history rows) for export:
+        the tower's first layer is linear and per item, so serving applies it once per catalogue item at
+        model load (`user_items.onnx`) instead of to every history item of every request."""
+        return self.inp, _ServingSequentialTower(self)
+
+
+class _ServingSequentialTower(nn.Module):
+    """SequentialUserTower.forward over history rows already through `inp`, rebuilt for export (frozen;
+    parity with the tower is checked at export) in fewer ONNX nodes, as a 1-user call's cost is mostly
+    ONNX Runtime's per node: the last block folded (training/sequential.py ServingEncoder); padded
+    positions' type and gap rows left unmasked (the encoder zeroes every padded position); the gap's
+    recency bucket as thresholds, bucket b <=> gap >= 3600 (2^b - 1) s, and its embedding as the
+    first row plus the steps between rows up to b: one compare and one matmul for clamp, divide,
+    log2, floor, clip, cast and gather."""
+
+    gap_thresholds: torch.Tensor
+    gap_steps: torch.Tensor
+    gap_first: torch.Tensor
+    empty: torch.Tensor
+
+    def __init__(self, tower: SequentialUserTower) -> None:
+        super().__init__()
+        import copy
+
+        from training.sequential import ServingEncoder
+
+        self.type_emb, self.out = copy.deepcopy(tower.type_emb), copy.deepcopy(tower.out)
+        self.encoder = ServingEncoder(tower.encoder)
+        gap = tower.gap_emb.weight.detach()
+        self.register_buffer("gap_thresholds", 3600.0 * (2.0 ** torch.arange(1, len(gap), dtype=gap.dtype) - 1.0))
+        self.register_buffer("gap_steps", (gap[1:] - gap[:-1]).clone())
+        self.register_buffer("gap_first", gap[0].clone())
+        self.register_buffer("empty", tower.empty.detach().clone())
+        self.eval()
+
+    def forward(self, projected: torch.Tensor, hist_type: torch.Tensor, hist_age: torch.Tensor,
+                hist_mask: torch.Tensor) -> torch.Tensor:
+        gaps = hist_age - F.pad(hist_age[:, :-1], (1, 0))
+        steps = (gaps.unsqueeze(-1) >= self.gap_thresholds).to(projected.dtype) @ self.gap_steps
+        x = projected + self.type_emb(hist_type.clamp(min=0)) + steps + self.gap_first
+        mask = hist_mask.bool()
+        out = torch.where(mask.any(1, keepdim=True), self.out(self.encoder(x, mask)), self.empty)
         return F.normalize(out, dim=-1)
 
 
