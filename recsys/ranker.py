@@ -29,7 +29,7 @@ import numpy as np
 from recsys.compat import require
 from recsys.errors import ConfigError, InputError, ModelError
 from recsys.features import FeatureConfig, Features, FeatureState
-from recsys.features.compute import FEATURES_OF_MAP
+from recsys.features.compute import RETIRED_FEATURES
 from recsys.model_text import check_model_text
 
 RANKER_FORMAT = 1
@@ -95,6 +95,19 @@ class TreePredictor:
         return out
 
 
+def _refuse_retired_features(directory: Path, names: Any) -> None:
+    """A ranker trained on features this version no longer computes would fail every request on the
+    missing columns: refuse it at load, naming them and the fix."""
+    names = set(names) if isinstance(names, list) else set()
+    for what, retired in RETIRED_FEATURES.items():
+        read = [name for name in retired if name in names]
+        if read:
+            raise ModelError(
+                f"{directory}: this ranker reads {', '.join(read)}, which this version no longer computes "
+                f"({what}). Retrain it with recsys train ranker"
+            )
+
+
 class Ranker:
     """A trained LambdaMART blender: `score` and `explain` candidate feature matrices.
 
@@ -133,6 +146,7 @@ class Ranker:
             ) from exc
         if meta.get("format") != RANKER_FORMAT:
             raise ModelError(f"{meta_path} has format {meta.get('format')}, this code reads {RANKER_FORMAT}")
+        _refuse_retired_features(directory, meta.get("feature_names"))
         lgb = require("lightgbm")
         # LightGBM's parser can abort the process on a malformed file: check its structure first.
         check_model_text(model_path, meta.get("feature_names"))
@@ -150,14 +164,7 @@ class Ranker:
         """The feature state saved beside the model (end of the training data)."""
         if self.path is None:
             raise ModelError("this ranker was not loaded from a directory, so it has no saved feature state")
-        state = FeatureState.load(self.path / STATE_DIR)
-        lost = [f for name in state.missing for f in FEATURES_OF_MAP.get(name, ()) if f in self._index]
-        if lost:
-            raise ModelError(
-                f"{self.path / STATE_DIR} lacks the {', '.join(state.missing)} map(s) (an older state format) but "
-                f"the ranker reads {', '.join(lost)}: the directory is inconsistent; retrain with recsys train ranker"
-            )
-        return state
+        return FeatureState.load(self.path / STATE_DIR)
 
     @property
     def uses_match(self) -> bool:

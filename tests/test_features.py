@@ -78,12 +78,6 @@ def test_known_answers_on_tiny_log(tiny) -> None:
     # User 1's recent items: 0 (weight 1), then 1 (weight 1/2).
     np.testing.assert_allclose(_col(f, "covis_sum"), [0 + 0.5 * 2, 2 + 0, 1 + 0.5 * 1, 0])
     np.testing.assert_allclose(_col(f, "covis_max"), [2, 2, 1, 0])
-    # Transitions (directed, lag 1): 0 -> 1, 1 -> 2 (user 0) and 1 -> 0 (user 1); never 2 -> 1 or 0 -> 2.
-    assert state.trans.get(0, 1) == 1 and state.trans.get(1, 2) == 1 and state.trans.get(1, 0) == 1
-    assert state.trans.get(2, 1) == 0 and state.trans.get(0, 2) == 0
-    np.testing.assert_allclose(_col(f, "trans_last"), [0, 1, 0, 0])  # after user 1's newest item, 0
-    np.testing.assert_allclose(_col(f, "trans_last_norm"), np.array([0, 1, 0, 0]) / (state.item_count[0] + 1), rtol=1e-6)
-    np.testing.assert_allclose(_col(f, "trans_recent"), [0.5, 1, 0.5, 0])  # + 1/2 x after item 1
 
     # Match-list features.
     np.testing.assert_allclose(_col(f, "match_rank"), [3, 0, 1, 2])
@@ -298,7 +292,7 @@ def test_masking_an_item_as_unseen_gives_the_features_of_an_item_without_events(
     fresh = without.compute(0, cand, t, match_scores=np.linspace(0.1, 0.4, 4))
     behaviour = [n for n in masked.names if n.startswith("item_pop_")] + [
         "item_impressions", "item_age_days", "item_days_since_last", "seen", "ui_count", "ui_impressions",
-        "covis_sum", "covis_max", "covis_norm", "trans_last", "trans_last_norm", "trans_recent",
+        "covis_sum", "covis_max", "covis_norm",
     ]
     for name in behaviour:
         np.testing.assert_array_equal(_col(masked, name)[1], _col(fresh, name)[1], err_msg=name)

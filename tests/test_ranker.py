@@ -251,53 +251,89 @@ def test_load_errors_name_the_file(tmp_path: Path) -> None:
         Ranker.load(tmp_path)
 
 
-def _as_format_1(state_dir: Path) -> None:
-    """Rewrite a saved feature state as the format-1 writer left it: no transition map."""
+def as_older_state_format(meta: dict, arrays: dict[str, np.ndarray], fmt: int) -> None:
+    """Make a saved feature state (state.json, state.npz's arrays; in place) what an older writer left:
+    format 2 also kept the directed transition map (`trans.*` arrays) and a `missing` list in its
+    meta; format 1 had neither."""
+    meta["format"] = fmt
+    if fmt == 2:  # a map of the shape format 2 wrote
+        meta["missing"] = []
+        arrays["trans.keys"], arrays["trans.values"] = arrays["covis.keys"][::2], arrays["covis.values"][::2]
+
+
+def _as_older_format(state_dir: Path, fmt: int) -> None:
     meta = json.loads((state_dir / "state.json").read_text())
-    meta["format"] = 1
-    del meta["missing"]
-    (state_dir / "state.json").write_text(json.dumps(meta))
     with np.load(state_dir / "state.npz") as npz:
-        arrays = {k: npz[k] for k in npz.files if not k.startswith("trans.")}
+        arrays = {k: npz[k] for k in npz.files}
+    as_older_state_format(meta, arrays, fmt)
+    (state_dir / "state.json").write_text(json.dumps(meta))
     np.savez(state_dir / "state.npz", **arrays)
 
 
-def test_a_format_1_state_still_serves_the_rankers_saved_with_it(trained, tmp_path) -> None:
-    """Upgrading must not strand published models: a state saved before the transition map loads
-    with that map empty and named missing; a ranker that never read its features serves from it,
-    one that does is refused by name; a state with an unknown format is refused with the fix."""
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_an_older_format_state_still_serves_the_rankers_saved_with_it(trained, tmp_path, fmt) -> None:
+    """Upgrading must not strand published models: a state of format 1 (before the transition map)
+    or 2 (with it) loads with exactly this format's maps (format 2's `trans.*` arrays ignored),
+    computes the same features as today's state, and re-saves as today's format; a state with an
+    unknown format is refused with the fix."""
     import shutil
 
     from recsys.features import FeatureState
+    from recsys.features.state import STATE_FORMAT
 
     result, _, _ = trained
     directory = tmp_path / "model"
     shutil.copytree(result.out_dir, directory)
     state_dir = directory / "feature_state"
     current = FeatureState.load(state_dir)
-    _as_format_1(state_dir)
-    ranker = Ranker.load(directory)
-    assert any(n.startswith("trans_") for n in ranker.feature_names)  # this one reads the transition features
-    with pytest.raises(ModelError, match=r"lacks the trans map.*trans_last"):
-        ranker.load_state()
-
-    old = FeatureState.load(state_dir)
-    assert old.missing == ("trans",) and len(old.trans) == 0 and len(current.trans) > 0
-    np.testing.assert_array_equal(old.item_count, current.item_count)
-    again = FeatureState.load(old.save(tmp_path / "resaved"))  # still known to lack it after a re-save
-    assert again.missing == ("trans",)
-    # It computes the columns a ranker of its time was trained on: those without the transition features.
+    _as_older_format(state_dir, fmt)
+    old = Ranker.load(directory).load_state()
+    for name, array in current.arrays().items():
+        np.testing.assert_array_equal(old.arrays()[name], array, err_msg=name)
     t, cands = int(current.as_of_us) + 1, np.arange(0, current.n_items, 7)
     now, before = current.compute(3, cands, t), old.compute(3, cands, t)
-    assert before.names == tuple(n for n in now.names if not n.startswith("trans_")) == old.feature_names(match=False)
-    np.testing.assert_array_equal(before.matrix, now.matrix[:, [now.names.index(n) for n in before.names]])
-    meta = json.loads((ranker.path / "ranker.json").read_text())  # a ranker trained before the map
-    keep = [n for n in meta["feature_names"] if not n.startswith("trans_")]
-    ranker._index = {n: j for j, n in enumerate(keep)}
-    assert ranker.load_state().missing == ("trans",)
+    assert before.names == now.names and not any(n.startswith("trans_") for n in now.names)
+    np.testing.assert_array_equal(before.matrix, now.matrix)
+    resaved = old.save(tmp_path / "resaved")
+    assert json.loads((resaved / "state.json").read_text())["format"] == STATE_FORMAT == 3
+    with np.load(resaved / "state.npz") as npz:
+        assert not [k for k in npz.files if k.startswith("trans.")]
 
     meta = json.loads((state_dir / "state.json").read_text())
     meta["format"] = 99
     (state_dir / "state.json").write_text(json.dumps(meta))
-    with pytest.raises(ModelError, match=r"format 99.*reads formats \[1, 2\].*recsys train ranker"):
+    with pytest.raises(ModelError, match=r"format 99.*reads formats \[1, 2, 3\].*recsys train ranker"):
         FeatureState.load(state_dir)
+
+
+def test_a_ranker_trained_on_the_retired_transition_features_is_refused_at_load(
+    trained, prepared_dir, tmp_path, capsys
+) -> None:
+    """A ranker saved by the version that computed trans_last, trans_last_norm and trans_recent would
+    fail every request on columns that no longer exist: it is refused at load by name with the fix,
+    and a command given it exits 2 with that paragraph and writes nothing."""
+    import re
+    import shutil
+
+    from recsys.cli import main
+
+    result, _, _ = trained
+    directory = tmp_path / "model"
+    shutil.copytree(result.out_dir, directory)
+    # The ranker that version trained: the same model with three of its columns being the transition features.
+    meta = json.loads((directory / "ranker.json").read_text())
+    renamed = dict(zip(("covis_sum", "covis_max", "covis_norm"), ("trans_last", "trans_last_norm", "trans_recent"),
+                       strict=True))
+    assert set(renamed) <= set(meta["feature_names"])
+    meta["feature_names"] = [renamed.get(n, n) for n in meta["feature_names"]]
+    (directory / "ranker.json").write_text(json.dumps(meta))
+    text = (directory / "model.txt").read_text()
+    (directory / "model.txt").write_text(re.sub(r"\b(covis_sum|covis_max|covis_norm)\b", lambda m: renamed[m[1]], text))
+
+    fix = r"reads trans_last, trans_last_norm, trans_recent, which this version no longer computes.*recsys train ranker"
+    with pytest.raises(ModelError, match=fix):
+        Ranker.load(directory)
+    code = main(["evaluate", "--data", str(prepared_dir), "--ranker", str(directory), "--out", str(tmp_path / "eval")])
+    err = " ".join(capsys.readouterr().err.split())
+    assert code == 2 and re.search(fix, err) and "Traceback" not in err, err
+    assert not (tmp_path / "eval").exists()

@@ -5,6 +5,7 @@ events, journals written before the record kind still replay)."""
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import threading
@@ -216,9 +217,30 @@ def test_follower_folds_dedupes_keys_and_restores_snapshots(base_state: Any, tmp
     assert again.catch_up() == 1 and again.duplicates == 1
 
 
-def test_a_snapshot_of_an_older_state_format_is_replayed_over_not_restored(base_state: Any, tmp_path: Path) -> None:
-    """A snapshot written before the transition map existed would restore a state whose transition
-    features read zero: the follower skips it and replays the log, which rebuilds the map."""
+def _snapshot_as_format(path: Path, fmt: int) -> None:
+    """Rewrite a snapshot file's embedded feature state as an older writer left it."""
+    import io
+
+    from tests.test_ranker import as_older_state_format
+
+    with np.load(path) as npz:
+        blob = {k: npz[k] for k in npz.files}
+    meta = json.loads(blob["state_json"].tobytes())
+    with np.load(io.BytesIO(blob["state_npz"].tobytes())) as npz:
+        arrays = {k: npz[k] for k in npz.files}
+    as_older_state_format(meta, arrays, fmt)
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    blob["state_npz"] = np.frombuffer(buf.getvalue(), np.uint8)
+    blob["state_json"] = np.frombuffer(json.dumps(meta).encode(), np.uint8)
+    with open(path, "wb") as fh:
+        np.savez(fh, **blob)
+
+
+@pytest.mark.parametrize("fmt", [1, 2])
+def test_a_snapshot_of_an_older_state_format_is_restored(base_state: Any, tmp_path: Path, fmt: int) -> None:
+    """Formats 1 and 2 keep every map today's state has (2's transition map is ignored): a live
+    snapshot written by either restores exactly, with nothing replayed."""
     from recsys.state.follower import Follower
     from recsys.state.snapshot import DirSnapshots
 
@@ -227,13 +249,15 @@ def test_a_snapshot_of_an_older_state_format_is_replayed_over_not_restored(base_
     mem.append_wait(encode(_events(["new-user"] * 3, _item_ids(live, 3))))
     follower = Follower(mem, live, snapshots=DirSnapshots(tmp_path))
     follower.catch_up()
-    live.state.missing = ("trans",)  # what loading a format-1 snapshot gives
     follower.snapshot()
+    (path,) = (tmp_path / "snapshots").glob("snap-*.npz")
+    _snapshot_as_format(path, fmt)
     fresh = _live(base_state)
     again = Follower(mem, fresh, snapshots=DirSnapshots(tmp_path))
-    assert not again.restore() and again.catch_up() == 1
-    assert fresh.state.missing == () and len(fresh.state.trans) >= len(base_state[1].trans)
+    assert again.restore() and again.position == follower.position and again.catch_up() == 0
     assert fresh.state.user_count[fresh.users.get("new-user")] == 3
+    for name, arr in live.state.arrays().items():
+        assert np.array_equal(arr, fresh.state.arrays()[name]), name
 
 
 def test_follower_merges_sparse_deltas_outside_the_write_lock(base_state: Any) -> None:

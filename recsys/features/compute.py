@@ -36,17 +36,21 @@ def window_name(days: float) -> str:
     return f"{days:g}d"
 
 
-FEATURES_OF_MAP = {"trans": ("trans_last", "trans_last_norm", "trans_recent")}  # features only that map feeds
+# Features an earlier version computed and this one does not, by what they were and why they went.
+# A ranker trained on any of them is refused at load with the fix (`recsys.ranker.Ranker.load`)
+# instead of failing every request on a missing column.
+RETIRED_FEATURES: dict[str, tuple[str, ...]] = {
+    "the transition features of state format 2, dropped in format 3: they measured no gain in the blend": (
+        "trans_last", "trans_last_norm", "trans_recent",
+    ),
+}
 
 
 @functools.lru_cache(maxsize=256)
 def layout(
-    decay_days: tuple[float, ...], numeric: tuple[str, ...], match: bool, context: tuple[str, ...], extra: tuple[str, ...],
-    missing: tuple[str, ...] = (),
+    decay_days: tuple[float, ...], numeric: tuple[str, ...], match: bool, context: tuple[str, ...], extra: tuple[str, ...]
 ) -> tuple[tuple[str, ...], dict[str, int]]:
-    """(column names, name -> column) of `compute` for one set of optional groups. `missing`: the
-    state's maps an older format did not keep (FeatureState.missing); their features are left out,
-    so a state and ranker saved before them keep computing exactly the columns the ranker knows."""
+    """(column names, name -> column) of `compute` for one set of optional groups."""
     windows = [window_name(d) for d in decay_days]
     names = [*MATCH_FEATURES] if match else []
     names += [
@@ -78,13 +82,8 @@ def layout(
         "covis_sum",
         "covis_max",
         "covis_norm",
-        "trans_last",
-        "trans_last_norm",
-        "trans_recent",
     ]
     names += ["hour_of_day", "day_of_week", *(f"ctx_{c}" for c in context), *extra]
-    lost = {f for name in missing for f in FEATURES_OF_MAP.get(name, ())}
-    names = [n for n in names if n not in lost] if lost else names
     return tuple(names), {name: j for j, name in enumerate(names)}
 
 
@@ -134,7 +133,7 @@ def compute(
     extra = extra or {}
     names, index = layout(
         tuple(state.config.decay_days), state.catalogue.numeric_names, match_scores is not None,
-        tuple(sorted(context)), tuple(sorted(extra)), state.missing,
+        tuple(sorted(context)), tuple(sorted(extra)),
     )
     if len(index) < len(names):
         clash = next(name for name in sorted(extra) if names.count(name) > 1)
@@ -146,8 +145,6 @@ def compute(
     recent, strength = _user_columns(out, state, user_idx, history)
     _affinity_columns(out, state, user_idx, cand, strength)
     _covis_columns(out, state, cand, recent, item_count)
-    if "trans" not in state.missing:
-        _transition_columns(out, state, cand, recent)
     day = now_us // DAY_US
     out.put("hour_of_day", (now_us - day * DAY_US) / 3.6e9)
     out.put("day_of_week", float((day + 3) % 7))  # 1970-01-01 was a Thursday; Monday = 0
@@ -283,21 +280,6 @@ def _covis_columns(
             out.put(name, 0.0)
 
 
-def _transition_columns(out: _Columns, state: FeatureState, cand: np.ndarray, recent: np.ndarray) -> None:
-    """How often other users touched each candidate right after the user's newest item (the order
-    signal a sequential model learns, as counts): raw, over that item's count, and summed over the
-    `covis_recent` newest items weighted by 1/rank."""
-    items = recent[: state.config.covis_recent]
-    if len(items) and len(cand):
-        tr = state.trans.get(items[:, None], cand[None, :])  # [k, n]
-        out.put("trans_last", tr[0])
-        out.put("trans_last_norm", tr[0] / (state.item_count[items[0]] + 1.0))
-        out.put("trans_recent", (1.0 / np.arange(1, len(items) + 1)) @ tr)
-    else:
-        for name in ("trans_last", "trans_last_norm", "trans_recent"):
-            out.put(name, 0.0)
-
-
 def mask_unseen_items(state: FeatureState, features: Features, rows: np.ndarray, in_catalogue: bool = True) -> None:
     """Overwrite the item columns of `rows` (in place) with what an item no event has touched yet
     gets: zero counts, co-visitation and user x item history, CTR at the global prior, no
@@ -309,8 +291,7 @@ def mask_unseen_items(state: FeatureState, features: Features, rows: np.ndarray,
     blender learns to rank an item without behaviour by its text match instead of burying it."""
     if not len(rows):
         return
-    zero = {"seen", "ui_count", "ui_impressions", "covis_sum", "covis_max", "covis_norm", "trans_last",
-            "trans_last_norm", "trans_recent", "item_pop_all",
+    zero = {"seen", "ui_count", "ui_impressions", "covis_sum", "covis_max", "covis_norm", "item_pop_all",
             "item_impressions", *(f"item_pop_{window_name(d)}" for d in state.config.decay_days)}
     missing = {"item_age_days", "item_days_since_last"}
     if not in_catalogue:

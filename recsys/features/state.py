@@ -56,11 +56,9 @@ from recsys.features.compute import layout
 from recsys.features.compute import mask_unseen_items as mask_unseen
 from recsys.features.sparse import AddPlan, SparseMap
 
-STATE_FORMAT = 2  # 2: the directed transition map `trans`
-# What each older format lacks. A state read from one has these maps empty and names them in
-# `FeatureState.missing`: the models saved with it never read the features they feed (the ranker
-# refuses one that does), and a live snapshot missing them is not restored (the log is replayed).
-MISSING_BY_FORMAT: dict[int, tuple[str, ...]] = {1: ("trans",), 2: ()}
+STATE_FORMAT = 3  # 2 added the directed transition map `trans`; 3 dropped it again (no gain)
+# Formats `load` reads: their maps are this format's, and a format-2 file's `trans.*` arrays are ignored.
+READABLE_FORMATS = (1, 2, 3)
 
 def _run_starts(*keys: np.ndarray) -> np.ndarray:
     """Indices where any of the (already sorted) key arrays changes value; always includes 0."""
@@ -107,7 +105,7 @@ _USER_ARRAYS = (
     "hist_ts",
     "hist_req",
 )
-_SPARSE = ("user_cat", "user_tag", "user_item", "user_item_impr", "covis", "trans")
+_SPARSE = ("user_cat", "user_tag", "user_item", "user_item_impr", "covis")
 _USER_FILL: dict[str, Any] = {
     "user_decay_ref": NEVER,
     "user_last_us": NEVER,
@@ -153,12 +151,10 @@ class FeatureState:
     user_item: SparseMap = field(default_factory=SparseMap)
     user_item_impr: SparseMap = field(default_factory=SparseMap)
     covis: SparseMap = field(default_factory=SparseMap)
-    trans: SparseMap = field(default_factory=SparseMap)  # (item, the item the same user touched next)
     global_impr: float = 0.0
     global_clicks: float = 0.0
     as_of_us: int = int(NEVER)  # latest event time applied
     n_users: int = 0  # users known (user arrays may hold spare capacity beyond this)
-    missing: tuple[str, ...] = ()  # sparse maps an older state format did not keep (empty here)
 
     # ---------------------------------------------------------------- construction
 
@@ -411,7 +407,6 @@ class FeatureState:
             b_parts.append(seq_item[k:][ok])
         a, b = np.concatenate(a_parts), np.concatenate(b_parts)
         self.covis.add(np.concatenate([a, b]), np.concatenate([b, a]))
-        self.trans.add(a_parts[0], b_parts[0])  # directed: b right after a (lag 1)
 
         # History ring buffers: prepend the user's new interactions (newest first), keep h.
         counts = np.diff(np.append(starts, len(new)))
@@ -449,8 +444,7 @@ class FeatureState:
     ) -> tuple[str, ...]:
         """Column names `compute` returns for these optional groups, in order."""
         return layout(
-            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra)),
-            self.missing,
+            tuple(self.config.decay_days), self.catalogue.numeric_names, match, tuple(sorted(context)), tuple(sorted(extra))
         )[0]
 
     # Features of one request (`recsys.features.compute.compute`); its one caller is the request
@@ -525,7 +519,6 @@ class FeatureState:
         np.savez(directory / "state.npz", **arrays)
         meta = {
             "format": STATE_FORMAT,
-            "missing": list(self.missing),
             "config": self.config.to_dict(),
             "context_vocab": self.context_vocab,
             "categories": list(self.catalogue.categories),
@@ -549,13 +542,11 @@ class FeatureState:
             raise ModelError(
                 f"cannot read feature state in {directory}: {exc}. Rebuild it with recsys train ranker"
             ) from exc
-        lacks = MISSING_BY_FORMAT.get(meta.get("format"))
-        if lacks is None:
+        if meta.get("format") not in READABLE_FORMATS:
             raise ModelError(
                 f"feature state {directory} has format {meta.get('format')}, this code reads formats "
-                f"{sorted(MISSING_BY_FORMAT)}: retrain with recsys train ranker (or serve it with the version that wrote it)"
+                f"{list(READABLE_FORMATS)}: retrain with recsys train ranker (or serve it with the version that wrote it)"
             )
-        missing = tuple(dict.fromkeys((*lacks, *meta.get("missing", ()))))
         catalogue = Catalogue(
             category=arrays["catalogue.category"],
             categories=tuple(meta["categories"]),
@@ -571,9 +562,7 @@ class FeatureState:
             setattr(state, name, arrays[name])
         state.n_users = len(state.user_count)
         for name in _SPARSE:
-            if name not in missing:
-                setattr(state, name, SparseMap(arrays[f"{name}.keys"], arrays[f"{name}.values"]))
-        state.missing = missing
+            setattr(state, name, SparseMap(arrays[f"{name}.keys"], arrays[f"{name}.values"]))
         state.global_impr, state.global_clicks = float(meta["global_impr"]), float(meta["global_clicks"])
         state.as_of_us = int(meta["as_of_us"])
         return state

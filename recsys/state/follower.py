@@ -90,10 +90,6 @@ class Follower:
             if snap.state.config != base.config or snap.state.n_items != base.n_items:
                 log.warning("state snapshot at %s was folded for other features or catalogue; replaying the log", snap.position)
                 continue
-            if set(snap.state.missing) - set(base.missing):
-                log.warning("state snapshot at %s has an older state format (no %s map); replaying the log",
-                            snap.position, ", ".join(snap.state.missing))
-                continue
             snap.users.capacity = self.live.users.capacity  # this server's --max-users
             snap.state.forget_users(snap.users.trim())
             self.live.state, self.live.users, self.live.events_applied = snap.state, snap.users, snap.events_applied
