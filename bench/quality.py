@@ -150,6 +150,37 @@ def fine_tuned_matcher(data: Any, protocol: str, out: Path, args: argparse.Names
     return torch_matcher(model, data, args.threads), {k: report.get(k) for k in keep} | mode
 
 
+def blend_seed_spread(data: Any, config: Any, matchers: dict[str, Any], blend_matcher: str | None,
+                      sequences: dict[str, Any], seeds: int) -> dict[str, Any]:
+    """The blend re-trained with seeds 0, bags, 2 bags, .. (`seeds` times; each model's early-stopping users
+    and trees), everything else fixed: how much of a blend difference is the ranker's own noise."""
+    from dataclasses import replace
+
+    from recsys.evaluation.evaluate import evaluate
+
+    rows = []
+    for seed in range(seeds):
+        lambdamart = replace(config.blend_config.lambdamart, seed=seed * config.blend_config.bags)
+        blend = replace(config.blend_config, lambdamart=lambdamart)
+        result = evaluate(data, replace(config, blend_config=blend, n_boot=200), matchers, blend_matcher, sequences=sequences)
+        row = {"seed": seed, "ndcg@10": result.metrics["all"]["blend"]["ndcg@10"]}
+        for other in ("sasrec", blend_matcher):
+            if other in result.paired.get("all", {}):
+                row[f"minus_{other}"] = result.paired["all"][other]["diff"]
+        rows.append(row)
+    values = np.array([r["ndcg@10"] for r in rows])
+    return {"rows": rows, "mean": float(values.mean()), "sd": float(values.std(ddof=1)), "min": float(values.min()),
+            "max": float(values.max())}
+
+
+def seed_line(spread: dict[str, Any]) -> str:
+    minus = [k for k in spread["rows"][0] if k.startswith("minus_")]
+    parts = [f"mean {spread['mean']:.4f}, sd {spread['sd']:.4f}, range [{spread['min']:.4f}, {spread['max']:.4f}]"]
+    parts += [f"blend − {k[6:]} mean {np.mean([r[k] for r in spread['rows']]):+.4f} "
+              f"(range {min(r[k] for r in spread['rows']):+.4f} to {max(r[k] for r in spread['rows']):+.4f})" for k in minus]
+    return f"Blend re-trained with {len(spread['rows'])} seeds (`--blend-seeds`): NDCG@10 " + "; ".join(parts) + "."
+
+
 def sasrec_system(data: Any, protocol: str, out: Path, args: argparse.Namespace) -> tuple[Any, dict[str, Any]]:
     """SASRec trained on `protocol`'s train split (early stopping on its valid window), exported and
     loaded back as `recsys evaluate --sasrec` does (ONNX Runtime)."""
@@ -232,6 +263,9 @@ def main() -> int:
                         help="the matcher feeding the blend's candidates and match features (the served one)")
     parser.add_argument("--blend-extra", default="fine_tuned",
                         help="other matchers whose scores are extra blend features (comma list; those trained)")
+    parser.add_argument("--blend-bags", type=int, default=5, metavar="N", help="LambdaMART models the blend averages")
+    parser.add_argument("--blend-seeds", type=int, default=1, metavar="K",
+                        help="also re-train the blend with seeds 0, N, 2N, .. (K times) and report the spread")
     parser.add_argument("--blend-drop", default="", metavar="F,G",
                         help="ablation: feature columns the blend is trained and scored without")
     parser.add_argument("--reuse-tail-matcher", action=argparse.BooleanOptionalAction, default=False,
@@ -318,7 +352,7 @@ def main() -> int:
             extra = tuple(m for m in args.blend_extra.split(",") if m in matchers and m != args.blend_matcher)
             config = EvalConfig(protocol=protocol, n_boot=args.n_boot, seed=args.seed,
                                 blend_config=BlendConfig(cold_slots=args.cold_slots, cold_prior=args.cold_prior,
-                                                         matchers_from=extra,
+                                                         matchers_from=extra, bags=args.blend_bags,
                                                          drop_features=tuple(f for f in args.blend_drop.split(",") if f)))
             blend_matcher = args.blend_matcher if args.blend_matcher in matchers else None
             result = evaluate(data, config, matchers, blend_matcher, sequences=sequences)
@@ -328,6 +362,9 @@ def main() -> int:
             write_scores(result, data, args.out, top=100, prefix=prefix)
             sections.append(markdown(result, title, {k: f"quality_runs/{p.name}" for k, p in plots.items() if p.suffix == ".png"}))
             payload = result.to_dict()
+            if args.blend_seeds > 1:
+                payload["blend_seeds"] = blend_seed_spread(data, config, matchers, blend_matcher, sequences, args.blend_seeds)
+                sections[-1] += "\n\n" + seed_line(payload["blend_seeds"])
             payload.update({"name": name, "protocol": protocol, "matcher": matcher_info, "sasrec": sasrec_info,
                             "seconds": {"prepare_and_zero_shot": round(prep_s, 1), "matcher": round(matcher_s, 1),
                                         "evaluate": result.timings["total"]}})
@@ -359,7 +396,9 @@ def main() -> int:
         f"windows per step"
         + (f"; with a learned ID residual per trained item, `--item-ids --id-dropout {args.seq_id_dropout:g}"
            + (f" --id-lr {args.seq_id_lr:g}" if args.seq_id_lr else "") + "`" if args.seq_item_ids else "")
-        + f"); the blend's matcher is `{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
+        + f"); the blend ({args.blend_bags} LambdaMART model{'s' if args.blend_bags != 1 else ''} averaged, each "
+        "early-stopped on another share of the valid users) has the matcher "
+        f"`{args.blend_matcher}`, with `{args.blend_extra}`'s score and rank "
         "as extra blend features when trained"
         + (f", and without the features {', '.join(f'`{f}`' for f in args.blend_drop.split(',') if f)} (ablation)" if args.blend_drop else "")
         + ". `sasrec`: SASRec "

@@ -289,3 +289,32 @@ def test_the_blend_ablation_drops_the_named_features_and_names_an_unknown_one(ra
     bad = replace(config, blend_config=replace(blend, drop_features=("covis_typo",)))
     with pytest.raises(ConfigError, match="covis_typo"):
         evaluate(data, bad, {"topic": matcher})
+
+
+def test_the_blend_averages_its_bagged_models_each_early_stopped_on_other_users() -> None:
+    from recsys.evaluation.evaluate import RankerBag, train_blend
+    from recsys.features import Features
+    from recsys.ranker import Ranker
+
+    rng = np.random.default_rng(0)
+    names = ("signal", "noise")
+    blocks, cands, targets = [], [], []
+    for _ in range(120):  # 120 users, 12 candidates each, one target that the signal feature points at
+        target = int(rng.integers(12))
+        x = rng.standard_normal((12, 2)).astype(np.float32)
+        x[target, 0] += 1.5
+        blocks.append(x)
+        cands.append(np.arange(12))
+        targets.append(np.array([target]))
+    config = BlendConfig(bags=3, lambdamart=replace(BlendConfig().lambdamart, num_rounds=30, early_stopping_rounds=5))
+    trained = train_blend(blocks, names, cands, targets, config)
+    assert len(trained.boosters) == 3 and len(trained.best_iteration) == 3
+    assert trained.importance["signal"] > trained.importance["noise"]
+    meta = {"feature_names": list(names), "feature_config": FeatureConfig().to_dict()}
+    rankers = [Ranker(b, meta) for b in trained.boosters]
+    x = Features(np.concatenate(blocks[:5]), names)
+    per_model = np.stack([r.score(x) for r in rankers])
+    assert not np.allclose(per_model[0], per_model[1])  # other early-stopping users, other models
+    assert np.allclose(RankerBag(rankers).score(x), per_model.mean(0))
+    with pytest.raises(ConfigError, match="bags"):
+        BlendConfig(bags=0)
