@@ -108,6 +108,16 @@ def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_p
     assert export_user_tower(tower, tmp_path / "user.onnx", 32, items_path=items) == (16 if split else 32)
     parity = user_parity(tower, tmp_path / "user.onnx", 32, items=items)  # includes empty and longer-than-traced histories
     assert parity.ok and parity.max_abs_diff < 1e-4, parity
+    if split:  # a tower reading projected rows never runs without its projection, nor with another one's
+        from recsys.errors import ModelError
+        from recsys.scoring.encoder import UserEncoder
+
+        with pytest.raises(ModelError, match="user_items.onnx"):
+            UserEncoder(tmp_path / "user.onnx", "cpu")
+        other = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=8, blocks=blocks).eval()
+        export_user_tower(other, tmp_path / "other.onnx", 32, items_path=tmp_path / "other_items.onnx")
+        with pytest.raises(ModelError, match="not this user tower's history projection"):
+            UserEncoder(tmp_path / "user.onnx", "cpu", items_path=tmp_path / "other_items.onnx")
 
 
 def test_ordered_histories_are_the_earlier_splits_newest_first(prepared_dir: Path) -> None:
