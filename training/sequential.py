@@ -125,15 +125,18 @@ def next_item_loss(states: torch.Tensor, targets: torch.Tensor, table: torch.Ten
 
 
 class FoldedNewest(nn.Module):
-    """CausalBlock.newest rebuilt for export, frozen, with its weights multiplied out per head:
-    logits_h = (x_0 W_q,h + b_q,h) W_k,h^T x^T (the key bias is the same for every key: softmax drops
-    it) and out = sum_h attn_h x W_v,h W_o,h + (b_o + sum_h b_v,h W_o,h) (attention weights sum to 1).
-    Heads are stacked along the last axis ([D, H*D]), so there are no per-head reshapes of the batch:
-    a 1-user call of this tower is dominated by ONNX Runtime's per-node cost, not arithmetic."""
+    """CausalBlock.newest rebuilt for export, frozen: position 0's query alone, heads as stacked weights
+    ([H, dk, D] and [H, D, dk], broadcast over the batch) instead of activation reshapes, the 1/sqrt(dk)
+    scale folded into W_q, the key bias dropped (the same for every key: softmax ignores it) and the value
+    bias folded into the output bias (attention weights sum to 1). A 1-user call of this tower is
+    dominated by ONNX Runtime's per-node cost, and in a server by the weights it reads with cold caches:
+    so per-head products are not multiplied out (W_q W_k^T would read 4x the bytes of W_q and W_k)."""
 
-    qk: torch.Tensor
-    qk_bias: torch.Tensor
-    vo: torch.Tensor
+    wq: torch.Tensor
+    bq: torch.Tensor
+    wk: torch.Tensor
+    wv: torch.Tensor
+    wo: torch.Tensor
     out_bias: torch.Tensor
 
     def __init__(self, block: CausalBlock) -> None:
@@ -145,22 +148,24 @@ class FoldedNewest(nn.Module):
         with torch.no_grad():
             weight = block.qkv.weight.detach().unflatten(0, (3, h, dk))  # [3, H, dk, D] (out, in)
             bias = block.qkv.bias.detach().unflatten(0, (3, h, dk))  # [3, H, dk]
-            wq = weight[0].transpose(1, 2) / math.sqrt(dk)  # [H, D, dk]
-            wo = block.proj.weight.detach().T.unflatten(0, (h, dk))  # [H, dk, D]
-            qk = wq @ weight[1]  # [H, D, D]
-            self.register_buffer("qk", qk.permute(1, 0, 2).flatten(1).contiguous())  # [D, H*D]
-            self.register_buffer("qk_bias", ((bias[0] / math.sqrt(dk)).unsqueeze(1) @ weight[1]).flatten())  # [H*D]
-            self.register_buffer("vo", (weight[2].transpose(1, 2) @ wo).flatten(0, 1).contiguous())  # [H*D, D]
-            self.register_buffer("out_bias", block.proj.bias.detach() + (bias[2].unsqueeze(1) @ wo).sum(0).squeeze(0))
-        self.heads, self.dim = h, d
+            wo = block.proj.weight.detach().T  # [D (= H*dk in), D]
+            self.register_buffer("wq", (weight[0].transpose(1, 2) / math.sqrt(dk)).contiguous())  # [H, D, dk]
+            self.register_buffer("bq", (bias[0] / math.sqrt(dk)).unsqueeze(1).contiguous())  # [H, 1, dk]
+            self.register_buffer("wk", weight[1].contiguous())  # [H, dk, D]
+            self.register_buffer("wv", weight[2].transpose(1, 2).contiguous())  # [H, D, dk]
+            self.register_buffer("wo", wo.contiguous())
+            self.register_buffer("out_bias", block.proj.bias.detach() + bias[2].flatten() @ wo)
+        self.heads, self.head_dim = h, dk
         self.norm1, self.norm2, self.ff = copy.deepcopy(block.norm1), copy.deepcopy(block.norm2), copy.deepcopy(block.ff)
 
     def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        """x [B, N, D], key_bias [B, 1, N] additive (0 = a real key) -> position 0's output [B, 1, D]."""
+        """x [B, N, D], key_bias [B, 1, 1, N] additive (0 = a real key) -> position 0's output [B, 1, D]."""
         normed = self.norm1(x)
-        keys = (normed[:, :1] @ self.qk + self.qk_bias).reshape(-1, self.heads, self.dim)  # [B, H, D]
-        attn = torch.softmax(keys @ normed.transpose(1, 2) + key_bias, dim=-1)  # [B, H, N]
-        x = x[:, :1] + (attn @ normed).reshape(-1, 1, self.heads * self.dim) @ self.vo + self.out_bias
+        heads = normed.unsqueeze(1)  # [B, 1, N, D]
+        query = heads[:, :, :1] @ self.wq + self.bq  # [B, H, 1, dk]
+        attn = torch.softmax((query @ self.wk) @ heads.transpose(2, 3) + key_bias, dim=-1)  # [B, H, 1, N]
+        pooled = (attn @ heads) @ self.wv  # [B, H, 1, dk]: values pooled, then projected
+        x = x[:, :1] + pooled.transpose(1, 2).reshape(-1, 1, self.heads * self.head_dim) @ self.wo + self.out_bias
         return x + self.ff(self.norm2(x))
 
 
@@ -196,5 +201,5 @@ class ServingEncoder(nn.Module):
             for block in self.full:
                 x = block(x, allowed) * real
         if self.last is not None:
-            x = self.last(x, (real.transpose(1, 2) - 1.0) * 1e9)  # [B, 1, N]: -1e9 for padding
+            x = self.last(x, ((real.transpose(1, 2) - 1.0) * 1e9).unsqueeze(1))  # [B, 1, 1, N]: -1e9 for padding
         return self.norm(x[:, 0])
