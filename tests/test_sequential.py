@@ -112,7 +112,7 @@ def test_sequential_tower_onnx_matches_torch_through_the_user_tower_export(tmp_p
         from recsys.errors import ModelError
         from recsys.scoring.encoder import UserEncoder
 
-        with pytest.raises(ModelError, match="user_items.onnx"):
+        with pytest.raises(ModelError, match=r"user_items\.onnx"):
             UserEncoder(tmp_path / "user.onnx", "cpu")
         other = SequentialUserTower(32, heads=4, dropout=0.1, max_history=20, width=8, blocks=blocks).eval()
         export_user_tower(other, tmp_path / "other.onnx", 32, items_path=tmp_path / "other_items.onnx")

@@ -130,7 +130,7 @@ class FoldedNewest(nn.Module):
     scale folded into W_q, the key bias dropped (the same for every key: softmax ignores it) and the value
     bias folded into the output bias (attention weights sum to 1). A 1-user call of this tower is
     dominated by ONNX Runtime's per-node cost, and in a server by the weights it reads with cold caches:
-    so per-head products are not multiplied out (W_q W_k^T would read 4x the bytes of W_q and W_k)."""
+    so per-head products are not multiplied out (W_q W_k^T and W_v W_o read twice the bytes of the four)."""
 
     wq: torch.Tensor
     bq: torch.Tensor

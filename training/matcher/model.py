@@ -248,7 +248,7 @@ class SequentialUserTower(nn.Module):
 class _ServingSequentialTower(nn.Module):
     """SequentialUserTower.forward over history rows already through `inp`, rebuilt for export (frozen;
     parity with the tower is checked at export) in fewer ONNX nodes, as a 1-user call's cost is mostly
-    ONNX Runtime's per node: the last block folded (training/sequential.py ServingEncoder); padded
+    ONNX Runtime's per node: the last block as position 0's query alone (training/sequential.py ServingEncoder); padded
     positions' type and gap rows left unmasked (the encoder zeroes every padded position); the gap's
     recency bucket as thresholds, bucket b <=> gap >= 3600 (2^b - 1) s, and its embedding as the
     first row plus the steps between rows up to b: one compare and one matmul for clamp, divide,
