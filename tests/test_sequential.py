@@ -5,6 +5,7 @@ export, scoring by `recsys evaluate`, and the leak refusal."""
 from __future__ import annotations
 
 import json
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -287,7 +288,7 @@ def test_item_id_residual_is_trained_and_baked_into_the_store_new_items_stay_tex
     """--item-ids: trained items get a learned ID part, exported into the embedding store (so serving
     and batch scoring read it unchanged); an item without a training positive keeps exactly its text
     vector, the one the ONNX item tower computes for a new item."""
-    from recsys.errors import ConfigError, ModelError
+    from recsys.errors import ConfigError, InputError, ModelError
     from recsys.scoring.encoder import ItemEncoder
     from recsys.scoring.store import EmbeddingStore
     from training.export import catalogue_texts
@@ -326,6 +327,14 @@ def test_item_id_residual_is_trained_and_baked_into_the_store_new_items_stay_tex
     assert np.abs(stored[~trained] - onnx_text[~trained]).max() < 1e-5  # untrained items: the ONNX tower's vector
     assert np.abs(onnx_text - text_only).max() < 1e-3  # the ONNX item tower has no ID part
     assert ((stored[trained] * onnx_text[trained]).sum(1) < 0.99999).all()  # trained items: the ID part is in
+    # A changed text would be re-encoded text-only: refused for an item with an ID part, by name; an item
+    # without one, and a new item, are encoded as before.
+    encoder = ItemEncoder(out / "item.onnx", out / "tokenizer.json", model.config.max_text_tokens, "cpu")
+    first_trained, first_untrained = ids[int(np.flatnonzero(trained)[0])], ids[int(np.flatnonzero(~trained)[0])]
+    with pytest.raises(InputError, match=f"ID part.*{re.escape(first_trained)}"):
+        store.upsert(encoder, [first_trained], ["a completely new description"])
+    report = store.upsert(encoder, [first_untrained, "brand-new-item"], ["another new description", "a new item"])
+    assert (report.updated, report.added) == (1, 1)
     # A broken ID table names the file; the option needs the sequential tower.
     (ckpt / ITEM_KEYS_FILE).unlink()
     with pytest.raises(ModelError, match=ITEM_KEYS_FILE):

@@ -430,7 +430,8 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
     if ref.item_ids is not None:
         store = EmbeddingStore.write(out_dir / "embeddings", ref.item_ids, ref.emb,
                                      [text_hash(t) for t in ref.texts], config.embeddings_dtype,
-                                     extra={"encoded_with": CATALOGUE_MODEL})
+                                     extra={"encoded_with": CATALOGUE_MODEL,
+                                            "with_id_part": [] if ids is None else sorted(set(ref.item_ids) & set(ids.keys))})
         embeddings = {"path": "embeddings", "count": len(store), "dtype": config.embeddings_dtype,
                       "sha256_at_export": store.meta["sha256"],
                       "item_id_residual": 0 if ids is None else int(np.isin(ref.item_ids, ids.keys).sum())}

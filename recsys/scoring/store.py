@@ -138,12 +138,22 @@ class EmbeddingStore:
         return cls.write(path, ids, vectors, [text_hash(t) for t in texts], dtype)
 
     def upsert(self, encoder: TextEncoder, ids: Sequence[str], texts: Sequence[str]) -> UpsertReport:
-        """Add new items and re-encode changed ones (text hash differs); untouched rows are copied."""
+        """Add new items and re-encode changed ones (text hash differs); untouched rows are copied.
+        Refuses to re-encode an item whose row carries a learned ID part (`extra.with_id_part`, written
+        by `recsys export` of a checkpoint trained with --item-ids): the text encoder alone would drop it."""
         if len(ids) != len(texts):
             raise InputError(f"{len(ids)} ids but {len(texts)} texts")
         hashes = [text_hash(t) for t in texts]
         pos = self.positions(ids)
         todo = [i for i, (p, h) in enumerate(zip(pos, hashes, strict=True)) if p < 0 or self.text_hashes[p] != h]
+        baked = set(self.meta.get("extra", {}).get("with_id_part", ()))
+        lose = [str(ids[i]) for i in todo if pos[i] >= 0 and str(ids[i]) in baked]
+        if lose:
+            raise InputError(
+                f"{len(lose)} item(s) whose text changed carry a learned ID part in the embedding store {self.path} "
+                f"(e.g. {lose[:5]}): re-encoding them text-only would drop it. Export the checkpoint again with the "
+                f"new texts (recsys export --data PREPARED), or pass vectors you computed to upsert_vectors."
+            )
         vectors = encoder.encode([texts[i] for i in todo]) if todo else np.empty((0, self.dim), np.float32)
         report = UpsertReport(
             added=int(sum(pos[i] < 0 for i in todo)),
