@@ -336,6 +336,12 @@ CATALOGUE_MODEL = "item.onnx"
 USER_ITEMS_MODEL = "user_items.onnx"  # the user tower's history projection (export_user_tower), when it has one
 
 
+def user_items(out_dir: Path) -> Path | None:
+    """The export's user-tower history projection, None when the tower has none."""
+    path = out_dir / USER_ITEMS_MODEL
+    return path if path.exists() else None
+
+
 def catalogue_encoder(model: Path, tokenizer: Path, max_len: int, provider: str, config: ExportConfig) -> ItemEncoder:
     """The item encoder a publish encodes the catalogue with: token-budget batches, and intra-op threads
     that sleep between ops instead of spinning (bench/encoder.py: spinning burns a fifth of the CPU time
@@ -356,8 +362,7 @@ def reference_embeddings(out_dir: Path, max_len: int, config: ExportConfig, prep
     else:
         texts = fallback_texts(seed=config.seed)
     fp32 = catalogue_encoder(out_dir / CATALOGUE_MODEL, out_dir / "tokenizer.json", max_len, "cpu", config)
-    items = out_dir / USER_ITEMS_MODEL
-    users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads, items_path=items if items.exists() else None)
+    users = UserEncoder(out_dir / "user.onnx", "cpu", config.threads, items_path=user_items(out_dir))
     ref = Reference(texts, item_ids, np.empty(0), users, evaluator, None, ids)
     ref.emb = ref.final(fp32.encode(texts))
     ref.recall = onnx_recall(evaluator, ref.emb, users) if evaluator is not None else None
@@ -428,15 +433,14 @@ def export_checkpoint(ckpt_path: Path | str, out_dir: Path, config: ExportConfig
                                                                                  config, ref, metrics)
     embeddings = None
     if ref.item_ids is not None:
+        with_id_part = [] if ids is None else sorted(set(ref.item_ids) & set(ids.keys))  # rows with an ID residual
         store = EmbeddingStore.write(out_dir / "embeddings", ref.item_ids, ref.emb,
                                      [text_hash(t) for t in ref.texts], config.embeddings_dtype,
-                                     extra={"encoded_with": CATALOGUE_MODEL,
-                                            "with_id_part": [] if ids is None else sorted(set(ref.item_ids) & set(ids.keys))})
+                                     extra={"encoded_with": CATALOGUE_MODEL, "with_id_part": with_id_part})
         embeddings = {"path": "embeddings", "count": len(store), "dtype": config.embeddings_dtype,
-                      "sha256_at_export": store.meta["sha256"],
-                      "item_id_residual": 0 if ids is None else int(np.isin(ref.item_ids, ids.keys).sum())}
+                      "sha256_at_export": store.meta["sha256"], "item_id_residual": len(with_id_part)}
     manifest = {
-        **_matcher_manifest(ckpt.config.dim, models, tokenizer, out_dir / USER_ITEMS_MODEL),
+        **_matcher_manifest(ckpt.config.dim, models, tokenizer, user_items(out_dir)),
         "embeddings": embeddings,
         "training_config": {**asdict(ckpt.config), **({"trainer": ckpt.extra_config} if ckpt.extra_config else {})},
         "export_config": asdict(config),
@@ -458,8 +462,7 @@ def write_towers(ckpt: Checkpoint, out_dir: Path, config: ExportConfig) -> tuple
     export_item_tower(ckpt.item_tower, out_dir / "item.onnx", config.opset)
     fusions = optimize_item_model(out_dir / "item.onnx", out_dir / "item.opt.onnx",
                                   int(enc_cfg.num_attention_heads), int(enc_cfg.hidden_size))
-    items = out_dir / USER_ITEMS_MODEL
-    export_user_tower(ckpt.user_tower, out_dir / "user.raw.onnx", cfg.dim, config.opset, items_path=items)
+    export_user_tower(ckpt.user_tower, out_dir / "user.raw.onnx", cfg.dim, config.opset, items_path=out_dir / USER_ITEMS_MODEL)
     optimize_offline(out_dir / "user.raw.onnx", out_dir / "user.onnx")
     (out_dir / "user.raw.onnx").unlink()
     shutil.copyfile(ckpt.tokenizer_json, out_dir / "tokenizer.json")
@@ -470,7 +473,7 @@ def write_towers(ckpt: Checkpoint, out_dir: Path, config: ExportConfig) -> tuple
         "item.onnx": item_parity(ckpt.item_tower, out_dir / "item.onnx", vocab, max_len, tokenizer.pad_id, config.seed),
         "item.opt.onnx": item_parity(ckpt.item_tower, out_dir / "item.opt.onnx", vocab, max_len, tokenizer.pad_id, config.seed + 1),
         "user.onnx": user_parity(ckpt.user_tower, out_dir / "user.onnx", cfg.dim, config.seed,
-                                 items if items.exists() else None),
+                                 user_items(out_dir)),
     }
     for name, p in parity.items():
         log.info("parity %s: min cosine %.7f, max |diff| %.2e on shapes %s", name, p.min_cosine, p.max_abs_diff, p.shapes)
@@ -508,17 +511,16 @@ def build_variants(out_dir: Path, max_len: int, config: ExportConfig, ref: Refer
     return models
 
 
-def _matcher_manifest(dim: int, models: dict[str, str], tokenizer: TextTokenizer, user_items: Path) -> dict[str, Any]:
-    """The manifest fields that describe the exported models' contract. `user_items`: the user tower's
+def _matcher_manifest(dim: int, models: dict[str, str], tokenizer: TextTokenizer, projection: Path | None) -> dict[str, Any]:
+    """The manifest fields that describe the exported models' contract. `projection`: the user tower's
     history projection, when the export wrote one (its rows are hist_emb)."""
-    projected = user_items.exists()
-    hist_emb = (f"float32 [batch, history, width]: rows of {user_items.name} (item_emb [items, {dim}] -> history "
-                "[items, width], run on the catalogue at load)" if projected else f"float32 [batch, history, {dim}]")
+    hist_emb = (f"float32 [batch, history, width]: rows of {projection.name} (item_emb [items, {dim}] -> history "
+                "[items, width], run on the catalogue at load)" if projection else f"float32 [batch, history, {dim}]")
     return {
         "kind": "matcher",
         "created": utc_now(),
         "dim": dim,
-        "models": {"item": models, "user": "user.onnx", **({"user_items": user_items.name} if projected else {})},
+        "models": {"item": models, "user": "user.onnx", **({"user_items": projection.name} if projection else {})},
         "inputs": {
             "item": {"input_ids": "int64 [batch, seq]", "attention_mask": "int64 [batch, seq] (right-padded)"},
             "user": {"hist_emb": hist_emb, "hist_type": "int64 [batch, history] (-1 pad)",

@@ -45,19 +45,22 @@ class CausalBlock(nn.Module):
         mask `key_mask` [B, 1, 1, N] applies), without keys or values. With the head-h query q, a key is
         Wk x + bk and a value Wv x + bv: q . key = (Wk^T q) . x + q . bk, where q . bk is the same for
         every key (softmax ignores it), and sum_n a_n value_n = Wv (sum_n a_n x_n) + bv, as the weights
-        sum to 1. So attention runs on the normed inputs directly: O(N D H) instead of O(N D^2)."""
+        sum to 1. So attention runs on the normed inputs directly: O(N D H) instead of O(N D^2).
+        Heads are the weights' leading axis ([H, D, dk], broadcast over the batch) rather than reshapes
+        of activations, and every weight-only term folds into a constant at export: a 1-user call of
+        the served tower is mostly ONNX Runtime's per-node cost. The per-head products W_q W_k^T and
+        W_v W_o are not multiplied out: in a server, where the call runs with cold caches, they read
+        twice the bytes and cost 1.07x per Rank (bench/results/serve_towers_unfold.md)."""
         d, h = self.dim, self.heads
         dk = d // h
-        normed = self.norm1(x)  # [B, N, D]
-        weight, bias = self.qkv.weight.unflatten(0, (3, h, dk)), self.qkv.bias.unflatten(0, (3, h, dk))
-        q = F.linear(normed[:, :1], weight[0].flatten(0, 1), bias[0].flatten()).unflatten(-1, (h, dk))  # [B, 1, H, dk]
-        keys = q.transpose(1, 2) @ weight[1]  # [B, H, 1, D]
-        logits = keys @ normed.transpose(1, 2).unsqueeze(1) / math.sqrt(dk)  # [B, H, 1, N]
+        weight, bias = self.qkv.weight.unflatten(0, (3, h, dk)), self.qkv.bias.unflatten(0, (3, h, dk))  # [3, H, dk, D]
+        heads = self.norm1(x).unsqueeze(1)  # [B, 1, N, D]
+        query = heads[:, :, :1] @ (weight[0].transpose(1, 2) / math.sqrt(dk)) + bias[0].unsqueeze(1) / math.sqrt(dk)
+        logits = (query @ weight[1]) @ heads.transpose(2, 3)  # [B, H, 1, N]
         logits = logits.masked_fill(~key_mask, torch.finfo(logits.dtype).min)
         attn = self.dropout(torch.softmax(logits, dim=-1))
-        pooled = attn @ normed.unsqueeze(1)  # [B, H, 1, D]
-        out = pooled @ weight[2].transpose(-1, -2) + bias[2].unsqueeze(1)  # [B, H, 1, dk]
-        return self._finish(x[:, :1], out.transpose(1, 2).flatten(2))
+        values = (attn @ heads) @ weight[2].transpose(1, 2)  # [B, H, 1, dk]: inputs pooled, then projected
+        return self._finish(x[:, :1], values.transpose(1, 2).reshape(-1, 1, d) + bias[2].flatten())
 
     def _finish(self, x: torch.Tensor, attended: torch.Tensor) -> torch.Tensor:
         x = x + self.dropout(self.proj(attended))
@@ -122,84 +125,3 @@ def next_item_loss(states: torch.Tensor, targets: torch.Tensor, table: torch.Ten
         return F.cross_entropy(logits, labels)
     w = weights[keep].float()
     return (F.cross_entropy(logits, labels, reduction="none") * w).sum() / w.sum().clamp(min=1e-12)
-
-
-class FoldedNewest(nn.Module):
-    """CausalBlock.newest rebuilt for export, frozen: position 0's query alone, heads as stacked weights
-    ([H, dk, D] and [H, D, dk], broadcast over the batch) instead of activation reshapes, the 1/sqrt(dk)
-    scale folded into W_q, the key bias dropped (the same for every key: softmax ignores it) and the value
-    bias folded into the output bias (attention weights sum to 1). A 1-user call of this tower is
-    dominated by ONNX Runtime's per-node cost, and in a server by the weights it reads with cold caches:
-    so per-head products are not multiplied out (W_q W_k^T and W_v W_o read twice the bytes of the four)."""
-
-    wq: torch.Tensor
-    bq: torch.Tensor
-    wk: torch.Tensor
-    wv: torch.Tensor
-    wo: torch.Tensor
-    out_bias: torch.Tensor
-
-    def __init__(self, block: CausalBlock) -> None:
-        super().__init__()
-        import copy
-
-        d, h = block.dim, block.heads
-        dk = d // h
-        with torch.no_grad():
-            weight = block.qkv.weight.detach().unflatten(0, (3, h, dk))  # [3, H, dk, D] (out, in)
-            bias = block.qkv.bias.detach().unflatten(0, (3, h, dk))  # [3, H, dk]
-            wo = block.proj.weight.detach().T  # [D (= H*dk in), D]
-            self.register_buffer("wq", (weight[0].transpose(1, 2) / math.sqrt(dk)).contiguous())  # [H, D, dk]
-            self.register_buffer("bq", (bias[0] / math.sqrt(dk)).unsqueeze(1).contiguous())  # [H, 1, dk]
-            self.register_buffer("wk", weight[1].contiguous())  # [H, dk, D]
-            self.register_buffer("wv", weight[2].transpose(1, 2).contiguous())  # [H, D, dk]
-            self.register_buffer("wo", wo.contiguous())
-            self.register_buffer("out_bias", block.proj.bias.detach() + bias[2].flatten() @ wo)
-        self.heads, self.head_dim = h, dk
-        self.norm1, self.norm2, self.ff = copy.deepcopy(block.norm1), copy.deepcopy(block.norm2), copy.deepcopy(block.ff)
-
-    def forward(self, x: torch.Tensor, key_bias: torch.Tensor) -> torch.Tensor:
-        """x [B, N, D], key_bias [B, 1, 1, N] additive (0 = a real key) -> position 0's output [B, 1, D]."""
-        normed = self.norm1(x)
-        heads = normed.unsqueeze(1)  # [B, 1, N, D]
-        query = heads[:, :, :1] @ self.wq + self.bq  # [B, H, 1, dk]
-        attn = torch.softmax((query @ self.wk) @ heads.transpose(2, 3) + key_bias, dim=-1)  # [B, H, 1, N]
-        pooled = (attn @ heads) @ self.wv  # [B, H, 1, dk]: values pooled, then projected
-        x = x[:, :1] + pooled.transpose(1, 2).reshape(-1, 1, self.heads * self.head_dim) @ self.wo + self.out_bias
-        return x + self.ff(self.norm2(x))
-
-
-class ServingEncoder(nn.Module):
-    """CausalEncoder(inputs, mask, newest_only=True) for export, frozen: the blocks before the last
-    as they are, the last as FoldedNewest. For a non-empty history (an empty one is the tower's to
-    answer: both towers override it)."""
-
-    position: torch.Tensor
-    older: torch.Tensor
-
-    def __init__(self, encoder: CausalEncoder) -> None:
-        super().__init__()
-        import copy
-
-        blocks = cast("list[CausalBlock]", list(encoder.blocks))
-        self.max_len = encoder.max_len
-        self.register_buffer("position", encoder.position.weight.detach().clone())
-        self.register_buffer("older", encoder.older.clone(), persistent=False)
-        self.full = nn.ModuleList(copy.deepcopy(b) for b in blocks[:-1])
-        self.last = FoldedNewest(blocks[-1]) if blocks else None
-        self.norm = copy.deepcopy(encoder.norm)
-        self.eval()
-
-    def forward(self, inputs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """inputs [B, N, D], mask [B, N] bool (True = real, a prefix) -> [B, D]."""
-        inputs, mask = inputs[:, : self.max_len], mask[:, : self.max_len]
-        n = inputs.shape[1]
-        real = mask.unsqueeze(-1).to(inputs.dtype)
-        x = (inputs + self.position[:n]) * real
-        if self.full:
-            allowed = (self.older[:n, :n] & mask.unsqueeze(1)).unsqueeze(1)  # [B, 1, Nq, Nk]
-            for block in self.full:
-                x = block(x, allowed) * real
-        if self.last is not None:
-            x = self.last(x, ((real.transpose(1, 2) - 1.0) * 1e9).unsqueeze(1))  # [B, 1, 1, N]: -1e9 for padding
-        return self.norm(x[:, 0])

@@ -235,8 +235,9 @@ class UserEncoder:
         if self.items is None:
             return item_emb
         out = np.empty((len(item_emb), self.width), np.float32)
-        for start in range(0, len(item_emb), 4096):
-            out[start : start + 4096] = self.items.run({"item_emb": np.ascontiguousarray(item_emb[start : start + 4096])})
+        for start in range(0, len(item_emb), self.batch_size):
+            chunk = item_emb[start : start + self.batch_size]
+            out[start : start + len(chunk)] = self.items.run({"item_emb": np.ascontiguousarray(chunk)})
         return out
 
     @property

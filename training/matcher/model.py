@@ -248,7 +248,7 @@ class SequentialUserTower(nn.Module):
 class _ServingSequentialTower(nn.Module):
     """SequentialUserTower.forward over history rows already through `inp`, rebuilt for export (frozen;
     parity with the tower is checked at export) in fewer ONNX nodes, as a 1-user call's cost is mostly
-    ONNX Runtime's per node: the last block as position 0's query alone (training/sequential.py ServingEncoder); padded
+    ONNX Runtime's per node: the encoder's newest-only path (training/sequential.py); padded
     positions' type and gap rows left unmasked (the encoder zeroes every padded position); the gap's
     recency bucket as thresholds, bucket b <=> gap >= 3600 (2^b - 1) s, and its embedding as the
     first row plus the steps between rows up to b: one compare and one matmul for clamp, divide,
@@ -263,10 +263,7 @@ class _ServingSequentialTower(nn.Module):
         super().__init__()
         import copy
 
-        from training.sequential import ServingEncoder
-
-        self.type_emb, self.out = copy.deepcopy(tower.type_emb), copy.deepcopy(tower.out)
-        self.encoder = ServingEncoder(tower.encoder)
+        self.type_emb, self.out, self.encoder = (copy.deepcopy(m) for m in (tower.type_emb, tower.out, tower.encoder))
         gap = tower.gap_emb.weight.detach()
         self.register_buffer("gap_thresholds", 3600.0 * (2.0 ** torch.arange(1, len(gap), dtype=gap.dtype) - 1.0))
         self.register_buffer("gap_steps", (gap[1:] - gap[:-1]).clone())
@@ -280,7 +277,7 @@ class _ServingSequentialTower(nn.Module):
         steps = (gaps.unsqueeze(-1) >= self.gap_thresholds).to(projected.dtype) @ self.gap_steps
         x = projected + self.type_emb(hist_type.clamp(min=0)) + steps + self.gap_first
         mask = hist_mask.bool()
-        out = torch.where(mask.any(1, keepdim=True), self.out(self.encoder(x, mask)), self.empty)
+        out = torch.where(mask.any(1, keepdim=True), self.out(self.encoder(x, mask, newest_only=True)), self.empty)
         return F.normalize(out, dim=-1)
 
 
